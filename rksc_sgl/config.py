@@ -1,0 +1,87 @@
+"""Typed, frozen configuration for the embedded engine.
+
+Every user-facing knob is parsed and validated here, once; the layers below receive
+these objects and never re-check them. Errors are ``ValueError`` with a message that
+names the bad field, because they come from user input (CLI flags, keyword arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+CACHE_MODES = ("none", "radix")
+"""``none``: no KV reuse between requests. ``radix``: SGLang's stock ``RadixCache``."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live (``$RKSC_SGL_HOME`` or ``~/.cache/rksc_sgl``)."""
+    env = os.environ.get("RKSC_SGL_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rksc_sgl"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one embedded engine.
+
+    ``kv_pool_tokens`` is the number of KV slots in SGLang's token pool: the hard memory
+    budget shared by requests and the radix tree. ``max_running_requests`` bounds the
+    decode batch (and the rows of SGLang's ``ReqToTokenPool``). ``max_prefill_tokens``
+    bounds the tokens computed in one prefill step; a single longer prompt is still
+    admitted alone so nothing can starve.
+    """
+
+    model: str = "smollm2-135m"
+    cache: str = "radix"
+    kv_pool_tokens: int = 65536
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 8192
+    max_context_len: Optional[int] = None
+    eviction_policy: str = "lru"
+    eviction_policy_config: Optional[Mapping[str, Any]] = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: Optional[int] = None
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    in_batch_prefix_min_tokens: int = 32
+    queue_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise ValueError(
+                f"cache={self.cache!r} is not a known cache mode; choose one of {', '.join(CACHE_MODES)}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        _require_positive("kv_pool_tokens", self.kv_pool_tokens)
+        _require_positive("max_running_requests", self.max_running_requests)
+        _require_positive("max_prefill_tokens", self.max_prefill_tokens)
+        if self.max_context_len is not None:
+            _require_positive("max_context_len", self.max_context_len)
+        if self.num_threads is not None:
+            _require_positive("num_threads", self.num_threads)
+        if self.in_batch_prefix_min_tokens < 0:
+            raise ValueError("in_batch_prefix_min_tokens must be >= 0")
+        if self.queue_timeout_s <= 0:
+            raise ValueError("queue_timeout_s must be > 0")
+        if not self.device.startswith("cpu"):
+            raise ValueError(
+                f"device={self.device!r}: the embedded engine runs on the CPU; "
+                "use the SGLang runtime (with the rksc plugin) on GPU servers"
+            )
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,391 @@
+"""The embedded engine: an SGLang frontend backend that runs the model in-process.
+
+``sgl.set_default_backend(Engine(...))`` makes any unmodified ``@sgl.function`` program
+run here. The request path is short: backend method -> ``Engine.generate_request``
+(SGLang's ``/generate`` request and response shapes) -> ``Scheduler`` (batching, KV
+cache) -> ``ModelRunner``. The HTTP server will call ``generate_request`` too, so both
+share one scheduler and differ only in their I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from sglang.lang.backend.base_backend import BaseBackend
+    from sglang.lang.backend.runtime_endpoint import compute_normalized_prompt_logprobs
+    from sglang.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+    from sglang.lang.global_config import global_config
+    from sglang.lang.interpreter import StreamExecutor
+    from sglang.lang.ir import SglSamplingParams
+
+from .chat import chat_template_for
+from .config import EngineConfig
+from .kv_cache import KVCacheManager
+from .model_runner import ModelRunner
+from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
+from .sampling import parse_sampling_params
+from .scheduler import EngineStats, Request, Scheduler
+
+logger = logging.getLogger(__name__)
+
+_STREAM_END = object()
+
+
+class Engine(BaseBackend):
+    """In-process SGLang backend over SGLang's KV pools and radix tree.
+
+    ``Engine(model="smollm2-135m", cache="radix")``; every other keyword is a field of
+    :class:`EngineConfig`. Use it as a context manager, or call ``shutdown()``.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", cache: str = "radix", *, config: Optional[EngineConfig] = None,
+                 **kwargs: Any):
+        super().__init__()
+        self.config = config if config is not None else EngineConfig(model=model, cache=cache, **kwargs)
+        cfg = self.config
+        self.is_chat_model = False
+        self.model_dir = resolve_model_dir(cfg.model, cfg.resolved_cache_dir)
+        self.hf_model, self.tokenizer = load_model_and_tokenizer(self.model_dir, TORCH_DTYPES[cfg.dtype])
+        hf_config = self.hf_model.config
+        self.vocab_size = hf_config.vocab_size
+        self.context_len = cfg.max_context_len or getattr(hf_config, "max_position_embeddings", 4096)
+        self.chat_template = chat_template_for(self.tokenizer, cfg.model)
+        self.eos_ids = self._eos_ids()
+        self.kv = KVCacheManager(
+            ModelRunner.layout_of(self.hf_model),
+            pool_tokens=cfg.kv_pool_tokens,
+            max_requests=cfg.max_running_requests,
+            max_context_len=self.context_len,
+            enable_prefix_cache=cfg.cache != "none",
+            eviction_policy=cfg.eviction_policy,
+            eviction_policy_config=cfg.eviction_policy_config,
+        )
+        self.runner = ModelRunner(self.hf_model, self.kv.kv_pool)
+        self.scheduler = Scheduler(
+            self.runner,
+            self.kv,
+            max_running=cfg.max_running_requests,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            in_batch_prefix_min_tokens=cfg.in_batch_prefix_min_tokens,
+            queue_timeout_s=cfg.queue_timeout_s,
+            seed=cfg.seed,
+            text_of=self._raw_output_text,
+            num_threads=cfg.num_threads,
+        )
+
+    # ---- lifecycle / introspection -----------------------------------------------------
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+
+    @property
+    def tree_cache(self):
+        """The tree cache instance (SGLang's ``RadixCache`` for ``cache='radix'``)."""
+        return self.kv.tree
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.call(self.scheduler.stats.snapshot)
+
+    def check_integrity(self, expect_idle: bool = True) -> None:
+        """Assert the slot/lock invariants on the scheduler thread (waits for idle first)."""
+        if expect_idle and not self.scheduler.wait_idle(timeout=120):
+            raise TimeoutError("engine did not become idle")
+        self.scheduler.call(lambda: self.kv.check_integrity(expect_idle=expect_idle))
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.call(self.kv.flush)
+
+    def get_model_name(self) -> str:
+        return self.config.model
+
+    def get_server_info(self) -> Dict[str, Any]:
+        return {"model_path": str(self.model_dir), **dataclasses.asdict(self.config)}
+
+    # ---- SGLang /generate, in-process ----------------------------------------------------
+    def generate_request(
+        self,
+        text: Union[str, Sequence[str], None] = None,
+        input_ids: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
+        sampling_params: Optional[Dict[str, Any]] = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+    ):
+        """Serve one SGLang ``/generate`` request; a batch (list of texts) returns a list.
+
+        With ``stream=True`` (single prompt only) returns an iterator of response dicts
+        whose ``text`` grows, as the HTTP server streams them.
+        """
+        prompts, batch = self._prompts(text, input_ids)
+        if stream and batch:
+            raise ValueError("streaming is supported for a single prompt only")
+        pendings = [
+            self._submit(ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+            for ids in prompts
+        ]
+        if stream:
+            return self._stream(pendings[0], return_logprob, return_text_in_logprobs)
+        results = [self._response(p.wait(), return_logprob, return_text_in_logprobs) for p in pendings]
+        return results if batch else results[0]
+
+    def _prompts(self, text, input_ids):
+        """Token ids of every prompt, and whether the request was a batch."""
+        if (text is None) == (input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if text is not None:
+            if isinstance(text, str):
+                return [self.encode(text)], False
+            return [self.encode(t) for t in text], True
+        if input_ids and isinstance(input_ids[0], (list, tuple)):
+            return [self._check_ids(ids) for ids in input_ids], True
+        return [self._check_ids(input_ids)], False
+
+    def _check_ids(self, ids) -> List[int]:
+        ids = list(ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"input_ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def encode(self, text: str) -> List[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _submit(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> "_Pending":
+        params = parse_sampling_params(sampling_params, self.tokenizer, self.vocab_size)
+        if len(ids) >= self.context_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context length is {self.context_len}")
+        params.max_new_tokens = min(params.max_new_tokens, self.context_len - len(ids))
+        if top_logprobs_num < 0:
+            raise ValueError("top_logprobs_num must be >= 0")
+        logprob_start = None
+        if return_logprob and logprob_start_len is not None and logprob_start_len >= 0:
+            if logprob_start_len >= len(ids):
+                raise ValueError(f"logprob_start_len={logprob_start_len} is past the prompt ({len(ids)} tokens)")
+            logprob_start = logprob_start_len
+        stop_ids = set() if params.ignore_eos else set(self.eos_ids)
+        stop_ids |= set(params.stop_token_ids or ())
+        pending = _Pending()
+        req = Request(
+            rid=uuid.uuid4().hex,
+            input_ids=ids,
+            params=params,
+            stop_ids=frozenset(stop_ids),
+            logprob_start=logprob_start,
+            top_logprobs_num=top_logprobs_num if return_logprob else 0,
+            want_logprobs=return_logprob,
+            on_event=pending.on_event,
+        )
+        pending.req = req
+        pending.scheduler = self.scheduler
+        self.scheduler.submit(req)
+        return pending
+
+    # ---- responses ------------------------------------------------------------------------
+    def _raw_output_text(self, req: Request) -> str:
+        ids = req.output_ids
+        if ids and ids[-1] in req.stop_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+
+    def _output_text(self, req: Request) -> str:
+        text = self._raw_output_text(req)
+        matched = (req.finish_reason or {}).get("matched")
+        if isinstance(matched, str) and not req.params.no_stop_trim:
+            cut = text.find(matched)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def _response(self, req: Request, return_logprob: bool, with_text: bool) -> Dict[str, Any]:
+        return {"text": self._output_text(req), "output_ids": list(req.output_ids),
+                "meta_info": self._meta_info(req, return_logprob, with_text)}
+
+    def _meta_info(self, req: Request, return_logprob: bool, with_text: bool) -> Dict[str, Any]:
+        meta = {
+            "id": req.rid,
+            "finish_reason": req.finish_reason,
+            "prompt_tokens": len(req.input_ids),
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
+            "e2e_latency": time.perf_counter() - req.created,
+            "output_token_probs_mean": _mean_prob(req.output_logprobs),
+        }
+        if return_logprob:
+            start = req.logprob_start or 0
+            meta["input_token_logprobs"] = self._triples(req.input_logprobs, req.input_ids[start:], with_text)
+            meta["output_token_logprobs"] = self._triples(req.output_logprobs, req.output_ids, with_text)
+            meta["input_top_logprobs"] = [self._top(t, with_text) for t in req.input_top_logprobs]
+            meta["output_top_logprobs"] = [self._top(t, with_text) for t in req.output_top_logprobs]
+        return meta
+
+    def _triples(self, logprobs, ids, with_text):
+        return [(lp, tid, self.tokenizer.decode([tid]) if with_text else None) for lp, tid in zip(logprobs, ids)]
+
+    def _top(self, pairs, with_text):
+        if pairs is None:
+            return None
+        return [(lp, tid, self.tokenizer.decode([tid]) if with_text else None) for lp, tid in pairs]
+
+    def _stream(self, pending: "_Pending", return_logprob: bool, with_text: bool) -> Iterator[Dict[str, Any]]:
+        """Yield responses with the text so far; hold back what could still be a stop string."""
+        req = pending.req
+        holdback = max((len(s) for s in req.params.stop_strs), default=0)
+        try:
+            for finished in pending.events():
+                if finished:
+                    yield self._response(req, return_logprob, with_text)
+                    return
+                text = self._raw_output_text(req)
+                text = text[: len(text) - holdback] if holdback else text
+                yield {"text": text.rstrip("\ufffd"), "output_ids": list(req.output_ids),
+                       "meta_info": self._meta_info(req, return_logprob, with_text)}
+        finally:
+            if req.finish_reason is None:
+                self.scheduler.cancel(req)  # consumer stopped early: free its KV
+
+    # ---- SGLang frontend backend interface ----------------------------------------------------
+    def cache_prefix(self, prefix_str: str) -> None:
+        self.generate_request(text=prefix_str, sampling_params={"max_new_tokens": 0})
+
+    def commit_lazy_operations(self, s: StreamExecutor) -> None:
+        self.generate_request(text=s.text_, sampling_params={"max_new_tokens": 0})
+
+    def fill_image(self, s: StreamExecutor) -> None:
+        raise NotImplementedError(f"{self.config.model} is a text-only model; images are not supported")
+
+    def _frontend_request(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> Dict[str, Any]:
+        if s.images_:
+            self.fill_image(s)
+        if sampling_params.dtype is not None or sampling_params.regex is not None \
+                or sampling_params.json_schema is not None:
+            raise NotImplementedError("constrained generation (regex/json_schema/dtype) is not supported yet")
+        params = {k: v for k, v in sampling_params.to_srt_kwargs().items() if v is not None}
+        params["skip_special_tokens"] = global_config.skip_special_tokens_in_output
+        params["spaces_between_special_tokens"] = global_config.spaces_between_special_tokens_in_out
+        if params.get("stop") == ():
+            params.pop("stop")
+        if not params.get("stop_token_ids"):
+            params.pop("stop_token_ids", None)
+        request = {"text": s.text_, "sampling_params": params}
+        for name in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
+            value = getattr(sampling_params, name, None)
+            if value is not None:
+                request[name] = value
+        return request
+
+    def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams):
+        out = self.generate_request(**self._frontend_request(s, sampling_params))
+        return out["text"], out["meta_info"]
+
+    def generate_stream(self, s: StreamExecutor, sampling_params: SglSamplingParams):
+        sent = 0
+        for out in self.generate_request(**self._frontend_request(s, sampling_params), stream=True):
+            text = out["text"]
+            yield text[sent:], out["meta_info"]
+            sent = len(text)
+
+    def select(self, s: StreamExecutor, choices: List[str], temperature: float,
+               choices_method: Optional[ChoicesSamplingMethod] = None) -> ChoicesDecision:
+        """Score choices by token log-probabilities exactly as SGLang's runtime does
+        (``RuntimeEndpoint.select``): prefill the prompt once, then score every
+        ``prompt + choice`` from two tokens before the prompt's end (token healing)."""
+        if choices_method is None:
+            from sglang.lang.choices import token_length_normalized
+            choices_method = token_length_normalized
+        if temperature > 1e-5:
+            raise ValueError("select supports temperature 0 only, as SGLang's runtime does")
+        prompt = self.generate_request(text=s.text_, sampling_params={"max_new_tokens": 0})
+        start = max(prompt["meta_info"]["prompt_tokens"] - 2, 0)
+        scored = self.generate_request(
+            text=[s.text_ + c for c in choices],
+            sampling_params={"max_new_tokens": 0, "temperature": 0},
+            return_logprob=True, return_text_in_logprobs=True, logprob_start_len=start,
+        )
+        input_lps = [r["meta_info"]["input_token_logprobs"] for r in scored]
+        output_lps = [r["meta_info"]["output_token_logprobs"] for r in scored]
+        normalized = [compute_normalized_prompt_logprobs(lp) for lp in input_lps]
+        for i, lps in enumerate(input_lps):
+            # The first scored token belongs to the prompt when no token healing happened.
+            if len(lps) > 1 and s.text_.endswith(lps[0][2]):
+                normalized[i] = (normalized[i] * len(lps) - (lps[0][0] or 0.0)) / (len(lps) - 1)
+                input_lps[i] = lps[1:]
+        unconditional = None
+        if choices_method.requires_unconditional_logprobs:
+            uncond = self.generate_request(
+                input_ids=[[t[1] for t in lps] for lps in input_lps],
+                sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0,
+            )
+            unconditional = [r["meta_info"]["input_token_logprobs"] for r in uncond]
+        return choices_method(
+            choices=choices,
+            normalized_prompt_logprobs=normalized,
+            input_token_logprobs=input_lps,
+            output_token_logprobs=output_lps,
+            unconditional_token_logprobs=unconditional,
+        )
+
+    def _eos_ids(self) -> frozenset:
+        ids = set()
+        gen_eos = getattr(getattr(self.hf_model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.hf_model.config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+
+class _Pending:
+    """Bridge between the scheduler thread and the caller waiting on one request."""
+
+    def __init__(self):
+        self.queue: "queue.Queue[tuple]" = queue.Queue()
+        self.req: Optional[Request] = None
+        self.scheduler: Optional[Scheduler] = None
+
+    def on_event(self, req: Request, finished: bool, error: Optional[BaseException] = None) -> None:
+        self.queue.put((finished, error))
+
+    def events(self) -> Iterator[bool]:
+        while True:
+            finished, error = self.queue.get()
+            if error is not None:
+                raise error
+            yield finished
+            if finished:
+                return
+
+    def wait(self) -> Request:
+        for finished in self.events():
+            if finished:
+                break
+        return self.req
+
+
+def _mean_prob(logprobs: List[float]) -> Optional[float]:
+    if not logprobs:
+        return None
+    return float(torch.tensor(logprobs).exp().mean())

@@ -1,0 +1,119 @@
+"""Request parsing (SGLang's own ``SamplingParams``) and per-request token sampling."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import msgspec.structs
+import torch
+
+from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
+
+UNSUPPORTED_YET = ("regex", "json_schema", "ebnf", "structural_tag", "stop_regex")
+
+
+def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: int) -> SamplingParams:
+    """Build and validate SGLang ``SamplingParams`` from a request dict.
+
+    Unknown fields and out-of-range values raise ``ValueError`` naming the problem,
+    with SGLang's own wording for the range checks.
+    """
+    raw = dict(raw or {})
+    for key in UNSUPPORTED_YET:
+        if raw.get(key):
+            raise ValueError(f"sampling parameter {key!r} is not supported by the embedded engine yet")
+    n = raw.get("n", 1)
+    if n not in (None, 1):
+        raise ValueError("n > 1 is not supported by the embedded engine; fork the program instead")
+    for key, value in raw.items():
+        _check_type(key, value)
+    try:
+        params = SamplingParams(**raw)
+    except TypeError as e:
+        raise ValueError(f"invalid sampling parameters: {e}") from None
+    params.verify(vocab_size)
+    params.normalize(tokenizer)
+    if params.max_new_tokens is None:
+        params.max_new_tokens = 128
+    return params
+
+
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n", "sampling_seed", "stream_interval")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+
+
+def _check_type(key: str, value: Any) -> None:
+    """msgspec Structs do not type-check on construction; user input needs it."""
+    if value is None:
+        return
+    if key in _INT_FIELDS:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif key in _FLOAT_FIELDS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif key in _BOOL_FIELDS:
+        ok = isinstance(value, bool)
+    elif key == "stop":
+        ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value))
+    elif key == "stop_token_ids":
+        ok = isinstance(value, (list, tuple, set)) and all(isinstance(t, int) for t in value)
+    else:
+        return
+    if not ok:
+        raise ValueError(f"sampling parameter {key!r} has the wrong type: {value!r}")
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.top_k == 1
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, output_ids: List[int], generator: torch.Generator
+) -> int:
+    """Sample one token from ``logits`` (vocab,) the way SGLang's sampler orders the steps:
+    penalties, temperature, top-k, top-p, min-p. ``top_k == 1`` is greedy (argmax)."""
+    logits = logits.float()
+    if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
+        logits = _apply_penalties(logits.clone(), params, output_ids)
+    if params.logit_bias:
+        logits = logits.clone()
+        for token_id, bias in params.logit_bias.items():
+            logits[int(token_id)] += float(bias)
+    if is_greedy(params):
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k < TOP_K_ALL and params.top_k < probs.numel():
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = (cumulative - sorted_probs) > params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if params.min_p > 0.0:
+        probs = torch.where(probs < params.min_p * probs.max(), torch.zeros_like(probs), probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: List[int]) -> torch.Tensor:
+    if not output_ids:
+        return logits
+    ids, counts = torch.unique(torch.tensor(output_ids), return_counts=True)
+    if params.repetition_penalty != 1.0:
+        picked = logits[ids]
+        logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    return logits
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> List[tuple]:
+    """(logprob, token_id) pairs of the k most likely tokens, as SGLang reports them."""
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logprobs, k)
+    return [(float(v), int(i)) for v, i in zip(values, ids)]
+
+
+def as_dict(params: SamplingParams) -> Dict[str, Any]:
+    return msgspec.structs.asdict(params)

@@ -1,0 +1,406 @@
+"""The scheduler: one thread that owns the model and the KV cache.
+
+Requests arrive from any thread (the SGLang interpreter runs each forked branch in its
+own thread); the loop admits as many as memory allows into one prefill step, then runs
+one batched decode step over everything running, and repeats. Admission reserves each
+request's worst case (new prompt tokens + ``max_new_tokens``) against free plus
+evictable slots, so a running request never runs out of KV mid-decode; a request that
+does not fit waits (FIFO, so nothing starves), and one that can never fit fails at once
+with a clear error. Whatever happens to a request, its slots, row and tree lock are
+released exactly once (``_finish``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable, Deque, Dict, List, Optional
+
+import torch
+
+from .kv_cache import KVCacheExhausted, KVCacheManager, ReqKV
+from .model_runner import ForwardItem, ModelRunner
+from .sampling import sample_token, top_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters over the engine's lifetime; subtract two snapshots for one program."""
+
+    requests: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    decode_tokens: int = 0
+    forward_passes: int = 0
+    peak_kv_tokens: int = 0
+    busy_time_s: float = 0.0
+
+    def snapshot(self) -> "EngineStats":
+        return dataclasses.replace(self)
+
+    def since(self, earlier: "EngineStats") -> "EngineStats":
+        """Counters accumulated after ``earlier``; the peak is kept as the running max."""
+        out = EngineStats()
+        for f in dataclasses.fields(self):
+            now, before = getattr(self, f.name), getattr(earlier, f.name)
+            setattr(out, f.name, now if f.name == "peak_kv_tokens" else now - before)
+        return out
+
+    def as_dict(self) -> Dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request as the scheduler sees it."""
+
+    rid: str
+    input_ids: List[int]
+    params: object  # sglang SamplingParams, validated and normalized
+    stop_ids: frozenset
+    logprob_start: Optional[int] = None  # first prompt position whose logprob is wanted
+    top_logprobs_num: int = 0
+    want_logprobs: bool = False
+    on_event: Optional[Callable] = None  # called from the scheduler thread
+    created: float = dataclasses.field(default_factory=time.perf_counter)
+    # filled in by the scheduler
+    kv: Optional[ReqKV] = None
+    cached_tokens: int = 0
+    output_ids: List[int] = dataclasses.field(default_factory=list)
+    output_logprobs: List[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: List[list] = dataclasses.field(default_factory=list)
+    input_logprobs: List[Optional[float]] = dataclasses.field(default_factory=list)
+    input_top_logprobs: List[list] = dataclasses.field(default_factory=list)
+    finish_reason: Optional[dict] = None
+    cancelled: bool = False
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    def remaining_reservation(self) -> int:
+        """Slots this request may still allocate (upper bound)."""
+        if self.kv is None:
+            return len(self.input_ids) + self.max_new_tokens
+        generated_kv = max(self.kv.kv_len - len(self.input_ids), 0)
+        return max(self.max_new_tokens - generated_kv, 0)
+
+
+class Scheduler:
+    """Continuous batching over one ``ModelRunner`` and one ``KVCacheManager``."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        kv: KVCacheManager,
+        max_running: int,
+        max_prefill_tokens: int,
+        in_batch_prefix_min_tokens: int,
+        queue_timeout_s: float,
+        seed: int,
+        text_of: Callable[[Request], str],
+        num_threads: Optional[int] = None,
+    ):
+        self.runner = runner
+        self.kv = kv
+        self.max_running = max_running
+        self.max_prefill_tokens = max_prefill_tokens
+        self.in_batch_prefix_min_tokens = in_batch_prefix_min_tokens
+        self.queue_timeout_s = queue_timeout_s
+        self.text_of = text_of
+        self.num_threads = num_threads
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = EngineStats()
+        self.incoming: "queue.Queue[Optional[Request]]" = queue.Queue()
+        self.waiting: Deque[Request] = collections.deque()
+        self.running: List[Request] = []
+        self._idle = threading.Event()
+        self._idle.set()
+        self._calls: "queue.Queue[tuple]" = queue.Queue()
+        self._stopped = False
+        self.thread = threading.Thread(target=self._loop, name="rksc-scheduler", daemon=True)
+        self.thread.start()
+
+    # ---- called from other threads -------------------------------------------------
+    def submit(self, req: Request) -> None:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        self._idle.clear()
+        self.incoming.put(req)
+
+    def cancel(self, req: Request) -> None:
+        """Ask the scheduler to drop a request (client went away); frees its KV."""
+        req.cancelled = True
+        self.incoming.put(None)  # wake the loop
+
+    def call(self, fn: Callable, timeout: float = 60.0):
+        """Run ``fn()`` on the scheduler thread between steps and return its result."""
+        done: "queue.Queue[tuple]" = queue.Queue()
+        self._calls.put((fn, done))
+        self.incoming.put(None)
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.incoming.put(None)
+        self.thread.join(timeout=30)
+
+    # ---- the loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        while True:
+            self._pull(block=not self.waiting and not self.running)
+            if self._stopped:
+                self._fail_all(RuntimeError("the engine was shut down"))
+                return
+            self._run_calls()
+            self._drop_cancelled()
+            started = time.perf_counter()
+            try:
+                if self.waiting:
+                    self._admit_and_prefill()
+                if self.running:
+                    self._decode_step()
+            except Exception as exc:  # a bug or a model failure: fail the batch, keep serving
+                logger.exception("scheduler step failed")
+                for req in list(self.running):
+                    self._finish(req, error=exc)
+            if self.waiting or self.running:
+                self.stats.busy_time_s += time.perf_counter() - started
+            if not self.waiting and not self.running and self.incoming.empty():
+                self._idle.set()
+
+    def _pull(self, block: bool) -> None:
+        try:
+            item = self.incoming.get(timeout=0.5) if block else self.incoming.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self.waiting.append(item)
+            try:
+                item = self.incoming.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((True, fn()))
+            except Exception as exc:
+                done.put((False, exc))
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, abort="cancelled")
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish(req, abort="cancelled")
+
+    # ---- admission + prefill ----------------------------------------------------------
+    def _admit_and_prefill(self) -> None:
+        batch = self._admit()
+        if not batch:
+            return
+        # Running from here on, so a failing forward releases them like any other.
+        self.running.extend(batch)
+        items = [self._prefill_item(req) for req in batch]
+        logits = self.runner.forward(items)
+        self.stats.forward_passes += 1
+        for req, item, req_logits in zip(batch, items, logits):
+            self.kv.commit(req.kv, item.token_ids)
+            self.stats.prefill_tokens += len(item.token_ids)
+            self._record_input_logprobs(req, item, req_logits)
+            if req.max_new_tokens == 0:
+                self._finish(req, reason={"type": "length", "length": 0})
+                continue
+            self.kv.checkpoint(req.kv)
+            self._append_token(req, req_logits[-1])
+        self._note_peak()
+
+    def _admit(self) -> List[Request]:
+        """Pick waiting requests that fit, lock their cached prefixes, FIFO."""
+        now = time.perf_counter()
+        for req in [r for r in self.waiting if now - r.created > self.queue_timeout_s]:
+            self.waiting.remove(req)
+            self._finish(req, error=KVCacheExhausted(
+                f"request waited {self.queue_timeout_s:.0f}s for KV memory; raise kv_pool_tokens"))
+        reserved = sum(r.remaining_reservation() for r in self.running)
+        batch: List[Request] = []
+        prefill_tokens = 0
+        deferred: List[Request] = []
+        while self.waiting and len(self.running) + len(batch) < self.max_running:
+            req = self.waiting[0]
+            cap = len(req.input_ids) - 1
+            if req.logprob_start is not None:
+                cap = min(cap, max(req.logprob_start - 1, 0))
+            if self._shares_prefix_with(req, batch):
+                # Another request of this batch computes the same prefix; take this one
+                # next step, when it can reuse that prefix from the tree.
+                deferred.append(self.waiting.popleft())
+                continue
+            prefix, node = self.kv.match(req.input_ids, cap)
+            need = len(req.input_ids) - len(prefix) + req.max_new_tokens
+            if need + len(prefix) > self.kv.pool_tokens:
+                self.waiting.popleft()
+                self._finish(req, error=KVCacheExhausted(
+                    f"request needs {len(req.input_ids) + req.max_new_tokens} KV slots "
+                    f"({len(req.input_ids)} prompt + {req.max_new_tokens} max_new_tokens) "
+                    f"but the KV pool holds {self.kv.pool_tokens}; raise kv_pool_tokens "
+                    "or lower max_new_tokens"))
+                continue
+            req.kv = self.kv.open(req.input_ids, prefix, node)
+            extend = len(req.input_ids) - len(prefix)
+            over_budget = self.kv.available_tokens() - reserved < need
+            over_prefill = batch and prefill_tokens + extend > self.max_prefill_tokens
+            if over_budget or over_prefill:
+                self.kv.cancel_open(req.kv)
+                req.kv = None
+                break
+            self.waiting.popleft()
+            req.cached_tokens = len(prefix)
+            self.stats.cached_tokens += len(prefix)
+            self.stats.requests += 1
+            reserved += need
+            prefill_tokens += extend
+            batch.append(req)
+        self.waiting.extendleft(reversed(deferred))
+        return batch
+
+    def _shares_prefix_with(self, req: Request, batch: List[Request]) -> bool:
+        if self.kv.tree.disable or not self.in_batch_prefix_min_tokens:
+            return False
+        for other in batch:
+            common = len(os.path.commonprefix([req.input_ids, other.input_ids]))
+            if common - other.cached_tokens >= self.in_batch_prefix_min_tokens:
+                return True
+        return False
+
+    def _prefill_item(self, req: Request) -> ForwardItem:
+        start = req.kv.kv_len
+        new_ids = req.input_ids[start:]
+        self.kv.extend(req.kv, new_ids)
+        positions = None
+        if req.logprob_start is not None:
+            first = max(req.logprob_start - 1, 0) - start
+            positions = list(range(max(first, 0), len(new_ids)))
+        return ForwardItem(new_ids, start, self.kv.row_slots(req.kv, start + len(new_ids)), positions)
+
+    def _record_input_logprobs(self, req: Request, item: ForwardItem, logits: torch.Tensor) -> None:
+        if req.logprob_start is None:
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        # Row j of ``logits`` predicts the token after new-token position positions[j].
+        predicted = {item.start + p + 1: j for j, p in enumerate(item.logit_positions)}
+        for pos in range(req.logprob_start, len(req.input_ids)):
+            row = predicted.get(pos)
+            if row is None:
+                req.input_logprobs.append(None)
+                req.input_top_logprobs.append(None)
+                continue
+            req.input_logprobs.append(float(logprobs[row, req.input_ids[pos]]))
+            req.input_top_logprobs.append(top_logprobs(logprobs[row], req.top_logprobs_num))
+
+    # ---- decode -----------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        batch = [r for r in self.running if r.output_ids]
+        items = []
+        for req in batch:
+            token = req.output_ids[-1]
+            start = req.kv.kv_len
+            self.kv.extend(req.kv, [token])
+            items.append(ForwardItem([token], start, self.kv.row_slots(req.kv, start + 1)))
+        self._note_peak()
+        logits = self.runner.forward(items)
+        self.stats.forward_passes += 1
+        for req, item, req_logits in zip(batch, items, logits):
+            self.kv.commit(req.kv, item.token_ids)
+            self.stats.decode_tokens += 1
+            self._append_token(req, req_logits[-1])
+
+    def _append_token(self, req: Request, logits: torch.Tensor) -> None:
+        token = sample_token(logits, req.params, req.output_ids, self.generator)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        req.output_ids.append(token)
+        req.output_logprobs.append(float(logprobs[token]))
+        if req.want_logprobs and req.top_logprobs_num:
+            req.output_top_logprobs.append(top_logprobs(logprobs, req.top_logprobs_num))
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self._finish(req, reason=reason)
+        elif req.on_event is not None:
+            req.on_event(req, False)
+
+    def _finish_reason(self, req: Request, token: int) -> Optional[dict]:
+        params = req.params
+        n = len(req.output_ids)
+        if n >= params.min_new_tokens:
+            if token in req.stop_ids:
+                return {"type": "stop", "matched": token}
+            if params.stop_strs:
+                text = self.text_of(req)
+                tail = text[-(max(len(s) for s in params.stop_strs) + 32):]
+                for stop in params.stop_strs:
+                    if stop in tail:
+                        return {"type": "stop", "matched": stop}
+        if n >= params.max_new_tokens:
+            return {"type": "length", "length": params.max_new_tokens}
+        return None
+
+    # ---- completion -----------------------------------------------------------------
+    def _finish(self, req: Request, reason: Optional[dict] = None, error: Optional[BaseException] = None,
+                abort: Optional[str] = None) -> None:
+        """Release everything the request holds (exactly once) and tell its waiter."""
+        if req in self.running:
+            self.running.remove(req)
+        if req.kv is not None:
+            if error is not None or abort is not None:
+                self.kv.release_uncached(req.kv, keep_len=req.kv.kv_len if error is None else req.kv.protected_len)
+            else:
+                self.kv.release(req.kv)
+            req.kv = None
+        if abort is not None:
+            reason = {"type": "abort", "message": abort}
+        req.finish_reason = reason
+        if req.on_event is not None:
+            try:
+                req.on_event(req, True, error)
+            except Exception:
+                logger.exception("request callback failed")
+
+    def _fail_all(self, error: BaseException) -> None:
+        for req in list(self.running) + list(self.waiting):
+            self._finish(req, error=error)
+        self.waiting.clear()
+        while True:
+            try:
+                req = self.incoming.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                self._finish(req, error=error)
+        self._idle.set()
+
+    def _note_peak(self) -> None:
+        working_set = self.kv.used_tokens() - self.kv.tree.evictable_size()
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, working_set)
