@@ -50,7 +50,7 @@ class EngineConfig:
     num_threads: Optional[int] = None
     seed: int = 0
     cache_dir: Optional[str] = None
-    in_batch_prefix_min_tokens: int = 32
+    in_batch_prefix_min_tokens: int = 8
     queue_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

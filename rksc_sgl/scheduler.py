@@ -253,7 +253,8 @@ class Scheduler:
             req = self.waiting[0]
             cap = len(req.input_ids) - 1
             if req.logprob_start is not None:
-                cap = min(cap, max(req.logprob_start - 1, 0))
+                # Logits from the logprob start onwards are needed: compute it again.
+                cap = min(cap, req.logprob_start)
             if self._shares_prefix_with(req, batch):
                 # Another request of this batch computes the same prefix; take this one
                 # next step, when it can reuse that prefix from the tree.
@@ -302,24 +303,22 @@ class Scheduler:
         self.kv.extend(req.kv, new_ids)
         positions = None
         if req.logprob_start is not None:
-            first = max(req.logprob_start - 1, 0) - start
-            positions = list(range(max(first, 0), len(new_ids)))
+            positions = list(range(req.logprob_start - start, len(new_ids)))
         return ForwardItem(new_ids, start, self.kv.row_slots(req.kv, start + len(new_ids)), positions)
 
     def _record_input_logprobs(self, req: Request, item: ForwardItem, logits: torch.Tensor) -> None:
         if req.logprob_start is None:
             return
+        """SGLang's layout: one entry per prompt token from ``logprob_start``; the first
+        is None (nothing before it was scored), entry k is log p(token | tokens before)."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        # Row j of ``logits`` predicts the token after new-token position positions[j].
-        predicted = {item.start + p + 1: j for j, p in enumerate(item.logit_positions)}
-        for pos in range(req.logprob_start, len(req.input_ids)):
-            row = predicted.get(pos)
-            if row is None:
-                req.input_logprobs.append(None)
-                req.input_top_logprobs.append(None)
-                continue
-            req.input_logprobs.append(float(logprobs[row, req.input_ids[pos]]))
-            req.input_top_logprobs.append(top_logprobs(logprobs[row], req.top_logprobs_num))
+        req.input_logprobs.append(None)
+        req.input_top_logprobs.append(None)
+        # Row j of ``logits`` (position logprob_start + j) predicts the token after it;
+        # the last row predicts the first output token and is not a prompt logprob.
+        for j, pos in enumerate(range(req.logprob_start + 1, len(req.input_ids))):
+            req.input_logprobs.append(float(logprobs[j, req.input_ids[pos]]))
+            req.input_top_logprobs.append(top_logprobs(logprobs[j], req.top_logprobs_num))
 
     # ---- decode -----------------------------------------------------------------------
     def _decode_step(self) -> None:
@@ -339,8 +338,12 @@ class Scheduler:
             self._append_token(req, req_logits[-1])
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
-        token = sample_token(logits, req.params, req.output_ids, self.generator)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if len(req.output_ids) < req.params.min_new_tokens and req.stop_ids:
+            # As SGLang's min-new-tokens penalizer: stop tokens cannot be sampled yet.
+            logits = logits.clone()
+            logits[list(req.stop_ids)] = float("-inf")
+        token = sample_token(logits, req.params, req.output_ids, self.generator)
         req.output_ids.append(token)
         req.output_logprobs.append(float(logprobs[token]))
         if req.want_logprobs and req.top_logprobs_num:

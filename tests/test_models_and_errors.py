@@ -1,0 +1,114 @@
+"""Local model folders of each supported family, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rksc_sgl
+from rksc_sgl.models import ModelNotFoundError, UnsupportedModelError
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+}
+
+
+def _tiny_model_dir(tmp_path_factory, radix_engine, family: str):
+    """A randomly initialised model of ``family`` with the packaged model's tokenizer."""
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=radix_engine.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=radix_engine.tokenizer.eos_token_id, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    out = tmp_path_factory.mktemp(family)
+    model.save_pretrained(out)
+    radix_engine.tokenizer.save_pretrained(out)
+    return out, model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_local_model_folder_matches_transformers(tmp_path_factory, radix_engine, family):
+    folder, model = _tiny_model_dir(tmp_path_factory, radix_engine, family)
+    with rksc_sgl.Engine(model=str(folder), cache="radix", num_threads=1, kv_pool_tokens=512) as eng:
+        for prompt in ["Hello there", "A longer prompt about numbers: 1 2 3 4 5"]:
+            ids = eng.encode(prompt)
+            ref = model.eval().generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            out = eng.generate_request(text=prompt, sampling_params={"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0})
+            assert out["output_ids"] == ref[0, len(ids):].tolist()
+        eng.check_integrity()
+
+
+def test_missing_model_path_is_clear(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a local folder"):
+        rksc_sgl.Engine(model=str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        rksc_sgl.Engine(model=str(tmp_path))
+
+
+def test_unsupported_model_is_clear(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        rksc_sgl.Engine(model=str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cache": "lru"}, "not a known cache mode"),
+    ({"kv_pool_tokens": 0}, "kv_pool_tokens must be a positive integer"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"device": "cuda"}, "runs on the CPU"),
+])
+def test_bad_engine_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rksc_sgl.EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+    ({"max_new_tokens": "ten"}, "wrong type"),
+    ({"bogus": 1}, "bogus"),
+    ({"regex": r"\d+"}, "not supported"),
+    ({"n": 3}, "n > 1"),
+])
+def test_bad_sampling_params(radix_engine, params, message):
+    with pytest.raises(ValueError, match=message):
+        radix_engine.generate_request(text="hi", sampling_params=params)
+    radix_engine.check_integrity()
+
+
+def test_bad_prompts(radix_engine):
+    with pytest.raises(ValueError, match="empty"):
+        radix_engine.generate_request(text="")
+    with pytest.raises(ValueError, match="exactly one"):
+        radix_engine.generate_request()
+    with pytest.raises(ValueError, match="out of range"):
+        radix_engine.generate_request(input_ids=[1, 2, 10**9])
+    with pytest.raises(ValueError, match="context length"):
+        radix_engine.generate_request(input_ids=[5] * (radix_engine.context_len + 1))
+    radix_engine.check_integrity()
+
+
+def test_images_rejected_on_text_model(radix_engine, use_backend, tmp_path):
+    import sglang as sgl
+    from PIL import Image
+
+    picture = tmp_path / "dot.png"
+    Image.new("RGB", (2, 2)).save(picture)
+
+    @sgl.function
+    def with_image(s, path):
+        s += sgl.image(path) + "Describe:" + sgl.gen("d", max_tokens=2)
+
+    use_backend(radix_engine)
+    state = with_image.run(path=str(picture))
+    assert "text-only" in str(state.error())
+    radix_engine.check_integrity()
