@@ -5,23 +5,29 @@ in-process over SGLang's own KV pools and radix tree::
 
     import sglang as sgl, rksc_sgl
     sgl.set_default_backend(rksc_sgl.Engine(model="smollm2-135m", cache="radix"))
+
+The heavy modules (torch, sglang) load on first use of a name below, so the command
+line answers ``--help`` at once.
 """
 
+from importlib import import_module
+
 from .config import CACHE_MODES, EngineConfig
-from .engine import Engine
-from .kv_cache import KVCacheExhausted
-from .models import ModelNotFoundError, UnsupportedModelError
-from .scheduler import EngineStats
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CACHE_MODES",
-    "Engine",
-    "EngineConfig",
-    "EngineStats",
-    "KVCacheExhausted",
-    "ModelNotFoundError",
-    "UnsupportedModelError",
-    "__version__",
-]
+_LAZY = {
+    "Engine": ".engine",
+    "EngineStats": ".scheduler",
+    "KVCacheExhausted": ".kv_cache",
+    "ModelNotFoundError": ".models",
+    "UnsupportedModelError": ".models",
+}
+
+__all__ = ["CACHE_MODES", "EngineConfig", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'rksc_sgl' has no attribute {name!r}")

@@ -1,0 +1,159 @@
+"""The rksc-sgl command, the shared program helpers, and the reasoning programs end to end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rksc_sgl import cli
+from rksc_sgl.problems import load_problems
+from rksc_sgl.scheduler import EngineStats
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ROOT / "programs"
+TINY = ["--problems", "1", "--branches", "2", "--max-tokens", "16"]
+
+
+def _load_program(name: str):
+    """Import ``programs/NAME.py`` (a script folder, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"rksc_program_{name}", PROGRAMS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``rksc-sgl`` console script (or ``python -m rksc_sgl.cli`` without one)."""
+    script = Path(sys.executable).with_name("rksc-sgl")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "rksc_sgl.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ))
+
+
+# ---- command line ---------------------------------------------------------------------------
+def test_help_works(capsys):
+    top = _cli("--help")
+    assert top.returncode == 0, top.stderr
+    assert "run" in top.stdout and "demo" in top.stdout
+    for sub in ("run", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([sub, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "--cache" in out and "--kv-pool-tokens" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+
+
+def test_run_missing_program_fails_clearly():
+    out = _cli("run", "missing.py")
+    assert out.returncode != 0
+    assert "missing.py" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_run_rejects_program_args_before_separator(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", str(PROGRAMS / "best_of_n.py"), "--problems", "1"])
+    assert exc.value.code == 2
+    assert "after `--`" in capsys.readouterr().err
+
+
+def test_run_directory_is_not_a_program(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_engine_kwargs_defaults_and_flags():
+    parser = cli.add_engine_args(argparse.ArgumentParser())
+    assert cli.engine_kwargs(parser.parse_args([])) == {"model": "smollm2-135m", "cache": "radix", "num_threads": 1}
+    got = cli.engine_kwargs(parser.parse_args(["--cache", "none", "--kv-pool-tokens", "2048", "--threads", "2",
+                                               "--max-running", "8", "--engine-seed", "5"]))
+    assert got == {"model": "smollm2-135m", "cache": "none", "num_threads": 2, "kv_pool_tokens": 2048,
+                   "max_running_requests": 8, "seed": 5}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-pool-tokens", "0"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cache", "bogus"])
+
+
+def test_format_stats_names_every_counter():
+    stats = EngineStats(requests=3, prefill_tokens=30, cached_tokens=90, decode_tokens=12, forward_passes=7,
+                        peak_kv_tokens=140, busy_time_s=1.5)
+    text = cli.format_stats(stats, 2.0, per_problem=[1.0, 3.0], cache="radix")
+    for needle in ("prefill tokens computed:  30", "tokens served from cache: 90 (75.0% of prompt tokens)",
+                   "decode tokens:", "peak KV tokens:", "wall time:", "2.00 s", "cache=radix", "median"):
+        assert needle in text
+
+
+# ---- the programs on the session engine ----------------------------------------------------------------
+def test_best_of_n_program_end_to_end(checked, use_backend, capsys):
+    """programs/best_of_n.py's command line, reusing the engine installed as default backend."""
+    use_backend(checked)
+    program = _load_program("best_of_n")
+    assert cli.program_main(program.solve, argv=TINY + ["--cache", "radix"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy:" in out and "reference=" in out and "verdicts" in out
+    for needle in ("prefill tokens computed:", "tokens served from cache:", "decode tokens:", "peak KV tokens:",
+                   "wall time:"):
+        assert needle in out
+    served = int(out.split("tokens served from cache:")[1].split()[0])
+    assert served > 0  # the branches and the verifier reuse the shared prompt
+
+
+def test_self_consistency_is_importable_and_votes(checked):
+    program = _load_program("self_consistency")
+    problem = load_problems(count=1, seed=0)[0]
+    before = checked.stats()
+    solution = program.solve(problem, num_branches=2, max_tokens=16, backend=checked)
+    stats = checked.stats().since(before)
+    assert len(solution.candidates) == 2
+    assert solution.answer is None or solution.answer in solution.candidates
+    assert stats.cached_tokens > 0
+
+
+def test_tree_of_thought_nested_forks(checked):
+    program = _load_program("tree_of_thought")
+    problem = load_problems(count=1, seed=1)[0]
+    state = program.tree_of_thought.run(question=problem.question, num_branches=3, max_tokens=12, keep=2,
+                                        expand=2, backend=checked)
+    result = state.ret_value
+    assert len(result["approaches"]) == 3 and len(result["expanded"]) == 2
+    margins = [a["margin"] for a in result["approaches"]]
+    assert [margins[i] for i in result["expanded"]] == sorted(margins, reverse=True)[:2]
+    assert len(result["leaves"]) == 4 and {i for i, _ in result["leaves"]} == set(result["expanded"])
+
+
+def test_best_of_n_pick_prefers_verified_then_votes():
+    program = _load_program("best_of_n")
+    verified = program.pick([
+        {"answer": "3", "verdict": "NO", "yes_logprob": -0.1, "no_logprob": -0.05},
+        {"answer": "4", "verdict": "YES", "yes_logprob": -0.9, "no_logprob": -1.5},
+        {"answer": "5", "verdict": "YES", "yes_logprob": -0.4, "no_logprob": -1.5},
+        {"answer": None, "verdict": "YES", "yes_logprob": -0.01, "no_logprob": -3.0},
+    ])
+    assert verified.answer == "5"
+    fallback = program.pick([
+        {"answer": "3", "verdict": "NO", "yes_logprob": -2.0, "no_logprob": -0.1},
+        {"answer": "4", "verdict": "NO", "yes_logprob": -2.0, "no_logprob": -0.1},
+        {"answer": "4", "verdict": "NO", "yes_logprob": -2.0, "no_logprob": -0.1},
+    ])
+    assert fallback.answer == "4" and "majority" in fallback.detail
+
+
+# ---- rksc-sgl run, the whole path (own engine in a subprocess) -------------------------------------
+def test_rksc_sgl_run_program_end_to_end():
+    out = _cli("run", str(PROGRAMS / "self_consistency.py"), "--cache", "radix", "--threads", "1",
+               "--kv-pool-tokens", "4096", "--", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "accuracy:" in out.stdout
+    assert "== rksc-sgl run: self_consistency.py (exit 0) ==" in out.stdout
+    assert out.stdout.count("prefill tokens computed:") == 2  # the program's report and the run's
+    assert "cache=radix" in out.stdout
