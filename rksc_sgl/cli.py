@@ -172,7 +172,7 @@ def run_problems(solve: SolveFn, problems: Sequence[Problem], engine, *, out=Non
     from tqdm import tqdm
 
     out = out or sys.stdout
-    before = engine.stats()
+    before = engine.stats(reset_peak=True)
     started = time.perf_counter()
     solutions: List[Solution] = []
     scores: List[float] = []
@@ -345,7 +345,7 @@ def run_command(args: argparse.Namespace, program_argv: Sequence[str], parser: a
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *program_argv]
     sys.path.insert(0, str(path.resolve().parent))  # as `python PROGRAM.py` would
-    before = engine.stats()
+    before = engine.stats(reset_peak=True)
     started = time.perf_counter()
     code = 0
     try:

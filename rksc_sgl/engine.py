@@ -99,8 +99,16 @@ class Engine(BaseBackend):
         """The tree cache instance (SGLang's ``RadixCache`` for ``cache='radix'``)."""
         return self.kv.tree
 
-    def stats(self) -> EngineStats:
-        return self.scheduler.call(self.scheduler.stats.snapshot)
+    def stats(self, reset_peak: bool = False) -> EngineStats:
+        """A snapshot of the counters. ``reset_peak=True`` starts a new window for the
+        peak KV working set, so ``stats().since(before)`` reports that window's peak."""
+        def snapshot():
+            snap = self.scheduler.stats.snapshot()
+            if reset_peak:
+                self.scheduler.stats.peak_kv_tokens = 0
+                self.scheduler.note_peak()
+            return snap
+        return self.scheduler.call(snapshot)
 
     def check_integrity(self, expect_idle: bool = True) -> None:
         """Assert the slot/lock invariants on the scheduler thread (waits for idle first)."""

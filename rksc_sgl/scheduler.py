@@ -46,7 +46,8 @@ class EngineStats:
         return dataclasses.replace(self)
 
     def since(self, earlier: "EngineStats") -> "EngineStats":
-        """Counters accumulated after ``earlier``; the peak is kept as the running max."""
+        """Counters accumulated after ``earlier``. The peak is this snapshot's: the peak of
+        the window opened by ``Engine.stats(reset_peak=True)``."""
         out = EngineStats()
         for f in dataclasses.fields(self):
             now, before = getattr(self, f.name), getattr(earlier, f.name)
@@ -236,7 +237,7 @@ class Scheduler:
                 continue
             self.kv.checkpoint(req.kv)
             self._append_token(req, req_logits[-1])
-        self._note_peak()
+        self.note_peak()
 
     def _admit(self) -> List[Request]:
         """Pick waiting requests that fit, lock their cached prefixes, FIFO."""
@@ -329,7 +330,7 @@ class Scheduler:
             start = req.kv.kv_len
             self.kv.extend(req.kv, [token])
             items.append(ForwardItem([token], start, self.kv.row_slots(req.kv, start + 1)))
-        self._note_peak()
+        self.note_peak()
         logits = self.runner.forward(items)
         self.stats.forward_passes += 1
         for req, item, req_logits in zip(batch, items, logits):
@@ -404,6 +405,6 @@ class Scheduler:
                 self._finish(req, error=error)
         self._idle.set()
 
-    def _note_peak(self) -> None:
+    def note_peak(self) -> None:
         working_set = self.kv.used_tokens() - self.kv.tree.evictable_size()
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, working_set)

@@ -173,3 +173,14 @@ def test_concurrent_threads_keep_integrity(tiny_pool_engine):
         t.join()
     assert not errors
     tiny_pool_engine.check_integrity()
+
+
+def test_peak_kv_window(tiny_pool_engine):
+    """``stats(reset_peak=True)`` opens a window: a later small request reports its own peak."""
+    eng = tiny_pool_engine
+    eng.generate_request(text="word " * 60, sampling_params={"max_new_tokens": 4})
+    big = eng.stats().peak_kv_tokens
+    before = eng.stats(reset_peak=True)
+    eng.generate_request(text="hi", sampling_params={"max_new_tokens": 2})
+    small = eng.stats().since(before).peak_kv_tokens
+    assert big >= 60 and 0 < small < 10
