@@ -173,6 +173,7 @@ class Scheduler:
             self._run_calls()
             self._drop_cancelled()
             started = time.perf_counter()
+            had_work = bool(self.waiting or self.running)
             try:
                 if self.waiting:
                     self._admit_and_prefill()
@@ -182,7 +183,7 @@ class Scheduler:
                 logger.exception("scheduler step failed")
                 for req in list(self.running):
                     self._finish(req, error=exc)
-            if self.waiting or self.running:
+            if had_work:
                 self.stats.busy_time_s += time.perf_counter() - started
             if not self.waiting and not self.running and self.incoming.empty():
                 self._idle.set()
