@@ -35,6 +35,12 @@ class EngineConfig:
     decode batch (and the rows of SGLang's ``ReqToTokenPool``). ``max_prefill_tokens``
     bounds the tokens computed in one prefill step; a single longer prompt is still
     admitted alone so nothing can starve.
+
+    ``in_batch_prefix_min_tokens``: when requests admitted together share at least this
+    many uncached prefix tokens (the branches of a fork), only the first is prefilled now
+    and the others follow one step later, reusing its prefix from the tree (0 = off).
+    ``shared_prefix_min_tokens``: decode branches whose rows share at least this many
+    prefix slots attend to that prefix together, reading it once per step (0 = off).
     """
 
     model: str = "smollm2-135m"
@@ -51,6 +57,7 @@ class EngineConfig:
     seed: int = 0
     cache_dir: Optional[str] = None
     in_batch_prefix_min_tokens: int = 8
+    shared_prefix_min_tokens: int = 64
     queue_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -69,6 +76,8 @@ class EngineConfig:
             _require_positive("num_threads", self.num_threads)
         if self.in_batch_prefix_min_tokens < 0:
             raise ValueError("in_batch_prefix_min_tokens must be >= 0")
+        if self.shared_prefix_min_tokens < 0:
+            raise ValueError("shared_prefix_min_tokens must be >= 0")
         if self.queue_timeout_s <= 0:
             raise ValueError("queue_timeout_s must be > 0")
         if not self.device.startswith("cpu"):

@@ -71,7 +71,7 @@ class Engine(BaseBackend):
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
         )
-        self.runner = ModelRunner(self.hf_model, self.kv.kv_pool)
+        self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens)
         self.scheduler = Scheduler(
             self.runner,
             self.kv,

@@ -45,8 +45,9 @@ class ForwardItem:
 class ModelRunner:
     """Owns the model weights and computes logits for ragged batches of new tokens."""
 
-    def __init__(self, model, kv_pool):
+    def __init__(self, model, kv_pool, shared_prefix_min_tokens: int = 64):
         self.model = model
+        self.shared_prefix_min_tokens = shared_prefix_min_tokens
         self.kv_pool = kv_pool
         self.config = model.config
         backbone = model.model
@@ -82,19 +83,20 @@ class ModelRunner:
         new_slots = torch.cat([it.slots[it.start :] for it in items])
         hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         cos, sin = self.rotary_emb(hidden, positions[None])
+        plan = plan_attention(items, self.shared_prefix_min_tokens)
         for layer_id, layer in enumerate(self.layers):
-            hidden = self._layer(layer_id, layer, hidden, cos, sin, items, new_slots)
+            hidden = self._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
         hidden = self.norm(hidden)[0]
         return self._logits(hidden, items)
 
-    def _layer(self, layer_id, layer, hidden, cos, sin, items, new_slots):
+    def _layer(self, layer_id, layer, hidden, cos, sin, plan, new_slots):
         residual = hidden
         x = layer.input_layernorm(hidden)
-        hidden = residual + self._attention(layer_id, layer.self_attn, x, cos, sin, items, new_slots)
+        hidden = residual + self._attention(layer_id, layer.self_attn, x, cos, sin, plan, new_slots)
         residual = hidden
         return residual + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attention(self, layer_id, attn, x, cos, sin, items, new_slots):
+    def _attention(self, layer_id, attn, x, cos, sin, plan, new_slots):
         total = x.shape[1]
         q = attn.q_proj(x).view(1, total, -1, self.head_dim)
         k = attn.k_proj(x).view(1, total, -1, self.head_dim)
@@ -107,17 +109,38 @@ class ModelRunner:
         v_buf = self.kv_pool.get_value_buffer(layer_id)
         k_buf[new_slots] = k[0].transpose(0, 1).to(k_buf.dtype)
         v_buf[new_slots] = v[0].to(v_buf.dtype)
-        outs = []
-        offset = 0
-        for it in items:
-            n = len(it.token_ids)
-            q_i = q[:, :, offset : offset + n]
-            keys = k_buf[it.slots].transpose(0, 1)[None].to(q.dtype)
-            values = v_buf[it.slots].transpose(0, 1)[None].to(q.dtype)
-            outs.append(self._sdpa(q_i, keys, values, it.start))
-            offset += n
-        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, total, -1)
-        return attn.o_proj(out)
+        out = torch.empty_like(q)  # (1, heads, T, head_dim)
+        for offset, item, index in plan.singles:
+            n = len(item.token_ids)
+            keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
+            values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
+            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start)
+        for group in plan.groups:
+            out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, total, -1))
+
+    def _shared_prefix_decode(self, q, k_buf, v_buf, group):
+        """Decode attention for m branches that share a prefix, reading the prefix once.
+
+        The scores over the shared prefix come from one matmul for all m queries; each
+        branch's own suffix is scored separately; one softmax spans both (cascade
+        attention, as FlashInfer does on GPUs). ``q`` is (heads, m, head_dim).
+        """
+        kv_heads, dim = self.num_kv_heads, self.head_dim
+        m = q.shape[1]
+        q = q.reshape(kv_heads, -1, m, dim)  # query head h reads kv head h // group size
+        k_pre = k_buf[group.prefix_index].to(q.dtype)  # (P, kv_heads, dim)
+        v_pre = v_buf[group.prefix_index].to(q.dtype)
+        k_suf = k_buf[group.suffix_slots].to(q.dtype)  # (m, S, kv_heads, dim)
+        v_suf = v_buf[group.suffix_slots].to(q.dtype)
+        s_pre = torch.einsum("kgmd,pkd->kgmp", q, k_pre) * self.scaling
+        s_suf = torch.einsum("kgmd,mskd->kgms", q, k_suf) * self.scaling
+        s_suf = s_suf.masked_fill(~group.suffix_mask, float("-inf"))
+        peak = torch.maximum(s_pre.amax(-1, keepdim=True), s_suf.amax(-1, keepdim=True))
+        e_pre, e_suf = torch.exp(s_pre - peak), torch.exp(s_suf - peak)
+        weighted = torch.einsum("kgmp,pkd->kgmd", e_pre, v_pre) + torch.einsum("kgms,mskd->kgmd", e_suf, v_suf)
+        out = weighted / (e_pre.sum(-1, keepdim=True) + e_suf.sum(-1, keepdim=True))
+        return out.reshape(-1, m, dim)
 
     def _sdpa(self, q, keys, values, start):
         """Causal attention of ``n`` new queries over ``start + n`` keys."""
@@ -142,3 +165,82 @@ class ModelRunner:
             return [hidden.new_zeros((0, self.lm_head.out_features)) for _ in items]
         logits = self.lm_head(hidden[torch.tensor(picks)]).float()
         return list(torch.split(logits, counts))
+
+
+@dataclasses.dataclass
+class SharedPrefixGroup:
+    """Decode items (one new token each) whose rows start with the same slots."""
+
+    offsets: torch.Tensor  # positions of their queries in the batch
+    prefix_index: object  # slice or (P,) slot tensor
+    suffix_slots: torch.Tensor  # (m, S) padded with slot 0
+    suffix_mask: torch.Tensor  # (m, S) True where a real key is
+
+
+@dataclasses.dataclass
+class AttentionPlan:
+    singles: List[tuple]  # (query offset, ForwardItem, pool index) attended one by one
+    groups: List[SharedPrefixGroup]
+
+
+def plan_attention(items: List[ForwardItem], min_shared: int) -> AttentionPlan:
+    """Group decode items by a shared slot prefix of at least ``min_shared`` tokens.
+
+    Branches of a fork reference the same prefix slots in their rows, so comparing slot
+    indices finds them; a group's prefix is then read once per layer for all of them.
+    Everything else (prefills, lone requests) is attended one item at a time with SDPA,
+    which keeps single streams bit-identical to ``transformers``.
+    """
+    offsets, offset = [], 0
+    for it in items:
+        offsets.append(offset)
+        offset += len(it.token_ids)
+    by_first: dict = {}
+    singles = []
+    for off, it in zip(offsets, items):
+        if len(it.token_ids) == 1 and min_shared and len(it.slots) > min_shared:
+            by_first.setdefault(int(it.slots[0]), []).append((off, it))
+        else:
+            singles.append((off, it))
+    groups = []
+    for members in by_first.values():
+        shared = _common_prefix_len([it.slots for _, it in members])
+        if len(members) < 2 or shared < min_shared:
+            singles.extend(members)
+            continue
+        groups.append(_group(members, shared))
+    return AttentionPlan([(off, it, pool_index(it.slots)) for off, it in singles], groups)
+
+
+def _common_prefix_len(rows: List[torch.Tensor]) -> int:
+    n = min(len(r) for r in rows) - 1  # every branch keeps its own newest token
+    first = rows[0][:n]
+    same = torch.ones(n, dtype=torch.bool)
+    for row in rows[1:]:
+        same &= row[:n] == first
+    return int(torch.cumprod(same.to(torch.int64), 0).sum()) if n > 0 else 0
+
+
+def _group(members, shared: int) -> SharedPrefixGroup:
+    suffixes = [it.slots[shared:] for _, it in members]
+    width = max(len(x) for x in suffixes)
+    suffix_slots = torch.zeros((len(members), width), dtype=torch.int64)
+    suffix_mask = torch.zeros((len(members), width), dtype=torch.bool)
+    for i, x in enumerate(suffixes):
+        suffix_slots[i, : len(x)] = x
+        suffix_mask[i, : len(x)] = True
+    return SharedPrefixGroup(
+        offsets=torch.tensor([off for off, _ in members]),
+        prefix_index=pool_index(members[0][1].slots[:shared]),
+        suffix_slots=suffix_slots,
+        suffix_mask=suffix_mask[None, None],
+    )
+
+
+def pool_index(slots: torch.Tensor):
+    """Index for ``buf[...]``: a slice (a view, no copy) when the slots are one
+    contiguous run, as a prefix allocated in one piece is; else the slot tensor."""
+    n = len(slots)
+    if n and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots[1:] - slots[:-1] == 1).all()):
+        return slice(int(slots[0]), int(slots[0]) + n)
+    return slots

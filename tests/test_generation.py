@@ -141,3 +141,38 @@ def test_stock_cache_is_sglang_radix_cache(radix_engine, none_engine):
     assert isinstance(radix_engine.kv.kv_pool, MHATokenToKVPool)
     assert isinstance(radix_engine.kv.allocator, TokenToKVPoolAllocator)
     assert isinstance(radix_engine.kv.req_to_token_pool, ReqToTokenPool)
+
+
+def test_shared_prefix_decode_equals_per_branch_attention(radix_engine):
+    """Branches attending to their shared prefix together give the per-branch result."""
+    prompt = "A shared context that every branch reads. " * 12
+    texts = [prompt + hint for hint in HINTS]
+    params = {"max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0}
+    runner = radix_engine.runner
+    outputs = []
+    for min_shared in (16, 0):
+        radix_engine.scheduler.call(lambda: setattr(runner, "shared_prefix_min_tokens", min_shared))
+        radix_engine.flush_cache()
+        radix_engine.generate_request(text=prompt, sampling_params={"max_new_tokens": 0})
+        outputs.append([r["output_ids"] for r in radix_engine.generate_request(text=texts, sampling_params=params)])
+    radix_engine.scheduler.call(lambda: setattr(runner, "shared_prefix_min_tokens", 64))
+    assert outputs[0] == outputs[1]
+    radix_engine.check_integrity()
+
+
+def test_attention_plan_groups_branches_by_shared_slots():
+    from rksc_sgl.model_runner import ForwardItem, plan_attention
+
+    shared = torch.arange(1, 101)
+    a = ForwardItem([5], 101, torch.cat([shared, torch.tensor([200, 201])]))
+    b = ForwardItem([6], 100, torch.cat([shared, torch.tensor([300])]))
+    lone = ForwardItem([7], 3, torch.tensor([400, 401, 402, 403]))
+    prefill = ForwardItem([1, 2, 3], 0, torch.tensor([500, 501, 502]))
+    plan = plan_attention([a, b, lone, prefill], min_shared=64)
+    assert len(plan.groups) == 1
+    group = plan.groups[0]
+    assert group.offsets.tolist() == [0, 1]
+    assert group.prefix_index == slice(1, 101)  # contiguous prefix: a view, no copy
+    assert group.suffix_slots.tolist() == [[200, 201], [300, 0]]
+    assert group.suffix_mask[0, 0].tolist() == [[True, True], [True, False]]
+    assert sorted(off for off, _, _ in plan.singles) == [2, 3]
