@@ -1,0 +1,79 @@
+"""SGLang runtime plugin: makes ``--radix-cache-backend rksc`` select ``RKSCRadixCache``.
+
+SGLang 0.5.23 discovers general plugins through the entry-point group
+``sglang.srt.plugins`` (``sglang.srt.plugins.load_plugins``), and calls each one, with no
+arguments, early in every process it starts: the launcher (``sglang serve`` /
+``launch_server``, ``sglang.Engine``), the data-parallel controller, the detokenizer and
+each spawned scheduler process. The scheduler builds its tree cache with
+``sglang.srt.mem_cache.registry.create_tree_cache``, which looks ``--radix-cache-backend``
+up in the registry this plugin fills. A monkeypatch in the launching process would not
+reach the spawned schedulers; the entry point does. ``pyproject.toml`` declares it::
+
+    [project.entry-points."sglang.srt.plugins"]
+    rksc = "rksc_sgl.plugin:register"
+
+If ``SGLANG_PLUGINS`` is set (a comma-separated allow-list), it must name ``rksc``.
+
+In the runtime the backend runs with ASKS off: exact token matching, the stock
+``RadixCache`` behaviour, plus RKSC's statistics. It replaces SGLang's default
+``UnifiedRadixCache``, so features that need the unified tree (hierarchical cache,
+sliding-window or Mamba hybrid models, session radix cache, streaming sessions, the
+``tlru`` policy) are refused at startup, by this factory or by SGLang.
+
+This module imports nothing heavy at import time: every SGLang process loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "rksc"
+"""The ``--radix-cache-backend`` value that selects ``RKSCRadixCache``."""
+
+
+def rksc_cache_factory(ctx):
+    """Build the RKSC tree cache from SGLang's ``TreeCacheBuildContext``."""
+    from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache
+
+    unsupported = []
+    if ctx.is_hybrid_swa:
+        unsupported.append("sliding-window (hybrid SWA) models")
+    if ctx.is_hybrid_ssm:
+        unsupported.append("Mamba / state-space hybrid models")
+    if ctx.enable_hierarchical_cache:
+        unsupported.append("--enable-hierarchical-cache")
+    if unsupported:
+        raise ValueError(
+            f"--radix-cache-backend={BACKEND_NAME} is a RadixCache (full-attention KV, one device tier) "
+            f"and does not support {', '.join(unsupported)}; omit --radix-cache-backend to use "
+            "SGLang's default cache"
+        )
+    cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
+    logger.info(
+        "rksc tree cache built (page_size=%s, eviction_policy=%s, ASKS off: exact matching)",
+        ctx.params.page_size,
+        ctx.params.eviction_policy,
+    )
+    return cache
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend.
+
+    Idempotent: calling it again in the same process is a no-op. Raises ``ValueError`` if
+    another factory already took the name.
+    """
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    existing = get_radix_cache_factory(BACKEND_NAME)
+    if existing is rksc_cache_factory:
+        return
+    if existing is not None:
+        raise ValueError(
+            f"radix cache backend {BACKEND_NAME!r} is already registered by "
+            f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}"
+        )
+    register_radix_cache_backend(BACKEND_NAME, rksc_cache_factory)
+    logger.debug("registered radix cache backend %r", BACKEND_NAME)
