@@ -22,6 +22,8 @@ _LAZY = {
     "KVCacheExhausted": ".kv_cache",
     "ModelNotFoundError": ".models",
     "UnsupportedModelError": ".models",
+    "verify": ".cgee",
+    "CGEEConfig": ".cgee",
 }
 
 __all__ = ["CACHE_MODES", "EngineConfig", "__version__", *_LAZY]

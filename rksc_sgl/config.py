@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-CACHE_MODES = ("none", "radix")
-"""``none``: no KV reuse between requests. ``radix``: SGLang's stock ``RadixCache``."""
+CACHE_MODES = ("none", "radix", "rksc")
+"""``none``: no KV reuse between requests. ``radix``: SGLang's stock ``RadixCache``.
+``rksc``: ``RKSCRadixCache`` (a ``RadixCache`` subclass); with ``asks`` active it also
+reuses KV of semantically similar spans (ASKS), else it matches exactly like ``radix``."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,6 +43,9 @@ class EngineConfig:
     and the others follow one step later, reusing its prefix from the tree (0 = off).
     ``shared_prefix_min_tokens``: decode branches whose rows share at least this many
     prefix slots attend to that prefix together, reading it once per step (0 = off).
+
+    ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
+    fields; default off). Enabling it with another cache mode is an error.
     """
 
     model: str = "smollm2-135m"
@@ -59,12 +64,16 @@ class EngineConfig:
     in_batch_prefix_min_tokens: int = 8
     shared_prefix_min_tokens: int = 64
     queue_timeout_s: float = 600.0
+    asks: Any = None
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise ValueError(
                 f"cache={self.cache!r} is not a known cache mode; choose one of {', '.join(CACHE_MODES)}"
             )
+        object.__setattr__(self, "asks", _asks_config(self.asks))
+        if self.asks.enabled and self.cache != "rksc":
+            raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc'")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         _require_positive("kv_pool_tokens", self.kv_pool_tokens)
@@ -89,6 +98,21 @@ class EngineConfig:
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+def _asks_config(value):
+    from .rksc_cache import ASKSConfig  # imports sglang: only when an engine is configured
+
+    if value is None:
+        return ASKSConfig()
+    if isinstance(value, ASKSConfig):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {f.name for f in dataclasses.fields(ASKSConfig)}
+        if unknown:
+            raise ValueError(f"asks: unknown field(s) {', '.join(sorted(unknown))}")
+        return ASKSConfig(**value)
+    raise ValueError(f"asks must be an ASKSConfig or a mapping of its fields, got {type(value).__name__}")
 
 
 def _require_positive(name: str, value: int) -> None:

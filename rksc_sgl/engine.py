@@ -10,6 +10,7 @@ share one scheduler and differ only in their I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -31,9 +32,11 @@ with warnings.catch_warnings():
 
 from .chat import chat_template_for
 from .config import EngineConfig
+from .grammar import GrammarCache, apply_dtype
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
 from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
+from .rksc_cache import RKSCRadixCache
 from .sampling import parse_sampling_params
 from .scheduler import EngineStats, Request, Scheduler
 
@@ -62,6 +65,7 @@ class Engine(BaseBackend):
         self.context_len = cfg.max_context_len or getattr(hf_config, "max_position_embeddings", 4096)
         self.chat_template = chat_template_for(self.tokenizer, cfg.model)
         self.eos_ids = self._eos_ids()
+        self.grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
         self.kv = KVCacheManager(
             ModelRunner.layout_of(self.hf_model),
             pool_tokens=cfg.kv_pool_tokens,
@@ -70,6 +74,7 @@ class Engine(BaseBackend):
             enable_prefix_cache=cfg.cache != "none",
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
+            **self._tree_cache_kwargs(),
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens)
         self.scheduler = Scheduler(
@@ -83,6 +88,25 @@ class Engine(BaseBackend):
             text_of=self._raw_output_text,
             num_threads=cfg.num_threads,
         )
+
+    def _tree_cache_kwargs(self) -> Dict[str, Any]:
+        """``cache="rksc"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
+        cfg = self.config
+        if cfg.cache != "rksc":
+            return {}
+        asks = cfg.asks
+        asks.check_key_layer(self.hf_model.config.num_hidden_layers)
+        if asks.active and asks.key_layer != 0:
+            raise NotImplementedError(
+                f"ASKS key_layer={asks.key_layer}: only layer 0 (token embeddings) is implemented")
+        embed = self.hf_model.model.embed_tokens
+
+        @torch.inference_mode()
+        def token_features(token_ids):
+            # Layer 0: the token embeddings, the same lookup the prefill does (no model pass).
+            return embed(torch.tensor(token_ids, dtype=torch.long)).float()
+
+        return {"tree_cache_class": functools.partial(RKSCRadixCache, asks=asks, token_features=token_features)}
 
     # ---- lifecycle / introspection -----------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -118,6 +142,25 @@ class Engine(BaseBackend):
 
     def flush_cache(self) -> bool:
         return self.scheduler.call(self.kv.flush)
+
+    # ---- CGEE: the YES/NO verifier pass with layer exit (see rksc_sgl/verifier.py) -----------
+    def verify_yes_no(self, prompts: Sequence[str], policy=None, trace: bool = False):
+        """Score "Yes" vs "No" as the next token of each prompt, in one batched pass on the
+        scheduler thread (never racing a step), reusing cached prefixes read-only.
+
+        ``policy`` (:class:`~rksc_sgl.verifier.ExitPolicy`) lets prompts leave at an
+        intermediate layer; ``None`` or ``enabled=False`` runs every layer (the full pass).
+        Returns one :class:`~rksc_sgl.verifier.YesNoScore` per prompt.
+        """
+        from .verifier import ExitPolicy, LayerExitVerifier, verdict_token_ids
+
+        if getattr(self, "_yes_no_verifier", None) is None:
+            yes, no = verdict_token_ids(self.tokenizer)
+            self._yes_no_verifier = LayerExitVerifier(self.runner, self.kv, yes, no)
+        verifier = self._yes_no_verifier
+        ids = [self.encode(p) for p in prompts]
+        policy = policy if policy is not None else ExitPolicy(enabled=False)
+        return self.scheduler.call(lambda: verifier.score(ids, policy, trace), timeout=600.0)
 
     def get_model_name(self) -> str:
         return self.config.model
@@ -183,6 +226,7 @@ class Engine(BaseBackend):
 
     def _submit(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> "_Pending":
         params = parse_sampling_params(sampling_params, self.tokenizer, self.vocab_size)
+        grammar = self.grammars.request_grammar(params)  # compiled here: a bad pattern fails this call
         if len(ids) >= self.context_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context length is {self.context_len}")
         params.max_new_tokens = min(params.max_new_tokens, self.context_len - len(ids))
@@ -205,6 +249,7 @@ class Engine(BaseBackend):
             top_logprobs_num=top_logprobs_num if return_logprob else 0,
             want_logprobs=return_logprob,
             on_event=pending.on_event,
+            grammar=grammar,
         )
         pending.req = req
         pending.scheduler = self.scheduler
@@ -214,7 +259,9 @@ class Engine(BaseBackend):
     # ---- responses ------------------------------------------------------------------------
     def _raw_output_text(self, req: Request) -> str:
         ids = req.output_ids
-        if ids and ids[-1] in req.stop_ids:
+        # A grammar ends on EOS even with ignore_eos; its finish reason names that token.
+        matched = (req.finish_reason or {}).get("matched")
+        if ids and (ids[-1] in req.stop_ids or (isinstance(matched, int) and matched == ids[-1])):
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
 
@@ -287,9 +334,7 @@ class Engine(BaseBackend):
     def _frontend_request(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> Dict[str, Any]:
         if s.images_:
             self.fill_image(s)
-        if sampling_params.dtype is not None or sampling_params.regex is not None \
-                or sampling_params.json_schema is not None:
-            raise NotImplementedError("constrained generation (regex/json_schema/dtype) is not supported yet")
+        apply_dtype(sampling_params)  # as SGLang's RuntimeEndpoint: dtype -> regex (+ stop strings)
         params = {k: v for k, v in sampling_params.to_srt_kwargs().items() if v is not None}
         params["skip_special_tokens"] = global_config.skip_special_tokens_in_output
         params["spaces_between_special_tokens"] = global_config.spaces_between_special_tokens_in_out

@@ -8,6 +8,13 @@ point is ``protected_len``. Every slot is always in exactly one of three places:
 allocator's free list, a tree node, or the owned part of a running request's row.
 ``check_integrity`` asserts exactly that.
 
+Semantic aliases (ASKS, ``cache="rksc"``): a request may read a *donor* node's slots for
+the span right after its exact prefix (``match_alias``). Its row is then
+``[exact prefix | donor slots, except the recomputed positions | slots it owns]``; the
+donor slots stay the tree's (the donor node is locked while the request runs) and a
+request that used an alias inserts nothing into the tree: everything it computed after
+the exact prefix depends on approximate KV, so an exact lookup must never return it.
+
 This module mirrors, narrowly, what SGLang's scheduler does around the tree
 (``match_prefix`` -> lock -> allocate -> ``checkpoint`` -> insert and free duplicates ->
 unlock), with plain token lists instead of SGLang's ``Req`` objects.
@@ -59,6 +66,31 @@ class ReqKV:
     kv_len: int = 0
     protected_len: int = 0
     lock: Any = None
+    alias: Optional["Alias"] = None
+    pending: int = 0  # slots extended past kv_len whose KV is not committed yet
+
+
+@dataclasses.dataclass
+class Alias:
+    """A request's read-only use of a donor node's slots for row positions
+    ``start .. start + length - 1`` (except ``recompute``: absolute positions the request
+    computes into its own slots). ``lock`` holds the donor node while the request runs."""
+
+    start: int
+    length: int
+    recompute: List[int]
+    similarity: float
+    lock: Any = None
+    allocated: bool = False  # recompute and tail slots allocated (the prefill's extend ran)
+    positions: List[int] = dataclasses.field(default_factory=list)  # what the prefill computes
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.length - len(self.recompute)
 
 
 def _radix_key(token_ids) -> RadixKey:
@@ -108,6 +140,7 @@ class KVCacheManager:
             )
         )
         self.active: dict[int, ReqKV] = {}
+        self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
 
     # ---- capacity -------------------------------------------------------------------
     def available_tokens(self) -> int:
@@ -126,8 +159,26 @@ class KVCacheManager:
         node = result.last_device_node
         return self.tree.path_device_indices(node), node
 
-    def open(self, token_ids: List[int], prefix_indices: torch.Tensor, node) -> ReqKV:
-        """Lock the matched prefix and give the request a row that starts with it."""
+    def match_alias(self, token_ids: List[int], max_len: int, prefix_len: int, node):
+        """The semantic continuation of an exact match (ASKS), or None.
+
+        ``prefix_len`` and ``node`` are what ``match`` returned. Only an ``RKSCRadixCache``
+        with ASKS active returns anything; pass the result to ``open``.
+        """
+        if prefix_len >= max_len or not getattr(self.tree, "semantic_active", False):
+            return None
+        before = self.tree.stats.key_tokens
+        match = self.tree.match_semantic(token_ids[prefix_len:max_len], node, prefix_len)
+        self.key_tokens += self.tree.stats.key_tokens - before
+        return match
+
+    def open(self, token_ids: List[int], prefix_indices: torch.Tensor, node, alias=None) -> ReqKV:
+        """Lock the matched prefix and give the request a row that starts with it.
+
+        ``alias`` (a ``SemanticMatch`` from ``match_alias``): also lock the donor node and
+        put its slots in the row right after the prefix; the prefill then computes only
+        the recomputed positions and the tokens after the span (see ``extend``).
+        """
         rows = self.req_to_token_pool.alloc_rows(1)
         if not rows:
             raise KVCacheExhausted("no free request row (max_running_requests reached)")
@@ -139,12 +190,24 @@ class KVCacheManager:
         req.kv_len = n
         req.protected_len = n
         req.lock = self.tree.lock(node)
+        if alias is not None:
+            assert alias.start == n and len(token_ids) > alias.start + alias.length, (alias.start, n)
+            self.req_to_token_pool.write((row, slice(n, n + alias.length)), alias.slots.to(torch.int32))
+            req.alias = Alias(
+                start=n,
+                length=alias.length,
+                recompute=[n + off for off in alias.recompute],
+                similarity=alias.similarity,
+                lock=self.tree.lock(alias.node),
+            )
         self.active[row] = req
         return req
 
     def cancel_open(self, req: ReqKV) -> None:
         """Undo ``open`` for a request that was not admitted after all (nothing computed)."""
         assert req.kv_len == req.protected_len, "cancel_open after KV was computed"
+        assert req.alias is None or not req.alias.allocated, "cancel_open after KV was computed"
+        self._unlock_alias(req)
         self.tree.unlock(req.lock)
         req.lock = None
         self.req_to_token_pool.free_rows([req.row])
@@ -170,10 +233,23 @@ class KVCacheManager:
         """Reserve slots for ``new_token_ids`` at the end of the request's row.
 
         Returns the slots; the caller writes their KV and then calls ``commit``.
+        For a request with a semantic alias, the first extend (its prefill, starting at
+        the alias) allocates only the recomputed positions and the tokens after the span;
+        ``alias.positions`` lists the row positions the caller must compute.
         """
+        alias = req.alias
+        if alias is not None and not alias.allocated:
+            assert req.kv_len == alias.start and len(new_token_ids) > alias.length, (req.kv_len, alias)
+            positions = alias.recompute + list(range(alias.end, req.kv_len + len(new_token_ids)))
+            slots = self.alloc(len(positions))
+            self.req_to_token_pool.write((req.row, torch.tensor(positions)), slots.to(torch.int32))
+            alias.positions = positions
+            alias.allocated = True
+            return slots
         slots = self.alloc(len(new_token_ids))
         start = req.kv_len
         self.req_to_token_pool.write((req.row, slice(start, start + len(slots))), slots.to(torch.int32))
+        req.pending = len(slots)
         return slots
 
     def commit(self, req: ReqKV, new_token_ids: List[int]) -> None:
@@ -181,6 +257,7 @@ class KVCacheManager:
         del req.token_ids[req.kv_len :]
         req.token_ids.extend(new_token_ids)
         req.kv_len += len(new_token_ids)
+        req.pending = 0
 
     def row_slots(self, req: ReqKV, length: Optional[int] = None) -> torch.Tensor:
         n = req.kv_len if length is None else length
@@ -192,7 +269,7 @@ class KVCacheManager:
         Mirrors ``RadixCache.checkpoint``: insert, free the slots the tree already had
         under the same tokens, point the row at the tree's slots, move the lock down.
         """
-        if self.tree.disable or req.kv_len == req.protected_len:
+        if self.tree.disable or req.kv_len == req.protected_len or req.alias is not None:
             return
         self._insert(req, self.row_slots(req))
         node = self.tree.match_prefix(MatchPrefixParams(key=_radix_key(req.token_ids[: req.kv_len]))).last_device_node
@@ -208,7 +285,11 @@ class KVCacheManager:
     def release(self, req: ReqKV) -> None:
         """Request finished (or failed): cache what it computed, free the rest, unlock."""
         slots = self.row_slots(req)
-        if self.tree.disable:
+        if req.alias is not None:
+            # Nothing past the exact prefix is exact: cache none of it.
+            self.allocator.free(self.owned_slots(req))
+            self._unlock_alias(req)
+        elif self.tree.disable:
             self.allocator.free(slots[req.protected_len :])
         else:
             self._insert(req, slots)
@@ -219,11 +300,31 @@ class KVCacheManager:
 
     def release_uncached(self, req: ReqKV, keep_len: int) -> None:
         """Drop a request without caching anything past ``keep_len`` (used on errors)."""
+        if req.pending:
+            # A step failed between extend and commit: those slots hold no valid KV.
+            self.allocator.free(self.row_slots(req, req.kv_len + req.pending)[req.kv_len :])
+            req.pending = 0
         slots = self.row_slots(req)
-        if keep_len < req.kv_len:
+        if keep_len < req.kv_len and req.alias is None:
             self.allocator.free(slots[max(keep_len, req.protected_len) :])
             req.kv_len = max(keep_len, req.protected_len)
         self.release(req)
+
+    def _unlock_alias(self, req: ReqKV) -> None:
+        if req.alias is not None and req.alias.lock is not None:
+            self.tree.unlock(req.alias.lock)
+            req.alias.lock = None
+
+    def owned_slots(self, req: ReqKV) -> torch.Tensor:
+        """The slots of the row that the request owns (not the tree's)."""
+        alias = req.alias
+        if alias is None:
+            return self.row_slots(req)[req.protected_len :]
+        if not alias.allocated:
+            return torch.empty((0,), dtype=torch.int64)
+        row = self.req_to_token_pool.req_to_token[req.row]
+        positions = alias.recompute + list(range(alias.end, max(req.kv_len, alias.positions[-1] + 1)))
+        return row[torch.tensor(positions, dtype=torch.int64)].to(torch.int64)
 
     def _insert(self, req: ReqKV, slots: torch.Tensor) -> int:
         """Insert the row into the tree and free our copies of tokens it already held."""
@@ -262,7 +363,10 @@ class KVCacheManager:
         """
         free = [self.allocator.free_pages, self.allocator.release_pages]
         tree = self.tree_slot_indices()
-        owned = [self.row_slots(r)[r.protected_len :] for r in self.active.values()]
+        owned = [self.owned_slots(r) for r in self.active.values()]
+        for r in self.active.values():
+            if r.alias is not None:
+                self._check_alias(r)
         all_slots = torch.cat([t.to(torch.int64) for t in free + tree + owned] or [torch.empty(0, dtype=torch.int64)])
         n_free = sum(len(t) for t in free)
         n_tree = sum(len(t) for t in tree)
@@ -282,6 +386,18 @@ class KVCacheManager:
             assert self.tree.evictable_size() + self.tree.protected_size() == n_tree, (
                 f"evictable {self.tree.evictable_size()} + protected {self.tree.protected_size()} != tree {n_tree}"
             )
+
+    def _check_alias(self, req: ReqKV) -> None:
+        """An alias reads tree slots: the donor's, at the same positions, donor locked."""
+        alias = req.alias
+        assert alias.lock is not None and alias.lock.node.lock_ref > 0, "alias donor not locked"
+        assert req.protected_len == alias.start, "a request with an alias moved its tree prefix"
+        donor_path = self.tree.path_device_indices(alias.lock.node)
+        assert len(donor_path) >= alias.end, "alias donor shorter than its span"
+        row = self.req_to_token_pool.req_to_token[req.row].to(torch.int64)
+        shared = [p for p in range(alias.start, alias.end) if p not in set(alias.recompute)]
+        assert torch.equal(row[shared], donor_path[shared]), "alias row slots are not the donor's"
+        assert torch.equal(row[: alias.start], donor_path[: alias.start]), "alias prefix is not the donor's path"
 
     def _locked_nodes(self) -> list:
         locked, stack = [], list(self.tree.root_node.children.values())

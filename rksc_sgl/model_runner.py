@@ -31,15 +31,35 @@ class ForwardItem:
     ``slots`` is the request's full row (cached prefix + slots for the new tokens), as
     pool indices. ``logit_positions`` are indices into the new tokens whose next-token
     logits the caller wants (default: only the last one).
+
+    ``token_positions`` (ASKS): the row positions of the new tokens when they are not one
+    contiguous run (a semantic alias fills the gaps with donor KV); ``start`` is then the
+    first of them and ``slots`` the row up to the last one. Each new token attends to the
+    row's keys at positions up to its own.
     """
 
     token_ids: List[int]
     start: int
     slots: torch.Tensor
     logit_positions: Optional[List[int]] = None
+    token_positions: Optional[List[int]] = None
 
     def __post_init__(self):
-        assert len(self.slots) == self.start + len(self.token_ids)
+        if self.token_positions is None:
+            assert len(self.slots) == self.start + len(self.token_ids)
+        else:
+            assert len(self.token_positions) == len(self.token_ids) and self.token_positions[0] == self.start
+            assert len(self.slots) == self.token_positions[-1] + 1
+
+    def new_positions(self) -> torch.Tensor:
+        if self.token_positions is None:
+            return torch.arange(self.start, self.start + len(self.token_ids))
+        return torch.tensor(self.token_positions, dtype=torch.int64)
+
+    def new_slots(self) -> torch.Tensor:
+        if self.token_positions is None:
+            return self.slots[self.start :]
+        return self.slots[self.new_positions()]
 
 
 class ModelRunner:
@@ -79,8 +99,8 @@ class ModelRunner:
     def forward(self, items: List[ForwardItem]) -> List[torch.Tensor]:
         """Write the new tokens' KV into the pool; return, per item, logits (n_pos, vocab)."""
         ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(it.start, it.start + len(it.token_ids)) for it in items])
-        new_slots = torch.cat([it.slots[it.start :] for it in items])
+        positions = torch.cat([it.new_positions() for it in items])
+        new_slots = torch.cat([it.new_slots() for it in items])
         hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         cos, sin = self.rotary_emb(hidden, positions[None])
         plan = plan_attention(items, self.shared_prefix_min_tokens)
@@ -114,7 +134,8 @@ class ModelRunner:
             n = len(item.token_ids)
             keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
             values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
-            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start)
+            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
+                                                        item.token_positions)
         for group in plan.groups:
             out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group)
         return attn.o_proj(out.transpose(1, 2).reshape(1, total, -1))
@@ -142,9 +163,14 @@ class ModelRunner:
         out = weighted / (e_pre.sum(-1, keepdim=True) + e_suf.sum(-1, keepdim=True))
         return out.reshape(-1, m, dim)
 
-    def _sdpa(self, q, keys, values, start):
-        """Causal attention of ``n`` new queries over ``start + n`` keys."""
+    def _sdpa(self, q, keys, values, start, token_positions=None):
+        """Causal attention of ``n`` new queries over ``start + n`` keys (or, with
+        ``token_positions``, of queries at those row positions over the row's keys)."""
         n = q.shape[2]
+        if token_positions is not None:
+            total = keys.shape[2]
+            mask = torch.arange(total)[None, :] <= torch.tensor(token_positions)[:, None]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         if n == 1:
             return F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
         if start == 0:

@@ -4,11 +4,16 @@
 matching, splitting, locking and eviction are SGLang's own code. What it adds:
 
 * ``ASKSConfig``: the settings of ASKS (Attention-Similarity KV Sharing), validated once.
-  ASKS is off by default. Semantic matching is not implemented yet, so a cache built
-  with an *active* ASKS config (``enabled=True`` and ``tau <= 1``) is refused with
-  ``NotImplementedError`` instead of silently matching exactly.
+  ASKS is off by default. An *active* config (``enabled=True`` and ``tau <= 1``) needs a
+  ``token_features`` function (token ids -> per-token features at the key layer; the
+  embedded engine passes the model's token embeddings, ``key_layer=0``).
+* Semantic keys: with ASKS active every node carries ``asks_key``, the L2-normalised mean
+  of its tokens' features, set when the node is inserted and recomputed for both halves
+  when a node is split. ``match_semantic`` is the semantic continuation of an exact match
+  (see its docstring); it never changes the tree. Semantic aliases are the caller's to
+  hold: donor slots are never stored under another request's tokens.
 * ``RKSCCacheStats``: counters of what the tree did (lookups, exact and semantic match
-  tokens, tokens stored and evicted).
+  tokens, recomputed tokens, key cost, tokens stored and evicted).
 
 With ASKS off the cache behaves exactly like ``RadixCache``: same matches, same slot
 indices, same insert results, same eviction order and the same slots freed
@@ -24,7 +29,9 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
+
+import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -37,9 +44,12 @@ with warnings.catch_warnings():
         MatchResult,
     )
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.radix_cache import RadixCache
+    from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-__all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache"]
+__all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache", "SemanticMatch"]
+
+TokenFeatures = Callable[[Sequence[int]], torch.Tensor]
+"""Token ids -> (n, hidden) float features at the key layer (layer 0: token embeddings)."""
 
 
 def _is_real(value) -> bool:
@@ -107,15 +117,24 @@ class ASKSConfig:
 class RKSCCacheStats:
     """What the tree did since it was built (or since ``reset_stats``).
 
-    Lookup counters count every ``match_prefix`` call, including a caller's repeated
-    lookups of the same request (a scheduler retrying admission, a re-match after
-    ``checkpoint``); tokens actually served from the cache are the caller's to count.
+    Lookup counters count every ``match_prefix`` (and ``match_semantic``) call, including a
+    caller's repeated lookups of the same request (a scheduler retrying admission, a
+    re-match after ``checkpoint``); tokens actually served from the cache are the
+    caller's to count. ``semantic_hit_tokens`` are donor tokens reused as they are,
+    ``recomputed_tokens`` the span tokens chosen for recompute instead; ``key_tokens``
+    counts the tokens keyed at lookup time (the recipients' spans, plus a donor's first
+    tokens when the span covers only part of the donor node), ``node_key_tokens`` the
+    tokens keyed for nodes (inserts and both halves of every split).
     """
 
     match_calls: int = 0
     match_query_tokens: int = 0
     exact_hit_tokens: int = 0
     semantic_hit_tokens: int = 0
+    semantic_matches: int = 0
+    recomputed_tokens: int = 0
+    key_tokens: int = 0
+    node_key_tokens: int = 0
     insert_calls: int = 0
     inserted_tokens: int = 0
     evicted_tokens: int = 0
@@ -128,22 +147,32 @@ class RKSCRadixCache(RadixCache):
     """SGLang's ``RadixCache`` with RKSC's configuration and statistics.
 
     ``RKSCRadixCache(params)`` takes the same ``CacheInitParams`` as ``RadixCache``;
-    ``asks`` (keyword only) is the ASKS configuration, off by default.
+    ``asks`` (keyword only) is the ASKS configuration, off by default; ``token_features``
+    (keyword only, required when ASKS is active) maps token ids to their (n, hidden)
+    features at ``asks.key_layer``.
     """
 
-    def __init__(self, params: CacheInitParams, *, asks: Optional[ASKSConfig] = None):
+    def __init__(self, params: CacheInitParams, *, asks: Optional[ASKSConfig] = None,
+                 token_features: Optional[TokenFeatures] = None):
         if asks is None:
             asks = ASKSConfig()
         if not isinstance(asks, ASKSConfig):
             raise TypeError(f"asks must be an ASKSConfig, got {type(asks).__name__}")
-        if asks.active:
-            raise NotImplementedError(
-                "ASKS semantic matching is not implemented yet; build RKSCRadixCache with "
-                "ASKSConfig(enabled=False) (or tau > 1) for exact radix matching"
+        if asks.active and token_features is None:
+            raise ValueError(
+                "active ASKS needs token_features (token ids -> features at the key layer) "
+                "to key the tree's nodes; build RKSCRadixCache with ASKSConfig(enabled=False) "
+                "(or tau > 1) for exact radix matching"
             )
         self.asks = asks
+        self.token_features = token_features
         self.stats = RKSCCacheStats()
         super().__init__(params)
+
+    @property
+    def semantic_active(self) -> bool:
+        """True when semantic matching can happen (ASKS active and the tree enabled)."""
+        return self.asks.active and not self.disable
 
     # ---- statistics -----------------------------------------------------------------
     def reset_stats(self) -> RKSCCacheStats:
@@ -168,10 +197,145 @@ class RKSCRadixCache(RadixCache):
         result = super().insert(params)
         if not self.disable:
             self.stats.insert_calls += 1
-            self.stats.inserted_tokens += self.evictable_size_ + self.protected_size_ - before
+            grown = self.evictable_size_ + self.protected_size_ - before
+            self.stats.inserted_tokens += grown
+            if grown and self.semantic_active:
+                # Only a new leaf grows the tree: it is the node the insert ended at.
+                self._set_key(result.last_device_node)
         return result
+
+    def _split_node(self, key, child, split_len: int):
+        new_node = super()._split_node(key, child, split_len)
+        if self.semantic_active:
+            self._set_key(new_node)
+            self._set_key(child)
+        return new_node
 
     def evict(self, params: EvictParams) -> EvictResult:
         result = super().evict(params)
         self.stats.evicted_tokens += result.num_tokens_evicted
         return result
+
+    # ---- ASKS: semantic keys and matching --------------------------------------------------
+    def _features(self, token_ids) -> torch.Tensor:
+        return self.token_features(list(token_ids)).float()
+
+    @staticmethod
+    def _pool(features: torch.Tensor) -> torch.Tensor:
+        """Mean-pool (n, hidden) features into one L2-normalised key."""
+        return torch.nn.functional.normalize(features.mean(dim=0), dim=0)
+
+    def _set_key(self, node: TreeNode) -> None:
+        """Key ``node`` from its own tokens (at layer 0 the same lookup a prefill does)."""
+        tokens = node.key.token_ids
+        node.asks_key = self._pool(self._features(tokens))
+        self.stats.node_key_tokens += len(tokens)
+
+    def node_key(self, node: TreeNode) -> torch.Tensor:
+        key = getattr(node, "asks_key", None)
+        if key is None:  # a node from before ASKS keyed it (not expected; kept safe)
+            self._set_key(node)
+            key = node.asks_key
+        return key
+
+    def match_semantic(self, token_ids: Sequence[int], node: TreeNode, start: int) -> Optional["SemanticMatch"]:
+        """Continue an exact match semantically: the best donor child of ``node``, or None.
+
+        ``node`` is where the exact match of the request stopped (``start`` tokens from
+        the root) and ``token_ids`` are the request's next tokens that could be served
+        from the cache (its prompt up to the caller's cap, after the exact part). Every
+        child of ``node`` starts with a token other than ``token_ids[0]`` (else the exact
+        match would have gone on), so each child is a candidate donor.
+
+        Span rule: a donor span and the recipient span have the same length ``L =
+        min(len(child), len(token_ids))`` and are aligned token for token at the same
+        positions ``start .. start + L - 1`` (so the donor's RoPE positions are the
+        recipient's). The key of the child's first ``L`` tokens (its stored node key when
+        ``L`` is the whole child) is compared by cosine with the key of the recipient's
+        ``L`` tokens; the most similar child with cosine >= ``tau`` is the donor.
+
+        Selective recompute: ``ceil(recompute_fraction * L)`` span tokens are recomputed
+        by the recipient instead of reused. Deviation proxy at layer 0: ``1 - cos`` of
+        the donor and recipient token features at each position (0 where the tokens are
+        equal); ties are broken towards positions closest after a differing token, whose
+        KV the changed context shifts most.
+
+        The tree is not changed (no split, no lock): the caller locks ``SemanticMatch.node``
+        while it reads the donor slots and never inserts them under its own tokens.
+        """
+        stats = self.stats
+        if not self.semantic_active or not token_ids or not node.children:
+            return None
+        if node is not self.root_node and node.evicted:
+            return None
+        n = len(token_ids)
+        longest = min(n, max(len(child.key) for child in node.children.values()))
+        recipient = self._features(token_ids[:longest])
+        stats.key_tokens += longest  # the recipient's span passes through the key layer
+        prefix_sums = recipient.cumsum(dim=0)
+        best, best_sim = None, None
+        for child in node.children.values():
+            if child.evicted:
+                continue
+            length = min(len(child.key), n)
+            if length == len(child.key):
+                donor_key = self.node_key(child)
+            else:
+                donor_key = self._pool(self._features(child.key.token_ids[:length]))
+                stats.key_tokens += length
+            recipient_key = torch.nn.functional.normalize(prefix_sums[length - 1], dim=0)
+            sim = float(torch.dot(donor_key, recipient_key))
+            if sim >= self.asks.tau and (best_sim is None or sim > best_sim):
+                best, best_sim = child, sim
+        if best is None:
+            return None
+        length = min(len(best.key), n)
+        recompute = self._recompute_offsets(best.key.token_ids[:length], token_ids[:length], recipient[:length])
+        match = SemanticMatch(
+            node=best,
+            start=start,
+            length=length,
+            similarity=best_sim,
+            slots=best.value[:length].clone(),
+            recompute=recompute,
+        )
+        stats.semantic_matches += 1
+        stats.semantic_hit_tokens += match.reused_tokens
+        stats.recomputed_tokens += len(recompute)
+        return match
+
+    def _recompute_offsets(self, donor_ids, recipient_ids, recipient_features: torch.Tensor) -> List[int]:
+        length = len(recipient_ids)
+        count = min(length, math.ceil(self.asks.recompute_fraction * length - 1e-9))
+        if count <= 0:
+            return []
+        donor_features = self._features(donor_ids)
+        deviation = 1.0 - torch.nn.functional.cosine_similarity(donor_features, recipient_features, dim=-1)
+        differs = [a != b for a, b in zip(donor_ids, recipient_ids)]
+        since_diff, last = [], None
+        for i, d in enumerate(differs):
+            if d:
+                last = i
+            since_diff.append(length if last is None else i - last)
+        score = [(float(deviation[i]) if differs[i] else 0.0, -since_diff[i], -i) for i in range(length)]
+        chosen = sorted(range(length), key=lambda i: score[i], reverse=True)[:count]
+        return sorted(chosen)
+
+
+@dataclasses.dataclass
+class SemanticMatch:
+    """A semantic alias: ``length`` donor tokens serve the recipient's positions
+    ``start .. start + length - 1``, except the ``recompute`` offsets (into the span),
+    which the recipient computes itself. ``slots`` are the donor's KV slots for the span
+    (tree-owned: valid while ``node`` is locked)."""
+
+    node: TreeNode
+    start: int
+    length: int
+    similarity: float
+    slots: torch.Tensor
+    recompute: List[int]
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.length - len(self.recompute)

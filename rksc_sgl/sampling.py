@@ -9,7 +9,9 @@ import torch
 
 from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
 
-UNSUPPORTED_YET = ("regex", "json_schema", "ebnf", "structural_tag", "stop_regex")
+from .grammar import normalize_grammar_fields
+
+UNSUPPORTED_YET = ("structural_tag", "stop_regex")
 
 
 def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: int) -> SamplingParams:
@@ -27,6 +29,7 @@ def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: 
         raise ValueError("n > 1 is not supported by the embedded engine; fork the program instead")
     for key, value in raw.items():
         _check_type(key, value)
+    normalize_grammar_fields(raw)
     try:
         params = SamplingParams(**raw)
     except TypeError as e:

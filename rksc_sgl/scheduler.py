@@ -23,6 +23,7 @@ from typing import Callable, Deque, Dict, List, Optional
 
 import torch
 
+from .grammar import RequestGrammar
 from .kv_cache import KVCacheExhausted, KVCacheManager, ReqKV
 from .model_runner import ForwardItem, ModelRunner
 from .sampling import sample_token, top_logprobs
@@ -32,11 +33,20 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EngineStats:
-    """Counters over the engine's lifetime; subtract two snapshots for one program."""
+    """Counters over the engine's lifetime; subtract two snapshots for one program.
+
+    ``cached_tokens``: prompt tokens served by exact prefix matches. ASKS (``cache="rksc"``):
+    ``semantic_tokens`` prompt tokens served from a donor's KV as it is,
+    ``recomputed_tokens`` span tokens recomputed instead (also in ``prefill_tokens``),
+    ``key_tokens`` tokens run through the key layer to look donors up (the key cost).
+    """
 
     requests: int = 0
     prefill_tokens: int = 0
     cached_tokens: int = 0
+    semantic_tokens: int = 0
+    recomputed_tokens: int = 0
+    key_tokens: int = 0
     decode_tokens: int = 0
     forward_passes: int = 0
     peak_kv_tokens: int = 0
@@ -70,10 +80,12 @@ class Request:
     top_logprobs_num: int = 0
     want_logprobs: bool = False
     on_event: Optional[Callable] = None  # called from the scheduler thread
+    grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
     created: float = dataclasses.field(default_factory=time.perf_counter)
     # filled in by the scheduler
     kv: Optional[ReqKV] = None
     cached_tokens: int = 0
+    semantic_tokens: int = 0  # prompt tokens read from a semantic alias (ASKS)
     output_ids: List[int] = dataclasses.field(default_factory=list)
     output_logprobs: List[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: List[list] = dataclasses.field(default_factory=list)
@@ -230,7 +242,8 @@ class Scheduler:
         logits = self.runner.forward(items)
         self.stats.forward_passes += 1
         for req, item, req_logits in zip(batch, items, logits):
-            self.kv.commit(req.kv, item.token_ids)
+            # All the prompt is in the row now (with an alias, not all of it was computed).
+            self.kv.commit(req.kv, req.input_ids[req.kv.kv_len :])
             self.stats.prefill_tokens += len(item.token_ids)
             self._record_input_logprobs(req, item, req_logits)
             if req.max_new_tokens == 0:
@@ -272,8 +285,14 @@ class Scheduler:
                     f"but the KV pool holds {self.kv.pool_tokens}; raise kv_pool_tokens "
                     "or lower max_new_tokens"))
                 continue
-            req.kv = self.kv.open(req.input_ids, prefix, node)
-            extend = len(req.input_ids) - len(prefix)
+            alias = None
+            if req.logprob_start is None:  # scored prompts are computed exactly
+                alias = self.kv.match_alias(req.input_ids, cap, len(prefix), node)
+                self.stats.key_tokens = self.kv.key_tokens
+            reused = alias.reused_tokens if alias is not None else 0
+            need -= reused
+            req.kv = self.kv.open(req.input_ids, prefix, node, alias)
+            extend = len(req.input_ids) - len(prefix) - reused
             over_budget = self.kv.available_tokens() - reserved < need
             over_prefill = batch and prefill_tokens + extend > self.max_prefill_tokens
             if over_budget or over_prefill:
@@ -283,6 +302,10 @@ class Scheduler:
             self.waiting.popleft()
             req.cached_tokens = len(prefix)
             self.stats.cached_tokens += len(prefix)
+            if alias is not None:
+                req.semantic_tokens = reused
+                self.stats.semantic_tokens += reused
+                self.stats.recomputed_tokens += len(alias.recompute)
             self.stats.requests += 1
             reserved += need
             prefill_tokens += extend
@@ -303,6 +326,12 @@ class Scheduler:
         start = req.kv.kv_len
         new_ids = req.input_ids[start:]
         self.kv.extend(req.kv, new_ids)
+        alias = req.kv.alias
+        if alias is not None:
+            # Donor KV fills the span; compute the recomputed positions and the rest.
+            computed = alias.positions
+            return ForwardItem([req.input_ids[p] for p in computed], computed[0],
+                               self.kv.row_slots(req.kv, start + len(new_ids)), token_positions=computed)
         positions = None
         if req.logprob_start is not None:
             positions = list(range(req.logprob_start - start, len(new_ids)))
@@ -340,12 +369,21 @@ class Scheduler:
             self._append_token(req, req_logits[-1])
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
+        if req.grammar is not None:
+            # As SGLang: the grammar's vocab mask applies before logprobs and sampling.
+            logits = req.grammar.mask(logits)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         if len(req.output_ids) < req.params.min_new_tokens and req.stop_ids:
-            # As SGLang's min-new-tokens penalizer: stop tokens cannot be sampled yet.
-            logits = logits.clone()
-            logits[list(req.stop_ids)] = float("-inf")
+            # As SGLang's min-new-tokens penalizer: stop tokens cannot be sampled yet
+            # (unless the grammar allows nothing else: then the grammar wins).
+            masked = logits.clone()
+            masked[list(req.stop_ids)] = float("-inf")
+            if req.grammar is None or bool(torch.isfinite(masked).any()):
+                logits = masked
         token = sample_token(logits, req.params, req.output_ids, self.generator)
+        if req.grammar is not None and not req.grammar.accept(token):
+            self._finish(req, error=RuntimeError(f"the grammar rejected sampled token {token}"))
+            return
         req.output_ids.append(token)
         req.output_logprobs.append(float(logprobs[token]))
         if req.want_logprobs and req.top_logprobs_num:
@@ -359,6 +397,9 @@ class Scheduler:
     def _finish_reason(self, req: Request, token: int) -> Optional[dict]:
         params = req.params
         n = len(req.output_ids)
+        if req.grammar is not None and req.grammar.terminated:
+            # The grammar accepted EOS and allows nothing more: finish as SGLang does.
+            return {"type": "stop", "matched": token}
         if n >= params.min_new_tokens:
             if token in req.stop_ids:
                 return {"type": "stop", "matched": token}

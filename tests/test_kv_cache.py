@@ -184,3 +184,26 @@ def test_peak_kv_window(tiny_pool_engine):
     eng.generate_request(text="hi", sampling_params={"max_new_tokens": 2})
     small = eng.stats().since(before).peak_kv_tokens
     assert big >= 60 and 0 < small < 10
+
+
+def test_failing_forward_fails_the_batch_and_leaks_nothing(tiny_pool_engine, monkeypatch):
+    """A model failure mid-step fails the requests in that step only; every slot comes back."""
+    eng = tiny_pool_engine
+    real_forward = eng.runner.forward
+    calls = {"n": 0}
+
+    def flaky(items):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step of the batch below
+            raise RuntimeError("injected model failure")
+        return real_forward(items)
+
+    monkeypatch.setattr(eng.runner, "forward", flaky)
+    with pytest.raises(RuntimeError, match="injected model failure"):
+        eng.generate_request(text=[f"Prompt {i} is here." for i in range(4)],
+                             sampling_params={"max_new_tokens": 6, "min_new_tokens": 6})
+    monkeypatch.setattr(eng.runner, "forward", real_forward)
+    eng.check_integrity()
+    out = eng.generate_request(text="still serving", sampling_params={"max_new_tokens": 2})
+    assert out["meta_info"]["completion_tokens"] == 2
+    eng.check_integrity()

@@ -276,8 +276,8 @@ def test_asks_config_key_layer_checked_against_model():
         ASKSConfig(key_layer=31).check_key_layer(30)
 
 
-def test_active_asks_is_refused_until_implemented():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
+def test_active_asks_needs_a_key_function():
+    with pytest.raises(ValueError, match="needs token_features"):
         RKSCRadixCache(_params(), asks=ASKSConfig(enabled=True, tau=0.9))
     with pytest.raises(TypeError, match="ASKSConfig"):
         RKSCRadixCache(_params(), asks={"enabled": False})
