@@ -50,6 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help=f"torch CPU threads of the engine (default: {DEFAULT_THREADS})")
     group.add_argument("--engine-seed", type=int, default=None,
                        help="sampling seed of the engine (default: 0)")
+    group.add_argument("--asks-tau", type=float, default=None,
+                       help="turn ASKS on (needs --cache rksc): reuse KV of cached spans whose "
+                            "key has cosine similarity >= this threshold")
+    group.add_argument("--asks-recompute", type=float, default=None,
+                       help="ASKS: fraction of each reused span to recompute (default: 0)")
     return parser
 
 
@@ -65,6 +70,11 @@ def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None:
             kwargs[field] = value
+    tau = getattr(args, "asks_tau", None)
+    recompute = getattr(args, "asks_recompute", None)
+    if tau is not None or recompute is not None:
+        kwargs["asks"] = {"enabled": tau is not None, **({"tau": tau} if tau is not None else {}),
+                          **({"recompute_fraction": recompute} if recompute is not None else {})}
     return kwargs
 
 
@@ -119,7 +129,9 @@ def program_engine(args: argparse.Namespace) -> Iterator[Any]:
 def _warn_ignored_flags(args: argparse.Namespace, engine) -> None:
     cfg = engine.config
     actual = {"cache": cfg.cache, "model": cfg.model, "kv_pool_tokens": cfg.kv_pool_tokens,
-              "max_running": cfg.max_running_requests, "threads": cfg.num_threads, "engine_seed": cfg.seed}
+              "max_running": cfg.max_running_requests, "threads": cfg.num_threads, "engine_seed": cfg.seed,
+              "asks_tau": cfg.asks.tau if cfg.asks.enabled else None,
+              "asks_recompute": cfg.asks.recompute_fraction}
     ignored = [f"--{flag.replace('_', '-')}" for flag, value in actual.items()
                if getattr(args, flag, None) is not None and getattr(args, flag) != value]
     if ignored:
@@ -213,6 +225,9 @@ def format_stats(stats, wall_s: float, per_problem: Optional[Sequence[float]] = 
         ("requests", f"{stats.requests}"),
         ("prefill tokens computed", f"{stats.prefill_tokens}"),
         ("tokens served from cache", f"{stats.cached_tokens} ({hit:.1%} of prompt tokens)"),
+        *([("semantic (ASKS) tokens", f"{stats.semantic_tokens} reused, {stats.recomputed_tokens} "
+                                       f"recomputed, {stats.key_tokens} keyed")]
+          if stats.semantic_tokens or stats.key_tokens else []),
         ("decode tokens", f"{stats.decode_tokens}"),
         ("forward passes", f"{stats.forward_passes}"),
         ("peak KV tokens", f"{stats.peak_kv_tokens}"),

@@ -157,3 +157,16 @@ def test_rksc_sgl_run_program_end_to_end():
     assert "== rksc-sgl run: self_consistency.py (exit 0) ==" in out.stdout
     assert out.stdout.count("prefill tokens computed:") == 2  # the program's report and the run's
     assert "cache=radix" in out.stdout
+
+
+def test_asks_flags_build_the_asks_config():
+    import argparse
+
+    from rksc_sgl.cli import add_engine_args, engine_kwargs
+
+    parser = add_engine_args(argparse.ArgumentParser())
+    kwargs = engine_kwargs(parser.parse_args(["--cache", "rksc", "--asks-tau", "0.9", "--asks-recompute", "0.25"]))
+    assert kwargs["asks"] == {"enabled": True, "tau": 0.9, "recompute_fraction": 0.25}
+    assert "asks" not in engine_kwargs(parser.parse_args(["--cache", "rksc"]))
+    config = __import__("rksc_sgl").EngineConfig(**kwargs)
+    assert config.asks.enabled and config.asks.tau == 0.9

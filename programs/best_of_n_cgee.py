@@ -1,0 +1,54 @@
+"""Best-of-N with a confidence-gated verifier (CGEE): ``rksc_sgl.verify`` picks the answer.
+
+    python programs/best_of_n_cgee.py --problems 3 --branches 8
+    rksc-sgl run programs/best_of_n_cgee.py --cache radix -- --problems 3
+
+N sampled solutions; then one call verifies them: when the branches already agree
+decisively no verifier pass runs (gate 1), otherwise a batched Yes/No verifier pass,
+which on the embedded engine stops at an intermediate layer once the logit-lens verdict
+is stable (gate 2). See ``rksc_sgl/cgee.py``.
+"""
+
+import sys
+from typing import Any, Optional
+
+import sglang as sgl
+
+import rksc_sgl
+from rksc_sgl.cgee import CGEEConfig, VerifyResult
+from rksc_sgl.problems import CHAIN_STOP, SYSTEM_PROMPT, Problem, Solution, question_prompt
+
+
+@sgl.function
+def best_of_n_cgee(s, question: str, num_branches: int = 8, max_tokens: int = 96,
+                   sample_temperature: float = 0.7, cgee: Optional[CGEEConfig] = None,
+                   audit_log: Any = None) -> VerifyResult:
+    s += sgl.system(SYSTEM_PROMPT)
+    s += sgl.user(question_prompt(question))
+    forks = s.fork(num_branches)
+    forks += sgl.assistant(sgl.gen("solution", max_tokens=max_tokens, temperature=sample_temperature,
+                                   stop=list(CHAIN_STOP), return_logprob=True))
+    return rksc_sgl.verify(forks, answer="solution", question=question, config=cgee, audit_log=audit_log)
+
+
+def solve(problem: Problem, num_branches: int = 8, max_tokens: int = 96, sample_temperature: float = 0.7,
+          backend: Any = None, cgee: Optional[CGEEConfig] = None, audit_log: Any = None) -> Solution:
+    state = best_of_n_cgee.run(question=problem.question, num_branches=num_branches, max_tokens=max_tokens,
+                               sample_temperature=sample_temperature, cgee=cgee, audit_log=audit_log,
+                               backend=backend)
+    best: VerifyResult = state.ret_value
+    if isinstance(best, Exception) or best is None:
+        raise RuntimeError(f"best_of_n_cgee failed: {state.error() if hasattr(state, 'error') else best}")
+    g = best.gates
+    if g["skipped"]:
+        detail = f"skipped verifier (vote share {g['vote_share']:.2f}); branch {best.branch}"
+    else:
+        detail = f"verified, mean exit layer {g['mean_exit_layer']}/{g['num_layers']}; branch {best.branch}"
+    return Solution(answer=best.answer, candidates=best.answers, detail=detail)
+
+
+if __name__ == "__main__":
+    from rksc_sgl.cli import program_main
+
+    sys.exit(program_main(solve, description=__doc__, title="best-of-N (CGEE)",
+                          problems=3, branches=8, max_tokens=96, temperature=0.7))

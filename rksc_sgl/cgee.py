@@ -1,0 +1,360 @@
+"""CGEE: confidence-gated verification of forked branches, in one call of a program.
+
+Inside an ``@sgl.function``, after the branches of a ``fork`` have generated::
+
+    forks = s.fork(8)
+    forks += sgl.assistant(sgl.gen("solution", max_tokens=96, return_logprob=True))
+    best = rksc_sgl.verify(forks, answer="solution")
+    best.answer, best.branch, best.scores, best.gates   # chosen answer / branch, per-branch
+                                                        # verifier P(yes), what the gates did
+
+Each branch's answer is extracted from its ``answer`` variable
+(:func:`rksc_sgl.problems.extract_answer` unless ``extract=`` is given). Two gates:
+
+1. **Skip** (any backend): when the extracted answers agree decisively -- the top
+   answer's vote share >= ``skip_min_vote_share`` and the mean generation confidence of
+   the branches that gave it >= ``skip_min_confidence`` -- no verifier pass runs; the
+   top answer wins, from its most confident branch. Generation confidence is the mean
+   probability of the tokens a branch generated up to its end (tokens from the first EOS
+   on excluded), from the gen's token log-probabilities (``return_logprob=True``), else
+   the engine's ``output_token_probs_mean``.
+2. **Layer exit** (embedded engine only): the verifier pass -- each branch's
+   conversation continued with ``verify_prompt`` as a user turn, the next token scored
+   "Yes" vs "No", all branches in one batch -- stops per branch once its logit-lens
+   verdict has been stable and low-entropy for ``exit_window`` layers
+   (:mod:`rksc_sgl.verifier`). On other backends (``sgl.RuntimeEndpoint``) the full
+   verifier runs as ``sgl.select`` over ("Yes", "No") on a copy of each branch.
+
+With a verifier pass, the answer is chosen by ``selection``: ``"weighted_vote"``
+(default: each answer scores the sum of its branches' P(yes); ties -> more votes ->
+first seen) or ``"max_yes"`` (the answered branch with the highest P(yes)).
+
+With both gates off the result is exactly the plain full verifier pass. **Audit**: for
+a fraction ``audit_fraction`` of the calls where a gate changed something, the full
+pass runs as well and the decisions (chosen answers) are compared; :class:`AuditLog`
+keeps the live error rate (disagreements / verify calls, warm-up calls excluded) with a
+95% Wilson interval.
+
+Default thresholds come from ``benchmarks/calibrate_cgee.py`` (problem seeds disjoint
+from the benchmark's); its record is ``benchmarks/results/calibrate_cgee.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .problems import extract_answer
+from .verifier import ExitPolicy, wilson_interval
+
+SELECTIONS = ("weighted_vote", "max_yes")
+DEFAULT_VERIFY_PROMPT = "Is this solution correct? Answer Yes or No."
+
+
+@dataclasses.dataclass(frozen=True)
+class CGEEConfig:
+    """Gate switches and thresholds (validated; frozen, so one config can be shared)."""
+
+    # Defaults: benchmarks/results/calibrate_cgee.json (80 problems, seed 1000, 0 errors).
+    skip_gate: bool = True
+    skip_min_vote_share: float = 0.5
+    skip_min_confidence: float = 0.0
+    exit_gate: bool = True
+    exit_entropy_bits: float = 0.05
+    exit_window: int = 6
+    exit_min_layer: int = 26
+    selection: str = "weighted_vote"
+    verify_prompt: str = DEFAULT_VERIFY_PROMPT
+    audit_fraction: float = 0.0
+    audit_seed: int = 0
+    eos_token_ids: tuple = ()
+    """EOS ids for cutting a branch's confidence; the engine's own are added automatically."""
+
+    def __post_init__(self):
+        if not 0.0 < self.skip_min_vote_share <= 1.0:
+            raise ValueError(f"skip_min_vote_share must be in (0, 1], got {self.skip_min_vote_share}")
+        if not 0.0 <= self.skip_min_confidence <= 1.0:
+            raise ValueError(f"skip_min_confidence must be in [0, 1], got {self.skip_min_confidence}")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if not self.verify_prompt.strip():
+            raise ValueError("verify_prompt is empty")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        self.exit_policy()  # validates the exit thresholds
+
+    def exit_policy(self) -> ExitPolicy:
+        return ExitPolicy(enabled=self.exit_gate, entropy_bits=self.exit_entropy_bits,
+                          window=self.exit_window, min_layer=self.exit_min_layer)
+
+    def full(self) -> "CGEEConfig":
+        """The same config with both gates off: the plain full verifier pass."""
+        return dataclasses.replace(self, skip_gate=False, exit_gate=False, audit_fraction=0.0)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """What :func:`verify` decided, per branch and per gate."""
+
+    branch: Optional[int]
+    answer: Optional[str]
+    answers: List[Optional[str]]
+    confidences: List[Optional[float]]
+    scores: List[Optional[float]]
+    """Per-branch verifier P(yes); ``None`` everywhere when the pass was skipped."""
+    gates: Dict[str, Any]
+    state: Any = dataclasses.field(default=None, repr=False)
+    """The chosen branch's ``ProgramState``."""
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.gates.get("skipped"))
+
+
+# ---- pure pieces (no model) ----------------------------------------------------------------
+def cut_at_eos(token_ids: Sequence[int], eos_ids) -> int:
+    """Number of tokens before the first EOS (all of them when there is none)."""
+    eos = set(eos_ids)
+    for i, t in enumerate(token_ids):
+        if t in eos:
+            return i
+    return len(token_ids)
+
+
+def generation_confidence(meta_info: Optional[Dict[str, Any]], eos_ids=()) -> Optional[float]:
+    """Mean probability of the tokens a branch generated, up to (not including) EOS.
+
+    Uses ``output_token_logprobs`` ((logprob, token id, text) triples) when the gen
+    asked for them, else ``output_token_probs_mean``; ``None`` when neither is there.
+    """
+    if not meta_info:
+        return None
+    triples = meta_info.get("output_token_logprobs")
+    if triples:
+        ids = [t[1] for t in triples]
+        n = cut_at_eos(ids, eos_ids)
+        lps = [t[0] for t in triples[:n] if t[0] is not None]
+        if not lps:
+            return None
+        return sum(math.exp(lp) for lp in lps) / len(lps)
+    mean = meta_info.get("output_token_probs_mean")
+    return float(mean) if mean is not None else None
+
+
+def vote(answers: Sequence[Optional[str]]) -> tuple:
+    """``(top answer, its count)``; ``None`` answers do not vote; ties -> first seen."""
+    valid = [a for a in answers if a is not None]
+    if not valid:
+        return None, 0
+    counts = Counter(valid)
+    best = max(counts.values())
+    return next(a for a in valid if counts[a] == best), best
+
+
+def skip_decision(answers: Sequence[Optional[str]], confidences: Sequence[Optional[float]],
+                  config: CGEEConfig) -> Dict[str, Any]:
+    """Gate 1 on its own: ``{"skip", "branch", "answer", "vote_share", "confidence"}``."""
+    top, count = vote(answers)
+    share = count / len(answers) if answers else 0.0
+    agreeing = [i for i, a in enumerate(answers) if a is not None and a == top]
+    confs = [confidences[i] for i in agreeing if confidences[i] is not None]
+    conf = sum(confs) / len(confs) if confs else None
+    out = {"skip": False, "branch": None, "answer": top, "vote_share": share, "confidence": conf}
+    if not config.skip_gate or top is None:
+        return out
+    if share + 1e-12 < config.skip_min_vote_share:
+        return out
+    if sum(1 for c in Counter(a for a in answers if a is not None).values() if c == count) > 1:
+        return out  # a tie for the top answer is not decisive
+    if config.skip_min_confidence > 0 and (conf is None or conf < config.skip_min_confidence):
+        return out
+    best = max(agreeing, key=lambda i: (confidences[i] if confidences[i] is not None else -1.0, -i))
+    out.update(skip=True, branch=best)
+    return out
+
+
+def choose(answers: Sequence[Optional[str]], p_yes: Sequence[float], selection: str) -> tuple:
+    """``(branch, answer)`` picked from verifier scores."""
+    n = len(answers)
+    answered = [i for i in range(n) if answers[i] is not None]
+    if not answered:
+        best = max(range(n), key=lambda i: (p_yes[i], -i)) if n else None
+        return best, None
+    if selection == "max_yes":
+        best = max(answered, key=lambda i: (p_yes[i], -i))
+        return best, answers[best]
+    totals: Dict[str, float] = {}
+    counts: Counter = Counter()
+    first: Dict[str, int] = {}
+    for i in answered:
+        a = answers[i]
+        totals[a] = totals.get(a, 0.0) + p_yes[i]
+        counts[a] += 1
+        first.setdefault(a, i)
+    answer = max(totals, key=lambda a: (totals[a], counts[a], -first[a]))
+    best = max((i for i in answered if answers[i] == answer), key=lambda i: (p_yes[i], -i))
+    return best, answer
+
+
+# ---- audit -------------------------------------------------------------------------------
+class AuditLog:
+    """Live comparison of gated decisions with the full pass.
+
+    Every verify call counts (after ``warmup`` calls); a call whose gates changed nothing
+    ran the full pass itself and agrees by construction. ``error_rate`` = disagreeing
+    audited calls / counted calls that were audited or ungated.
+    """
+
+    def __init__(self, warmup: int = 0):
+        self.warmup = warmup
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.counted = 0
+        self.skipped = 0
+        self.exited_passes = 0
+        self.audited = 0
+        self.compared = 0  # counted calls whose decision is known to match or not
+        self.disagreements = 0
+        self.branch_disagreements = 0
+
+    def record(self, gated: bool, audited: bool, agrees: Optional[bool], branch_agrees: Optional[bool],
+               skipped: bool, exited: bool) -> None:
+        with self.lock:
+            self.calls += 1
+            if self.calls <= self.warmup:
+                return
+            self.counted += 1
+            self.skipped += int(skipped)
+            self.exited_passes += int(exited)
+            self.audited += int(audited)
+            if not gated or audited:
+                self.compared += 1
+                self.disagreements += int(agrees is False)
+                self.branch_disagreements += int(branch_agrees is False)
+
+    def error_rate(self) -> Dict[str, Any]:
+        with self.lock:
+            lo, hi = wilson_interval(self.disagreements, self.compared)
+            rate = self.disagreements / self.compared if self.compared else None
+            return {"calls": self.calls, "counted": self.counted, "compared": self.compared,
+                    "audited": self.audited, "skipped": self.skipped, "disagreements": self.disagreements,
+                    "branch_disagreements": self.branch_disagreements,
+                    "error_rate": rate, "ci95": [lo, hi]}
+
+
+DEFAULT_AUDIT = AuditLog()
+
+
+# ---- the call a program makes ----------------------------------------------------------------
+def verify(forks, answer: str = "answer", question: Optional[str] = None, *,
+           config: Optional[CGEEConfig] = None, extract: Callable[[str], Optional[str]] = extract_answer,
+           audit_log: Optional[AuditLog] = None, **overrides: Any) -> VerifyResult:
+    """Verify the branches of a fork and pick the answer (see the module docstring).
+
+    ``forks``: the ``s.fork(n)`` group (or a list of its states), after each branch
+    generated the variable ``answer``. ``question`` is only used when ``verify_prompt``
+    contains ``{question}``. Keyword ``overrides`` replace fields of ``config``.
+    """
+    config = config or CGEEConfig()
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    audit_log = audit_log if audit_log is not None else DEFAULT_AUDIT
+    states = list(getattr(forks, "states", forks))
+    if not states:
+        raise ValueError("verify needs at least one branch")
+    backend = states[0].stream_executor.backend
+    eos = set(config.eos_token_ids) | set(getattr(backend, "eos_ids", ()) or ())
+    texts = [s[answer] for s in states]  # waits for each branch
+    answers = [extract(t) for t in texts]
+    confidences = [generation_confidence(s.get_meta_info(answer), eos) for s in states]
+    started = time.perf_counter()
+    gate1 = skip_decision(answers, confidences, config)
+    gates: Dict[str, Any] = {"skip_gate": config.skip_gate, "exit_gate": config.exit_gate,
+                             "vote_share": gate1["vote_share"], "top_confidence": gate1["confidence"],
+                             "skipped": gate1["skip"], "num_layers": None, "layers_run": None,
+                             "mean_exit_layer": None, "exit_available": hasattr(backend, "verify_yes_no"),
+                             "audited": False, "audit_agrees": None}
+    scores: List[Optional[float]] = [None] * len(states)
+    if gate1["skip"]:
+        branch, chosen = gate1["branch"], gate1["answer"]
+        exited = False
+    else:
+        scores, run = _verifier_pass(states, backend, config, question, config.exit_gate)
+        gates.update(run)
+        branch, chosen = choose(answers, scores, config.selection)
+        exited = any(r < run["num_layers"] for r in run["layers_run"] or [])
+    gates["verifier_s"] = time.perf_counter() - started
+    gated = gate1["skip"] or exited
+    agrees = branch_agrees = None
+    if gated and config.audit_fraction > 0 and _draw(config, audit_log):
+        t0 = time.perf_counter()
+        full_scores, full_run = _verifier_pass(states, backend, config, question, False)
+        full_branch, full_answer = choose(answers, full_scores, config.selection)
+        agrees, branch_agrees = full_answer == chosen, full_branch == branch
+        gates.update(audited=True, audit_agrees=agrees, audit_branch_agrees=branch_agrees,
+                     audit_answer=full_answer, audit_branch=full_branch, audit_scores=full_scores,
+                     audit_s=time.perf_counter() - t0, audit_layers_run=full_run["layers_run"])
+    audit_log.record(gated, gates["audited"], agrees if gated else True, branch_agrees if gated else True,
+                     gate1["skip"], exited)
+    return VerifyResult(branch=branch, answer=chosen, answers=answers, confidences=confidences,
+                        scores=scores, gates=gates, state=states[branch] if branch is not None else None)
+
+
+_DRAW_LOCK = threading.Lock()
+_RNGS: Dict[tuple, random.Random] = {}
+
+
+def _draw(config: CGEEConfig, log: AuditLog) -> bool:
+    with _DRAW_LOCK:
+        rng = _RNGS.setdefault((id(log), config.audit_seed), random.Random(config.audit_seed))
+        return rng.random() < config.audit_fraction
+
+
+def verifier_prompt(state, config: CGEEConfig, question: Optional[str]) -> str:
+    """The branch's conversation, then the verify turn, then the assistant prefix."""
+    exe = state.stream_executor
+    template = exe.chat_template
+    text = state.text()
+    ask = config.verify_prompt.format(question=question) if "{question}" in config.verify_prompt \
+        else config.verify_prompt
+    messages = list(exe.messages_)
+    u_pre, u_suf = template.get_prefix_and_suffix("user", messages)
+    a_pre, _ = template.get_prefix_and_suffix("assistant", messages + [{"role": "user", "content": ask}])
+    return text + u_pre + ask + u_suf + a_pre
+
+
+def _verifier_pass(states, backend, config: CGEEConfig, question, exit_gate: bool) -> tuple:
+    prompts = [verifier_prompt(s, config, question) for s in states]
+    if hasattr(backend, "verify_yes_no"):
+        policy = config.exit_policy() if exit_gate else ExitPolicy(enabled=False)
+        results = backend.verify_yes_no(prompts, policy=policy)
+        layers = [r.layers_run for r in results]
+        return [r.p_yes for r in results], {
+            "num_layers": results[0].num_layers, "layers_run": layers,
+            "mean_exit_layer": sum(layers) / len(layers),
+            "exited_early": sum(r.exited_early for r in results)}
+    return _select_pass(states, config, question), {"num_layers": None, "layers_run": None,
+                                                    "mean_exit_layer": None, "exited_early": 0}
+
+
+def _select_pass(states, config: CGEEConfig, question) -> List[float]:
+    """Full verifier on any backend: ``sgl.select`` over ("Yes", "No") on a copy of each branch."""
+    import sglang as sgl
+
+    ask = config.verify_prompt.format(question=question) if "{question}" in config.verify_prompt \
+        else config.verify_prompt
+    copies = [s.fork(1)[0] for s in states]
+    for c in copies:  # submitted before any is read: they batch
+        c += sgl.user(ask)
+        c += sgl.assistant(sgl.select("cgee_verdict", choices=["Yes", "No"]))
+    out = []
+    for c in copies:
+        yes, no = c.get_meta_info("cgee_verdict")["normalized_prompt_logprobs"]
+        out.append(1.0 / (1.0 + math.exp(float(no) - float(yes))))
+    return out
