@@ -289,6 +289,11 @@ def fmt_table(result: Dict) -> str:
         row(f"{tag} cached (hit) tokens: A=none B=radix", f"{n['median_cached_tokens']:.0f}",
             f"{r['median_cached_tokens']:.0f}", "", "", None)
         row(f"{tag} branch outputs none == radix", p["branch_outputs_identical"], "", "", "", None)
+    return format_table(rows)
+
+
+def format_table(rows: List[tuple]) -> str:
+    """Rows of cells as aligned text: first column left, the rest right, a rule under the header."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, r in enumerate(rows):

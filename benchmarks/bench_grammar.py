@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from bench_engine import build_prompt, cpu_model, median, versions  # noqa: E402
+from bench_engine import build_prompt, cpu_model, format_table, median, versions  # noqa: E402
 from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
 
 TARGET_OVERHEAD = 0.15
@@ -116,13 +116,7 @@ def fmt_table(result: Dict) -> str:
     m = result["mask"]
     rows.append(("mask alone, us/step/request (fill+apply)", "", f"{m['mask_us_per_step']:.1f}", "", "", "", ""))
     rows.append(("compile regex once, ms (then cached)", "", f"{m['compile_ms']:.2f}", "", "", "", ""))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def plot(result: Dict, path: Path) -> None:
