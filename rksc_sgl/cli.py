@@ -318,6 +318,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_program_args(demo, problems=3, branches=4, max_tokens=96)
     add_engine_args(demo)
     demo.set_defaults(subparser=demo)
+
+    patch = sub.add_parser(
+        "patch", help="check or apply rksc-sgl's fixes to the installed SGLang frontend",
+        description="Unified diffs in patches/ fix SGLang 0.5.23 frontend bugs that hurt fork "
+                    "programs (see patches/README.md). --check lists their state (exit 1 if one "
+                    "is missing); --apply applies the missing ones to the installed sglang.",
+    )
+    mode = patch.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="report each patch's state")
+    mode.add_argument("--apply", action="store_true", help="apply the patches not yet applied")
+    patch.set_defaults(subparser=patch)
+
+    serve = sub.add_parser(
+        "serve", help="serve SGLang's native HTTP API (for sgl.RuntimeEndpoint) on an embedded engine",
+        description="Start an HTTP server speaking SGLang's native API (/generate, /health, "
+                    "/get_model_info, /get_server_info, /flush_cache) over an embedded engine, "
+                    "so unmodified programs can use sgl.RuntimeEndpoint(URL).",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_positive_int, default=30000, help="port (default: 30000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=4 * 1024 * 1024,
+                       help="largest request body accepted (default: 4 MiB)")
+    serve.add_argument("--max-new-tokens-cap", type=_positive_int, default=4096,
+                       help="largest max_new_tokens a request may ask for (default: 4096)")
+    add_engine_args(serve)
+    serve.set_defaults(subparser=serve)
     return parser
 
 
@@ -338,8 +365,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import solve
 
         return run_program(solve, args, title="rksc-sgl demo: self-consistency with majority vote")
+    if args.command == "serve":
+        from .engine import Engine
+        from .server import serve
+
+        engine = Engine(**engine_kwargs(args))
+        try:
+            serve(engine, host=args.host, port=args.port, api_key=args.api_key,
+                  max_request_bytes=args.max_request_bytes, max_new_tokens_cap=args.max_new_tokens_cap)
+        finally:
+            engine.shutdown()
+        return 0
+    if args.command == "patch":
+        return patch_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def patch_command(args: argparse.Namespace) -> int:
+    """``rksc-sgl patch --check|--apply``."""
+    from . import sglang_patches
+
+    try:
+        states = sglang_patches.apply() if args.apply else sglang_patches.status()
+    except (RuntimeError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"rksc-sgl patch: error: {exc}", file=sys.stderr)
+        return 1
+    for st in states:
+        print(f"{st.name}: {st.state}{' (' + st.detail + ')' if st.detail else ''}")
+    return 0 if all(st.state == sglang_patches.APPLIED for st in states) else 1
 
 
 def run_command(args: argparse.Namespace, program_argv: Sequence[str], parser: argparse.ArgumentParser) -> int:

@@ -44,6 +44,11 @@ class EngineConfig:
     ``shared_prefix_min_tokens``: decode branches whose rows share at least this many
     prefix slots attend to that prefix together, reading it once per step (0 = off).
 
+    ``eviction_policy``: SGLang's tree eviction policy by name (``lru``, ``lfu``, ``slru``,
+    ...) or ``rsbcm`` (``rksc_sgl.rsbcm``; needs ``cache="rksc"``; it turns on the
+    collection of decode attention per KV slot). ``eviction_policy_config``: the policy's
+    keyword arguments.
+
     ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
     fields; default off). Enabling it with another cache mode is an error.
     """
@@ -74,6 +79,20 @@ class EngineConfig:
         object.__setattr__(self, "asks", _asks_config(self.asks))
         if self.asks.enabled and self.cache != "rksc":
             raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc'")
+        if not isinstance(self.eviction_policy, str):
+            raise ValueError(f"eviction_policy must be a string, got {self.eviction_policy!r}")
+        object.__setattr__(self, "eviction_policy", self.eviction_policy.lower())
+        if self.eviction_policy == "rsbcm":
+            if self.cache != "rksc":
+                raise ValueError(
+                    f"eviction_policy='rsbcm' needs cache='rksc' (got cache={self.cache!r}): "
+                    "the RSBCM policy is built by the RKSC tree cache")
+            from .rsbcm import RSBCMStrategy
+
+            try:
+                RSBCMStrategy(**dict(self.eviction_policy_config or {}))  # validates the settings
+            except TypeError as exc:  # an unknown keyword
+                raise ValueError(f"eviction_policy_config for 'rsbcm': {exc}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         _require_positive("kv_pool_tokens", self.kv_pool_tokens)

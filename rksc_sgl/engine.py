@@ -77,6 +77,9 @@ class Engine(BaseBackend):
             **self._tree_cache_kwargs(),
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens)
+        if self.kv.slot_attention is not None:  # eviction_policy="rsbcm": collect decode attention
+            self.runner.collect_attention(self.kv.slot_attention,
+                                          self.kv.tree.eviction_strategy.attention_layer_stride)
         self.scheduler = Scheduler(
             self.runner,
             self.kv,
@@ -188,10 +191,13 @@ class Engine(BaseBackend):
         prompts, batch = self._prompts(text, input_ids)
         if stream and batch:
             raise ValueError("streaming is supported for a single prompt only")
+        # Validate every prompt of a batch before any of them starts running.
         pendings = [
-            self._submit(ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+            self._prepare(ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
             for ids in prompts
         ]
+        for pending in pendings:
+            self.scheduler.submit(pending.req)
         if stream:
             return self._stream(pendings[0], return_logprob, return_text_in_logprobs)
         results = [self._response(p.wait(), return_logprob, return_text_in_logprobs) for p in pendings]
@@ -224,7 +230,7 @@ class Engine(BaseBackend):
             raise ValueError("the prompt is empty")
         return ids
 
-    def _submit(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> "_Pending":
+    def _prepare(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> "_Pending":
         params = parse_sampling_params(sampling_params, self.tokenizer, self.vocab_size)
         grammar = self.grammars.request_grammar(params)  # compiled here: a bad pattern fails this call
         if len(ids) >= self.context_len:
@@ -253,7 +259,6 @@ class Engine(BaseBackend):
         )
         pending.req = req
         pending.scheduler = self.scheduler
-        self.scheduler.submit(req)
         return pending
 
     # ---- responses ------------------------------------------------------------------------

@@ -141,6 +141,13 @@ class KVCacheManager:
         )
         self.active: dict[int, ReqKV] = {}
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
+        # RSBCM: attention mass each slot's key received (index = slot; slot 0 is padding).
+        # Filled by the model runner on decode steps, reset when a slot is allocated again,
+        # read by the tree's eviction strategy. None (no collection) for other policies.
+        self.slot_attention: Optional[torch.Tensor] = None
+        if eviction_policy.lower() == "rsbcm" and not self.tree.disable:
+            self.slot_attention = torch.zeros(pool_tokens + 1, dtype=torch.float32)
+            self.tree.eviction_strategy.attach(self.slot_attention)
 
     # ---- capacity -------------------------------------------------------------------
     def available_tokens(self) -> int:
@@ -227,6 +234,8 @@ class KVCacheManager:
                 f"{self.allocator.available_size()} free after eviction "
                 f"(pool {self.pool_tokens} tokens)"
             )
+        if self.slot_attention is not None:
+            self.slot_attention[slots] = 0.0  # slots are reused: drop the previous owner's mass
         return slots
 
     def extend(self, req: ReqKV, new_token_ids: List[int]) -> torch.Tensor:
@@ -343,6 +352,8 @@ class KVCacheManager:
         self.tree.reset()
         self.allocator.clear()
         self.req_to_token_pool.clear()
+        if self.slot_attention is not None:
+            self.slot_attention.zero_()
         return True
 
     # ---- invariants -----------------------------------------------------------------

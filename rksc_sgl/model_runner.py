@@ -83,6 +83,22 @@ class ModelRunner:
         self.num_kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
+        # RSBCM attention statistics (off unless ``collect_attention`` is called).
+        self.slot_attention: Optional[torch.Tensor] = None
+        self.attention_layer_stride = 1
+        self._layer_mass = 0.0
+
+    def collect_attention(self, slot_attention: Optional[torch.Tensor], layer_stride: int = 1) -> None:
+        """Accumulate decode attention mass per KV slot into ``slot_attention`` (None: off).
+
+        On every ``layer_stride``-th layer (0, k, 2k, ...) each decode query's attention
+        weights over its keys, averaged over heads and divided by the number of sampled
+        layers, are added to the keys' slots: one decode token adds a total mass of 1.
+        The weights are computed beside the attention output, which is unchanged.
+        """
+        self.slot_attention = slot_attention
+        self.attention_layer_stride = max(1, int(layer_stride))
+        self._layer_mass = 1.0 / len(range(0, len(self.layers), self.attention_layer_stride))
 
     @staticmethod
     def layout_of(model) -> KVLayout:
@@ -130,17 +146,32 @@ class ModelRunner:
         k_buf[new_slots] = k[0].transpose(0, 1).to(k_buf.dtype)
         v_buf[new_slots] = v[0].to(v_buf.dtype)
         out = torch.empty_like(q)  # (1, heads, T, head_dim)
+        collect = self.slot_attention is not None and layer_id % self.attention_layer_stride == 0
         for offset, item, index in plan.singles:
             n = len(item.token_ids)
             keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
             values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
             out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
                                                         item.token_positions)
+            if collect and n == 1 and item.token_positions is None:
+                self._collect_decode(q[0, :, offset], keys[0], item.slots)
         for group in plan.groups:
-            out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group)
+            out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group,
+                                                                  collect=collect)
         return attn.o_proj(out.transpose(1, 2).reshape(1, total, -1))
 
-    def _shared_prefix_decode(self, q, k_buf, v_buf, group):
+    def _collect_decode(self, q, keys, slots):
+        """RSBCM: add one decode query's attention weights to its keys' slots.
+
+        ``q`` is (heads, head_dim), ``keys`` (kv_heads, L, head_dim), ``slots`` the L slots.
+        An explicit softmax(q k^T), computed only on sampled layers, beside SDPA.
+        """
+        q = q.reshape(self.num_kv_heads, -1, self.head_dim)  # query head h reads kv head h // group
+        scores = torch.einsum("kgd,kld->kgl", q, keys).float() * self.scaling
+        weights = torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+        self.slot_attention.index_add_(0, slots.to(torch.int64), weights * self._layer_mass)
+
+    def _shared_prefix_decode(self, q, k_buf, v_buf, group, collect: bool = False):
         """Decode attention for m branches that share a prefix, reading the prefix once.
 
         The scores over the shared prefix come from one matmul for all m queries; each
@@ -160,7 +191,16 @@ class ModelRunner:
         peak = torch.maximum(s_pre.amax(-1, keepdim=True), s_suf.amax(-1, keepdim=True))
         e_pre, e_suf = torch.exp(s_pre - peak), torch.exp(s_suf - peak)
         weighted = torch.einsum("kgmp,pkd->kgmd", e_pre, v_pre) + torch.einsum("kgms,mskd->kgmd", e_suf, v_suf)
-        out = weighted / (e_pre.sum(-1, keepdim=True) + e_suf.sum(-1, keepdim=True))
+        denom = e_pre.sum(-1, keepdim=True) + e_suf.sum(-1, keepdim=True)
+        out = weighted / denom
+        if collect:  # RSBCM: the softmax weights are e / denom, already at hand
+            w_pre = (e_pre / denom).float().mean(dim=(0, 1)).sum(0) * self._layer_mass  # (P,)
+            w_suf = (e_suf / denom).float().mean(dim=(0, 1)) * self._layer_mass  # (m, S), padding 0
+            if isinstance(group.prefix_index, slice):
+                self.slot_attention[group.prefix_index] += w_pre
+            else:
+                self.slot_attention.index_add_(0, group.prefix_index.to(torch.int64), w_pre)
+            self.slot_attention.index_add_(0, group.suffix_slots.reshape(-1), w_suf.reshape(-1))
         return out.reshape(-1, m, dim)
 
     def _sdpa(self, q, keys, values, start, token_positions=None):

@@ -20,6 +20,11 @@ In the runtime the backend runs with ASKS off: exact token matching, the stock
 sliding-window or Mamba hybrid models, session radix cache, streaming sessions, the
 ``tlru`` policy) are refused at startup, by this factory or by SGLang.
 
+``register`` also adds ``rsbcm`` to ``--radix-eviction-policy``'s choices
+(``add_radix_eviction_policy_choices``); ``RKSCRadixCache`` builds it from
+``--radix-eviction-policy-config``. The runtime's attention kernels are not instrumented,
+so there RSBCM ranks nodes by its proxies (``hit_count`` branches, depth) and recency.
+
 This module imports nothing heavy at import time: every SGLang process loads it.
 """
 
@@ -31,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "rksc"
 """The ``--radix-cache-backend`` value that selects ``RKSCRadixCache``."""
+
+EVICTION_POLICY_NAME = "rsbcm"
+"""The ``--radix-eviction-policy`` value of RSBCM (``rksc_sgl.rsbcm``); only the ``rksc``
+backend builds it (SGLang's own caches reject the name)."""
 
 
 def rksc_cache_factory(ctx):
@@ -59,14 +68,24 @@ def rksc_cache_factory(ctx):
     return cache
 
 
+def _add_eviction_policy_choice() -> None:
+    """Let ``--radix-eviction-policy`` accept ``rsbcm`` (once per process)."""
+    from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES, add_radix_eviction_policy_choices
+
+    if EVICTION_POLICY_NAME not in RADIX_EVICTION_POLICY_CHOICES:
+        add_radix_eviction_policy_choices([EVICTION_POLICY_NAME])
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend.
 
-    Idempotent: calling it again in the same process is a no-op. Raises ``ValueError`` if
+    Also adds ``rsbcm`` to the eviction policy choices. Idempotent: calling it again in
+    the same process is a no-op. Raises ``ValueError`` if
     another factory already took the name.
     """
     from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
+    _add_eviction_policy_choice()
     existing = get_radix_cache_factory(BACKEND_NAME)
     if existing is rksc_cache_factory:
         return

@@ -12,6 +12,10 @@ matching, splitting, locking and eviction are SGLang's own code. What it adds:
   when a node is split. ``match_semantic`` is the semantic continuation of an exact match
   (see its docstring); it never changes the tree. Semantic aliases are the caller's to
   hold: donor slots are never stored under another request's tokens.
+* Eviction policy ``rsbcm`` (``rksc_sgl.rsbcm.RSBCMStrategy``), which SGLang's
+  ``get_eviction_strategy`` does not know: with ``params.eviction_policy == "rsbcm"`` the
+  cache builds it from ``params.eviction_policy_config`` itself. Every other policy is
+  SGLang's.
 * ``RKSCCacheStats``: counters of what the tree did (lookups, exact and semantic match
   tokens, recomputed tokens, key cost, tokens stored and evicted).
 
@@ -45,6 +49,9 @@ with warnings.catch_warnings():
     )
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+
+from .rsbcm import POLICY_NAME as RSBCM_POLICY
+from .rsbcm import RSBCMStrategy
 
 __all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache", "SemanticMatch"]
 
@@ -167,7 +174,16 @@ class RKSCRadixCache(RadixCache):
         self.asks = asks
         self.token_features = token_features
         self.stats = RKSCCacheStats()
+        rsbcm = params.eviction_policy.lower() == RSBCM_POLICY and not params.disable
+        if rsbcm:
+            # SGLang's get_eviction_strategy does not know "rsbcm": build the stock tree
+            # with its default policy, then install RSBCM (it validates its own settings).
+            strategy = RSBCMStrategy(**(params.eviction_policy_config or {}))
+            params = dataclasses.replace(params, eviction_policy="lru", eviction_policy_config=None)
         super().__init__(params)
+        if rsbcm:
+            self.eviction_policy = RSBCM_POLICY
+            self.eviction_strategy = strategy
 
     @property
     def semantic_active(self) -> bool:
@@ -212,6 +228,9 @@ class RKSCRadixCache(RadixCache):
         return new_node
 
     def evict(self, params: EvictParams) -> EvictResult:
+        begin = getattr(self.eviction_strategy, "begin_evict", None)
+        if begin is not None and not self.disable:
+            begin(self.evictable_leaves)  # RSBCM: the attention reference of this eviction
         result = super().evict(params)
         self.stats.evicted_tokens += result.num_tokens_evicted
         return result

@@ -112,3 +112,12 @@ def test_images_rejected_on_text_model(radix_engine, use_backend, tmp_path):
     state = with_image.run(path=str(picture))
     assert "text-only" in str(state.error())
     radix_engine.check_integrity()
+
+
+def test_a_bad_prompt_in_a_batch_starts_none_of_it(radix_engine):
+    before = radix_engine.stats()
+    with pytest.raises(ValueError, match="context length"):
+        radix_engine.generate_request(input_ids=[[5, 6, 7], [5] * (radix_engine.context_len + 1)],
+                                      sampling_params={"max_new_tokens": 2})
+    radix_engine.check_integrity()
+    assert radix_engine.stats().since(before).requests == 0

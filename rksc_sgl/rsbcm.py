@@ -1,0 +1,149 @@
+"""RSBCM (Reasoning-Selective Block Cache Manager): an attention-aware eviction policy.
+
+``RSBCMStrategy`` is an SGLang ``EvictionStrategy``: SGLang's ``RadixCache.evict`` keeps
+its leaf-first heap and pops the smallest ``get_priority(node)`` first, exactly as for
+``lru``, ``lfu`` or ``slru``. The policy is selected by name, ``rsbcm``, and its settings
+are keyword arguments (``eviction_policy_config``, the runtime's
+``--radix-eviction-policy-config``). SGLang's own ``get_eviction_strategy`` does not know
+the name; ``RKSCRadixCache`` builds the strategy itself, so ``rsbcm`` needs the ``rksc``
+tree cache (``cache="rksc"`` in the embedded engine, ``--radix-cache-backend rksc`` in
+the runtime).
+
+Priority (smaller = evicted first)::
+
+    retain(node) = w_recency   * last_access_time / recency_scale_s
+                 + w_attention * log(1 + a(node) / a_ref)
+                 + w_branches  * log2(1 + B(node))
+                 - w_depth     * log2(1 + D(node) / depth_scale)
+
+    get_priority(node) = (retain(node), node.last_access_time)
+
+* ``a(node)``: attention mass the node's tokens received, per token:
+  ``slot_attention[node.value].sum() / len(node.value)``. ``slot_attention`` (one float
+  per KV slot) is filled by the embedded engine's model runner: on every
+  ``attention_layer_stride``-th layer of every decode step, each decode query's attention
+  weights over its keys (averaged over heads, divided by the number of sampled layers, so
+  one decode token adds a total mass of 1) are added to the keys' slots. A slot's mass is
+  reset when the slot is allocated again. ``a_ref`` is the mean per-token mass over the
+  slots of the evictable leaves when the eviction starts (``begin_evict``), so the term is
+  scale free: 0 for an unread node, log 2 for an average one.
+* ``B(node)``: branches that went through the node: ``max(node.hit_count,
+  len(node.children))``. ``hit_count`` counts the sequences inserted through the node (a
+  fork's branches all pass through their shared prefix); an evictable node is a leaf,
+  so its live children are gone and ``hit_count`` is the proxy for them.
+* ``D(node)``: depth in tokens, the length of the path from the root to the node's first
+  token. Deep nodes (a branch's private tail) go before shallow shared prefixes.
+* ``last_access_time``: recency, linear in time (``recency_scale_s`` seconds of age weigh
+  as much as one unit of the other terms), and the tie-break.
+
+Missing statistics: when no ``slot_attention`` is attached (the SGLang runtime, whose
+attention kernels are not instrumented) or nothing was collected yet, the attention term
+is 0 and the proxies ``hit_count`` (branches) and depth rank the nodes, with recency.
+
+LRU reduction: with ``w_attention = w_branches = w_depth = 0`` the order is exactly
+``lru``'s: ``retain`` is then a non-decreasing function of ``last_access_time`` and the
+tie-break is ``last_access_time`` itself (``tests/test_rsbcm.py`` checks it against
+SGLang's ``LRUStrategy`` on the same tree).
+
+``attention_layer_stride`` is read by the embedded engine (which layers are sampled); it
+does not change the priority.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from sglang.srt.mem_cache.evict_policy import EvictionStrategy
+
+__all__ = ["POLICY_NAME", "RSBCMStrategy"]
+
+POLICY_NAME = "rsbcm"
+
+
+def _number(name: str, value, minimum: float = 0.0, strict: bool = False) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"rsbcm: {name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"rsbcm: {name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+class RSBCMStrategy(EvictionStrategy):
+    """Attention-, depth-, branch- and recency-aware eviction priority (see the module doc)."""
+
+    def __init__(
+        self,
+        w_attention: float = 1.0,
+        w_depth: float = 1.0,
+        w_branches: float = 1.0,
+        w_recency: float = 1.0,
+        recency_scale_s: float = 60.0,
+        depth_scale: float = 64.0,
+        attention_layer_stride: int = 4,
+    ):
+        self.w_attention = _number("w_attention", w_attention)
+        self.w_depth = _number("w_depth", w_depth)
+        self.w_branches = _number("w_branches", w_branches)
+        self.w_recency = _number("w_recency", w_recency)
+        self.recency_scale_s = _number("recency_scale_s", recency_scale_s, strict=True)
+        self.depth_scale = _number("depth_scale", depth_scale, strict=True)
+        if (not isinstance(attention_layer_stride, numbers.Integral) or isinstance(attention_layer_stride, bool)
+                or attention_layer_stride < 1):
+            raise ValueError(f"rsbcm: attention_layer_stride must be an integer >= 1, got {attention_layer_stride!r}")
+        self.attention_layer_stride = int(attention_layer_stride)
+        self.slot_attention: Optional[torch.Tensor] = None
+        self.attention_ref = 0.0
+
+    # ---- statistics ---------------------------------------------------------------------
+    def attach(self, slot_attention: Optional[torch.Tensor]) -> None:
+        """Use ``slot_attention`` (one float per KV slot, index = slot) as attention mass."""
+        self.slot_attention = slot_attention
+
+    def begin_evict(self, leaves) -> None:
+        """Set ``a_ref``, the mean per-token mass over the slots of ``leaves`` (0 if none)."""
+        self.attention_ref = 0.0
+        if self.slot_attention is None or self.w_attention == 0.0:
+            return
+        values = [n.value for n in leaves if n.value is not None and len(n.value)]
+        if values:
+            self.attention_ref = float(self.slot_attention[torch.cat(values).to(torch.int64)].mean())
+
+    def node_attention(self, node) -> float:
+        """Mean attention mass per token of ``node`` (0 without statistics)."""
+        if self.slot_attention is None or node.value is None or not len(node.value):
+            return 0.0
+        return float(self.slot_attention[node.value.to(torch.int64)].sum()) / len(node.value)
+
+    @staticmethod
+    def node_depth(node) -> int:
+        """Tokens from the root to the node's first token."""
+        depth, parent = 0, node.parent
+        while parent is not None and parent.key is not None and parent.parent is not None:
+            depth += len(parent.key)
+            parent = parent.parent
+        return depth
+
+    @staticmethod
+    def node_branches(node) -> int:
+        return max(node.hit_count, len(node.children))
+
+    # ---- priority -----------------------------------------------------------------------
+    def retain_score(self, node) -> float:
+        score = self.w_recency * node.last_access_time / self.recency_scale_s if self.w_recency else 0.0
+        if self.w_attention and self.attention_ref > 0.0:
+            score += self.w_attention * math.log1p(self.node_attention(node) / self.attention_ref)
+        if self.w_branches:
+            score += self.w_branches * math.log2(1 + self.node_branches(node))
+        if self.w_depth:
+            score -= self.w_depth * math.log2(1 + self.node_depth(node) / self.depth_scale)
+        return score
+
+    def get_priority(self, node) -> Tuple[float, float]:
+        return (self.retain_score(node), node.last_access_time)
