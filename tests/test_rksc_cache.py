@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from clock import CounterClock
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,18 +43,6 @@ POLICIES = ["lru", "lfu", "fifo", "mru", "filo", "slru", "priority"]
 
 
 # ---- harness ----------------------------------------------------------------------------------
-class _CounterClock:
-    """Stands in for the ``time`` module inside ``radix_cache``: monotonic() counts up."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        self.now += 1.0
-        return self.now
-
-    def __getattr__(self, name):
-        return getattr(time, name)
 
 
 def _params(policy: str = "lru", disable: bool = False, pool: int = POOL) -> CacheInitParams:
@@ -187,7 +176,7 @@ _op = st.one_of(
 @settings(max_examples=100, deadline=None)
 @given(policy=st.sampled_from(POLICIES), ops=st.lists(_op, min_size=10, max_size=60))
 def test_asks_off_behaves_exactly_like_radix_cache(policy, ops):
-    clock = _CounterClock()
+    clock = CounterClock()
     with mock.patch.object(radix_cache_module, "time", clock):
         stock = _Side(RadixCache, policy)
         rksc = _Side(RKSCRadixCache, policy)

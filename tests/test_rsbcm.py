@@ -12,6 +12,7 @@ from array import array
 from unittest import mock
 
 import pytest
+from clock import CounterClock
 import torch
 
 import sglang.srt.mem_cache.radix_cache as radix_cache_module
@@ -33,16 +34,6 @@ POOL = 64
 NO_SIGNALS = {"w_attention": 0.0, "w_depth": 0.0, "w_branches": 0.0}
 
 
-class _CounterClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        self.now += 1.0
-        return self.now
-
-    def __getattr__(self, name):
-        return getattr(time, name)
 
 
 def _params(policy="rsbcm", config=None, pool=POOL) -> CacheInitParams:
@@ -96,7 +87,7 @@ def _build(tree):
 
 # ---- priority order on a hand-built tree ---------------------------------------------------------
 def test_low_attention_deep_leaf_goes_before_high_attention_shared_prefix():
-    clock = _CounterClock()
+    clock = CounterClock()
     with mock.patch.object(radix_cache_module, "time", clock):
         lru = RadixCache(_params("lru"))
         rsbcm = RKSCRadixCache(_params("rsbcm"))
@@ -121,7 +112,7 @@ def test_low_attention_deep_leaf_goes_before_high_attention_shared_prefix():
 
 
 def test_attention_orders_equal_leaves_against_recency():
-    clock = _CounterClock()
+    clock = CounterClock()
     with mock.patch.object(radix_cache_module, "time", clock):
         tree = RKSCRadixCache(_params("rsbcm", {"w_recency": 1.0, "recency_scale_s": 1000.0}))
         attention = torch.zeros(POOL + 1)
@@ -135,7 +126,7 @@ def test_attention_orders_equal_leaves_against_recency():
 
 def test_proxies_without_attention_statistics():
     """No slot_attention (the runtime): hit_count and depth rank the leaves."""
-    clock = _CounterClock()
+    clock = CounterClock()
     with mock.patch.object(radix_cache_module, "time", clock):
         tree = RKSCRadixCache(_params("rsbcm"))
         assert tree.eviction_strategy.slot_attention is None
@@ -155,7 +146,7 @@ def test_proxies_without_attention_statistics():
 @pytest.mark.parametrize("seed", range(6))
 def test_lru_reduction_evicts_in_exactly_lru_order(config, seed):
     rng = random.Random(seed)
-    clock = _CounterClock()
+    clock = CounterClock()
     with mock.patch.object(radix_cache_module, "time", clock):
         lru = RadixCache(_params("lru"))
         rsbcm = RKSCRadixCache(_params("rsbcm", dict(config)))
