@@ -410,18 +410,23 @@ def main(argv=None) -> int:
             eng.shutdown()
     result["total_wall_s"] = time.time() - started
 
-    table = fmt_table(result)
+    save_and_report(result, fmt_table(result), out_dir, args.name, plot,
+                    f"rksc_sgl engine benchmark: {args.model}, 1 thread, {result['cpu']}, median of {args.repeats} "
+                    f"(+1 warm-up), torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
+                    f"sglang {result['versions']['sglang']}; prompt {result['config']['actual_prompt_tokens'][1:]} tok")
+    return 0
+
+
+def save_and_report(result: Dict, table: str, out_dir: Path, name: str, plot_fn, title: str) -> None:
+    """Write ``name``.json (with the table) and ``name``.png, then print title and table."""
     result["table"] = table
-    json_path = out_dir / f"{args.name}.json"
-    png_path = out_dir / f"{args.name}.png"
+    json_path = out_dir / f"{name}.json"
+    png_path = out_dir / f"{name}.png"
     json_path.write_text(json.dumps(result, indent=2, default=str))
-    plot(result, png_path)
-    print(f"\nrksc_sgl engine benchmark: {args.model}, 1 thread, {result['cpu']}, median of {args.repeats} "
-          f"(+1 warm-up), torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
-          f"sglang {result['versions']['sglang']}; prompt {result['config']['actual_prompt_tokens'][1:]} tok")
+    plot_fn(result, png_path)
+    print(f"\n{title}")
     print(table)
     print(f"\nwrote {json_path}\nwrote {png_path}\n(total {result['total_wall_s']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from bench_engine import build_prompt, cpu_model, format_table, median, versions  # noqa: E402
+from bench_engine import build_prompt, cpu_model, format_table, median, save_and_report, versions  # noqa: E402
 from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
 
 TARGET_OVERHEAD = 0.15
@@ -195,17 +195,10 @@ def main(argv=None) -> int:
         eng.shutdown()
     result["total_wall_s"] = time.time() - started
 
-    table = fmt_table(result)
-    result["table"] = table
-    json_path = out_dir / f"{args.name}.json"
-    png_path = out_dir / f"{args.name}.png"
-    json_path.write_text(json.dumps(result, indent=2, default=str))
-    plot(result, png_path)
-    print(f"\nrksc_sgl constrained decoding benchmark: {args.model}, regex {args.regex!r}, 1 thread, {result['cpu']}, "
-          f"median of {args.repeats} (+1 warm-up), xgrammar {result['versions']['xgrammar']}; "
-          f"prompt ~{result['config']['actual_prompt_tokens']} tok")
-    print(table)
-    print(f"\nwrote {json_path}\nwrote {png_path}\n(total {result['total_wall_s']:.0f} s)")
+    save_and_report(result, fmt_table(result), out_dir, args.name, plot,
+                    f"rksc_sgl constrained decoding benchmark: {args.model}, regex {args.regex!r}, 1 thread, "
+                    f"{result['cpu']}, median of {args.repeats} (+1 warm-up), xgrammar {result['versions']['xgrammar']}; "
+                    f"prompt ~{result['config']['actual_prompt_tokens']} tok")
     return 0
 
 
