@@ -258,7 +258,6 @@ class Engine(BaseBackend):
             grammar=grammar,
         )
         pending.req = req
-        pending.scheduler = self.scheduler
         return pending
 
     # ---- responses ------------------------------------------------------------------------
@@ -422,7 +421,6 @@ class _Pending:
     def __init__(self):
         self.queue: "queue.Queue[tuple]" = queue.Queue()
         self.req: Optional[Request] = None
-        self.scheduler: Optional[Scheduler] = None
 
     def on_event(self, req: Request, finished: bool, error: Optional[BaseException] = None) -> None:
         self.queue.put((finished, error))

@@ -139,5 +139,3 @@ TORCH_DTYPES: Dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-

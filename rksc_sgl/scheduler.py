@@ -245,7 +245,7 @@ class Scheduler:
             # All the prompt is in the row now (with an alias, not all of it was computed).
             self.kv.commit(req.kv, req.input_ids[req.kv.kv_len :])
             self.stats.prefill_tokens += len(item.token_ids)
-            self._record_input_logprobs(req, item, req_logits)
+            self._record_input_logprobs(req, req_logits)
             if req.max_new_tokens == 0:
                 self._finish(req, reason={"type": "length", "length": 0})
                 continue
@@ -337,11 +337,11 @@ class Scheduler:
             positions = list(range(req.logprob_start - start, len(new_ids)))
         return ForwardItem(new_ids, start, self.kv.row_slots(req.kv, start + len(new_ids)), positions)
 
-    def _record_input_logprobs(self, req: Request, item: ForwardItem, logits: torch.Tensor) -> None:
-        if req.logprob_start is None:
-            return
+    def _record_input_logprobs(self, req: Request, logits: torch.Tensor) -> None:
         """SGLang's layout: one entry per prompt token from ``logprob_start``; the first
         is None (nothing before it was scored), entry k is log p(token | tokens before)."""
+        if req.logprob_start is None:
+            return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         req.input_logprobs.append(None)
         req.input_top_logprobs.append(None)
