@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
+import threading
 import warnings
 
 import pytest
@@ -56,3 +59,39 @@ def checked(radix_engine):
     """The radix engine, with the integrity invariant asserted after the test."""
     yield radix_engine
     radix_engine.check_integrity()
+
+
+def _leaked_sglang_executors() -> list:
+    """SGLang StreamExecutors whose worker thread is still running.
+
+    Each worker is a non-daemon thread that holds its executor, so an executor nobody ended
+    keeps the interpreter from exiting: pytest prints its summary and then hangs forever.
+    """
+    gc.collect()  # ProgramStates caught in reference cycles end their executor when collected
+    # By class name: a test may load its own copy of SGLang's interpreter module.
+    return [obj for obj in gc.get_objects()
+            if type(obj).__name__ == "StreamExecutor" and getattr(obj, "use_thread", False)
+            and obj.worker.is_alive()]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail, rather than hang, when a test leaves SGLang executor threads running."""
+    leaked = _leaked_sglang_executors()
+    for exe in leaked:
+        exe.end()
+    for exe in leaked:
+        exe.worker.join(timeout=10)
+    if leaked:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nERROR: {len(leaked)} SGLang StreamExecutor(s) were never ended; their "
+              "worker threads would have kept the test process alive at exit.")
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()
+             and "tqdm" not in t.name]
+    if stuck:
+        print(f"\nWARNING: non-daemon threads still running at exit: {stuck}")
+
+
+def pytest_unconfigure(config):
+    """Last resort against a hang at exit: dump every thread's stack and exit with an error."""
+    faulthandler.dump_traceback_later(120, exit=True)

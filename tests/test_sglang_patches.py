@@ -61,8 +61,11 @@ def _fork_after_slow_gen(executor_class) -> list:
     exe = executor_class(backend, {}, SglSamplingParams(), chat_template=None, stream=False)
     exe.submit(sgl.gen("first", max_tokens=1))
     exe.submit(" then a shared prefix")
-    exe.fork(2)
-    exe.end()
+    branches = exe.fork(2)
+    # StreamExecutor.fork hands back bare executors: each one's worker thread lives until
+    # end() (its thread holds it, so garbage collection never does), so end them here.
+    for branch in branches + [exe]:
+        branch.end()
     return backend.committed
 
 
