@@ -18,6 +18,11 @@ CACHE_MODES = ("none", "radix", "rksc")
 reuses KV of semantically similar spans (ASKS), else it matches exactly like ``radix``."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+"""``torch``: scaled-dot-product attention per item plus the shared-prefix (cascade)
+decode in torch; the CPU path. ``flashinfer``: FlashInfer's paged kernels over the same
+pool (CUDA only, float16/bfloat16). ``auto``: FlashInfer on CUDA when it is installed."""
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +56,11 @@ class EngineConfig:
 
     ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
     fields; default off). Enabling it with another cache mode is an error.
+
+    ``device``: ``auto`` picks ``cuda`` when torch sees a CUDA GPU, else ``cpu``.
+    ``dtype``: ``auto`` is float32 on the CPU (exact against ``transformers``) and
+    bfloat16 on CUDA. ``attention_backend``: see ``ATTENTION_BACKENDS``. The three are
+    resolved here, so ``config.device`` etc. always hold the concrete choice.
     """
 
     model: str = "smollm2-135m"
@@ -61,8 +71,9 @@ class EngineConfig:
     max_context_len: Optional[int] = None
     eviction_policy: str = "lru"
     eviction_policy_config: Optional[Mapping[str, Any]] = None
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
     num_threads: Optional[int] = None
     seed: int = 0
     cache_dir: Optional[str] = None
@@ -93,8 +104,7 @@ class EngineConfig:
                 RSBCMStrategy(**dict(self.eviction_policy_config or {}))  # validates the settings
             except TypeError as exc:  # an unknown keyword
                 raise ValueError(f"eviction_policy_config for 'rsbcm': {exc}") from None
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        self._resolve_hardware()
         _require_positive("kv_pool_tokens", self.kv_pool_tokens)
         _require_positive("max_running_requests", self.max_running_requests)
         _require_positive("max_prefill_tokens", self.max_prefill_tokens)
@@ -108,15 +118,59 @@ class EngineConfig:
             raise ValueError("shared_prefix_min_tokens must be >= 0")
         if self.queue_timeout_s <= 0:
             raise ValueError("queue_timeout_s must be > 0")
-        if not self.device.startswith("cpu"):
-            raise ValueError(
-                f"device={self.device!r}: the embedded engine runs on the CPU; "
-                "use the SGLang runtime (with the rksc plugin) on GPU servers"
-            )
+
+    def _resolve_hardware(self) -> None:
+        import torch
+
+        from .paged_attention import flashinfer_available
+
+        device, dtype, backend = resolve_hardware(
+            self.device, self.dtype, self.attention_backend,
+            cuda_available=torch.cuda.is_available(), flashinfer_installed=flashinfer_available,
+        )
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "attention_backend", backend)
 
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+def resolve_hardware(device: str, dtype: str, attention_backend: str, *, cuda_available: bool,
+                     flashinfer_installed) -> tuple:
+    """(device, dtype, attention backend) with every ``auto`` decided.
+
+    ``flashinfer_installed`` is a callable, asked only when FlashInfer is in question
+    (importing it on a machine without CUDA is slow and pointless).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} is not supported; choose one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES + ("auto",):
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r} is not supported; "
+                         f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    elif device == "cuda" and not cuda_available:
+        raise ValueError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if device == "cpu":
+        if attention_backend == "flashinfer":
+            raise ValueError("attention_backend='flashinfer' needs device='cuda'; the CPU uses 'torch'")
+        return device, dtype, "torch"
+    if attention_backend == "auto":
+        attention_backend = "flashinfer" if dtype != "float32" and flashinfer_installed() else "torch"
+    elif attention_backend == "flashinfer":
+        if not flashinfer_installed():
+            raise ValueError("attention_backend='flashinfer' but the flashinfer package cannot be imported "
+                             "(pip install flashinfer-python)")
+        if dtype == "float32":
+            raise ValueError("attention_backend='flashinfer' needs dtype='bfloat16' or 'float16' "
+                             "(FlashInfer has no float32 kernels); use attention_backend='torch' for float32")
+    return device, dtype, attention_backend
 
 
 def _asks_config(value):

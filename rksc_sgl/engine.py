@@ -60,6 +60,7 @@ class Engine(BaseBackend):
         self.is_chat_model = False
         self.model_dir = resolve_model_dir(cfg.model, cfg.resolved_cache_dir)
         self.hf_model, self.tokenizer = load_model_and_tokenizer(self.model_dir, TORCH_DTYPES[cfg.dtype])
+        self.hf_model.to(cfg.device)
         hf_config = self.hf_model.config
         self.vocab_size = hf_config.vocab_size
         self.context_len = cfg.max_context_len or getattr(hf_config, "max_position_embeddings", 4096)
@@ -74,9 +75,11 @@ class Engine(BaseBackend):
             enable_prefix_cache=cfg.cache != "none",
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
+            device=cfg.device,
             **self._tree_cache_kwargs(),
         )
-        self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens)
+        self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
+                                  attention_backend=cfg.attention_backend)
         if self.kv.slot_attention is not None:  # eviction_policy="rsbcm": collect decode attention
             self.runner.collect_attention(self.kv.slot_attention,
                                           self.kv.tree.eviction_strategy.attention_layer_stride)

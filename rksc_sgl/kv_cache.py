@@ -110,7 +110,10 @@ class KVCacheManager:
         eviction_policy: str = "lru",
         eviction_policy_config: Optional[dict] = None,
         tree_cache_class: type = RadixCache,
+        device: str = "cpu",
     ):
+        # Only the KV tensors live on ``device``; rows, slot indices and the tree stay on
+        # the host, where the scheduler reads them every step.
         self.layout = layout
         self.pool_tokens = pool_tokens
         self.kv_pool = MHATokenToKVPool(
@@ -120,7 +123,7 @@ class KVCacheManager:
             head_num=layout.num_kv_heads,
             head_dim=layout.head_dim,
             layer_num=layout.num_layers,
-            device="cpu",
+            device=device,
             enable_memory_saver=False,
         )
         self.allocator = TokenToKVPoolAllocator(
@@ -146,7 +149,7 @@ class KVCacheManager:
         # read by the tree's eviction strategy. None (no collection) for other policies.
         self.slot_attention: Optional[torch.Tensor] = None
         if eviction_policy.lower() == "rsbcm" and not self.tree.disable:
-            self.slot_attention = torch.zeros(pool_tokens + 1, dtype=torch.float32)
+            self.slot_attention = torch.zeros(pool_tokens + 1, dtype=torch.float32, device=device)
             self.tree.eviction_strategy.attach(self.slot_attention)
 
     # ---- capacity -------------------------------------------------------------------

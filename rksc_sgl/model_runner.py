@@ -6,6 +6,11 @@ Linear layers run over all new tokens of the batch at once; attention runs per i
 over the keys gathered from the pool through that request's row of ``ReqToTokenPool``.
 Branches of a fork therefore read the very same prefix slots: nothing is copied.
 
+On the CPU, attention is torch's SDPA per item plus a cascade decode for branches that
+share a prefix. On CUDA, ``attention_backend="flashinfer"`` runs FlashInfer's paged
+kernels over the same pool (``paged_attention``); the bookkeeping (rows, slots, the
+tree) stays on the host either way, and the runner hands back logits on the CPU.
+
 The layer code reuses the model's own modules (projections, norms, MLP, rotary
 embedding) so the arithmetic is the one ``transformers`` does; only the KV storage and
 the attention call differ. Supported layouts: Llama-style decoders (``llama``,
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVLayout
+from .paged_attention import FlashInferAttention, cascade_layout
 
 
 @dataclasses.dataclass
@@ -65,8 +71,9 @@ class ForwardItem:
 class ModelRunner:
     """Owns the model weights and computes logits for ragged batches of new tokens."""
 
-    def __init__(self, model, kv_pool, shared_prefix_min_tokens: int = 64):
+    def __init__(self, model, kv_pool, shared_prefix_min_tokens: int = 64, attention_backend: str = "torch"):
         self.model = model
+        self.device = next(model.parameters()).device
         self.shared_prefix_min_tokens = shared_prefix_min_tokens
         self.kv_pool = kv_pool
         self.config = model.config
@@ -83,6 +90,10 @@ class ModelRunner:
         self.num_kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
+        self.flashinfer: Optional[FlashInferAttention] = None
+        if attention_backend == "flashinfer":
+            self.flashinfer = FlashInferAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.scaling,
+                                                  kv_pool.dtype, self.device)
         # RSBCM attention statistics (off unless ``collect_attention`` is called).
         self.slot_attention: Optional[torch.Tensor] = None
         self.attention_layer_stride = 1
@@ -114,16 +125,24 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: List[ForwardItem]) -> List[torch.Tensor]:
         """Write the new tokens' KV into the pool; return, per item, logits (n_pos, vocab)."""
-        ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long)
-        positions = torch.cat([it.new_positions() for it in items])
-        new_slots = torch.cat([it.new_slots() for it in items])
+        dev = self.device
+        ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
+        positions = torch.cat([it.new_positions() for it in items]).to(dev)
+        new_slots = torch.cat([it.new_slots() for it in items]).to(dev)
         hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         cos, sin = self.rotary_emb(hidden, positions[None])
-        plan = plan_attention(items, self.shared_prefix_min_tokens)
+        plan = self.prepare(items)
         for layer_id, layer in enumerate(self.layers):
             hidden = self._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
         hidden = self.norm(hidden)[0]
         return self._logits(hidden, items)
+
+    def prepare(self, items: List[ForwardItem]) -> "AttentionPlan":
+        """The attention plan of one forward over ``items`` (and FlashInfer's page tables)."""
+        plan = plan_attention(items, self.shared_prefix_min_tokens, device=self.device)
+        if self.flashinfer is not None:
+            self.flashinfer.plan(cascade_layout(items, plan))
+        return plan
 
     def _layer(self, layer_id, layer, hidden, cos, sin, plan, new_slots):
         residual = hidden
@@ -145,8 +164,25 @@ class ModelRunner:
         v_buf = self.kv_pool.get_value_buffer(layer_id)
         k_buf[new_slots] = k[0].transpose(0, 1).to(k_buf.dtype)
         v_buf[new_slots] = v[0].to(v_buf.dtype)
-        out = torch.empty_like(q)  # (1, heads, T, head_dim)
         collect = self.slot_attention is not None and layer_id % self.attention_layer_stride == 0
+        if self.flashinfer is not None and not collect:  # sampled RSBCM layers need the weights: torch
+            out = self._flashinfer_attention(q, k_buf, v_buf)
+        else:
+            out = self._torch_attention(q, k_buf, v_buf, plan, collect)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, total, -1).to(x.dtype))
+
+    def _flashinfer_attention(self, q, k_buf, v_buf):
+        out = self.flashinfer.run(q[0].transpose(0, 1), k_buf, v_buf).transpose(0, 1)[None].to(q.dtype)
+        for offset, item, index in self.flashinfer.layout.torch_items:  # ASKS: scattered positions
+            n = len(item.token_ids)
+            keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
+            values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
+            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
+                                                        item.token_positions)
+        return out
+
+    def _torch_attention(self, q, k_buf, v_buf, plan, collect):
+        out = torch.empty_like(q)  # (1, heads, T, head_dim)
         for offset, item, index in plan.singles:
             n = len(item.token_ids)
             keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
@@ -158,7 +194,7 @@ class ModelRunner:
         for group in plan.groups:
             out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group,
                                                                   collect=collect)
-        return attn.o_proj(out.transpose(1, 2).reshape(1, total, -1))
+        return out
 
     def _collect_decode(self, q, keys, slots):
         """RSBCM: add one decode query's attention weights to its keys' slots.
@@ -169,7 +205,8 @@ class ModelRunner:
         q = q.reshape(self.num_kv_heads, -1, self.head_dim)  # query head h reads kv head h // group
         scores = torch.einsum("kgd,kld->kgl", q, keys).float() * self.scaling
         weights = torch.softmax(scores, dim=-1).mean(dim=(0, 1))
-        self.slot_attention.index_add_(0, slots.to(torch.int64), weights * self._layer_mass)
+        self.slot_attention.index_add_(0, slots.to(self.slot_attention.device, torch.int64),
+                                       weights * self._layer_mass)
 
     def _shared_prefix_decode(self, q, k_buf, v_buf, group, collect: bool = False):
         """Decode attention for m branches that share a prefix, reading the prefix once.
@@ -209,14 +246,14 @@ class ModelRunner:
         n = q.shape[2]
         if token_positions is not None:
             total = keys.shape[2]
-            mask = torch.arange(total)[None, :] <= torch.tensor(token_positions)[:, None]
+            mask = torch.arange(total, device=q.device)[None, :] <= torch.tensor(token_positions, device=q.device)[:, None]
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         if n == 1:
             return F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
         if start == 0:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling, enable_gqa=True)
         total = keys.shape[2]
-        mask = torch.arange(total)[None, :] <= (start + torch.arange(n))[:, None]
+        mask = torch.arange(total, device=q.device)[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
 
     def _logits(self, hidden, items):
@@ -229,7 +266,7 @@ class ModelRunner:
             offset += n
         if not picks:
             return [hidden.new_zeros((0, self.lm_head.out_features)) for _ in items]
-        logits = self.lm_head(hidden[torch.tensor(picks)]).float()
+        logits = self.lm_head(hidden[torch.tensor(picks, device=hidden.device)]).float().cpu()
         return list(torch.split(logits, counts))
 
 
@@ -238,6 +275,8 @@ class SharedPrefixGroup:
     """Decode items (one new token each) whose rows start with the same slots."""
 
     offsets: torch.Tensor  # positions of their queries in the batch
+    members: List[tuple]  # (query offset, ForwardItem)
+    shared_len: int  # how many leading slots of their rows they share
     prefix_index: object  # slice or (P,) slot tensor
     suffix_slots: torch.Tensor  # (m, S) padded with slot 0
     suffix_mask: torch.Tensor  # (m, S) True where a real key is
@@ -249,13 +288,14 @@ class AttentionPlan:
     groups: List[SharedPrefixGroup]
 
 
-def plan_attention(items: List[ForwardItem], min_shared: int) -> AttentionPlan:
+def plan_attention(items: List[ForwardItem], min_shared: int, device=None) -> AttentionPlan:
     """Group decode items by a shared slot prefix of at least ``min_shared`` tokens.
 
     Branches of a fork reference the same prefix slots in their rows, so comparing slot
     indices finds them; a group's prefix is then read once per layer for all of them.
     Everything else (prefills, lone requests) is attended one item at a time with SDPA,
-    which keeps single streams bit-identical to ``transformers``.
+    which keeps single streams bit-identical to ``transformers``. Index tensors are put on
+    ``device`` (the pool's); the items keep their host copies.
     """
     offsets, offset = [], 0
     for it in items:
@@ -274,8 +314,12 @@ def plan_attention(items: List[ForwardItem], min_shared: int) -> AttentionPlan:
         if len(members) < 2 or shared < min_shared:
             singles.extend(members)
             continue
-        groups.append(_group(members, shared))
-    return AttentionPlan([(off, it, pool_index(it.slots)) for off, it in singles], groups)
+        groups.append(_group(members, shared, device))
+    return AttentionPlan([(off, it, _to(pool_index(it.slots), device)) for off, it in singles], groups)
+
+
+def _to(index, device):
+    return index if device is None or isinstance(index, slice) else index.to(device)
 
 
 def _common_prefix_len(rows: List[torch.Tensor]) -> int:
@@ -287,7 +331,7 @@ def _common_prefix_len(rows: List[torch.Tensor]) -> int:
     return int(torch.cumprod(same.to(torch.int64), 0).sum()) if n > 0 else 0
 
 
-def _group(members, shared: int) -> SharedPrefixGroup:
+def _group(members, shared: int, device=None) -> SharedPrefixGroup:
     suffixes = [it.slots[shared:] for _, it in members]
     width = max(len(x) for x in suffixes)
     suffix_slots = torch.zeros((len(members), width), dtype=torch.int64)
@@ -296,10 +340,12 @@ def _group(members, shared: int) -> SharedPrefixGroup:
         suffix_slots[i, : len(x)] = x
         suffix_mask[i, : len(x)] = True
     return SharedPrefixGroup(
-        offsets=torch.tensor([off for off, _ in members]),
-        prefix_index=pool_index(members[0][1].slots[:shared]),
-        suffix_slots=suffix_slots,
-        suffix_mask=suffix_mask[None, None],
+        offsets=_to(torch.tensor([off for off, _ in members]), device),
+        members=list(members),
+        shared_len=shared,
+        prefix_index=_to(pool_index(members[0][1].slots[:shared]), device),
+        suffix_slots=_to(suffix_slots, device),
+        suffix_mask=_to(suffix_mask[None, None], device),
     )
 
 

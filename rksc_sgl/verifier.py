@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model_runner import ForwardItem, plan_attention
+from .model_runner import ForwardItem
 
 YES_WORDS = ("Yes", "yes")
 NO_WORDS = ("No", "no")
@@ -156,9 +156,10 @@ class LayerExitVerifier:
 
         def layout(idx):
             its = [items[i] for i in idx]
-            ids = torch.tensor([t for it in its for t in it.token_ids], dtype=torch.long)
-            pos = torch.cat([torch.arange(it.start, it.start + len(it.token_ids)) for it in its])
-            slots = torch.cat([it.slots[it.start:] for it in its])
+            dev = runner.device
+            ids = torch.tensor([t for it in its for t in it.token_ids], dtype=torch.long, device=dev)
+            pos = torch.cat([torch.arange(it.start, it.start + len(it.token_ids)) for it in its]).to(dev)
+            slots = torch.cat([it.slots[it.start:] for it in its]).to(dev)
             lasts, off = [], 0
             for it in its:
                 off += len(it.token_ids)
@@ -168,7 +169,7 @@ class LayerExitVerifier:
         its, ids, pos, new_slots, lasts = layout(active)
         hidden = runner.embed_tokens(ids)[None]
         cos, sin = runner.rotary_emb(hidden, pos[None])
-        plan = plan_attention(its, runner.shared_prefix_min_tokens)
+        plan = runner.prepare(its)
         watch = policy.enabled or trace
         for layer_id, layer in enumerate(runner.layers):
             hidden = runner._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
@@ -206,7 +207,7 @@ class LayerExitVerifier:
                 active = [active[j] for j in keep]
                 its, ids, pos, new_slots, lasts = layout(active)
                 cos, sin = cos[:, rows], sin[:, rows]
-                plan = plan_attention(its, runner.shared_prefix_min_tokens)
+                plan = runner.prepare(its)
         for i, (res, it) in enumerate(zip(results, items)):
             res.new_tokens = len(it.token_ids)
             res.cached_tokens = it.start

@@ -63,7 +63,9 @@ def test_unsupported_model_is_clear(tmp_path):
     ({"cache": "lru"}, "not a known cache mode"),
     ({"kv_pool_tokens": 0}, "kv_pool_tokens must be a positive integer"),
     ({"dtype": "int8"}, "dtype"),
-    ({"device": "cuda"}, "runs on the CPU"),
+    ({"device": "cuda"}, "sees no CUDA GPU"),
+    ({"device": "tpu"}, "device='tpu' is not supported"),
+    ({"attention_backend": "flashinfer"}, "needs device='cuda'"),
 ])
 def test_bad_engine_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

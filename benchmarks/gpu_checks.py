@@ -1,0 +1,293 @@
+"""The GPU checks of the embedded engine, as one command on a CUDA machine.
+
+    python benchmarks/gpu_checks.py            # writes benchmarks/results/gpu_checks.json
+
+1. Greedy agreement: the same prompts (plain and a fork whose branches decode together
+   over a shared prefix) on the CPU engine (float32, torch attention) and on the GPU
+   engine, once with torch attention in float32 and once with FlashInfer in bfloat16
+   (against a CPU bfloat16 run, so that only the kernels differ).
+2. The ``paper`` workload timed for ``none``, ``radix`` and ``rksc`` on the GPU engine
+   (``rksc_sgl.bench``, same process, same problems).
+3. The real SGLang runtime (``sglang.launch_server`` with dummy weights) with
+   ``--radix-cache-backend rksc --radix-eviction-policy rsbcm`` serving a fork program,
+   when the full SGLang GPU stack (``sgl_kernel``) is installed; otherwise the JSON says
+   why it was skipped.
+
+The results file records the card, the versions and every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Dict, List
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "gpu_checks.json"
+
+PROMPTS = [
+    "The capital of France is",
+    "Question: A train travels 60 km in 1.5 hours. What is its average speed?\nAnswer:",
+    "Write a Python function that returns the factorial of n.\n",
+    "List three prime numbers greater than 50:",
+]
+
+
+class _Missing:
+    """A stand-in name: attribute chains resolve (import-time tables), calls raise."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self._name} called: sgl_kernel is a stand-in here")
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import sgl_kernel[.x]`` succeed with modules whose every attribute raises.
+
+    SGLang's memory-pool modules import ``sgl_kernel`` at import time when CUDA is present,
+    though the embedded engine calls none of its kernels (it writes the pool's tensors
+    itself). Where the ``sglang-kernel`` wheel is not installed (it is several hundred MB
+    and pinned to torch 2.14.1), this stand-in lets those modules import; any call into it
+    raises, so a result can never silently depend on it.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "sgl_kernel" or name.startswith("sgl_kernel."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+
+        def missing(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Missing(f"{spec.name}.{attr}")
+
+        module.__getattr__ = missing
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def ensure_sgl_kernel() -> str:
+    if importlib.util.find_spec("sgl_kernel") is not None:
+        return "installed"
+    sys.meta_path.insert(0, _StandInFinder())
+    return "stand-in (import only; every call raises)"
+
+
+def environment(sgl_kernel: str) -> Dict[str, Any]:
+    import torch
+
+    info = {
+        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "sgl_kernel": sgl_kernel,
+    }
+    for name in ("sglang", "flashinfer", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as exc:  # recorded, not fatal
+            info[name] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+    try:
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        info["nvidia_smi"] = None
+    return info
+
+
+def _greedy(engine, max_tokens: int) -> Dict[str, List[int]]:
+    import sglang as sgl
+
+    outs = {}
+    for i, prompt in enumerate(PROMPTS):
+        res = engine.generate_request(prompt, sampling_params={"max_new_tokens": max_tokens, "temperature": 0})
+        outs[f"prompt{i}"] = res["output_ids"]
+
+    @sgl.function
+    def forked(s, question):
+        s += "Think about this problem carefully. " * 12 + question
+        branches = s.fork(4)
+        for j, br in enumerate(branches):
+            br += f" Approach {j + 1}:" + sgl.gen("step", max_tokens=max_tokens, temperature=0)
+        branches.join()  # gathers each branch's "step" into a list
+
+    state = forked.run(question="What is 23 * 19?", backend=engine)
+    for j, text in enumerate(state["step"]):
+        outs[f"fork_branch{j}"] = engine.tokenizer.encode(text, add_special_tokens=False)
+    return outs
+
+
+def compare(reference: Dict[str, List[int]], other: Dict[str, List[int]]) -> Dict[str, Any]:
+    rows = {}
+    for key, ref in reference.items():
+        got = other.get(key, [])
+        same = 0
+        for a, b in zip(ref, got):
+            if a != b:
+                break
+            same += 1
+        rows[key] = {"identical": ref == got, "tokens": len(ref), "agree_before_first_difference": same}
+    rows_all = list(rows.values())
+    return {"identical": sum(r["identical"] for r in rows_all), "of": len(rows_all), "per_prompt": rows}
+
+
+def greedy_checks(model: str, max_tokens: int) -> Dict[str, Any]:
+    import rksc_sgl
+
+    def run(**kwargs):
+        engine = rksc_sgl.Engine(model=model, cache="radix", kv_pool_tokens=16384, **kwargs)
+        try:
+            out = _greedy(engine, max_tokens)
+            engine.check_integrity()
+            return out, {k: getattr(engine.config, k) for k in ("device", "dtype", "attention_backend")}
+        finally:
+            engine.shutdown()
+
+    results = {}
+    runs = {"cpu_float32": run(device="cpu", dtype="float32"), "cpu_bfloat16": run(device="cpu", dtype="bfloat16")}
+    for label, kwargs in (("gpu_torch_float32", {"dtype": "float32", "attention_backend": "torch"}),
+                          ("gpu_torch_bfloat16", {"dtype": "bfloat16", "attention_backend": "torch"}),
+                          ("gpu_flashinfer_bfloat16", {"dtype": "bfloat16", "attention_backend": "flashinfer"})):
+        try:
+            runs[label] = run(device="cuda", **kwargs)
+        except Exception as exc:
+            results[label] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    # The float32 pair shows the GPU engine exact; the bfloat16 pairs separate what the
+    # FlashInfer kernels change from what bfloat16 on another device changes anyway.
+    for gpu, ref in (("gpu_torch_float32", "cpu_float32"), ("gpu_torch_bfloat16", "cpu_bfloat16"),
+                     ("gpu_flashinfer_bfloat16", "cpu_bfloat16"), ("gpu_flashinfer_bfloat16", "gpu_torch_bfloat16")):
+        if gpu in runs and ref in runs:
+            results[f"{gpu}_vs_{ref}"] = {"a": runs[gpu][1], "b": runs[ref][1], **compare(runs[ref][0], runs[gpu][0])}
+    results["max_new_tokens"] = max_tokens
+    return results
+
+
+def paper_timings(model: str, problems: int, repeats: int) -> Dict[str, Any]:
+    from rksc_sgl import bench
+
+    return bench.run_for_gpu_checks(model=model, workload="paper", modes="none,radix,rksc", problems=problems,
+                                    repeats=repeats, device="cuda")
+
+
+def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
+    """``sglang.launch_server`` with the RKSC cache and RSBCM eviction, serving a fork program."""
+    if importlib.util.find_spec("sgl_kernel") is None or not _real_sgl_kernel():
+        return {"skipped": "the SGLang GPU runtime needs sglang-kernel (and torch 2.14.1); not installed here"}
+    import sglang as sgl
+
+    port = _free_port()
+    model_dir = os.environ.get("RKSC_GPU_RUNTIME_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--load-format", "dummy",
+           "--port", str(port), "--radix-cache-backend", "rksc", "--radix-eviction-policy", "rsbcm",
+           "--mem-fraction-static", "0.3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        endpoint = _wait_for_server(port, proc, timeout_s)
+
+        @sgl.function
+        def forked(s):
+            s += "Shared question: what is 2 + 2? " * 8
+            for br in s.fork(3):
+                br += sgl.gen("answer", max_tokens=8, temperature=0)
+
+        state = forked.run(backend=endpoint)
+        return {"command": " ".join(cmd), "served": True, "text_chars": len(state.text())}
+    except Exception as exc:
+        return {"command": " ".join(cmd), "served": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _real_sgl_kernel() -> bool:
+    return not any(isinstance(f, _StandInFinder) for f in sys.meta_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(port: int, proc, timeout_s: int):
+    import sglang as sgl
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            return sgl.RuntimeEndpoint(f"http://127.0.0.1:{port}")
+        except Exception:
+            time.sleep(2)
+    raise TimeoutError(f"server did not answer within {timeout_s}s")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--problems", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,runtime")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU: these checks run on a GPU machine")
+    skip = {s for s in args.skip.split(",") if s}
+    report: Dict[str, Any] = {"environment": environment(ensure_sgl_kernel()), "settings": vars(args) | {"out": str(args.out)}}
+    for name, step in (("greedy", lambda: greedy_checks(args.model, args.max_tokens)),
+                       ("paper", lambda: paper_timings(args.model, args.problems, args.repeats)),
+                       ("runtime", runtime_check)):
+        if name in skip:
+            report[name] = {"skipped": "--skip"}
+            continue
+        print(f"[gpu_checks] {name} ...", flush=True)
+        started = time.time()
+        try:
+            report[name] = step()
+        except Exception as exc:
+            import traceback
+
+            report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        report[name + "_seconds"] = round(time.time() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str))  # after every step: partial results survive
+        print(json.dumps({name: report[name]}, indent=1, default=str)[:3000], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
