@@ -189,11 +189,29 @@ def greedy_checks(model: str, max_tokens: int) -> Dict[str, Any]:
     return results
 
 
-def paper_timings(model: str, problems: int, repeats: int) -> Dict[str, Any]:
+def paper_timings(model: str, problems: int, repeats: int, device: str = "cuda", **params) -> Dict[str, Any]:
+    """``rksc-sgl bench``'s ``paper`` workload with the engines on the GPU (FlashInfer).
+
+    ``params`` override the workload's (a short dry run on the CPU: ``device="cpu"``).
+    """
+    import rksc_sgl
     from rksc_sgl import bench
 
-    return bench.run_for_gpu_checks(model=model, workload="paper", modes="none,radix,rksc", problems=problems,
-                                    repeats=repeats, device="cuda")
+    settings = bench.BenchSettings(problems=problems, repeats=repeats, model=model, params=params)
+    modes = bench.parse_modes("none,radix,rksc")
+    engines = {m.label: rksc_sgl.Engine(model=model, device=device, kv_pool_tokens=settings.kv_pool_tokens,
+                                        max_running_requests=settings.max_running_requests, seed=settings.seed,
+                                        **m.engine_kwargs(settings)) for m in modes}
+    try:
+        result = bench.run_bench("paper", modes, settings, engines=engines, progress=False,
+                                 command="python benchmarks/gpu_checks.py")
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    result["gpu_engine"] = {k: str(getattr(next(iter(engines.values())).config, k))
+                            for k in ("device", "dtype", "attention_backend")}
+    result["table"] = bench.markdown_report(result)
+    return result
 
 
 def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:

@@ -110,7 +110,9 @@ class Engine(BaseBackend):
         @torch.inference_mode()
         def token_features(token_ids):
             # Layer 0: the token embeddings, the same lookup the prefill does (no model pass).
-            return embed(torch.tensor(token_ids, dtype=torch.long)).float()
+            # The tree compares features on the host, wherever the weights live.
+            ids = torch.tensor(token_ids, dtype=torch.long, device=embed.weight.device)
+            return embed(ids).float().cpu()
 
         return {"tree_cache_class": functools.partial(RKSCRadixCache, asks=asks, token_features=token_features)}
 
@@ -188,16 +190,24 @@ class Engine(BaseBackend):
     ):
         """Serve one SGLang ``/generate`` request; a batch (list of texts) returns a list.
 
-        With ``stream=True`` (single prompt only) returns an iterator of response dicts
-        whose ``text`` grows, as the HTTP server streams them.
+        ``sampling_params`` is one dict for every prompt or, as in SGLang, a list with one
+        dict per prompt of a batch. With ``stream=True`` (single prompt only) returns an
+        iterator of response dicts whose ``text`` grows, as the HTTP server streams them.
         """
         prompts, batch = self._prompts(text, input_ids)
         if stream and batch:
             raise ValueError("streaming is supported for a single prompt only")
+        if isinstance(sampling_params, (list, tuple)):
+            if not batch or len(sampling_params) != len(prompts):
+                raise ValueError(f"a list of sampling_params needs one entry per prompt of a batch "
+                                 f"({len(prompts)} prompts, {len(sampling_params)} entries)")
+            per_prompt = list(sampling_params)
+        else:
+            per_prompt = [sampling_params] * len(prompts)
         # Validate every prompt of a batch before any of them starts running.
         pendings = [
-            self._prepare(ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
-            for ids in prompts
+            self._prepare(ids, params, return_logprob, logprob_start_len, top_logprobs_num)
+            for ids, params in zip(prompts, per_prompt)
         ]
         for pending in pendings:
             self.scheduler.submit(pending.req)
@@ -259,6 +269,9 @@ class Engine(BaseBackend):
             want_logprobs=return_logprob,
             on_event=pending.on_event,
             grammar=grammar,
+            # sampling_seed: this request samples from its own generator (reproducible
+            # whatever else runs); otherwise from the scheduler's shared one.
+            generator=None if params.sampling_seed is None else torch.Generator().manual_seed(params.sampling_seed),
         )
         pending.req = req
         return pending
@@ -320,6 +333,8 @@ class Engine(BaseBackend):
                 if finished:
                     yield self._response(req, return_logprob, with_text)
                     return
+                if req.finish_reason is not None:
+                    continue  # it finished meanwhile: the final event follows, with the trimmed text
                 text = self._raw_output_text(req)
                 text = text[: len(text) - holdback] if holdback else text
                 yield {"text": text.rstrip("\ufffd"), "output_ids": list(req.output_ids),

@@ -81,6 +81,7 @@ class Request:
     want_logprobs: bool = False
     on_event: Optional[Callable] = None  # called from the scheduler thread
     grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
+    generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
     created: float = dataclasses.field(default_factory=time.perf_counter)
     # filled in by the scheduler
     kv: Optional[ReqKV] = None
@@ -380,7 +381,8 @@ class Scheduler:
             masked[list(req.stop_ids)] = float("-inf")
             if req.grammar is None or bool(torch.isfinite(masked).any()):
                 logits = masked
-        token = sample_token(logits, req.params, req.output_ids, self.generator)
+        token = sample_token(logits, req.params, req.output_ids,
+                             self.generator if req.generator is None else req.generator)
         if req.grammar is not None and not req.grammar.accept(token):
             self._finish(req, error=RuntimeError(f"the grammar rejected sampled token {token}"))
             return

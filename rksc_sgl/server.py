@@ -1,24 +1,54 @@
-"""SGLang's native HTTP API over the embedded engine: ``rksc-sgl serve``.
+"""SGLang's native HTTP API, and OpenAI-compatible endpoints, over the embedded engine:
+``rksc-sgl serve``.
 
 An unmodified ``sgl.RuntimeEndpoint("http://127.0.0.1:30000")`` program runs against
 this server. It speaks the subset of SGLang's native API that the frontend uses:
 
-- ``POST /generate``: text or input_ids, single or batch, ``sampling_params``, logprobs,
-  and streaming as SGLang streams (``data: {json}\\n\\n`` per chunk, growing ``text``,
-  then ``data: [DONE]\\n\\n``). Streaming is for a single prompt only.
+- ``POST /generate``: text or input_ids, single or batch, ``sampling_params`` (one dict, or
+  one per prompt of a batch), logprobs, and streaming as SGLang streams (``data: {json}\\n\\n``
+  per chunk, growing ``text``, then ``data: [DONE]\\n\\n``). Streaming is for a single prompt only.
 - ``GET /health``, ``GET /get_model_info``, ``GET /get_server_info`` and ``/server_info``,
   ``POST /flush_cache``.
 
-The requests go to ``Engine.generate_request``, the same entry point (and the same
-scheduler) that in-process programs use; only the I/O differs. Blocking engine calls run
-in starlette's threadpool. A client that disconnects mid-stream has its engine stream
-closed, which cancels the request and frees its KV.
+and OpenAI's API for clients such as the ``openai`` package:
 
-Errors use SGLang's shape ``{"error": {"message": ...}}``: malformed JSON, unknown
-fields, bad sampling values, over-long prompts (the engine's ``ValueError``) -> 400;
-``max_new_tokens`` above the server's cap -> 400; a body over the size cap -> 413;
-a missing/wrong API key -> 401; ``KVCacheExhausted`` -> 503; anything else -> 500 for
-that request only.
+- ``POST /v1/completions``: ``prompt`` (a string, a list of strings, a list of token ids or
+  a list of such lists), ``max_tokens`` (default 16, as OpenAI), ``temperature``, ``top_p``,
+  ``stop``, ``n``, ``seed``, ``echo``, ``logprobs`` (top-k count), ``stream``.
+- ``POST /v1/chat/completions``: ``messages`` (system/developer, user and assistant turns; text
+  content or text parts) rendered with the engine's chat template (the one ``sgl.system``/
+  ``sgl.user``/``sgl.assistant`` programs get) plus the assistant prefix; ``max_completion_tokens``
+  or ``max_tokens`` (default 128), ``logprobs`` + ``top_logprobs``, and the fields above.
+- ``GET /v1/models`` and ``GET /v1/models/{id}``.
+
+Both add SGLang's sampling extensions ``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``, and honour
+``presence_penalty``, ``frequency_penalty`` and ``logit_bias``. ``seed`` seeds each choice's own
+generator (choice j of a prompt uses ``seed + j``). ``stream_options.include_usage`` adds the
+usage chunk. Fields accepted and ignored: ``user``, ``metadata``, ``service_tier``,
+``parallel_tool_calls``; and, with their neutral value only: ``store`` (false), ``suffix``
+(empty), ``best_of`` (1), ``tools``/``functions`` (empty), ``tool_choice``/``function_call``
+("none"), ``response_format`` (``{"type": "text"}``), ``modalities`` (``["text"]``). A field
+that is ``null`` counts as not given. Any other field is a 400 naming it, as on ``/generate``
+(a message's ``name`` is accepted and ignored).
+``model`` may be left out; if given it must be the served name (or the model folder), else 404.
+
+Every endpoint builds SGLang ``/generate`` requests and sends them through the same checks and
+the same ``Engine.generate_request`` (and scheduler) that in-process programs use; only the
+I/O differs. An OpenAI request with ``n`` choices (or several prompts) is one engine batch, or
+one engine stream per choice when streaming. Blocking engine calls run in starlette's
+threadpool. A stream's first chunk is fetched before the response starts, so a request that
+can never fit in the KV pool gets its 503 rather than a 200 with an error inside. A client
+that disconnects mid-stream has its engine streams closed, which cancels the requests and
+frees their KV.
+
+Errors use SGLang's shape ``{"error": {"message": ..., "type": ..., "code": status}}`` (also
+what OpenAI clients read): malformed JSON, unknown fields, bad sampling values, over-long
+prompts (the engine's ``ValueError``), image content -> 400; ``max_new_tokens``/``max_tokens``
+above the server's cap -> 400; an unknown ``model`` -> 404; a body over the size cap -> 413;
+a missing/wrong API key -> 401; ``KVCacheExhausted`` -> 503; anything else -> 500 for that
+request only. An error after a stream has started comes as one ``data: {"error": ...}`` event
+before ``data: [DONE]``.
 
 Chat templates: ``RuntimeEndpoint`` picks its chat template on the client from
 ``model_path`` (``get_chat_template_by_model_path``) unless it is given
@@ -36,7 +66,9 @@ import hmac
 import json
 import logging
 import threading
-from typing import Any, Dict, Iterator, Optional
+import time
+import uuid
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import orjson
 from fastapi import FastAPI, Request
@@ -56,9 +88,44 @@ GENERATE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
     "top_logprobs_num", "return_text_in_logprobs", "stream",
 })
+_ANY = object()  # a field accepted (and ignored) whatever its value
 # Fields SGLang clients may send with a neutral value; accepted only when they are neutral.
 _NEUTRAL_FIELDS = {"image_data": (None, [], ""), "rid": (None,), "lora_path": (None,),
                    "return_hidden_states": (None, False), "log_metrics": (None, True)}
+
+# ---- OpenAI API -------------------------------------------------------------------------------
+OPENAI_MAX_N = 8  # choices per prompt
+OPENAI_MAX_STREAM_CHOICES = 8  # choices of one streamed request (prompts x n): one engine stream each
+OPENAI_MAX_TOP_LOGPROBS = 20
+OPENAI_COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+# OpenAI request fields that are SGLang sampling parameters (the value passes through and the
+# engine checks it as it checks /generate's). top_k and below are SGLang/vLLM extensions.
+_OPENAI_SAMPLING = {
+    "temperature": "temperature", "top_p": "top_p", "stop": "stop",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",
+    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_new_tokens", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+    "skip_special_tokens": "skip_special_tokens",
+}
+_OPENAI_COMMON = frozenset({"model", "n", "stream", "stream_options", "seed", "max_tokens", *_OPENAI_SAMPLING})
+COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt", "echo", "logprobs"}
+CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+# Harmless OpenAI fields: ignored whatever their value, or accepted with their neutral value only.
+OPENAI_IGNORED_FIELDS = {
+    "user": _ANY, "metadata": _ANY, "service_tier": _ANY, "parallel_tool_calls": _ANY,
+    "store": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+}
+_MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+_NEUTRAL_MESSAGE_FIELDS = {"tool_calls": (None, []), "refusal": (None,), "function_call": (None,)}
+_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_IMAGE_PARTS = ("image_url", "input_image", "image", "image_file")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
 class HTTPError(Exception):
@@ -78,7 +145,8 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 def _error(status: int, message: str) -> Response:
-    return _json({"error": {"message": message, "code": status}}, status)
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return _json({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
 def matching_chat_template(engine) -> Dict[str, Any]:
@@ -97,13 +165,27 @@ def matching_chat_template(engine) -> Dict[str, Any]:
     return {"chat_template_name": None, "chat_template_exact": False}
 
 
+def render_chat(template, messages: List[Dict[str, str]]) -> str:
+    """The prompt an SGLang chat program builds for ``messages`` with ``template``, ending with
+    the assistant prefix (add_generation_prompt): the default system prompt goes first when
+    the conversation does not start with a system turn, as the interpreter does."""
+    messages = list(messages)
+    if messages and messages[0]["role"] != "system" and template.default_system_prompt:
+        messages.insert(0, {"role": "system", "content": template.default_system_prompt})
+    prompt = template.get_prompt(messages)
+    return prompt + template.get_prefix_and_suffix("assistant", messages)[0]
+
+
 def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
-    """A FastAPI app serving SGLang's native API over ``engine`` (an :class:`~rksc_sgl.Engine`)."""
+    """A FastAPI app serving SGLang's native API and OpenAI's over ``engine`` (an :class:`~rksc_sgl.Engine`)."""
     app = FastAPI(title="rksc-sgl", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     template_info = matching_chat_template(engine)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
+    served_model = engine.get_model_name()
+    served_names = {served_model, str(engine.model_dir)}
+    started = int(time.time())
 
     app.add_middleware(_Guard, expected_auth=expected_auth, max_request_bytes=max_request_bytes)
 
@@ -119,7 +201,7 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
             "tokenizer_path": str(engine.model_dir),
             "is_generation": True,
             "preferred_sampling_params": None,
-            "served_model_name": engine.get_model_name(),
+            "served_model_name": served_model,
             "context_length": engine.context_len,
             **template_info,
         })
@@ -151,7 +233,21 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
         return _error(501, "concate_and_append is not supported by rksc-sgl serve; "
                            "use fork/join with mode='gather_variable' (the default)")
 
-    # ---- /generate ---------------------------------------------------------------------------
+    def model_card() -> Dict[str, Any]:
+        return {"id": served_model, "object": "model", "created": started, "owned_by": "rksc-sgl",
+                "root": str(engine.model_dir), "max_model_len": engine.context_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return _json({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str):
+        if model not in served_names:
+            return _error(404, f"model {model!r} is not served here; this server serves {served_model!r}")
+        return _json(model_card())
+
+    # ---- the request path every generation endpoint shares ------------------------------------
     async def read_body(request: Request) -> Dict[str, Any]:
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -167,17 +263,22 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
             raise HTTPError(400, "the request body must be a JSON object")
         return body
 
+    def check_params(params: Any) -> Dict[str, Any]:
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise HTTPError(400, "'sampling_params' must be a JSON object or a list of them")
+        params = dict(params)
+        max_new = params.get("max_new_tokens")
+        if max_new is None:
+            params["max_new_tokens"] = min(DEFAULT_NEW_TOKENS, max_new_tokens_cap)
+        elif _is_int(max_new) and max_new > max_new_tokens_cap:
+            raise HTTPError(400, f"max_new_tokens={max_new} is over this server's cap of {max_new_tokens_cap}")
+        return params
+
     def check_request(body: Dict[str, Any]) -> Dict[str, Any]:
-        unknown = []
-        for key in list(body):
-            if key in GENERATE_FIELDS:
-                continue
-            if key in _NEUTRAL_FIELDS and body[key] in _NEUTRAL_FIELDS[key]:
-                del body[key]
-                continue
-            unknown.append(key)
-        if unknown:
-            raise HTTPError(400, f"unknown or unsupported request fields: {sorted(unknown)}")
+        """Validate a native ``/generate`` body; the OpenAI endpoints build one and send it here too."""
+        _check_fields(body, GENERATE_FIELDS, _NEUTRAL_FIELDS)
         for key in ("return_logprob", "return_text_in_logprobs", "stream"):
             if key in body and body[key] is not None and not isinstance(body[key], bool):
                 raise HTTPError(400, f"{key!r} must be a boolean")
@@ -201,41 +302,419 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
         if batch is not None and len(batch) > max_batch:
             raise HTTPError(400, f"batch of {len(batch)} prompts is over the limit of {max_batch}")
         params = body.get("sampling_params")
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise HTTPError(400, "'sampling_params' must be a JSON object")
-        params = dict(params)
-        max_new = params.get("max_new_tokens")
-        if max_new is None:
-            params["max_new_tokens"] = min(DEFAULT_NEW_TOKENS, max_new_tokens_cap)
-        elif _is_int(max_new) and max_new > max_new_tokens_cap:
-            raise HTTPError(400, f"max_new_tokens={max_new} is over this server's cap of {max_new_tokens_cap}")
-        body["sampling_params"] = params
+        if isinstance(params, list):
+            if batch is None or len(params) != len(batch):
+                raise HTTPError(400, "a list of 'sampling_params' needs one entry per prompt of a batch")
+            body["sampling_params"] = [check_params(p) for p in params]
+        else:
+            body["sampling_params"] = check_params(params)
         return body
 
+    async def call_engine(body: Dict[str, Any]):
+        return await run_in_threadpool(lambda: engine.generate_request(**body))
+
+    async def open_streams(bodies: List[Dict[str, Any]]) -> List["_ClosableStream"]:
+        """One engine stream per body, each with its first chunk fetched; on any error the
+        streams opened so far are closed (their requests cancelled) and the error raised."""
+        streams: List[_ClosableStream] = []
+        try:
+            for body in bodies:
+                streams.append(_ClosableStream(await call_engine({**body, "stream": True})))
+            for stream in streams:
+                await run_in_threadpool(stream.prime)
+        except BaseException:
+            for stream in streams:
+                stream.close_in_background()
+            raise
+        return streams
+
+    # ---- /generate ---------------------------------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
         try:
             body = check_request(await read_body(request))
+            if body.get("stream"):
+                streams = await open_streams([body])
+                return _stream_response(streams, lambda i, out: [out])
+            return _json(await call_engine(body))
         except HTTPError as e:
             return _error(e.status, e.message)
-        if body.get("stream"):
-            try:
-                stream = await run_in_threadpool(lambda: engine.generate_request(**body))
-            except Exception as e:  # noqa: BLE001 - mapped to a status for this request only
-                return _exception_response(e)
-            closable = _ClosableStream(stream)
-            return _EngineStreamResponse(closable, _sse(closable), media_type="text/event-stream")
+        except Exception as e:  # noqa: BLE001 - mapped to a status for this request only
+            return _exception_response(e)
+
+    # ---- /v1/completions and /v1/chat/completions --------------------------------------------
+    def openai_job(body: Dict[str, Any], chat: bool) -> "_Job":
+        _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, OPENAI_IGNORED_FIELDS)
+        for key in [k for k, v in body.items() if v is None]:
+            del body[key]  # null: not given
+        model = body.get("model", served_model)
+        if not isinstance(model, str):
+            raise HTTPError(400, "'model' must be a string")
+        if model not in served_names:
+            raise HTTPError(404, f"model {model!r} is not served here; this server serves {served_model!r} "
+                                 "(see GET /v1/models)")
+        n = body.get("n", 1)
+        if not _is_int(n) or not 1 <= n <= OPENAI_MAX_N:
+            raise HTTPError(400, f"'n' must be an integer in [1, {OPENAI_MAX_N}]")
+        stream = _bool_field(body, "stream")
+        options = body.get("stream_options", {})
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise HTTPError(400, "'stream_options' must be an object with only 'include_usage'")
+        include_usage = _bool_field(options, "include_usage", "stream_options.include_usage")
+
+        if chat:
+            max_tokens, key = body.get("max_completion_tokens"), "max_completion_tokens"
+            if max_tokens is None:
+                max_tokens, key = body.get("max_tokens"), "max_tokens"
+            default_tokens, least = min(DEFAULT_NEW_TOKENS, max_new_tokens_cap), 1
+        else:
+            max_tokens, key = body.get("max_tokens"), "max_tokens"
+            default_tokens, least = min(OPENAI_COMPLETION_DEFAULT_TOKENS, max_new_tokens_cap), 0
+        if max_tokens is None:
+            max_tokens = default_tokens
+        elif not _is_int(max_tokens) or max_tokens < least:
+            raise HTTPError(400, f"{key!r} must be an integer >= {least}, got {max_tokens!r}")
+        elif max_tokens > max_new_tokens_cap:
+            raise HTTPError(400, f"{key}={max_tokens} is over this server's cap of {max_new_tokens_cap}")
+        params = {"max_new_tokens": max_tokens}
+        params.update({name: body[key] for key, name in _OPENAI_SAMPLING.items() if key in body})
+        _check_logit_bias(params.get("logit_bias"))
+        seed = body.get("seed")
+        if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**63):
+            raise HTTPError(400, "'seed' must be a 64-bit integer")
+        per_choice = [params if seed is None else {**params, "sampling_seed": _wrap_seed(seed + j)}
+                      for j in range(n)]
+
+        if chat:
+            prompts = [("text", render_chat(engine.chat_template, _chat_messages(body.get("messages"))))]
+            echo = False
+            top = None
+            if _bool_field(body, "logprobs"):
+                top = body.get("top_logprobs", 0)
+                if not _is_int(top) or not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS:
+                    raise HTTPError(400, f"'top_logprobs' must be an integer in [0, {OPENAI_MAX_TOP_LOGPROBS}]")
+            elif "top_logprobs" in body:
+                raise HTTPError(400, "'top_logprobs' needs 'logprobs': true")
+        else:
+            prompts = _completion_prompts(body.get("prompt"))
+            echo = _bool_field(body, "echo")
+            top = body.get("logprobs")
+            if top is not None and (not _is_int(top) or not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS):
+                raise HTTPError(400, f"'logprobs' must be an integer in [0, {OPENAI_MAX_TOP_LOGPROBS}]")
+        if stream and len(prompts) * n > OPENAI_MAX_STREAM_CHOICES:
+            raise HTTPError(400, f"a streamed request may have at most {OPENAI_MAX_STREAM_CHOICES} choices "
+                                 f"(prompts x n); this one has {len(prompts) * n}")
+
+        def native(kind: str, prompt_values: list, sampling_params: list) -> Dict[str, Any]:
+            body = {kind: prompt_values, "sampling_params": sampling_params}
+            if top is not None:
+                body.update(return_logprob=True, top_logprobs_num=top, return_text_in_logprobs=True,
+                            logprob_start_len=0 if echo else -1)
+            return check_request(body)
+
+        kind = prompts[0][0]
+        if stream:  # one engine stream per choice
+            bodies = [native(kind, value, params) for _, value in prompts for params in per_choice]
+        else:  # one engine batch for every choice of every prompt
+            bodies = [native(kind, [value for _, value in prompts for _ in range(n)], per_choice * len(prompts))]
+        return _Job(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=model, n=n, stream=stream, include_usage=include_usage, logprobs=top, echo=echo,
+                    prompts=prompts, bodies=bodies)
+
+    async def openai_endpoint(request: Request, chat: bool):
         try:
-            out = await run_in_threadpool(lambda: engine.generate_request(**body))
+            job = openai_job(await read_body(request), chat)
+            states = [_Choice(job, i, engine.tokenizer) for i in range(len(job.prompts) * job.n)]
+            if job.stream:
+                streams = await open_streams(job.bodies)
+                return _stream_response(streams, job.render_chunk(states), head=job.head(states),
+                                        tail=lambda: job.tail(states))
+            outs = await call_engine(job.bodies[0])
+            return _json(job.response(states, outs))
+        except HTTPError as e:
+            return _error(e.status, e.message)
         except Exception as e:  # noqa: BLE001
             return _exception_response(e)
-        return _json(out)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await openai_endpoint(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await openai_endpoint(request, chat=True)
 
     return app
 
 
+# ---- request parsing ---------------------------------------------------------------------------
+def _check_fields(body: Dict[str, Any], allowed: Iterable[str], neutral: Dict[str, Any],
+                  where: str = "request") -> None:
+    """Reject unknown fields (naming them); drop the tolerated ones (``neutral``: field ->
+    ``_ANY`` or the values it is accepted with)."""
+    unknown = []
+    for key in list(body):
+        if key in allowed:
+            continue
+        if key in neutral and (neutral[key] is _ANY or body[key] in neutral[key]):
+            del body[key]
+            continue
+        unknown.append(key)
+    if unknown:
+        raise HTTPError(400, f"unknown or unsupported {where} fields: {sorted(unknown)}")
+
+
+def _bool_field(body: Dict[str, Any], key: str, name: Optional[str] = None) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"{name or key!r} must be a boolean")
+    return value
+
+
+def _wrap_seed(seed: int) -> int:
+    return (seed + 2**63) % 2**64 - 2**63
+
+
+def _check_logit_bias(bias: Any) -> None:
+    if bias is None:
+        return
+    ok = isinstance(bias, dict) and all(
+        isinstance(k, str) and k.strip().lstrip("-").isdigit()
+        and isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+        for k, v in bias.items())
+    if not ok:
+        raise HTTPError(400, "'logit_bias' must map token ids (as strings) to numbers in [-100, 100]")
+
+
+def _completion_prompts(prompt: Any) -> List[Tuple[str, Any]]:
+    """``prompt`` as (native field, value) pairs: ("text", str) or ("input_ids", [int])."""
+    if isinstance(prompt, str):
+        return [("text", prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [("text", p) for p in prompt]
+        if all(_is_int(t) for t in prompt):
+            return [("input_ids", prompt)]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return [("input_ids", p) for p in prompt]
+    if prompt is None:
+        raise HTTPError(400, "'prompt' is required")
+    raise HTTPError(400, "'prompt' must be a string, a non-empty list of strings, a list of token ids "
+                         "or a list of non-empty lists of token ids")
+
+
+def _chat_messages(messages: Any) -> List[Dict[str, str]]:
+    """OpenAI chat messages as SGLang template messages ({role, content} with text content)."""
+    if not isinstance(messages, list) or not messages:
+        raise HTTPError(400, "'messages' must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise HTTPError(400, f"{where} must be an object with 'role' and 'content'")
+        message = dict(message)
+        _check_fields(message, _MESSAGE_FIELDS, _NEUTRAL_MESSAGE_FIELDS, where=where)
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            raise HTTPError(400, f"{where}.role must be one of {sorted(_CHAT_ROLES)}, got {role!r} "
+                                 "(tool and function messages are not supported)")
+        out.append({"role": _CHAT_ROLES[role], "content": _message_text(message.get("content"), where)})
+    return out
+
+
+def _message_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _IMAGE_PARTS:
+                raise HTTPError(400, f"{where}.content[{j}]: image content is not supported; "
+                                     "this server's model is text-only")
+            if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise HTTPError(400, f"{where}.content[{j}] must be a text part "
+                                     "{\"type\": \"text\", \"text\": \"...\"}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise HTTPError(400, f"{where}.content must be a string or a non-empty list of text parts")
+
+
+# ---- OpenAI responses --------------------------------------------------------------------------
+def _finish_reason(reason: Optional[Dict[str, Any]]) -> Optional[str]:
+    if reason is None:
+        return None
+    return reason.get("type") if reason.get("type") in ("stop", "length") else str(reason.get("type"))
+
+
+class _Choice:
+    """One choice's progress through its engine responses (one final response, or a stream of
+    growing ones): the text and the token logprobs not yet sent.
+
+    A token's logprob is sent once its successor exists or the request finished, so a stop
+    token (which ends the request) is never sent: OpenAI leaves it out of ``logprobs``.
+    """
+
+    def __init__(self, job: "_Job", index: int, tokenizer):
+        self.index = index
+        self.prompt_kind, self.prompt = job.prompts[index // job.n]
+        self.echo = job.echo
+        self.want_logprobs = job.logprobs is not None
+        self.top = job.logprobs or 0
+        self.tokenizer = tokenizer
+        self.text_sent = 0
+        self.tokens_sent = 0
+        self.started = False
+        self.offset = 0  # text_offset of the next token (completions logprobs)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def echo_text(self) -> str:
+        if self.prompt_kind == "text":
+            return self.prompt
+        return self.tokenizer.decode(self.prompt)
+
+    def advance(self, out: Dict[str, Any]) -> Tuple[str, List[tuple], Optional[str]]:
+        """(new text, new token entries (token, logprob, top [(logprob, id, token)] or None,
+        text_offset), finish reason once finished) from the engine's latest response."""
+        meta = out["meta_info"]
+        self.prompt_tokens, self.completion_tokens = meta["prompt_tokens"], meta["completion_tokens"]
+        final = meta["finish_reason"] is not None
+        text = out["text"]
+        delta = text[self.text_sent:]
+        self.text_sent = max(self.text_sent, len(text))
+        entries: List[tuple] = []
+        if not self.started:
+            self.started = True
+            if self.echo:
+                echo = self.echo_text()
+                delta = echo + delta
+                if self.want_logprobs:
+                    offset = 0
+                    tops = meta["input_top_logprobs"]
+                    for k, (lp, _, token) in enumerate(meta["input_token_logprobs"]):
+                        entries.append((token, lp, tops[k] if k < len(tops) else None, offset))
+                        offset += len(token)
+                self.offset = len(echo)
+        if self.want_logprobs:
+            logprobs = meta["output_token_logprobs"]
+            tops = meta["output_top_logprobs"]
+            ready = min(len(logprobs), len(tops)) if self.top else len(logprobs)
+            if not final:
+                ready -= 1  # the newest token might be a stop token: wait for its successor
+            else:
+                matched = meta["finish_reason"].get("matched")
+                ids = out["output_ids"]
+                if isinstance(matched, int) and ids and ids[-1] == matched and ready == len(ids):
+                    ready -= 1
+            for k in range(self.tokens_sent, ready):
+                lp, _, token = logprobs[k]
+                entries.append((token, lp, tops[k] if self.top else [], self.offset))
+                self.offset += len(token)
+            self.tokens_sent = max(self.tokens_sent, ready)
+        return delta, entries, (_finish_reason(meta["finish_reason"]) if final else None)
+
+
+def _completion_logprobs(entries: List[tuple]) -> Dict[str, Any]:
+    top_logprobs = []
+    for token, lp, top, _ in entries:
+        if top is None:
+            top_logprobs.append(None)
+            continue
+        best: Dict[str, float] = {}
+        for tlp, _, ttoken in top:
+            best[ttoken] = max(tlp, best.get(ttoken, float("-inf")))
+        if lp is not None and token not in best:
+            best[token] = lp  # the sampled token is always listed, as OpenAI does
+        top_logprobs.append(best)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": top_logprobs, "text_offset": [e[3] for e in entries]}
+
+
+def _chat_logprobs(entries: List[tuple]) -> Dict[str, Any]:
+    def item(token, lp):
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", errors="replace"))}
+
+    return {"content": [{**item(token, lp), "top_logprobs": [item(t, tlp) for tlp, _, t in top or ()]}
+                        for token, lp, top, _ in entries]}
+
+
+@dataclasses.dataclass
+class _Job:
+    """One OpenAI request, turned into native ``/generate`` bodies, and its response shapes."""
+
+    chat: bool
+    id: str
+    created: int
+    model: str
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: Optional[int]  # top-k per token; None: no logprobs
+    echo: bool
+    prompts: List[Tuple[str, Any]]
+    bodies: List[Dict[str, Any]]  # one engine batch, or one body per streamed choice
+
+    def _envelope(self, choices: list, chunk: bool) -> Dict[str, Any]:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def _choice(self, state: _Choice, text: str, entries: List[tuple], finish: Optional[str],
+                chunk: bool) -> Dict[str, Any]:
+        index = state.index % self.n if self.chat else state.index
+        if self.logprobs is None:
+            logprobs = None
+        else:
+            logprobs = (_chat_logprobs if self.chat else _completion_logprobs)(entries)
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if chunk:
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def _usage(self, states: List[_Choice]) -> Dict[str, int]:
+        prompt = sum(s.prompt_tokens for s in states[:: self.n])  # each prompt counts once
+        completion = sum(s.completion_tokens for s in states)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def response(self, states: List[_Choice], outs: List[Dict[str, Any]]) -> Dict[str, Any]:
+        choices = [self._choice(state, *state.advance(out), chunk=False) for state, out in zip(states, outs)]
+        return {**self._envelope(choices, chunk=False), "usage": self._usage(states)}
+
+    def _chunk(self, choices: list) -> Dict[str, Any]:
+        chunk = self._envelope(choices, chunk=True)
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def head(self, states: List[_Choice]) -> List[Dict[str, Any]]:
+        if not self.chat:
+            return []
+        return [self._chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}]) for s in states]
+
+    def render_chunk(self, states: List[_Choice]) -> Callable[[int, Dict[str, Any]], List[Dict[str, Any]]]:
+        def render(i: int, out: Dict[str, Any]) -> List[Dict[str, Any]]:
+            text, entries, finish = states[i].advance(out)
+            if not text and not entries and finish is None:
+                return []
+            return [self._chunk([self._choice(states[i], text, entries, finish, chunk=True)])]
+        return render
+
+    def tail(self, states: List[_Choice]) -> List[Dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        return [{**self._envelope([], chunk=True), "usage": self._usage(states)}]
+
+
+# ---- HTTP plumbing ---------------------------------------------------------------------------
 class _Guard:
     """Pure ASGI middleware (streams pass through untouched): API key and body-size checks."""
 
@@ -265,19 +744,24 @@ class _Guard:
         return await self.app(scope, receive, send)
 
 
+def _stream_response(streams: List["_ClosableStream"], render, head=(), tail=None) -> StreamingResponse:
+    return _EngineStreamResponse(streams, _sse(streams, render, head, tail), media_type="text/event-stream")
+
+
 class _EngineStreamResponse(StreamingResponse):
-    """Closes the engine stream however the response ends: finished, client gone (the send
+    """Closes the engine streams however the response ends: finished, client gone (the send
     raises), or cancelled (starlette's disconnect listener)."""
 
-    def __init__(self, closable: "_ClosableStream", content, **kwargs):
+    def __init__(self, streams: List["_ClosableStream"], content, **kwargs):
         super().__init__(content, **kwargs)
-        self._closable = closable
+        self._streams = streams
 
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            self._closable.close_in_background()
+            for stream in self._streams:
+                stream.close_in_background()
 
 
 def _is_int(value: Any) -> bool:
@@ -293,6 +777,9 @@ def _exception_response(e: BaseException) -> Response:
     return _error(500, f"internal error: {type(e).__name__}: {e}")
 
 
+_NOT_FETCHED = object()
+
+
 class _ClosableStream:
     """The engine's stream iterator, advanced in worker threads and closable from any thread.
 
@@ -304,16 +791,30 @@ class _ClosableStream:
         self._it = iterator
         self._lock = threading.Lock()
         self._closed = False
+        self._first = _NOT_FETCHED
+
+    def _advance(self):
+        if self._closed:
+            return None
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._closed = True
+            return None
+
+    def prime(self) -> None:
+        """Fetch the first chunk now, so that an error such as ``KVCacheExhausted`` surfaces
+        before the response starts; ``next`` returns it first."""
+        with self._lock:
+            if self._first is _NOT_FETCHED:
+                self._first = self._advance()
 
     def next(self):
         with self._lock:
-            if self._closed:
-                return None
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._closed = True
-                return None
+            if self._first is not _NOT_FETCHED:
+                first, self._first = self._first, _NOT_FETCHED
+                return first
+            return self._advance()
 
     def close(self) -> None:
         with self._lock:
@@ -325,25 +826,45 @@ class _ClosableStream:
         threading.Thread(target=self.close, name="rksc-sgl-stream-close", daemon=True).start()
 
 
-async def _sse(stream: _ClosableStream):
-    """SGLang's stream format: one ``data: {json}`` event per chunk, then ``data: [DONE]``."""
+def _data(obj: Any) -> bytes:
+    return b"data: " + _json_bytes(obj) + b"\n\n"
+
+
+async def _sse(streams: List[_ClosableStream], render: Callable[[int, Dict[str, Any]], List[Any]],
+               head: Iterable[Any] = (), tail: Optional[Callable[[], List[Any]]] = None):
+    """SGLang's (and OpenAI's) stream format: ``data: {json}`` events, then ``data: [DONE]``.
+
+    The streams are read round-robin, one chunk each in turn (the choices of one request
+    decode in the same batches); ``render(i, chunk)`` turns stream ``i``'s chunk into events.
+    """
     try:
-        while True:
-            try:
-                out = await run_in_threadpool(stream.next)
-            except Exception as e:  # noqa: BLE001 - reported in-stream, as SGLang does
-                resp = _exception_response(e)
-                yield b"data: " + resp.body + b"\n\n"
-                break
-            if out is None:
-                break
-            yield b"data: " + _json_bytes(out) + b"\n\n"
+        for event in head:
+            yield _data(event)
+        active = list(range(len(streams)))
+        failed = False
+        while active and not failed:
+            for i in list(active):
+                try:
+                    out = await run_in_threadpool(streams[i].next)
+                except Exception as e:  # noqa: BLE001 - reported in-stream, as SGLang does
+                    yield b"data: " + _exception_response(e).body + b"\n\n"
+                    failed = True
+                    break
+                if out is None:
+                    active.remove(i)
+                    continue
+                for event in render(i, out):
+                    yield _data(event)
+        if not failed and tail is not None:
+            for event in tail():
+                yield _data(event)
         yield b"data: [DONE]\n\n"
     finally:
         # Finished, or the client went away (the task is cancelled): close without awaiting,
         # since an await in a cancelled scope would be cancelled again. Closing an
         # unfinished engine stream cancels the request and frees its KV.
-        stream.close_in_background()
+        for stream in streams:
+            stream.close_in_background()
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 30000, api_key: Optional[str] = None,
@@ -357,4 +878,4 @@ def serve(engine, host: str = "127.0.0.1", port: int = 30000, api_key: Optional[
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
-__all__ = ["create_app", "serve", "matching_chat_template"]
+__all__ = ["create_app", "serve", "matching_chat_template", "render_chat"]

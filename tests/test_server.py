@@ -7,6 +7,7 @@ TestClient; the end-to-end tests start uvicorn on a free loopback port and run u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -116,6 +117,26 @@ def test_bad_requests_are_400(client, checked, body, needle):
     assert needle in resp.json()["error"]["message"]
 
 
+def test_generate_sampling_params_per_prompt(client, checked):
+    """As SGLang: a batch may give one sampling_params dict per prompt."""
+    texts = ["One, two,", "One, two,"]
+    resp = client.post("/generate", json={"text": texts, "sampling_params": [_greedy(2), _greedy(5)]})
+    assert resp.status_code == 200, resp.text
+    assert [o["meta_info"]["completion_tokens"] for o in resp.json()] == [2, 5]
+    bad = client.post("/generate", json={"text": texts, "sampling_params": [_greedy(2)]})
+    assert bad.status_code == 400 and "one entry per prompt" in bad.json()["error"]["message"]
+
+
+def test_sampling_seed_is_reproducible(client, checked):
+    body = {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 8, "temperature": 1.0,
+                                                             "sampling_seed": 1234}}
+    first, second = (client.post("/generate", json=body).json() for _ in range(2))
+    assert first["output_ids"] == second["output_ids"]
+    # The same seed twice in one batch: each request has its own generator.
+    both = client.post("/generate", json={**body, "text": [body["text"]] * 2}).json()
+    assert [o["output_ids"] for o in both] == [first["output_ids"]] * 2
+
+
 def test_body_size_cap(client, checked):
     resp = client.post("/generate", json={"text": "x" * (BODY_LIMIT + 10)})
     assert resp.status_code == 413
@@ -126,8 +147,12 @@ def test_kv_exhausted_is_503(radix_engine):
     with TestClient(create_app(radix_engine, max_request_bytes=BODY_LIMIT)) as c:
         resp = c.post("/generate", json={"input_ids": [17] * 4000,
                                          "sampling_params": {"max_new_tokens": 200}})
-    assert resp.status_code == 503, resp.text
-    assert resp.json()["error"]["message"]
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["message"]
+        # Streamed too: the first chunk is fetched before the response starts.
+        streamed = c.post("/generate", json={"input_ids": [17] * 4000, "stream": True,
+                                             "sampling_params": {"max_new_tokens": 200}})
+        assert streamed.status_code == 503, streamed.text
     radix_engine.check_integrity()
 
 
@@ -191,12 +216,12 @@ def test_flush_cache(client, checked):
 
 
 # ---- a real server: RuntimeEndpoint programs --------------------------------------------------
-@pytest.fixture(scope="module")
-def live_url(radix_engine):
+@contextlib.contextmanager
+def running_server(app):
+    """``app`` under uvicorn on a free loopback port, in a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(radix_engine, max_new_tokens_cap=2048)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -204,9 +229,17 @@ def live_url(radix_engine):
     while not server.started:
         assert time.time() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_url(radix_engine):
+    with running_server(create_app(radix_engine, max_new_tokens_cap=2048)) as url:
+        yield url
 
 
 @sgl.function
