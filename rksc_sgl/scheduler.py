@@ -265,54 +265,76 @@ class Scheduler:
         batch: List[Request] = []
         prefill_tokens = 0
         deferred: List[Request] = []
-        while self.waiting and len(self.running) + len(batch) < self.max_running:
-            req = self.waiting[0]
-            cap = len(req.input_ids) - 1
-            if req.logprob_start is not None:
-                # Logits from the logprob start onwards are needed: compute it again.
-                cap = min(cap, req.logprob_start)
-            if self._shares_prefix_with(req, batch):
-                # Another request of this batch computes the same prefix; take this one
-                # next step, when it can reuse that prefix from the tree.
-                deferred.append(self.waiting.popleft())
-                continue
-            prefix, node = self.kv.match(req.input_ids, cap)
-            need = len(req.input_ids) - len(prefix) + req.max_new_tokens
-            if need + len(prefix) > self.kv.pool_tokens:
-                self.waiting.popleft()
-                self._finish(req, error=KVCacheExhausted(
-                    f"request needs {len(req.input_ids) + req.max_new_tokens} KV slots "
-                    f"({len(req.input_ids)} prompt + {req.max_new_tokens} max_new_tokens) "
-                    f"but the KV pool holds {self.kv.pool_tokens}; raise kv_pool_tokens "
-                    "or lower max_new_tokens"))
-                continue
-            alias = None
-            if req.logprob_start is None:  # scored prompts are computed exactly
-                alias = self.kv.match_alias(req.input_ids, cap, len(prefix), node)
-                self.stats.key_tokens = self.kv.key_tokens
-            reused = alias.reused_tokens if alias is not None else 0
-            need -= reused
-            req.kv = self.kv.open(req.input_ids, prefix, node, alias)
-            extend = len(req.input_ids) - len(prefix) - reused
-            over_budget = self.kv.available_tokens() - reserved < need
-            over_prefill = batch and prefill_tokens + extend > self.max_prefill_tokens
-            if over_budget or over_prefill:
-                self.kv.cancel_open(req.kv)
-                req.kv = None
-                break
-            self.waiting.popleft()
-            req.cached_tokens = len(prefix)
-            self.stats.cached_tokens += len(prefix)
-            if alias is not None:
-                req.semantic_tokens = reused
-                self.stats.semantic_tokens += reused
-                self.stats.recomputed_tokens += len(alias.recompute)
-            self.stats.requests += 1
-            reserved += need
-            prefill_tokens += extend
-            batch.append(req)
-        self.waiting.extendleft(reversed(deferred))
+        try:
+            while self.waiting and len(self.running) + len(batch) < self.max_running:
+                req = self.waiting[0]
+                try:
+                    step = self._admit_one(req, batch, deferred, reserved, prefill_tokens)
+                except Exception as exc:  # fail this request only; the others keep their turn
+                    logger.exception("admitting a request failed")
+                    if req.kv is not None:
+                        self.kv.cancel_open(req.kv)
+                        req.kv = None
+                    if self.waiting and self.waiting[0] is req:
+                        self.waiting.popleft()
+                    self._finish(req, error=exc)
+                    continue
+                if step is None:
+                    break
+                reserved, prefill_tokens = step
+        finally:
+            self.waiting.extendleft(reversed(deferred))
         return batch
+
+    def _admit_one(self, req: Request, batch: List[Request], deferred: List[Request], reserved: int,
+                   prefill_tokens: int) -> Optional[tuple]:
+        """Admit the head of the queue into ``batch`` if it fits: the new (reserved,
+        prefill tokens), or None when it must wait for memory or the next step."""
+        cap = len(req.input_ids) - 1
+        if req.logprob_start is not None:
+            # Logits from the logprob start onwards are needed: compute it again.
+            cap = min(cap, req.logprob_start)
+        if self._shares_prefix_with(req, batch):
+            # Another request of this batch computes the same prefix; take this one
+            # next step, when it can reuse that prefix from the tree.
+            deferred.append(self.waiting.popleft())
+            return reserved, prefill_tokens
+        prefix, node = self.kv.match(req.input_ids, cap)
+        need = len(req.input_ids) - len(prefix) + req.max_new_tokens
+        if need + len(prefix) > self.kv.pool_tokens:
+            self.waiting.popleft()
+            self._finish(req, error=KVCacheExhausted(
+                f"request needs {len(req.input_ids) + req.max_new_tokens} KV slots "
+                f"({len(req.input_ids)} prompt + {req.max_new_tokens} max_new_tokens) "
+                f"but the KV pool holds {self.kv.pool_tokens}; raise kv_pool_tokens "
+                "or lower max_new_tokens"))
+            return reserved, prefill_tokens
+        alias = None
+        if req.logprob_start is None:  # scored prompts are computed exactly
+            alias = self.kv.match_alias(req.input_ids, cap, len(prefix), node)
+            self.stats.key_tokens = self.kv.key_tokens
+        reused = alias.reused_tokens if alias is not None else 0
+        need -= reused
+        req.kv = self.kv.open(req.input_ids, prefix, node, alias)
+        extend = len(req.input_ids) - len(prefix) - reused
+        over_budget = self.kv.available_tokens() - reserved < need
+        over_prefill = batch and prefill_tokens + extend > self.max_prefill_tokens
+        if over_budget or over_prefill:
+            self.kv.cancel_open(req.kv)
+            req.kv = None
+            return None
+        self.waiting.popleft()
+        req.cached_tokens = len(prefix)
+        self.stats.cached_tokens += len(prefix)
+        if alias is not None:
+            req.semantic_tokens = reused
+            self.stats.semantic_tokens += reused
+            self.stats.recomputed_tokens += len(alias.recompute)
+        self.stats.requests += 1
+        reserved += need
+        prefill_tokens += extend
+        batch.append(req)
+        return reserved, prefill_tokens
 
     def _shares_prefix_with(self, req: Request, batch: List[Request]) -> bool:
         if self.kv.tree.disable or not self.in_batch_prefix_min_tokens:

@@ -207,3 +207,35 @@ def test_failing_forward_fails_the_batch_and_leaks_nothing(tiny_pool_engine, mon
     out = eng.generate_request(text="still serving", sampling_params={"max_new_tokens": 2})
     assert out["meta_info"]["completion_tokens"] == 2
     eng.check_integrity()
+
+
+def test_failing_admission_fails_that_request_only(tiny_pool_engine, monkeypatch):
+    """An exception while admitting a request (matching its prefix, say) fails that request;
+    the requests queued with it run, nothing stays locked, and the engine keeps serving.
+    (Before: the request stayed at the head of the queue, failing every step, and its
+    client waited forever.)"""
+    eng = tiny_pool_engine
+    real_match = eng.kv.match
+
+    def match(token_ids, cap):
+        if eng.tokenizer.decode(token_ids).startswith("poison"):
+            raise RuntimeError("injected admission failure")
+        return real_match(token_ids, cap)
+
+    monkeypatch.setattr(eng.kv, "match", match)
+    texts = ["Fine one.", "poison pill", "Fine two."]
+    pendings = [eng._prepare(eng.tokenizer.encode(t), {"max_new_tokens": 3, "min_new_tokens": 3}, False, -1, 0)
+                for t in texts]
+    for p in pendings:
+        eng.scheduler.submit(p.req)
+    outcomes = []
+    for p in pendings:
+        try:
+            outcomes.append(len(p.wait().output_ids))
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+    assert outcomes == [3, "injected admission failure", 3]
+    monkeypatch.setattr(eng.kv, "match", real_match)
+    eng.check_integrity()
+    assert eng.generate_request(text="still serving", sampling_params={"max_new_tokens": 2})["meta_info"][
+        "completion_tokens"] == 2
