@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 import warnings
@@ -44,112 +41,14 @@ import torch
 
 warnings.simplefilter("ignore")
 
-import sglang as sgl  # noqa: E402
-import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
+from rksc_sgl.bench import build_prompt, hints_for, program  # noqa: E402
+from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
 
-HINTS = [
-    "Approach: set up an equation for the unknown and solve it.",
-    "Approach: work backwards from what the question asks for.",
-    "Approach: list every quantity first, then combine them one at a time.",
-    "Approach: estimate the answer roughly, then compute it exactly.",
-    "Approach: draw a small table of before/after amounts.",
-    "Approach: split the problem into two smaller sub-problems.",
-    "Approach: compute each person's or item's total separately, then add.",
-    "Approach: check units and percentages carefully at every step.",
-]
-
-
-def hints_for(n: int) -> List[str]:
-    return [HINTS[i % len(HINTS)] + (f" (variant {i // len(HINTS) + 1})" if i >= len(HINTS) else "")
-            for i in range(n)]
-
-
-# ---- inputs -------------------------------------------------------------------------------
-def build_prompt(tokenizer, prompt_tokens: int, seed: int) -> str:
-    """A deterministic few-shot prompt of about ``prompt_tokens`` tokens ending in a new
-    problem. Worked examples come from reasoning-gym ``gsm_symbolic`` (seeded); the
-    example block is cut at a token boundary so the total is close to the target."""
-    import reasoning_gym
-
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=64, seed=seed)
-    target = data[0]
-    header = "Solve each math word problem. Reason step by step, then give the final answer.\n\n"
-    tail = f"\n\nQuestion: {target['question']}\nAnswer: Let's think step by step.\n"
-
-    def n_tok(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    budget = prompt_tokens - n_tok(header) - n_tok(tail)
-    shots, used = [], 0
-    for item in list(data)[1:]:
-        shot = f"Question: {item['question']}\nAnswer: {item['metadata'].get('answer_cot', '')}\n" \
-               f"Final answer: {item['answer']}\n\n"
-        shots.append(shot)
-        used += n_tok(shot)
-        if used >= budget:
-            break
-    block_ids = tokenizer.encode("".join(shots), add_special_tokens=False)[: max(budget, 0)]
-    block = tokenizer.decode(block_ids).rstrip()
-    return header + block + tail
-
-
-@sgl.function
-def self_consistency(s, prompt, hints, max_tokens, fork_commit):
-    """Self-consistency: one shared prompt, ``len(hints)`` branches, one hint each.
-
-    SGLang's ``fork`` commits the text so far as a prefill-only request, but only if the
-    interpreter thread has already applied it (``StreamExecutor.fork`` tests ``text_``
-    before it syncs), which is a race. Both variants below are deterministic:
-    ``fork_commit=False`` forks first and appends the shared prompt in every branch (no
-    commit request; the engine sees exactly ``len(hints)`` requests); ``fork_commit=True``
-    syncs before forking, so the prefix is always committed first (one extra request).
-    """
-    if fork_commit:
-        s += prompt
-        s.sync()
-        forks = s.fork(len(hints))
-        shared = ""
-    else:
-        forks = s.fork(len(hints))
-        shared = prompt
-    for f, hint in zip(forks, hints):
-        f += shared + hint + "\n"
-        f += sgl.gen("answer", max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
-    metas = [f.get_meta_info("answer") for f in forks]  # waits for every branch
-    forks.join()  # gathers the branches' "answer" into a list on s
-    return [m["completion_tokens"] for m in metas]
-
-
-# ---- helpers ------------------------------------------------------------------------------
-def median(xs: List[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def versions() -> Dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-           "sglang": getattr(sgl, "__version__", None) or md.version("sglang")}
-    for pkg in ("rksc-sgl", "reasoning-gym", "matplotlib"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+# The inputs and the program of (b)/(c) are rksc_sgl.bench's (its `paper` and `cot`
+# workloads use them too); the report helpers are rksc_sgl.report's.
 
 
 # ---- (a) decode speed ---------------------------------------------------------------------
@@ -211,12 +110,12 @@ def run_program(eng, prompt: str, hints: List[str], max_tokens: int, fork_commit
     eng.flush_cache()
     before = eng.stats(reset_peak=True)
     t0 = time.perf_counter()
-    state = self_consistency.run(prompt=prompt, hints=hints, max_tokens=max_tokens, fork_commit=fork_commit,
-                                 backend=eng)
+    state = program("hinted_branches").run(prompt=prompt, hints=hints, max_tokens=max_tokens,
+                                           fork_commit=fork_commit, backend=eng)
     answers = state["answer"]
     wall = time.perf_counter() - t0
     stats = eng.stats().since(before)
-    counts = state.ret_value
+    counts = state.ret_value["completion_tokens"]
     if counts != [max_tokens] * len(hints):
         raise RuntimeError(f"branches generated {counts} tokens, expected {max_tokens} each")
     return {"wall_s": wall, "stats": stats.as_dict(), "answers": list(answers)}
@@ -290,17 +189,6 @@ def fmt_table(result: Dict) -> str:
             f"{r['median_cached_tokens']:.0f}", "", "", None)
         row(f"{tag} branch outputs none == radix", p["branch_outputs_identical"], "", "", "", None)
     return format_table(rows)
-
-
-def format_table(rows: List[tuple]) -> str:
-    """Rows of cells as aligned text: first column left, the rest right, a rule under the header."""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -415,18 +303,6 @@ def main(argv=None) -> int:
                     f"(+1 warm-up), torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
                     f"sglang {result['versions']['sglang']}; prompt {result['config']['actual_prompt_tokens'][1:]} tok")
     return 0
-
-
-def save_and_report(result: Dict, table: str, out_dir: Path, name: str, plot_fn, title: str) -> None:
-    """Write ``name``.json (with the table) and ``name``.png, then print title and table."""
-    result["table"] = table
-    json_path = out_dir / f"{name}.json"
-    png_path = out_dir / f"{name}.png"
-    json_path.write_text(json.dumps(result, indent=2, default=str))
-    plot_fn(result, png_path)
-    print(f"\n{title}")
-    print(table)
-    print(f"\nwrote {json_path}\nwrote {png_path}\n(total {result['total_wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,13 @@ from typing import Dict, List
 import torch
 
 warnings.simplefilter("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from bench_engine import build_prompt, cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+from rksc_sgl.bench import build_prompt  # noqa: E402
 from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
+from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
 
 TARGET_OVERHEAD = 0.15
 

@@ -60,11 +60,15 @@ DEFAULT_VERIFY_PROMPT = "Is this solution correct? Answer Yes or No."
 class CGEEConfig:
     """Gate switches and thresholds (validated; frozen, so one config can be shared)."""
 
-    # Defaults: benchmarks/results/calibrate_cgee.json (80 problems, seed 1000, 0 errors).
+    # Thresholds: benchmarks/results/calibrate_cgee.json (80 problems, seed 1000, 0 errors).
+    # The exit gate is off by default: on the ``paper`` workload (bench_paper.json) its
+    # calibrated layer-26 exit changed the chosen answer on 2 of 8 problems -- the logit
+    # lens keeps a branch's Yes/No verdict but not the P(yes) that ``weighted_vote`` adds
+    # up -- for at most 4 of 30 layers saved. Switch it on with ``exit_gate=True``.
     skip_gate: bool = True
     skip_min_vote_share: float = 0.5
     skip_min_confidence: float = 0.0
-    exit_gate: bool = True
+    exit_gate: bool = False
     exit_entropy_bits: float = 0.05
     exit_window: int = 6
     exit_min_layer: int = 26
@@ -279,6 +283,7 @@ def verify(forks, answer: str = "answer", question: Optional[str] = None, *,
                              "vote_share": gate1["vote_share"], "top_confidence": gate1["confidence"],
                              "skipped": gate1["skip"], "num_layers": None, "layers_run": None,
                              "mean_exit_layer": None, "exit_available": hasattr(backend, "verify_yes_no"),
+                             "verifier_new_tokens": 0, "verifier_cached_tokens": 0,
                              "audited": False, "audit_agrees": None}
     scores: List[Optional[float]] = [None] * len(states)
     if gate1["skip"]:
@@ -338,9 +343,12 @@ def _verifier_pass(states, backend, config: CGEEConfig, question, exit_gate: boo
         return [r.p_yes for r in results], {
             "num_layers": results[0].num_layers, "layers_run": layers,
             "mean_exit_layer": sum(layers) / len(layers),
-            "exited_early": sum(r.exited_early for r in results)}
+            "exited_early": sum(r.exited_early for r in results),
+            "verifier_new_tokens": sum(r.new_tokens for r in results),
+            "verifier_cached_tokens": sum(r.cached_tokens for r in results)}
     return _select_pass(states, config, question), {"num_layers": None, "layers_run": None,
-                                                    "mean_exit_layer": None, "exited_early": 0}
+                                                    "mean_exit_layer": None, "exited_early": 0,
+                                                    "verifier_new_tokens": None, "verifier_cached_tokens": None}
 
 
 def _select_pass(states, config: CGEEConfig, question) -> List[float]:

@@ -1,4 +1,4 @@
-"""Command line: ``rksc-sgl run PROGRAM.py``, ``rksc-sgl demo``, and the helpers programs share.
+"""Command line: ``rksc-sgl run PROGRAM.py``, ``demo``, ``serve``, ``patch``, ``bench``, and the helpers programs share.
 
 Every reasoning program under ``programs/`` is a plain script; the argument parsing,
 engine construction, problem loop and statistics printing they have in common live
@@ -345,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest max_new_tokens a request may ask for (default: 4096)")
     add_engine_args(serve)
     serve.set_defaults(subparser=serve)
+
+    from .bench import add_bench_args
+
+    bench = sub.add_parser(
+        "bench", help="compare cache modes (none, radix, rksc, ...) on reasoning workloads",
+        description="Run every chosen mode on the same seeded reasoning-gym problems, in this process, "
+                    "one CPU thread, warm-up excluded; print a table and write bench_<workload>.json, "
+                    ".md and .png (speedups with bootstrap intervals, hit tokens, fidelity against tau).",
+        usage="rksc-sgl bench [--workload paper] [--modes none,radix,rksc] [--problems N] [--seed S] [options]",
+    )
+    add_bench_args(bench)
+    bench.set_defaults(subparser=bench)
     return parser
 
 
@@ -378,6 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "patch":
         return patch_command(args)
+    if args.command == "bench":
+        from .bench import bench_command
+
+        return bench_command(args, args.subparser.error)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

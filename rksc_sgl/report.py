@@ -1,0 +1,97 @@
+"""What every benchmark's report shares: machine facts, versions, tables, and saving.
+
+Used by ``rksc-sgl bench`` (:mod:`rksc_sgl.bench`) and the scripts in ``benchmarks/``:
+
+- :func:`cpu_model`, :func:`versions` -- what a result must name so it can be compared;
+- :func:`median` -- the statistic every timing is summarised by;
+- :func:`format_table` (aligned text) and :func:`markdown_table` (GitHub markdown), from the
+  same rows of cells;
+- :func:`save_and_report` -- write ``NAME.json`` (with the table), ``NAME.png`` (and
+  ``NAME.md`` when given markdown), then print the title and the table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median, ``nan`` for no values."""
+    return statistics.median(xs) if len(xs) else float("nan")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Versions of Python and of the packages a result depends on (``None``: not installed)."""
+    import importlib.metadata as md
+
+    import torch
+    import transformers
+
+    out: Dict[str, Optional[str]] = {"python": sys.version.split()[0], "torch": torch.__version__,
+                                     "transformers": transformers.__version__}
+    for pkg in ("sglang", "rksc-sgl", "reasoning-gym", "matplotlib"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def format_table(rows: List[tuple]) -> str:
+    """Rows of cells as aligned text: first column left, the rest right, a rule under the header."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: List[tuple]) -> str:
+    """The same rows as a GitHub markdown table (first row is the header)."""
+    def cell(c) -> str:
+        return str(c).replace("|", "\\|")
+
+    head, *body = rows
+    lines = ["| " + " | ".join(cell(c) for c in head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def save_and_report(result: Dict, table: str, out_dir: Path, name: str, plot_fn: Callable[[Dict, Path], None],
+                    title: str, markdown: Optional[str] = None) -> Dict[str, Path]:
+    """Write ``name``.json (with the table), ``name``.png (and ``name``.md when ``markdown``
+    is given), then print title and table. Returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["table"] = table
+    paths = {"json": out_dir / f"{name}.json", "png": out_dir / f"{name}.png"}
+    if markdown is not None:
+        result["markdown"] = markdown
+        paths["md"] = out_dir / f"{name}.md"
+        paths["md"].write_text(markdown)
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    plot_fn(result, paths["png"])
+    print(f"\n{title}")
+    print(table)
+    print("\n" + "\n".join(f"wrote {p}" for p in paths.values()) + f"\n(total {result['total_wall_s']:.0f} s)")
+    return paths

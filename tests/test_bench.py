@@ -1,0 +1,238 @@
+"""``rksc-sgl bench`` (rksc_sgl/bench.py): inputs, statistics, report, and tiny real runs.
+
+The runs use the session engines of conftest.py where a mode allows it, a few problems
+and a few tokens per branch (workload parameters are overridable for exactly this). No
+test asserts anything about a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+
+import numpy as np
+import pytest
+
+from rksc_sgl import bench, cli
+from rksc_sgl.bench import BenchSettings, Item, WORKLOADS, bootstrap_ratio_ci, parse_modes, ratio_of_medians
+from rksc_sgl.problems import Problem
+
+TINY_PAPER = {"prompt_tokens": 96, "branches": 2, "max_tokens": 4}
+
+
+def _bench_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *args])
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- arguments ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["--workload", "nope"], "unknown workload 'nope'"),
+    (["--workload", "paper,paper"], "given twice"),
+    (["--modes", "none,fast"], "unknown mode 'fast'"),
+    (["--modes", "radix,radix"], "given twice"),
+    (["--modes", ""], "no modes"),
+    (["--modes", "radix@0.9"], "does not use ASKS"),
+    (["--modes", "asks@high"], "not a number"),
+    (["--problems", "0"], "problems must be a positive integer"),
+    (["--repeats", "-1"], "repeats must be a positive integer"),
+    (["--warmup", "-1"], "warmup must be an integer >= 0"),
+    (["--asks-recompute", "1.5"], "asks-recompute"),
+    (["--audit-fraction", "2"], "audit-fraction"),
+    (["--workload", "tot", "--prompt-tokens", "500"], "has no parameter prompt_tokens"),
+    (["--branches", "0"], "branches must be a positive integer"),
+    (["--workload", "pressure", "--pool-fraction", "0"], "pool-fraction"),
+    (["--workload", "paraphrase", "--branches", "99"], "wordings"),
+])
+def test_bad_arguments_fail_with_a_clear_message(capsys, args, needle):
+    err = _bench_error(capsys, *args)
+    assert needle in err and "Traceback" not in err
+
+
+def test_help_lists_workloads_and_modes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in list(WORKLOADS) + list(bench.MODES):
+        assert name in out
+
+
+def test_mode_table_maps_modes_to_engines():
+    settings = BenchSettings(asks_tau=0.8, asks_recompute=0.25)
+    kw = {m.label: m.engine_kwargs(settings) for m in parse_modes("none,radix,rksc,asks,cgee,rsbcm,asks@0.7")}
+    assert kw["none"] == {"cache": "none"} and kw["radix"] == {"cache": "radix"} and kw["cgee"] == kw["radix"]
+    assert kw["rksc"] == {"cache": "rksc", "asks": {"enabled": True, "tau": 0.8, "recompute_fraction": 0.25},
+                          "eviction_policy": "rsbcm"}
+    assert kw["rsbcm"] == {"cache": "rksc", "eviction_policy": "rsbcm"}
+    assert kw["asks@0.7"]["asks"]["tau"] == 0.7 and kw["asks"]["asks"]["tau"] == 0.8
+    assert [m.cgee for m in parse_modes("rksc,cgee,radix,asks")] == [True, True, False, False]
+
+
+def test_command_line_reproduces_the_settings():
+    settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, params={"branches": 4})
+    modes = parse_modes("none,radix,asks@0.8")
+    line = bench.command_line("paper", modes, settings)
+    args = cli.build_parser().parse_args(shlex.split(line)[1:])
+    workloads, parsed_modes, parsed = bench.validate_args(args)
+    assert [w.name for w in workloads] == ["paper"] and parsed_modes == modes
+    assert parsed == settings
+
+
+def test_schedule_keeps_a_problems_repeats_together_only_when_flushing():
+    items = [Item(i, Problem("q", "1", i)) for i in range(2)]
+    flushed = [(it.index, r) for it, r in bench.schedule(items, 2, True)]
+    kept = [(it.index, r) for it, r in bench.schedule(items, 2, False)]
+    assert flushed == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert kept == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+def test_percentile_and_median_match_numpy():
+    rng = random.Random(3)
+    for n in (1, 2, 5, 10):
+        xs = [rng.uniform(0, 10) for _ in range(n)]
+        for q in (0, 2.5, 25, 50, 75, 97.5, 100):
+            assert bench.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+        assert bench.median(xs) == pytest.approx(float(np.median(xs)))
+
+
+def test_bootstrap_ci_of_a_ratio_equals_a_direct_computation():
+    base = [10.0, 12.0, 9.0, 30.0, 11.0, 14.0]
+    other = [2.0, 3.0, 2.5, 9.0, 2.0, 4.0]
+    assert ratio_of_medians(base, other) == pytest.approx(np.median(base) / np.median(other))
+    lo, hi = bootstrap_ratio_ci(base, other, samples=500, seed=11)
+    rng = random.Random(11)  # the same resamples, computed directly with numpy
+    ratios = []
+    for _ in range(500):
+        idx = rng.choices(range(len(base)), k=len(base))
+        ratios.append(np.median(np.take(base, idx)) / np.median(np.take(other, idx)))
+    assert (lo, hi) == pytest.approx((np.percentile(ratios, 2.5), np.percentile(ratios, 97.5)))
+    assert lo <= ratio_of_medians(base, other) <= hi
+    # An exact factor between the modes on every problem leaves no uncertainty; one problem neither.
+    assert bootstrap_ratio_ci([4.0, 6.0, 8.0], [2.0, 3.0, 4.0], samples=200) == pytest.approx((2.0, 2.0))
+    assert bootstrap_ratio_ci([5.0], [2.0], samples=50) == pytest.approx((2.5, 2.5))
+    with pytest.raises(ValueError):
+        bootstrap_ratio_ci([1.0, 2.0], [1.0], samples=10)
+
+
+def test_cgee_error_count_uses_verify_calls():
+    def call(skipped, exited, audited, agrees):
+        return {"skipped": skipped, "gated": skipped or exited > 0, "exited_early": exited, "layers_run": None
+                if skipped else [30, 27], "num_layers": None if skipped else 30, "mean_exit_layer": None,
+                "verifier_new_tokens": 0, "verifier_s": 0.01, "audited": audited, "audit_agrees": agrees}
+    calls = [call(True, 0, True, True), call(False, 1, True, False), call(False, 0, False, None),
+             call(True, 0, True, True)]
+    records = [{"problem": i, "repeat": 0, "time_s": 1.0, "wall_s": 1.0, "requests": 1, "prefill_tokens": 5,
+                "cached_tokens": 5, "semantic_tokens": 0, "recomputed_tokens": 0, "key_tokens": 0,
+                "decode_tokens": 1, "peak_kv_tokens": 9, "correct": True, "verify": c} for i, c in enumerate(calls)]
+    s = bench.summarize_mode(records, 4)
+    assert (s["verify_calls"], s["verifier_passes_run"], s["verifier_passes_skipped"]) == (4, 2, 2)
+    assert s["verifier_passes_exited_early"] == 1 and s["mean_exit_layer"] == pytest.approx(28.5)
+    assert (s["cgee_errors"], s["cgee_compared_calls"], s["cgee_error_rate"]) == (1, 4, 0.25)
+    assert s["hit_rate"] == pytest.approx(0.5)
+
+
+# ---- runs --------------------------------------------------------------------------------------------
+def test_paper_run_writes_the_report(radix_engine, none_engine, tmp_path):
+    settings = BenchSettings(problems=2, warmup=1, repeats=1, bootstrap=50, params=TINY_PAPER)
+    result = bench.run_bench("paper", "none,radix,cgee", settings, progress=False,
+                             engines={"none": none_engine, "radix": radix_engine, "cgee": radix_engine})
+    paths = bench.save(result, tmp_path)
+    for engine in (radix_engine, none_engine):
+        engine.check_integrity()
+    assert {p.name for p in tmp_path.iterdir()} == {"bench_paper.json", "bench_paper.md", "bench_paper.png"}
+    data = json.loads(paths["json"].read_text())
+    assert data["config"]["settings"]["problems"] == 2 and data["config"]["params"]["branches"] == 2
+    assert data["engine_num_threads"] == 1 and data["torch_num_threads"] == 1 and data["cpu"]
+    assert {"torch", "transformers", "sglang", "reasoning-gym"} <= set(data["versions"])
+    assert data["command"].startswith("rksc-sgl bench --workload paper --modes none,radix,cgee")
+    for label in ("none", "radix", "cgee"):
+        m = data["modes"][label]
+        for field in ("median_s", "p25_s", "p75_s", "per_problem_s", "prefill_tokens", "exact_hit_tokens",
+                      "semantic_hit_tokens", "peak_kv_tokens", "accuracy", "agreement_with_radix",
+                      "verify_calls", "verifier_passes_run", "verifier_passes_skipped",
+                      "verifier_passes_exited_early", "mean_exit_layer", "cgee_error_rate"):
+            assert field in m, (label, field)
+        assert len(m["per_problem_s"]) == 2 and m["verify_calls"] == 2
+        assert len(data["runs"][label]) == 2
+    assert data["modes"]["radix"]["agreement_with_radix"] == 1.0
+    assert data["modes"]["radix"]["output_agreement_with_radix"] == 1.0
+    assert data["modes"]["none"]["exact_hit_tokens"] == 0 and data["modes"]["radix"]["exact_hit_tokens"] > 0
+    assert data["speedups"]["radix"]["radix"] == {"ratio": 1.0, "ci95": [1.0, 1.0]}
+    assert set(data["speedups"]) == {"none", "radix"}
+    # The full verifier (none, radix) runs every pass; a gated call is audited against it.
+    assert data["modes"]["radix"]["verifier_passes_run"] == 2 and data["modes"]["radix"]["cgee_errors"] == 0
+    assert data["modes"]["cgee"]["cgee_compared_calls"] == 2
+    names = [t["name"] for t in data["targets"]]
+    assert "rksc speedup over radix" in names and all(t["value"] is None for t in data["targets"]
+                                                      if t["name"].startswith("rksc"))
+    md = paths["md"].read_text()
+    assert "| mode |" in md and "| radix |" in md and data["command"] in md
+
+
+def test_modes_build_their_own_engines_and_shut_them_down(monkeypatch, radix_engine):
+    import rksc_sgl.engine
+
+    built = []
+
+    class Recording(rksc_sgl.engine.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+        def check_integrity(self, expect_idle=True):
+            self.checked = True
+            super().check_integrity(expect_idle)
+
+    monkeypatch.setattr(rksc_sgl.engine, "Engine", Recording)
+    settings = BenchSettings(problems=1, warmup=0, kv_pool_tokens=2048, max_running_requests=8, asks_tau=0.5,
+                             bootstrap=20, params={"branches": 2, "max_tokens": 4})
+    result = bench.run_bench("paraphrase", "radix,rksc", settings, progress=False, engines={"radix": radix_engine})
+    assert len(built) == 1 and built[0].config.cache == "rksc" and built[0].config.asks.tau == 0.5
+    assert built[0].config.eviction_policy == "rsbcm" and built[0].checked
+    assert not built[0].scheduler.thread.is_alive()  # shut down
+    radix_engine.check_integrity()
+    rksc = result["modes"]["rksc"]
+    assert rksc["tau"] == 0.5 and 0.0 <= rksc["agreement_with_radix"] <= 1.0
+    assert len(result["runs"]["rksc"][0]["outputs"]) == 2 and "verify_calls" not in rksc
+
+
+def test_a_given_engine_must_match_its_mode(radix_engine):
+    with pytest.raises(ValueError, match="does not match"):
+        bench.run_bench("paper", "none", BenchSettings(problems=1, params=TINY_PAPER), progress=False,
+                        engines={"none": radix_engine})
+    with pytest.raises(ValueError, match="not run"):
+        bench.run_bench("paper", "radix", BenchSettings(problems=1, params=TINY_PAPER), progress=False,
+                        engines={"rksc": radix_engine})
+
+
+def test_tot_and_pressure_workloads_run(radix_engine):
+    settings = BenchSettings(problems=1, warmup=0, bootstrap=20,
+                             params={"branches": 2, "keep": 1, "expand": 2, "max_tokens": 6})
+    tot = bench.run_bench("tot", "radix", settings, progress=False, engines={"radix": radix_engine})
+    assert tot["modes"]["radix"]["agreement_with_radix"] == 1.0 and tot["modes"]["radix"]["exact_hit_tokens"] > 0
+    settings = BenchSettings(problems=2, warmup=0, bootstrap=20,
+                             params={"programs": 2, "branches": 2, "max_tokens": 4, "prompt_tokens": 96})
+    pressure = bench.run_bench("pressure", "radix", settings, progress=False, engines={"radix": radix_engine})
+    runs = pressure["runs"]["radix"]
+    assert len(runs) == 2 and len(runs[0]["outputs"]) == 4
+    assert runs[1]["cached_tokens"] > 0  # the cache is kept between problems: the shared block is a hit
+    radix_engine.check_integrity()
+
+
+def test_pressure_pool_is_a_fraction_of_the_working_set(radix_engine):
+    w = WORKLOADS["pressure"]
+    params = w.resolve({"programs": 2, "branches": 2, "max_tokens": 8, "prompt_tokens": 200, "pool_fraction": 0.5})
+    tok = radix_engine.tokenizer
+    items = w.items(tok, params, seed=0, count=3)
+    need = w.working_set(params, items, tok)
+    shared = items[0].inputs["shared_tokens"]
+    assert shared > 0 and all(n > shared for it in items for n in it.inputs["prompt_tokens"])
+    assert need > shared + 3 * 2 * 2 * 8
+    pool = w.engine_overrides(tok, params, items)["kv_pool_tokens"]
+    longest = max(n for it in items for n in it.inputs["prompt_tokens"])
+    assert pool == max(int(need * 0.5), 2 * (longest + 32 + 8))
