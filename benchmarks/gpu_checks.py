@@ -203,7 +203,7 @@ def paper_timings(model: str, problems: int, repeats: int, device: str = "cuda",
                                         max_running_requests=settings.max_running_requests, seed=settings.seed,
                                         **m.engine_kwargs(settings)) for m in modes}
     try:
-        result = bench.run_bench("paper", modes, settings, engines=engines, progress=False,
+        result = bench.run_bench("paper", modes, settings, engines=engines, progress=True,
                                  command="python benchmarks/gpu_checks.py")
     finally:
         for engine in engines.values():
