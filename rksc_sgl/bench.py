@@ -229,6 +229,8 @@ class Mode:
     help: str = ""
     tau: Optional[float] = None
     """An ASKS threshold of this mode alone (``asks@0.9``); ``None``: the run's ``asks_tau``."""
+    eviction: Optional[str] = None
+    """Another of SGLang's eviction policies for the stock tree (``lfu``, ``slru``)."""
 
     @property
     def label(self) -> str:
@@ -241,6 +243,8 @@ class Mode:
                               "recompute_fraction": settings.asks_recompute}
         if self.rsbcm:
             kwargs["eviction_policy"] = "rsbcm"
+        elif self.eviction:
+            kwargs["eviction_policy"] = self.eviction
         return kwargs
 
     def effective_tau(self, settings: "BenchSettings") -> Optional[float]:
@@ -256,6 +260,8 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
     Mode("asks", "rksc", asks=True, help="RKSC cache with ASKS semantic reuse only (LRU)"),
     Mode("cgee", "radix", cgee=True, help="stock radix cache, CGEE gates in the verify step"),
     Mode("rsbcm", "rksc", rsbcm=True, help="RKSC cache, exact matching, RSBCM eviction"),
+    Mode("lfu", "radix", eviction="lfu", help="SGLang's stock RadixCache, LFU eviction (for pressure)"),
+    Mode("slru", "radix", eviction="slru", help="SGLang's stock RadixCache, SLRU eviction (for pressure)"),
 )}
 
 

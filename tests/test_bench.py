@@ -70,6 +70,9 @@ def test_mode_table_maps_modes_to_engines():
     assert kw["rsbcm"] == {"cache": "rksc", "eviction_policy": "rsbcm"}
     assert kw["asks@0.7"]["asks"]["tau"] == 0.7 and kw["asks"]["asks"]["tau"] == 0.8
     assert [m.cgee for m in parse_modes("rksc,cgee,radix,asks")] == [True, True, False, False]
+    stock = {m.label: m.engine_kwargs(settings) for m in parse_modes("lfu,slru")}
+    assert stock == {"lfu": {"cache": "radix", "eviction_policy": "lfu"},
+                     "slru": {"cache": "radix", "eviction_policy": "slru"}}
 
 
 def test_command_line_reproduces_the_settings():
