@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     patch.set_defaults(subparser=patch)
 
     serve = sub.add_parser(
-        "serve", help="serve SGLang's native HTTP API (for sgl.RuntimeEndpoint) on an embedded engine",
+        "serve", help="serve SGLang's native HTTP API (for sgl.RuntimeEndpoint) and OpenAI's /v1 API on an "
+                 "embedded engine",
         description="Start an HTTP server speaking SGLang's native API (/generate, /health, "
                     "/get_model_info, /get_server_info, /flush_cache) over an embedded engine, "
                     "so unmodified programs can use sgl.RuntimeEndpoint(URL).",
