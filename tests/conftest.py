@@ -22,7 +22,8 @@ SMALL_POOL = 4096
 
 
 def _engine(cache: str, **kwargs) -> rksc_sgl.Engine:
-    return rksc_sgl.Engine(model="smollm2-135m", cache=cache, num_threads=1, **kwargs)
+    # device="cpu": the suite checks the CPU engine, also on a machine that has a GPU.
+    return rksc_sgl.Engine(model="smollm2-135m", cache=cache, num_threads=1, device="cpu", **kwargs)
 
 
 @pytest.fixture(scope="session")
