@@ -384,7 +384,7 @@ class Workload:
                              f"(it takes: {', '.join(self.defaults)})")
         params = dict(self.defaults)
         params.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs"):
+        for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes"):
             if key in params and (not isinstance(params[key], int) or params[key] < 1):
                 raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {params[key]!r}")
         if "temperature" in params and not params["temperature"] >= 0:
@@ -564,11 +564,12 @@ class ParaphraseWorkload(_GymWorkload):
 @register
 class PressureWorkload(Workload):
     name = "pressure"
-    help = ("RSBCM: each problem is a batch of concurrent multi-branch programs that share one few-shot prefix "
+    help = ("RSBCM: each problem is a batch of concurrent multi-branch programs that share a few-shot prefix "
             "(programs x branches hinted branches), on a KV pool of pool_fraction of the run's working set; "
-            "the cache is kept across problems, so what eviction kept decides the hits")
-    defaults = {"programs": 4, "branches": 4, "max_tokens": 32, "prompt_tokens": 600, "pool_fraction": 0.25,
-                "temperature": 0.0}
+            "problems cycle through `prefixes` different few-shot blocks and the cache is kept across "
+            "problems, so what eviction kept decides the hits")
+    defaults = {"programs": 2, "branches": 4, "max_tokens": 32, "prompt_tokens": 600, "pool_fraction": 0.25,
+                "prefixes": 3, "temperature": 0.0}
     flush_between_problems = False
 
     def resolve(self, overrides):
@@ -578,29 +579,35 @@ class PressureWorkload(Workload):
         return params
 
     def items(self, tokenizer, params, seed, count):
-        # One few-shot block for the whole run (seed's), a different question per program.
-        prompt, _ = few_shot_problem(tokenizer, params["prompt_tokens"], seed)
-        shared = prompt.rsplit("\n\nQuestion: ", 1)[0] + "\n\n"
-        shared_tokens = len(tokenizer.encode(shared))
+        # ``prefixes`` few-shot blocks (seeds seed, seed+1, ...); problem i uses block
+        # i % prefixes, so a block comes back after the others were used, and whether it is
+        # still cached is what the eviction policy decided meanwhile.
+        blocks = []
+        for b in range(params["prefixes"]):
+            prompt, _ = few_shot_problem(tokenizer, params["prompt_tokens"], seed + 7919 * b)
+            blocks.append(prompt.rsplit("\n\nQuestion: ", 1)[0] + "\n\n")
         out = []
         questions = load_problems("gsm_symbolic", count * params["programs"], seed + 1)
         for i in range(count):
+            shared = blocks[i % len(blocks)]
             group = questions[i * params["programs"]:(i + 1) * params["programs"]]
             prompts = [f"{shared}Question: {q.question}\nAnswer: Let's think step by step.\n" for q in group]
-            out.append(Item(i, group[0], {"prompts": prompts, "shared_tokens": shared_tokens,
+            out.append(Item(i, group[0], {"prompts": prompts, "shared_tokens": len(tokenizer.encode(shared)),
+                                          "block": i % len(blocks),
                                           "prompt_tokens": [len(tokenizer.encode(p)) for p in prompts]}))
         return out
 
     def working_set(self, params, items: List[Item], tokenizer) -> int:
-        """Distinct KV tokens of all the run's programs: the shared block once, each program's
+        """Distinct KV tokens of all the run's programs: each few-shot block once, each program's
         question, and every branch's hint and new tokens."""
         if not items:
             return 0
-        shared = items[0].inputs["shared_tokens"]
         hint = max(len(tokenizer.encode(h + "\n")) for h in hints_for(params["branches"]))
         per_branch = hint + params["max_tokens"]
-        total = shared
+        blocks = {item.inputs["block"]: item.inputs["shared_tokens"] for item in items}
+        total = sum(blocks.values())
         for item in items:
+            shared = item.inputs["shared_tokens"]
             for n in item.inputs["prompt_tokens"]:
                 total += (n - shared) + params["branches"] * per_branch
         return total
@@ -1113,7 +1120,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
 
 # ---- command line ------------------------------------------------------------------------------
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
-               "expand": int, "programs": int, "pool_fraction": float}
+               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int}
 
 
 def add_bench_args(parser) -> None:

@@ -239,3 +239,21 @@ def test_pressure_pool_is_a_fraction_of_the_working_set(radix_engine):
     pool = w.engine_overrides(tok, params, items)["kv_pool_tokens"]
     longest = max(n for it in items for n in it.inputs["prompt_tokens"])
     assert pool == max(int(need * 0.5), 2 * (longest + 32 + 8))
+
+
+def test_pressure_problems_cycle_through_their_few_shot_blocks(radix_engine):
+    """Problem i uses block i % prefixes; the working set counts each block once and every
+    program's own tokens (question, branches' hints and new tokens) once per problem."""
+    w = WORKLOADS["pressure"]
+    params = w.resolve({"programs": 2, "branches": 2, "max_tokens": 8, "prompt_tokens": 200, "prefixes": 2})
+    tok = radix_engine.tokenizer
+    items = w.items(tok, params, seed=0, count=4)
+    assert [it.inputs["block"] for it in items] == [0, 1, 0, 1]
+    block = [it.inputs["prompts"][0][: it.inputs["prompts"][0].rindex("Question: ")] for it in items]
+    assert block[0] == block[2] != block[1] == block[3]
+    hint = max(len(tok.encode(h + "\n")) for h in bench.hints_for(2))
+    own = sum(n - it.inputs["shared_tokens"] + 2 * (hint + 8) for it in items for n in it.inputs["prompt_tokens"])
+    blocks = items[0].inputs["shared_tokens"] + items[1].inputs["shared_tokens"]
+    assert w.working_set(params, items, tok) == blocks + own
+    with pytest.raises(ValueError, match="prefixes must be a positive integer"):
+        w.resolve({"prefixes": 0})
