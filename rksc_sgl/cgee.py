@@ -363,6 +363,10 @@ def _select_pass(states, config: CGEEConfig, question) -> List[float]:
         c += sgl.assistant(sgl.select("cgee_verdict", choices=["Yes", "No"]))
     out = []
     for c in copies:
-        yes, no = c.get_meta_info("cgee_verdict")["normalized_prompt_logprobs"]
-        out.append(1.0 / (1.0 + math.exp(float(no) - float(yes))))
+        # Not the normalized scores: SGLang averages them over the choice and the prompt's
+        # last tokens, which tempers Yes-vs-No. Summed, the shared prompt tokens cancel and
+        # what is left is log P(Yes) - log P(No), as the embedded verifier computes it.
+        yes, no = (sum(float(t[0]) for t in lps if t[0] is not None)
+                   for lps in c.get_meta_info("cgee_verdict")["input_token_logprobs"])
+        out.append(1.0 / (1.0 + math.exp(no - yes)))
     return out

@@ -244,3 +244,37 @@ def test_gates_on_skip_and_audit(radix_engine, use_backend):
     stats = log.error_rate()
     assert stats["counted"] == 1 and stats["audited"] == 1 and stats["skipped"] == 1
     radix_engine.check_integrity()
+
+
+class _RuntimeLike:
+    """The engine seen as another SGLang backend: everything but the layer-exit verifier,
+    as with ``sgl.RuntimeEndpoint``, so ``verify`` takes its ``select`` fallback."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        if name == "verify_yes_no":
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def test_select_fallback_scores_yes_against_no(radix_engine, use_backend):
+    """On other backends the full verifier is ``select`` over ("Yes", "No") on a copy of
+    each branch: P(yes) = softmax of the two choices' log-probabilities after the verify
+    turn, checked against the model's own next-token logits."""
+    runtime_like = _RuntimeLike(radix_engine)
+    assert not hasattr(runtime_like, "verify_yes_no")
+    use_backend(runtime_like)
+    cfg = CGEEConfig(skip_gate=False, skip_min_vote_share=0.25)
+    state = _branches.run(question="What is 5 + 2?", num=3, cfg=cfg)
+    result, prompts, _, _ = state.ret_value
+    assert result.gates["layers_run"] is None and not result.gates["skipped"]
+    tok = radix_engine.tokenizer
+    yes, no = tok.encode("Yes", add_special_tokens=False), tok.encode("No", add_special_tokens=False)
+    assert len(yes) == len(no) == 1
+    logits = _hf(radix_engine, prompts).logits[:, -1]
+    expected = torch.sigmoid(logits[:, yes[0]] - logits[:, no[0]]).tolist()
+    assert result.scores == pytest.approx(expected, abs=1e-4)
+    assert (result.branch, result.answer) == choose(result.answers, result.scores, cfg.selection)
+    radix_engine.check_integrity()
