@@ -1,7 +1,7 @@
 """Best-of-N with a confidence-gated verifier (CGEE): ``rksc_sgl.verify`` picks the answer.
 
     python programs/best_of_n_cgee.py --problems 3 --branches 8
-    rksc-sgl run programs/best_of_n_cgee.py --cache radix -- --problems 3
+    rksc-sgl run programs/best_of_n_cgee.py --cache radix -- --problems 3 --exit-gate on
 
 N sampled solutions; then one call verifies them: when the branches already agree
 decisively no verifier pass runs (gate 1), otherwise a batched Yes/No verifier pass,
@@ -32,7 +32,12 @@ def best_of_n_cgee(s, question: str, num_branches: int = 8, max_tokens: int = 96
 
 
 def solve(problem: Problem, num_branches: int = 8, max_tokens: int = 96, sample_temperature: float = 0.7,
-          backend: Any = None, cgee: Optional[CGEEConfig] = None, audit_log: Any = None) -> Solution:
+          backend: Any = None, cgee: Optional[CGEEConfig] = None, audit_log: Any = None,
+          **gates: Any) -> Solution:
+    """``gates``: CGEEConfig fields from the command line (``--exit-gate on``, ...), used
+    when no ``cgee`` config is given."""
+    if cgee is None and gates:
+        cgee = CGEEConfig(**gates)
     state = best_of_n_cgee.run(question=problem.question, num_branches=num_branches, max_tokens=max_tokens,
                                sample_temperature=sample_temperature, cgee=cgee, audit_log=audit_log,
                                backend=backend)
@@ -47,8 +52,21 @@ def solve(problem: Problem, num_branches: int = 8, max_tokens: int = 96, sample_
     return Solution(answer=best.answer, candidates=best.answers, detail=detail)
 
 
+def cli_options() -> dict:
+    """This program's own flags: the CGEE gates (``program_main``'s ``options``)."""
+    from rksc_sgl.cli import fraction, on_off
+
+    defaults = CGEEConfig()
+    return {
+        "skip_gate": (on_off, defaults.skip_gate, "CGEE gate 1, skip the verifier when the branches agree: on/off"),
+        "skip_min_vote_share": (fraction, defaults.skip_min_vote_share, "gate 1's vote share"),
+        "exit_gate": (on_off, defaults.exit_gate, "CGEE gate 2, layer exit: on/off"),
+        "audit_fraction": (fraction, defaults.audit_fraction, "share of gated calls also run in full to count errors"),
+    }
+
+
 if __name__ == "__main__":
     from rksc_sgl.cli import program_main
 
     sys.exit(program_main(solve, description=__doc__, title="best-of-N (CGEE)",
-                          problems=3, branches=8, max_tokens=96, temperature=0.7))
+                          problems=3, branches=8, max_tokens=96, temperature=0.7, options=cli_options()))

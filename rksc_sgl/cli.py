@@ -459,6 +459,27 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
+def on_off(text: str) -> bool:
+    """An argparse type for switches that default on or off: ``on``/``off`` (or yes/no, 1/0)."""
+    value = str(text).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def fraction(text: str) -> float:
+    """An argparse type for a share: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -170,3 +170,33 @@ def test_asks_flags_build_the_asks_config():
     assert "asks" not in engine_kwargs(parser.parse_args(["--cache", "rksc"]))
     config = __import__("rksc_sgl").EngineConfig(**kwargs)
     assert config.asks.enabled and config.asks.tau == 0.9
+
+
+def test_on_off_and_fraction_flags():
+    assert [cli.on_off(v) for v in ("on", "OFF", "yes", "0")] == [True, False, True, False]
+    assert cli.fraction("0.25") == 0.25
+    for bad, kind in (("maybe", cli.on_off), ("1.5", cli.fraction), ("x", cli.fraction)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(bad)
+
+
+def test_best_of_n_cgee_gate_flags_reach_verify(checked, use_backend, capsys):
+    """--exit-gate / --audit-fraction become the CGEEConfig that verify runs with."""
+    use_backend(checked)
+    program = _load_program("best_of_n_cgee")
+    seen = []
+    real_verify = program.rksc_sgl.verify
+
+    def spy(forks, **kwargs):
+        seen.append(kwargs["config"])
+        return real_verify(forks, **kwargs)
+
+    program.rksc_sgl.verify = spy
+    try:
+        argv = TINY + ["--cache", "radix", "--exit-gate", "on", "--audit-fraction", "0.5", "--skip-gate", "off"]
+        assert cli.program_main(program.solve, argv=argv, options=program.cli_options()) == 0
+    finally:
+        program.rksc_sgl.verify = real_verify
+    assert len(seen) == 1
+    assert (seen[0].exit_gate, seen[0].audit_fraction, seen[0].skip_gate) == (True, 0.5, False)
+    assert "verified, mean exit layer" in capsys.readouterr().out
