@@ -174,27 +174,28 @@ class ModelRunner:
     def _flashinfer_attention(self, q, k_buf, v_buf):
         out = self.flashinfer.run(q[0].transpose(0, 1), k_buf, v_buf).transpose(0, 1)[None].to(q.dtype)
         for offset, item, index in self.flashinfer.layout.torch_items:  # ASKS: scattered positions
-            n = len(item.token_ids)
-            keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
-            values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
-            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
-                                                        item.token_positions)
+            self._attend_item(q, k_buf, v_buf, out, offset, item, index)
         return out
 
     def _torch_attention(self, q, k_buf, v_buf, plan, collect):
         out = torch.empty_like(q)  # (1, heads, T, head_dim)
         for offset, item, index in plan.singles:
-            n = len(item.token_ids)
-            keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
-            values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
-            out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
-                                                        item.token_positions)
-            if collect and n == 1 and item.token_positions is None:
+            keys = self._attend_item(q, k_buf, v_buf, out, offset, item, index)
+            if collect and len(item.token_ids) == 1 and item.token_positions is None:
                 self._collect_decode(q[0, :, offset], keys[0], item.slots)
         for group in plan.groups:
             out[0, :, group.offsets] = self._shared_prefix_decode(q[0, :, group.offsets], k_buf, v_buf, group,
                                                                   collect=collect)
         return out
+
+    def _attend_item(self, q, k_buf, v_buf, out, offset, item, index):
+        """SDPA of one item's queries over its row's keys, written into ``out``; the keys."""
+        n = len(item.token_ids)
+        keys = k_buf[index].transpose(0, 1)[None].to(q.dtype)
+        values = v_buf[index].transpose(0, 1)[None].to(q.dtype)
+        out[:, :, offset : offset + n] = self._sdpa(q[:, :, offset : offset + n], keys, values, item.start,
+                                                    item.token_positions)
+        return keys
 
     def _collect_decode(self, q, keys, slots):
         """RSBCM: add one decode query's attention weights to its keys' slots.

@@ -146,7 +146,7 @@ def test_cascade_through_page_tables_equals_the_cpu_attention(radix_engine):
     out[rows] = merge_states(out[rows], lse[rows], out_s, lse_s)
 
     cpu = types.SimpleNamespace(num_kv_heads=KV_HEADS, head_dim=DIM, scaling=SCALE, slot_attention=None)
-    for name in ("_torch_attention", "_sdpa", "_shared_prefix_decode"):
+    for name in ("_torch_attention", "_attend_item", "_sdpa", "_shared_prefix_decode"):
         setattr(cpu, name, getattr(ModelRunner, name).__get__(cpu))
     expected = cpu._torch_attention(q.transpose(0, 1)[None], k_buf, v_buf, plan, collect=False)
     torch.testing.assert_close(out, expected[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
