@@ -194,22 +194,12 @@ def paper_timings(model: str, problems: int, repeats: int, device: str = "cuda",
 
     ``params`` override the workload's (a short dry run on the CPU: ``device="cpu"``).
     """
-    import rksc_sgl
     from rksc_sgl import bench
 
-    settings = bench.BenchSettings(problems=problems, repeats=repeats, model=model, params=params)
-    modes = bench.parse_modes("none,radix,rksc")
-    engines = {m.label: rksc_sgl.Engine(model=model, device=device, kv_pool_tokens=settings.kv_pool_tokens,
-                                        max_running_requests=settings.max_running_requests, seed=settings.seed,
-                                        **m.engine_kwargs(settings)) for m in modes}
-    try:
-        result = bench.run_bench("paper", modes, settings, engines=engines, progress=True,
-                                 command="python benchmarks/gpu_checks.py")
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
-    result["gpu_engine"] = {k: str(getattr(next(iter(engines.values())).config, k))
-                            for k in ("device", "dtype", "attention_backend")}
+    settings = bench.BenchSettings(problems=problems, repeats=repeats, model=model, device=device, params=params)
+    result = bench.run_bench("paper", "none,radix,rksc", settings, progress=True,
+                             command="python benchmarks/gpu_checks.py")
+    result["gpu_engine"] = {k: result["engine_configs"]["rksc"][k] for k in ("device", "dtype", "attention_backend")}
     result["table"] = bench.markdown_report(result)
     return result
 

@@ -304,6 +304,8 @@ class BenchSettings:
     warmup: int = 1
     model: str = "smollm2-135m"
     threads: int = 1
+    device: str = "cpu"
+    """Where the engines run (``cpu``, ``cuda``, ``auto``); CPU timings are the protocol's."""
     kv_pool_tokens: int = 16384
     max_running_requests: int = 64
     asks_tau: float = 0.95
@@ -844,7 +846,8 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
             if mode.label in given:
                 used[mode.label] = given[mode.label]
                 continue
-            kwargs = {"num_threads": settings.threads, "kv_pool_tokens": settings.kv_pool_tokens,
+            kwargs = {"num_threads": settings.threads, "device": settings.device,
+                      "kv_pool_tokens": settings.kv_pool_tokens,
                       "max_running_requests": settings.max_running_requests, "seed": settings.seed,
                       **overrides, **mode.engine_kwargs(settings)}
             owned[mode.label] = used[mode.label] = Engine(model=settings.model, **kwargs)
@@ -1108,7 +1111,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
     parts = ["rksc-sgl", "bench", "--workload", workload, "--modes", ",".join(m.label for m in modes),
              "--problems", str(settings.problems), "--seed", str(settings.seed), "--repeats", str(settings.repeats),
              "--warmup", str(settings.warmup), "--model", settings.model, "--threads", str(settings.threads),
-             "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
+             "--device", settings.device, "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--audit-fraction", f"{settings.audit_fraction:g}"]
     for key, value in settings.params.items():
         if value is not None:
@@ -1142,6 +1145,8 @@ def add_bench_args(parser) -> None:
                         help=f"warm-up problems per mode, not counted (default: {d.warmup})")
     parser.add_argument("--model", default=d.model, help=f"model alias or local folder (default: {d.model})")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
+                        help=f"where the engines run (default: {d.device})")
     parser.add_argument("--kv-pool-tokens", type=int, default=d.kv_pool_tokens,
                         help=f"KV slots per engine (default: {d.kv_pool_tokens}; pressure sets its own)")
     parser.add_argument("--asks-tau", type=float, default=d.asks_tau,
@@ -1165,7 +1170,8 @@ def add_bench_args(parser) -> None:
 
 def settings_from_args(args) -> BenchSettings:
     return BenchSettings(problems=args.problems, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
-                         model=args.model, threads=args.threads, kv_pool_tokens=args.kv_pool_tokens,
+                         model=args.model, threads=args.threads, device=args.device,
+                         kv_pool_tokens=args.kv_pool_tokens,
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})

@@ -76,7 +76,8 @@ def test_mode_table_maps_modes_to_engines():
 
 
 def test_command_line_reproduces_the_settings():
-    settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, params={"branches": 4})
+    settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, device="cuda",
+                             params={"branches": 4})
     modes = parse_modes("none,radix,asks@0.8")
     line = bench.command_line("paper", modes, settings)
     args = cli.build_parser().parse_args(shlex.split(line)[1:])
