@@ -33,7 +33,8 @@ with warnings.catch_warnings():
 from .chat import chat_template_for
 from .config import EngineConfig
 from .grammar import GrammarCache, apply_dtype
-from .kv_cache import KVCacheManager
+from .join import JoinedContext, JoinRegistry, join_namespace, split_segments
+from .kv_cache import KVCacheExhausted, KVCacheManager
 from .model_runner import ModelRunner
 from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
 from .rksc_cache import RKSCRadixCache
@@ -58,6 +59,10 @@ class Engine(BaseBackend):
         self.config = config if config is not None else EngineConfig(model=model, cache=cache, **kwargs)
         cfg = self.config
         self.is_chat_model = False
+        # join(mode="concate_and_append") concatenates the branches' cached KV (rksc_sgl/join.py);
+        # without a prefix cache there is no branch KV to concatenate: SGLang joins by text.
+        self.support_concate_and_append = self.config.cache != "none"
+        self.joins = JoinRegistry()
         self.model_dir = resolve_model_dir(cfg.model, cfg.resolved_cache_dir)
         self.hf_model, self.tokenizer = load_model_and_tokenizer(self.model_dir, TORCH_DTYPES[cfg.dtype])
         self.hf_model.to(cfg.device)
@@ -187,8 +192,12 @@ class Engine(BaseBackend):
         top_logprobs_num: int = 0,
         return_text_in_logprobs: bool = False,
         stream: bool = False,
+        extra_key: Union[str, Sequence[str], None] = None,
     ):
         """Serve one SGLang ``/generate`` request; a batch (list of texts) returns a list.
+
+        ``extra_key`` (as SGLang's): the request only matches, and only adds to, cached KV
+        of the same key (one for all prompts of a batch, or one per prompt).
 
         ``sampling_params`` is one dict for every prompt or, as in SGLang, a list with one
         dict per prompt of a batch. With ``stream=True`` (single prompt only) returns an
@@ -204,10 +213,11 @@ class Engine(BaseBackend):
             per_prompt = list(sampling_params)
         else:
             per_prompt = [sampling_params] * len(prompts)
+        namespaces = _per_prompt_keys(extra_key, len(prompts), batch)
         # Validate every prompt of a batch before any of them starts running.
         pendings = [
-            self._prepare(ids, params, return_logprob, logprob_start_len, top_logprobs_num)
-            for ids, params in zip(prompts, per_prompt)
+            self._prepare(ids, params, return_logprob, logprob_start_len, top_logprobs_num, namespace)
+            for ids, params, namespace in zip(prompts, per_prompt, namespaces)
         ]
         for pending in pendings:
             self.scheduler.submit(pending.req)
@@ -243,7 +253,8 @@ class Engine(BaseBackend):
             raise ValueError("the prompt is empty")
         return ids
 
-    def _prepare(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num) -> "_Pending":
+    def _prepare(self, ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num,
+                 namespace: Optional[str] = None) -> "_Pending":
         params = parse_sampling_params(sampling_params, self.tokenizer, self.vocab_size)
         grammar = self.grammars.request_grammar(params)  # compiled here: a bad pattern fails this call
         if len(ids) >= self.context_len:
@@ -272,12 +283,18 @@ class Engine(BaseBackend):
             # sampling_seed: this request samples from its own generator (reproducible
             # whatever else runs); otherwise from the scheduler's shared one.
             generator=None if params.sampling_seed is None else torch.Generator().manual_seed(params.sampling_seed),
+            namespace=namespace,
         )
         pending.req = req
         return pending
 
     # ---- responses ------------------------------------------------------------------------
-    def _raw_output_text(self, req: Request) -> str:
+    def _raw_output_text(self, req: Request, last_tokens: Optional[int] = None) -> str:
+        """The output decoded (without a final stop token). ``last_tokens``: instead, the
+        last that many tokens decoded as they are, as SGLang's ``Req.tail_str`` decodes the
+        text it searches stop regexes in (special tokens included)."""
+        if last_tokens is not None:
+            return self.tokenizer.decode(req.output_ids[-last_tokens:]) if last_tokens > 0 else ""
         ids = req.output_ids
         # A grammar ends on EOS even with ignore_eos; its finish reason names that token.
         matched = (req.finish_reason or {}).get("matched")
@@ -288,10 +305,14 @@ class Engine(BaseBackend):
     def _output_text(self, req: Request) -> str:
         text = self._raw_output_text(req)
         matched = (req.finish_reason or {}).get("matched")
-        if isinstance(matched, str) and not req.params.no_stop_trim:
+        if isinstance(matched, str):
+            # SGLang's detokenizer (trim_matched_stop): cut at the first occurrence of the
+            # matched text, before it or (no_stop_trim) after it. A stop regex's finish
+            # reason names the pattern, so its text is cut only where the pattern occurs
+            # literally.
             cut = text.find(matched)
             if cut >= 0:
-                text = text[:cut]
+                text = text[: cut + len(matched)] if req.params.no_stop_trim else text[:cut]
         return text
 
     def _response(self, req: Request, return_logprob: bool, with_text: bool) -> Dict[str, Any]:
@@ -325,9 +346,11 @@ class Engine(BaseBackend):
         return [(lp, tid, self.tokenizer.decode([tid]) if with_text else None) for lp, tid in pairs]
 
     def _stream(self, pending: "_Pending", return_logprob: bool, with_text: bool) -> Iterator[Dict[str, Any]]:
-        """Yield responses with the text so far; hold back what could still be a stop string."""
+        """Yield responses with the text so far; hold back what could still be cut at the
+        end: a stop string, or a stop regex's pattern (the only text a regex cuts, see
+        ``_output_text``)."""
         req = pending.req
-        holdback = max((len(s) for s in req.params.stop_strs), default=0)
+        holdback = max((len(s) for s in (*req.params.stop_strs, *req.params.stop_regex_strs)), default=0)
         try:
             for finished in pending.events():
                 if finished:
@@ -348,7 +371,62 @@ class Engine(BaseBackend):
         self.generate_request(text=prefix_str, sampling_params={"max_new_tokens": 0})
 
     def commit_lazy_operations(self, s: StreamExecutor) -> None:
-        self.generate_request(text=s.text_, sampling_params={"max_new_tokens": 0})
+        if s.fork_start_text_pos is not None:  # a branch: a join may need its text
+            self.joins.record_branch(s.sid, s.text_[: s.fork_start_text_pos], s.text_[s.fork_start_text_pos :])
+        self.generate_request(**self._prompt_of(s, s.text_), sampling_params={"max_new_tokens": 0})
+
+    def end_program(self, s) -> None:
+        for exe in s if isinstance(s, (list, tuple)) else [s]:
+            self.joins.end(exe.sid, getattr(exe, "worker", None))
+
+    def concatenate_and_append(self, src_rids: List[str], dst_rid: str) -> None:
+        """``join(mode="concate_and_append")``: give the parent the concatenation of the
+        branches' KV (see rksc_sgl/join.py for what is exact). Falls back to a text join,
+        silently correct, when the branches' KV cannot be used."""
+        branches = [self.joins.branch(rid) for rid in src_rids]
+        if any(b is None for b in branches) or len({b[0] for b in branches}) != 1:
+            logger.debug("concate_and_append: branch texts unknown; joining by text")
+            return
+        if self.joins.context(dst_rid) is not None:
+            logger.debug("concate_and_append: nested join; joining by text")
+            return
+        prefix_text = branches[0][0]
+        split = split_segments(self.encode, prefix_text, [b[1] for b in branches])
+        if split is None:
+            logger.debug("concate_and_append: a token spans the fork point; joining by text")
+            return
+        prefix_ids, segments = split
+        if len(segments) < 2:
+            return  # one branch: its own KV is already the exact cached prefix
+        namespace = join_namespace(prefix_ids, segments)
+        try:
+            built = self.scheduler.call(
+                lambda: self.kv.concatenate(prefix_ids, segments, self.runner.rotate_keys, namespace))
+        except KVCacheExhausted:
+            built = False
+        if not built:
+            logger.debug("concate_and_append: branch KV not cached or no room; joining by text")
+            return
+        token_ids = tuple(prefix_ids) + tuple(t for seg in segments for t in seg)
+        text = prefix_text + "".join(b[1] for b in branches)
+        self.joins.set_context(dst_rid, JoinedContext(text, token_ids, namespace))
+
+    def _batch_prompt_of(self, s: StreamExecutor, texts: List[str]) -> Dict[str, Any]:
+        prompts = [self._prompt_of(s, t) for t in texts]
+        if all("text" in p for p in prompts):
+            return {"text": texts}
+        return {"input_ids": [p.get("input_ids") or self.encode(p["text"]) for p in prompts],
+                "extra_key": [p.get("extra_key") for p in prompts]}
+
+    def _prompt_of(self, s: StreamExecutor, text: str) -> Dict[str, Any]:
+        """The request fields for ``text`` sent by executor ``s``: plain text, or, after a
+        KV join, the joined tokens plus the rest and the join's namespace."""
+        context = self.joins.context(s.sid)
+        if context is None or not text.startswith(context.text):
+            return {"text": text}
+        rest = text[len(context.text) :]
+        ids = list(context.token_ids) + (self.encode(rest) if rest else [])
+        return {"input_ids": ids, "extra_key": context.namespace}
 
     def fill_image(self, s: StreamExecutor) -> None:
         raise NotImplementedError(f"{self.config.model} is a text-only model; images are not supported")
@@ -364,7 +442,7 @@ class Engine(BaseBackend):
             params.pop("stop")
         if not params.get("stop_token_ids"):
             params.pop("stop_token_ids", None)
-        request = {"text": s.text_, "sampling_params": params}
+        request = {**self._prompt_of(s, s.text_), "sampling_params": params}
         for name in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
             value = getattr(sampling_params, name, None)
             if value is not None:
@@ -392,10 +470,10 @@ class Engine(BaseBackend):
             choices_method = token_length_normalized
         if temperature > 1e-5:
             raise ValueError("select supports temperature 0 only, as SGLang's runtime does")
-        prompt = self.generate_request(text=s.text_, sampling_params={"max_new_tokens": 0})
+        prompt = self.generate_request(**self._prompt_of(s, s.text_), sampling_params={"max_new_tokens": 0})
         start = max(prompt["meta_info"]["prompt_tokens"] - 2, 0)
         scored = self.generate_request(
-            text=[s.text_ + c for c in choices],
+            **self._batch_prompt_of(s, [s.text_ + c for c in choices]),
             sampling_params={"max_new_tokens": 0, "temperature": 0},
             return_logprob=True, return_text_in_logprobs=True, logprob_start_len=start,
         )
@@ -431,6 +509,16 @@ class Engine(BaseBackend):
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return frozenset(ids)
+
+
+def _per_prompt_keys(extra_key, n: int, batch: bool) -> List[Optional[str]]:
+    """One ``extra_key`` per prompt: a string (or None) for all, or a list for a batch."""
+    if extra_key is None or isinstance(extra_key, str):
+        return [extra_key] * n
+    keys = list(extra_key)
+    if not batch or len(keys) != n or not all(k is None or isinstance(k, str) for k in keys):
+        raise ValueError(f"extra_key must be a string, or a list of {n} strings for a batch of {n} prompts")
+    return keys
 
 
 class _Pending:

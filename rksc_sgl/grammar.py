@@ -1,4 +1,5 @@
-"""Constrained decoding (``regex``, ``json_schema``, ``ebnf``, frontend ``dtype``) with xgrammar.
+"""Constrained decoding (``regex``, ``json_schema``, ``ebnf``, ``structural_tag``, frontend
+``dtype``) with xgrammar.
 
 xgrammar is the grammar engine SGLang's runtime uses (``XGrammarGrammarBackend``); this
 module does what that backend does, for the embedded engine on CPU:
@@ -26,7 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 # Keys of SGLang's SamplingParams that select a grammar, in the order SGLang checks them.
-GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 # SGLang's runtime treats this json_schema value as "any JSON" (builtin JSON grammar).
 ANY_JSON = "$$ANY$$"
 
@@ -73,12 +74,13 @@ def apply_dtype(sampling_params) -> None:
 def normalize_grammar_fields(raw: Dict[str, Any]) -> None:
     """Type-check the grammar fields of a raw request dict, in place.
 
-    SGLang's ``/generate`` takes ``json_schema`` as a JSON string; a dict (what people
-    write in Python) is serialised here so both work. msgspec does not type-check.
+    SGLang's ``/generate`` takes ``json_schema`` and ``structural_tag`` as JSON strings; a
+    dict (what people write in Python) is serialised here so both work. msgspec does not
+    type-check.
     """
-    schema = raw.get("json_schema")
-    if isinstance(schema, dict):
-        raw["json_schema"] = json.dumps(schema)
+    for kind in ("json_schema", "structural_tag"):
+        if isinstance(raw.get(kind), dict):
+            raw[kind] = json.dumps(raw[kind])
     for kind in GRAMMAR_KINDS:
         value = raw.get(kind)
         if value is not None and not isinstance(value, str):
@@ -144,6 +146,8 @@ class GrammarCache:
                 return compiler.compile_regex(pattern)
             if kind == "ebnf":
                 return compiler.compile_grammar(pattern)
+            if kind == "structural_tag":
+                return compiler.compile_structural_tag(structural_tag_for_xgrammar(pattern))
             if pattern == ANY_JSON:
                 return compiler.compile_builtin_json_grammar()
             _check_json_schema(pattern)
@@ -176,10 +180,96 @@ def _check_json_schema(pattern: str) -> None:
     validate_xgrammar_json_schema(schema)
 
 
+def structural_tag_for_xgrammar(pattern: str):
+    """What SGLang's ``XGrammarGrammarBackend.dispatch_structural_tag`` hands to xgrammar's
+    ``compile_structural_tag`` for a ``structural_tag`` JSON string.
+
+    Two forms: the legacy ``{"structures": [{"begin", "schema", "end"}, ...], "triggers":
+    [...], "at_least_one": false}`` becomes an ``xgrammar.StructuralTag`` (triggered tags
+    whose content is the JSON schema; a missing schema is ``{}``); the newer ``{"type":
+    "structural_tag", "format": {...}}`` goes to xgrammar as JSON, with every missing
+    ``json_schema`` of a ``json_schema``/``qwen_xml_parameter`` format set to ``{}``.
+    Where SGLang would fail with an assertion or a ``KeyError``, this raises ``ValueError``.
+    """
+    import xgrammar as xgr
+
+    try:
+        tag = json.loads(pattern)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(tag, dict):
+        raise ValueError(f"must be a JSON object, got {type(tag).__name__}")
+    if tag.get("structures") is not None:
+        structures, triggers = tag["structures"], tag.get("triggers")
+        if triggers is None:
+            raise ValueError('the legacy form needs "triggers" next to "structures"')
+        if not isinstance(structures, list) or not all(isinstance(s, dict) for s in structures):
+            raise ValueError('"structures" must be a list of objects')
+        items = []
+        for i, structure in enumerate(structures):
+            missing = [k for k in ("begin", "end") if k not in structure]
+            if missing:
+                raise ValueError(f"structures[{i}] has no {' or '.join(repr(k) for k in missing)}")
+            schema = structure.get("schema")
+            items.append(_pydantic_checked(
+                xgr.StructuralTagItem, begin=structure["begin"], end=structure["end"],
+                schema=json.dumps({} if schema is None else schema)))
+        try:
+            converted = xgr.StructuralTag.from_legacy_structural_tag(items, triggers)
+        except ValueError as e:  # pydantic's ValidationError (bad triggers, a schema not an object)
+            raise ValueError(_pydantic_message(e)) from None
+        at_least_one = tag.get("at_least_one", False)
+        if not isinstance(at_least_one, bool):
+            raise ValueError(f'"at_least_one" must be a boolean, got {at_least_one!r}')
+        converted.format.at_least_one = at_least_one
+        return converted
+    form = tag.get("format")
+    if form is None:
+        raise ValueError('needs "format" (or the legacy "structures" and "triggers")')
+    if isinstance(form, dict):
+        _fill_missing_json_schemas(form)
+        return json.dumps(tag)
+    return pattern
+
+
+def _fill_missing_json_schemas(form) -> None:
+    """SGLang's ``_sanitize_structural_format``: a missing ``json_schema`` means ``{}``."""
+    if not isinstance(form, dict):
+        return
+    kind = form.get("type")
+    if kind in ("json_schema", "qwen_xml_parameter") and form.get("json_schema") is None:
+        form["json_schema"] = {}
+    if kind == "tag":
+        _fill_missing_json_schemas(form.get("content"))
+    elif kind in ("sequence", "or"):
+        for element in form.get("elements", []) or []:
+            _fill_missing_json_schemas(element)
+    elif kind in ("triggered_tags", "tags_with_separator"):
+        for element in form.get("tags", []) or []:
+            _fill_missing_json_schemas(element)
+
+
+def _pydantic_checked(model, **fields):
+    try:
+        return model(**fields)
+    except ValueError as e:
+        raise ValueError(_pydantic_message(e)) from None
+
+
+def _pydantic_message(error: ValueError) -> str:
+    """One line per field pydantic rejected (its own text spans several lines)."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors())
+
+
 def _xgrammar_message(error: BaseException) -> str:
-    """xgrammar's messages start with a timestamp and a C++ source location; drop those."""
+    """xgrammar's messages start with a timestamp and a C++ source location, sometimes
+    with the failed C++ check after it; drop those."""
     text = str(error).strip()
     text = re.sub(r"^\[[0-9:]+\]\s*\S+:\d+:\s*", "", text)
+    text = re.sub(r"^Check failed: .*? is false:\s*", "", text)
     return text.splitlines()[0] if text else type(error).__name__
 
 

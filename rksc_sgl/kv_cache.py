@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from array import array
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -68,6 +68,7 @@ class ReqKV:
     lock: Any = None
     alias: Optional["Alias"] = None
     pending: int = 0  # slots extended past kv_len whose KV is not committed yet
+    namespace: Optional[str] = None  # the tree namespace (``extra_key``) it matches and inserts in
 
 
 @dataclasses.dataclass
@@ -93,8 +94,10 @@ class Alias:
         return self.length - len(self.recompute)
 
 
-def _radix_key(token_ids) -> RadixKey:
-    return RadixKey(array("q", token_ids))
+def _radix_key(token_ids, namespace: Optional[str] = None) -> RadixKey:
+    """SGLang's tree key; ``namespace`` is its ``extra_key``: paths under different
+    namespaces never match each other (used for joined fork KV, see ``concatenate``)."""
+    return RadixKey(array("q", token_ids), extra_key=namespace)
 
 
 class KVCacheManager:
@@ -161,11 +164,11 @@ class KVCacheManager:
         return self.pool_tokens - self.allocator.available_size()
 
     # ---- request lifecycle ----------------------------------------------------------
-    def match(self, token_ids: List[int], max_len: int):
-        """Longest cached prefix of ``token_ids[:max_len]``: (slot indices, tree node)."""
+    def match(self, token_ids: List[int], max_len: int, namespace: Optional[str] = None):
+        """Longest cached prefix of ``token_ids[:max_len]`` in ``namespace``: (slot indices, tree node)."""
         if max_len <= 0:
             return torch.empty((0,), dtype=torch.int64), self.tree.root_node
-        result = self.tree.match_prefix(MatchPrefixParams(key=_radix_key(token_ids[:max_len])))
+        result = self.tree.match_prefix(MatchPrefixParams(key=_radix_key(token_ids[:max_len], namespace)))
         node = result.last_device_node
         return self.tree.path_device_indices(node), node
 
@@ -182,7 +185,8 @@ class KVCacheManager:
         self.key_tokens += self.tree.stats.key_tokens - before
         return match
 
-    def open(self, token_ids: List[int], prefix_indices: torch.Tensor, node, alias=None) -> ReqKV:
+    def open(self, token_ids: List[int], prefix_indices: torch.Tensor, node, alias=None,
+             namespace: Optional[str] = None) -> ReqKV:
         """Lock the matched prefix and give the request a row that starts with it.
 
         ``alias`` (a ``SemanticMatch`` from ``match_alias``): also lock the donor node and
@@ -193,7 +197,7 @@ class KVCacheManager:
         if not rows:
             raise KVCacheExhausted("no free request row (max_running_requests reached)")
         row = rows[0]
-        req = ReqKV(row=row, token_ids=list(token_ids))
+        req = ReqKV(row=row, token_ids=list(token_ids), namespace=namespace)
         n = len(prefix_indices)
         if n:
             self.req_to_token_pool.write((row, slice(0, n)), prefix_indices.to(torch.int32))
@@ -284,7 +288,8 @@ class KVCacheManager:
         if self.tree.disable or req.kv_len == req.protected_len or req.alias is not None:
             return
         self._insert(req, self.row_slots(req))
-        node = self.tree.match_prefix(MatchPrefixParams(key=_radix_key(req.token_ids[: req.kv_len]))).last_device_node
+        key = _radix_key(req.token_ids[: req.kv_len], req.namespace)
+        node = self.tree.match_prefix(MatchPrefixParams(key=key)).last_device_node
         tree_slots = self.tree.path_device_indices(node)
         assert len(tree_slots) == req.kv_len, (len(tree_slots), req.kv_len)
         self.req_to_token_pool.write(
@@ -341,12 +346,73 @@ class KVCacheManager:
     def _insert(self, req: ReqKV, slots: torch.Tensor) -> int:
         """Insert the row into the tree and free our copies of tokens it already held."""
         result = self.tree.insert(
-            InsertParams(key=_radix_key(req.token_ids[: req.kv_len]), value=slots.clone())
+            InsertParams(key=_radix_key(req.token_ids[: req.kv_len], req.namespace), value=slots.clone())
         )
         # [0, protected_len) are the tree's own slots (locked, identical); the tokens in
         # [protected_len, prefix_len) were computed again by this request: free our copies.
         self.allocator.free(slots[req.protected_len : result.prefix_len])
         return result.prefix_len
+
+    # ---- fork join by KV concatenation (parallel encoding) ------------------------------
+    def concatenate(self, prefix_ids: List[int], segments: List[List[int]], rotate_keys: Callable,
+                    namespace: str) -> bool:
+        """Build the KV of ``prefix + segments[0] + segments[1] + ...`` from cached KV.
+
+        Each ``prefix + segment`` must be cached exactly (the branches of a fork, committed
+        before the join). Their KV is copied into new slots, laid out one segment after
+        the other, and inserted into the tree under ``namespace`` only, so no plain lookup
+        can ever return it. The prefix and the first segment are copied as they are (their
+        KV is exactly a plain prefill's); every later segment's keys are rotated by its new
+        offset (``rotate_keys(keys, delta)``), so positions are right, but its tokens never
+        attended to the segments before it: that part is approximate (parallel encoding).
+
+        Returns False (nothing changed) when a branch's KV is no longer cached.
+        """
+        tokens = list(prefix_ids) + [t for seg in segments for t in seg]
+        if len(self.match(tokens, len(tokens), namespace)[0]) == len(tokens):
+            return True  # built before (the same join ran again)
+        n_prefix = len(prefix_ids)
+        locks, sources, deltas = [], [], []
+        try:
+            offset = 0
+            for i, seg in enumerate(segments):
+                ids = list(prefix_ids) + list(seg)
+                slots, node = self.match(ids, len(ids))
+                if len(slots) < len(ids):
+                    return False
+                locks.append(self.tree.lock(node))
+                if i == 0:
+                    sources.append(slots[:n_prefix])
+                    deltas.append(0)
+                sources.append(slots[n_prefix:])
+                deltas.append(offset)
+                offset += len(seg)
+            src = torch.cat(sources).to(torch.int64)
+            dst = self.alloc(len(tokens))  # may evict, but never the locked branches
+            pos = 0
+            for part, delta in zip(sources, deltas):
+                self._copy_kv(src[pos : pos + len(part)], dst[pos : pos + len(part)], delta, rotate_keys)
+                pos += len(part)
+            if self.slot_attention is not None:
+                self.slot_attention[dst] = self.slot_attention[src]
+            result = self.tree.insert(InsertParams(key=_radix_key(tokens, namespace), value=dst.clone()))
+            self.allocator.free(dst[: result.prefix_len])  # the namespace held that part already
+            return True
+        finally:
+            for lock in locks:
+                self.tree.unlock(lock)
+
+    def _copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int, rotate_keys: Callable) -> None:
+        if not len(src):
+            return
+        device = self.kv_pool.get_key_buffer(0).device
+        src, dst = src.to(device), dst.to(device)
+        for layer in range(self.layout.num_layers):
+            k_buf = self.kv_pool.get_key_buffer(layer)
+            v_buf = self.kv_pool.get_value_buffer(layer)
+            keys = k_buf[src]
+            k_buf[dst] = rotate_keys(keys, delta).to(k_buf.dtype) if delta else keys
+            v_buf[dst] = v_buf[src]
 
     def flush(self) -> bool:
         """Empty the tree (only when no request holds KV), as SGLang's /flush_cache does."""

@@ -137,6 +137,25 @@ class ModelRunner:
         hidden = self.norm(hidden)[0]
         return self._logits(hidden, items)
 
+    @torch.inference_mode()
+    def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move cached keys ``delta`` positions later: RoPE by ``delta`` on top of the
+        rotation they have. Rotations compose (R(p + d) = R(d) R(p)) for the rotary
+        embeddings whose frequencies do not depend on the sequence (default, linear,
+        llama3 scaling), so this equals computing the key at its new position.
+        ``keys`` is the pool layout (n, kv_heads, head_dim); computed in float32."""
+        rope_type = getattr(self.rotary_emb, "rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise NotImplementedError(f"moving cached keys needs position-independent RoPE, not {rope_type!r}")
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = self.rotary_emb(probe, torch.tensor([[delta]], device=self.device))
+        scale = float(getattr(self.rotary_emb, "attention_scaling", 1.0))
+        cos, sin = cos[0] / scale, sin[0] / scale  # (1, head_dim); the first rotation was scaled already
+        k = keys.float()
+        half = k.shape[-1] // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)  # rotate_half, as the models define it
+        return k * cos + rotated * sin
+
     def prepare(self, items: List[ForwardItem]) -> "AttentionPlan":
         """The attention plan of one forward over ``items`` (and FlashInfer's page tables)."""
         plan = plan_attention(items, self.shared_prefix_min_tokens, device=self.device)

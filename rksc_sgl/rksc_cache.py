@@ -294,8 +294,8 @@ class RKSCRadixCache(RadixCache):
         prefix_sums = recipient.cumsum(dim=0)
         best, best_sim = None, None
         for child in node.children.values():
-            if child.evicted:
-                continue
+            if child.evicted or child.key.extra_key is not None:
+                continue  # (a namespaced path, e.g. joined fork KV, is never a donor)
             length = min(len(child.key), n)
             if length == len(child.key):
                 donor_key = self.node_key(child)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+import re
+from typing import Any, Dict, List, Mapping, Optional
 
 import msgspec.structs
 import torch
@@ -10,8 +11,6 @@ import torch
 from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
 
 from .grammar import normalize_grammar_fields
-
-UNSUPPORTED_YET = ("structural_tag", "stop_regex")
 
 
 def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: int) -> SamplingParams:
@@ -21,14 +20,12 @@ def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: 
     with SGLang's own wording for the range checks.
     """
     raw = dict(raw or {})
-    for key in UNSUPPORTED_YET:
-        if raw.get(key):
-            raise ValueError(f"sampling parameter {key!r} is not supported by the embedded engine yet")
     n = raw.get("n", 1)
     if n not in (None, 1):
         raise ValueError("n > 1 is not supported by the embedded engine; fork the program instead")
     for key, value in raw.items():
         _check_type(key, value)
+    _check_stop_regex(raw)
     normalize_grammar_fields(raw)
     try:
         params = SamplingParams(**raw)
@@ -56,7 +53,7 @@ def _check_type(key: str, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif key in _BOOL_FIELDS:
         ok = isinstance(value, bool)
-    elif key == "stop":
+    elif key in ("stop", "stop_regex"):
         ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value))
     elif key == "stop_token_ids":
         ok = isinstance(value, (list, tuple, set)) and all(isinstance(t, int) for t in value)
@@ -64,6 +61,40 @@ def _check_type(key: str, value: Any) -> None:
         return
     if not ok:
         raise ValueError(f"sampling parameter {key!r} has the wrong type: {value!r}")
+
+
+def _check_stop_regex(raw: Dict[str, Any]) -> None:
+    """Compile every ``stop_regex`` pattern here, in the caller's thread, so a bad one fails
+    the call with a ``ValueError`` naming it (SGLang's ``normalize`` would raise a bare
+    ``re.error`` from its length bound). An empty list (the frontend's default ``()``)
+    means none."""
+    patterns = raw.get("stop_regex")
+    if patterns is None:
+        return
+    if not isinstance(patterns, str) and not patterns:
+        raw["stop_regex"] = None
+        return
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"invalid stop_regex {pattern!r}: {e}") from None
+
+
+def stop_regex_window(params: SamplingParams) -> int:
+    """Output tokens SGLang decodes to look for a stop regex (``Req.tail_str``): the
+    longest stop string (in tokens) or stop regex match (in characters, at least one per
+    token; unbounded patterns give about 2**30, that is, the whole output), plus one."""
+    return max(params.stop_str_max_len, params.stop_regex_max_len) + 1
+
+
+def matched_stop_regex(params: SamplingParams, tail: str) -> Optional[str]:
+    """The first of the request's stop regexes found (``re.search``) in ``tail``, or None.
+    SGLang's finish reason names the pattern itself: ``{"type": "stop", "matched": pattern}``."""
+    for pattern in params.stop_regex_strs:
+        if re.search(pattern, tail):
+            return pattern
+    return None
 
 
 def is_greedy(params: SamplingParams) -> bool:

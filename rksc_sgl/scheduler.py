@@ -26,7 +26,7 @@ import torch
 from .grammar import RequestGrammar
 from .kv_cache import KVCacheExhausted, KVCacheManager, ReqKV
 from .model_runner import ForwardItem, ModelRunner
-from .sampling import sample_token, top_logprobs
+from .sampling import matched_stop_regex, sample_token, stop_regex_window, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Request:
     on_event: Optional[Callable] = None  # called from the scheduler thread
     grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
     generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
+    namespace: Optional[str] = None  # tree namespace (SGLang's ``extra_key``): matches only its own paths
     created: float = dataclasses.field(default_factory=time.perf_counter)
     # filled in by the scheduler
     kv: Optional[ReqKV] = None
@@ -299,7 +300,7 @@ class Scheduler:
             # next step, when it can reuse that prefix from the tree.
             deferred.append(self.waiting.popleft())
             return reserved, prefill_tokens
-        prefix, node = self.kv.match(req.input_ids, cap)
+        prefix, node = self.kv.match(req.input_ids, cap, req.namespace)
         need = len(req.input_ids) - len(prefix) + req.max_new_tokens
         if need + len(prefix) > self.kv.pool_tokens:
             self.waiting.popleft()
@@ -310,12 +311,12 @@ class Scheduler:
                 "or lower max_new_tokens"))
             return reserved, prefill_tokens
         alias = None
-        if req.logprob_start is None:  # scored prompts are computed exactly
+        if req.logprob_start is None and req.namespace is None:  # scored prompts are computed exactly
             alias = self.kv.match_alias(req.input_ids, cap, len(prefix), node)
             self.stats.key_tokens = self.kv.key_tokens
         reused = alias.reused_tokens if alias is not None else 0
         need -= reused
-        req.kv = self.kv.open(req.input_ids, prefix, node, alias)
+        req.kv = self.kv.open(req.input_ids, prefix, node, alias, namespace=req.namespace)
         extend = len(req.input_ids) - len(prefix) - reused
         over_budget = self.kv.available_tokens() - reserved < need
         over_prefill = batch and prefill_tokens + extend > self.max_prefill_tokens
@@ -340,6 +341,8 @@ class Scheduler:
         if self.kv.tree.disable or not self.in_batch_prefix_min_tokens:
             return False
         for other in batch:
+            if other.namespace != req.namespace:
+                continue
             common = len(os.path.commonprefix([req.input_ids, other.input_ids]))
             if common - other.cached_tokens >= self.in_batch_prefix_min_tokens:
                 return True
@@ -433,6 +436,11 @@ class Scheduler:
                 for stop in params.stop_strs:
                     if stop in tail:
                         return {"type": "stop", "matched": stop}
+            if params.stop_regex_strs:
+                # As SGLang: search the decoded last few tokens (Req.tail_str), name the pattern.
+                pattern = matched_stop_regex(params, self.text_of(req, min(stop_regex_window(params), n)))
+                if pattern is not None:
+                    return {"type": "stop", "matched": pattern}
         if n >= params.max_new_tokens:
             return {"type": "length", "length": params.max_new_tokens}
         return None

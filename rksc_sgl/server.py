@@ -86,7 +86,7 @@ DEFAULT_NEW_TOKENS = 128  # the engine's default when a request does not say
 
 GENERATE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
-    "top_logprobs_num", "return_text_in_logprobs", "stream",
+    "top_logprobs_num", "return_text_in_logprobs", "stream", "extra_key",
 })
 _ANY = object()  # a field accepted (and ignored) whatever its value
 # Fields SGLang clients may send with a neutral value; accepted only when they are neutral.

@@ -1,4 +1,5 @@
-"""Constrained decoding with xgrammar: regex, JSON schema, EBNF, the frontend's dtype."""
+"""Constrained decoding with xgrammar (regex, JSON schema, EBNF, structural tags, the frontend's
+dtype) and stop_regex."""
 
 from __future__ import annotations
 
@@ -291,7 +292,21 @@ def test_dtype_matches_sglang_runtime_endpoint():
     ({"ebnf": "root ::= "}, "invalid ebnf"),
     ({"regex": 5}, "'regex' must be a string"),
     ({"regex": "a", "json_schema": "{}"}, "Only one of"),
-    ({"structural_tag": "{}"}, "not supported"),
+    ({"structural_tag": "{}"}, r"invalid structural_tag '\{\}': needs \"format\""),
+    ({"structural_tag": "[1]"}, "invalid structural_tag.*must be a JSON object"),
+    ({"structural_tag": {"type": "structural_tag", "format": {"type": "nope"}}},
+     "invalid structural_tag.*Format type not recognized: nope"),
+    ({"structural_tag": {"structures": [{"begin": "<a>", "end": "</a>"}], "triggers": ["<b"]}},
+     "invalid structural_tag.*does not match any trigger"),
+    ({"structural_tag": {"structures": [{"begin": "<a>", "end": "</a>", "schema": {"type": "integr"}}],
+                         "triggers": ["<a"]}}, "invalid structural_tag.*integr"),
+    ({"structural_tag": {"structures": [{"begin": "<a>"}], "triggers": ["<a"]}}, r"structures\[0\] has no 'end'"),
+    ({"structural_tag": 5}, "'structural_tag' must be a string"),
+    ({"structural_tag": '{"format": {"type": "const_string", "value": "x"}}', "json_schema": "{}"}, "Only one of"),
+    ({"stop_regex": "[0-9"}, r"invalid stop_regex '\[0-9': unterminated character set"),
+    ({"stop_regex": ["ok", "(x"]}, r"invalid stop_regex '\(x': missing \)"),
+    ({"stop_regex": ["ok", 3]}, "'stop_regex' has the wrong type"),
+    ({"stop_regex": "a" * 300}, "over the 256-byte limit"),
 ])
 def test_invalid_grammar_raises_and_engine_keeps_serving(checked, params, message):
     with pytest.raises(ValueError, match=message):
@@ -317,3 +332,123 @@ def test_invalid_regex_in_frontend_program(checked, use_backend):
 @sgl.function
 def _two_digits(s):
     s += "Number: " + sgl.gen("n", regex="[0-9]{2}", max_tokens=4)
+
+
+# ---- stop_regex ------------------------------------------------------------------------------
+STORY = "Once upon a time"
+STORY_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def story(radix_engine):
+    """The unconstrained greedy continuation of STORY: the reference for stop_regex."""
+    out = radix_engine.generate_request(text=STORY, sampling_params={
+        "max_new_tokens": STORY_TOKENS, "temperature": 0})
+    return out["output_ids"]
+
+
+def _stopped(tokenizer, ids, patterns, no_stop_trim=False):
+    """What SGLang's rules give for a greedy run with ``stop_regex=patterns``, from the
+    unconstrained run's tokens: it stops after the first token whose text completes a match
+    of some pattern (the first such pattern of the list is the one named), keeps that whole
+    token, and its detokenizer cuts the text only where the pattern occurs literally."""
+    texts = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    k = next(k for k in range(1, len(ids) + 1) if any(re.search(p, texts[k]) for p in patterns))
+    pattern = next(p for p in patterns if re.search(p, texts[k]))
+    text = texts[k]
+    cut = text.find(pattern)
+    if cut >= 0:
+        text = text[: cut + len(pattern)] if no_stop_trim else text[:cut]
+    return ids[:k], text, {"type": "stop", "matched": pattern}
+
+
+@pytest.mark.parametrize("stop_regex, no_stop_trim", [
+    (r"s[a-z]y", False),  # the match ends inside a token: that whole token is kept
+    ("y of N", False),  # a literal pattern spanning tokens: cut there, as a stop string
+    ("y of N", True),
+    ([r"bust\w+", r"N[a-z]va", r"\d+"], False),  # the pattern that matches first wins...
+    ([r"o[v]", r"N.v"], False),  # ...and of two completed by the same token, the first listed
+])
+def test_stop_regex_stops_at_the_first_match(checked, story, stop_regex, no_stop_trim):
+    patterns = [stop_regex] if isinstance(stop_regex, str) else stop_regex
+    ids, text, reason = _stopped(checked.tokenizer, story, patterns, no_stop_trim)
+    assert len(ids) < len(story)  # it does stop early
+    out = checked.generate_request(text=STORY, sampling_params={
+        "max_new_tokens": STORY_TOKENS, "temperature": 0, "stop_regex": stop_regex, "no_stop_trim": no_stop_trim})
+    assert out["output_ids"] == ids
+    assert out["text"] == text
+    assert out["meta_info"]["finish_reason"] == reason
+
+
+@pytest.mark.parametrize("stop_regex", ["y of N", r"s[a-z]y"])
+def test_stop_regex_streaming_never_passes_the_cut(checked, story, stop_regex):
+    params = {"max_new_tokens": STORY_TOKENS, "temperature": 0, "stop_regex": stop_regex}
+    whole = checked.generate_request(text=STORY, sampling_params=params)
+    chunks = list(checked.generate_request(text=STORY, sampling_params=params, stream=True))
+    final = chunks[-1]
+    assert final["text"] == whole["text"] == _stopped(checked.tokenizer, story, [stop_regex])[1]
+    assert final["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
+    assert len(chunks) > 2
+    for chunk in chunks:
+        assert final["text"].startswith(chunk["text"]), (chunk["text"], final["text"])
+
+
+def test_stop_regex_from_frontend(checked, use_backend, story):
+    use_backend(checked)
+
+    @sgl.function
+    def tale(s):
+        s += STORY + sgl.gen("rest", max_tokens=STORY_TOKENS, temperature=0, stop_regex=r"N[a-z]va")
+
+    state = tale.run()
+    _, text, reason = _stopped(checked.tokenizer, story, [r"N[a-z]va"])
+    assert state["rest"] == text
+    assert state.get_meta_info("rest")["finish_reason"] == reason
+
+
+# ---- structural_tag ----------------------------------------------------------------------------
+TOOL_PROMPT = ('Tools: get_weather(city, days).\n'
+               'User: Weather in Paris for 2 days?\n'
+               'Assistant: <function=get_weather>{"city": "Paris", "days": 2}</function>\n'
+               'User: Weather in Tokyo for 5 days?\nAssistant:')
+# Not what the prompt's example shows: only the grammar makes the model write this.
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {"location": {"type": "string", "minLength": 1, "maxLength": 16},
+                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["location", "unit"],
+    "additionalProperties": False,
+}
+LEGACY_TAG = {"structures": [{"begin": "<function=get_weather>", "schema": WEATHER_ARGS, "end": "</function>"}],
+              "triggers": ["<function="]}
+FORMAT_TAG = {"type": "structural_tag", "format": {
+    "type": "triggered_tags", "triggers": ["<function="],
+    "tags": [{"type": "tag", "begin": "<function=get_weather>",
+              "content": {"type": "json_schema", "json_schema": WEATHER_ARGS}, "end": "</function>"}]}}
+
+
+@pytest.mark.parametrize("tag", [LEGACY_TAG, json.dumps(LEGACY_TAG), FORMAT_TAG],
+                         ids=["legacy-dict", "legacy-json", "format-dict"])
+def test_structural_tag_call_follows_its_schema(checked, tag):
+    params = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": False}
+    free = checked.generate_request(text=TOOL_PROMPT, sampling_params=params)
+    out = checked.generate_request(text=TOOL_PROMPT, sampling_params={**params, "structural_tag": tag})
+    # The model calls the tool by itself (the trigger fires); the grammar shapes the arguments.
+    calls = re.findall(r"<function=get_weather>(.*?)</function>", out["text"], re.S)
+    assert calls, out["text"]
+    for call in calls:
+        args = json.loads(call)
+        assert set(args) == {"location", "unit"}, args
+        assert isinstance(args["location"], str) and 1 <= len(args["location"]) <= 16
+        assert args["unit"] in ("celsius", "fahrenheit")
+    assert "location" not in free["text"]  # unconstrained, it copies the example's arguments
+    # Text outside the tags is free: it is the unconstrained text up to the trigger.
+    assert out["text"].split("<function=")[0] == free["text"].split("<function=")[0]
+
+
+def test_structural_tag_is_compiled_once(checked):
+    key = json.dumps(FORMAT_TAG)
+    first = checked.grammars.compiled("structural_tag", key)
+    n = len(checked.grammars)
+    checked.generate_request(text=TOOL_PROMPT, sampling_params={"max_new_tokens": 2, "structural_tag": FORMAT_TAG})
+    assert checked.grammars.compiled("structural_tag", key) is first and len(checked.grammars) == n

@@ -217,10 +217,10 @@ def test_failing_admission_fails_that_request_only(tiny_pool_engine, monkeypatch
     eng = tiny_pool_engine
     real_match = eng.kv.match
 
-    def match(token_ids, cap):
+    def match(token_ids, cap, namespace=None):
         if eng.tokenizer.decode(token_ids).startswith("poison"):
             raise RuntimeError("injected admission failure")
-        return real_match(token_ids, cap)
+        return real_match(token_ids, cap, namespace)
 
     monkeypatch.setattr(eng.kv, "match", match)
     texts = ["Fine one.", "poison pill", "Fine two."]
