@@ -204,8 +204,6 @@ class Engine(BaseBackend):
         iterator of response dicts whose ``text`` grows, as the HTTP server streams them.
         """
         prompts, batch = self._prompts(text, input_ids)
-        if stream and batch:
-            raise ValueError("streaming is supported for a single prompt only")
         if isinstance(sampling_params, (list, tuple)):
             if not batch or len(sampling_params) != len(prompts):
                 raise ValueError(f"a list of sampling_params needs one entry per prompt of a batch "
@@ -214,6 +212,15 @@ class Engine(BaseBackend):
         else:
             per_prompt = [sampling_params] * len(prompts)
         namespaces = _per_prompt_keys(extra_key, len(prompts), batch)
+        n = _parallel_samples(per_prompt)
+        if n > 1:
+            # As SGLang's /generate: n samples of every prompt, returned as one list in the
+            # order [every prompt, sample 0], [every prompt, sample 1], ...
+            prompts, namespaces = prompts * n, namespaces * n
+            per_prompt = [_sample_params(p, j) for j in range(n) for p in per_prompt]
+            batch = True
+        if stream and batch:
+            raise ValueError("streaming is supported for a single prompt and n=1 only")
         # Validate every prompt of a batch before any of them starts running.
         pendings = [
             self._prepare(ids, params, return_logprob, logprob_start_len, top_logprobs_num, namespace)
@@ -436,6 +443,9 @@ class Engine(BaseBackend):
             self.fill_image(s)
         apply_dtype(sampling_params)  # as SGLang's RuntimeEndpoint: dtype -> regex (+ stop strings)
         params = {k: v for k, v in sampling_params.to_srt_kwargs().items() if v is not None}
+        if params.get("n", 1) != 1:
+            # The interpreter stores one text per gen (RuntimeEndpoint cannot take a list either).
+            raise ValueError("gen(n > 1) is not supported by SGLang programs; use s.fork(n)")
         params["skip_special_tokens"] = global_config.skip_special_tokens_in_output
         params["spaces_between_special_tokens"] = global_config.spaces_between_special_tokens_in_out
         if params.get("stop") == ():
@@ -511,12 +521,34 @@ class Engine(BaseBackend):
         return frozenset(ids)
 
 
+def _parallel_samples(per_prompt: List[Optional[Dict[str, Any]]]) -> int:
+    """``n`` of a request (SGLang: the same for every prompt of a batch)."""
+    values = {(p or {}).get("n", 1) for p in per_prompt}
+    values = {1 if v is None else v for v in values}
+    if len(values) != 1:
+        raise ValueError("n must be the same for every prompt of a batch")
+    n = values.pop()
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    return n
+
+
+def _sample_params(params: Optional[Dict[str, Any]], j: int) -> Dict[str, Any]:
+    """Sample ``j`` of a parallel-sampling request: ``n`` removed and, when the request
+    has a ``sampling_seed``, seed + j, so the samples differ but stay reproducible."""
+    out = {k: v for k, v in (params or {}).items() if k != "n"}
+    seed = out.get("sampling_seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        out["sampling_seed"] = seed + j
+    return out
+
+
 def _per_prompt_keys(extra_key, n: int, batch: bool) -> List[Optional[str]]:
     """One ``extra_key`` per prompt: a string (or None) for all, or a list for a batch."""
     if extra_key is None or isinstance(extra_key, str):
         return [extra_key] * n
-    keys = list(extra_key)
-    if not batch or len(keys) != n or not all(k is None or isinstance(k, str) for k in keys):
+    keys = list(extra_key) if isinstance(extra_key, (list, tuple)) else None
+    if keys is None or not batch or len(keys) != n or not all(k is None or isinstance(k, str) for k in keys):
         raise ValueError(f"extra_key must be a string, or a list of {n} strings for a batch of {n} prompts")
     return keys
 

@@ -22,7 +22,7 @@ def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: 
     raw = dict(raw or {})
     n = raw.get("n", 1)
     if n not in (None, 1):
-        raise ValueError("n > 1 is not supported by the embedded engine; fork the program instead")
+        raise ValueError("n > 1 is expanded by Engine.generate_request; SamplingParams takes n=1")
     for key, value in raw.items():
         _check_type(key, value)
     _check_stop_regex(raw)

@@ -308,6 +308,11 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
             body["sampling_params"] = [check_params(p) for p in params]
         else:
             body["sampling_params"] = check_params(params)
+        samples = [p.get("n", 1) for p in (body["sampling_params"] if isinstance(params, list)
+                                           else [body["sampling_params"]])]
+        total = (len(batch) if batch is not None else 1) * max((n for n in samples if _is_int(n)), default=1)
+        if total > max_batch:
+            raise HTTPError(400, f"{total} sequences (prompts x n) is over the limit of {max_batch}")
         return body
 
     async def call_engine(body: Dict[str, Any]):

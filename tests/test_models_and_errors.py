@@ -82,7 +82,8 @@ def test_bad_engine_config(kwargs, message):
     ({"max_new_tokens": "ten"}, "wrong type"),
     ({"bogus": 1}, "bogus"),
     ({"regex": r"[0-9"}, "invalid regex"),
-    ({"n": 3}, "n > 1"),
+    ({"n": 0}, "positive integer"),
+    ({"n": "3"}, "positive integer"),
 ])
 def test_bad_sampling_params(radix_engine, params, message):
     with pytest.raises(ValueError, match=message):
@@ -126,3 +127,23 @@ def test_a_bad_prompt_in_a_batch_starts_none_of_it(radix_engine):
                                       sampling_params={"max_new_tokens": 2})
     radix_engine.check_integrity()
     assert radix_engine.stats().since(before).requests == 0
+
+
+def test_parallel_sampling_n_as_sglang(radix_engine):
+    """n samples per prompt, ordered as SGLang's /generate orders them (prompt-major per sample)."""
+    prompts = ["Count: 1, 2,", "Colors: red,"]
+    greedy = radix_engine.generate_request(text=prompts, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    out = radix_engine.generate_request(text=prompts, sampling_params={"max_new_tokens": 4, "temperature": 0, "n": 2})
+    assert [o["text"] for o in out] == [g["text"] for g in greedy] * 2
+    single = radix_engine.generate_request(text=prompts[0], sampling_params={
+        "max_new_tokens": 6, "temperature": 1.0, "n": 3, "sampling_seed": 11})
+    assert isinstance(single, list) and len(single) == 3
+    # Sample j is seeded with seed + j: each one is reproducible on its own.
+    again = radix_engine.generate_request(text=prompts[0], sampling_params={
+        "max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 13})
+    assert single[2]["output_ids"] == again["output_ids"]
+    with pytest.raises(ValueError, match="same for every prompt"):
+        radix_engine.generate_request(text=prompts, sampling_params=[{"n": 2}, {"n": 1}])
+    with pytest.raises(ValueError, match="streaming"):
+        radix_engine.generate_request(text=prompts[0], sampling_params={"n": 2}, stream=True)
+    radix_engine.check_integrity()

@@ -110,11 +110,21 @@ def test_streaming_format(client, checked):
     (json.dumps({"text": ["a", "b"], "stream": True}).encode(), "single prompt"),
     (json.dumps({"text": "hi", "stream": "yes"}).encode(), "boolean"),
     (json.dumps({"input_ids": [5] * 9000}).encode(), "context length"),
+    (json.dumps({"text": "hi", "sampling_params": {"n": 10**6}}).encode(), "prompts x n"),
+    (json.dumps({"text": "hi", "extra_key": 3}).encode(), "extra_key"),
 ])
 def test_bad_requests_are_400(client, checked, body, needle):
     resp = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400, resp.text
     assert needle in resp.json()["error"]["message"]
+
+
+def test_generate_n_samples(client, checked):
+    """As SGLang: n > 1 on one prompt returns a list of n outputs."""
+    resp = client.post("/generate", json={"text": "One, two,", "sampling_params": {**_greedy(3), "n": 2}})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert isinstance(out, list) and len(out) == 2 and out[0]["text"] == out[1]["text"]
 
 
 def test_generate_sampling_params_per_prompt(client, checked):
