@@ -231,16 +231,20 @@ class Mode:
     """An ASKS threshold of this mode alone (``asks@0.9``); ``None``: the run's ``asks_tau``."""
     eviction: Optional[str] = None
     """Another of SGLang's eviction policies for the stock tree (``lfu``, ``slru``)."""
+    key_layer: Optional[int] = None
+    """An ASKS key layer of this mode alone (``asks@0.9:L4``); ``None``: the run's ``asks_key_layer``."""
 
     @property
     def label(self) -> str:
-        return self.name if self.tau is None else f"{self.name}@{self.tau:g}"
+        label = self.name if self.tau is None else f"{self.name}@{self.tau:g}"
+        return label if self.key_layer is None else f"{label}:L{self.key_layer}"
 
     def engine_kwargs(self, settings: "BenchSettings") -> Dict[str, Any]:
         kwargs: Dict[str, Any] = {"cache": self.cache}
         if self.asks:
             kwargs["asks"] = {"enabled": True, "tau": self.tau if self.tau is not None else settings.asks_tau,
-                              "recompute_fraction": settings.asks_recompute}
+                              "recompute_fraction": settings.asks_recompute,
+                              "key_layer": self.key_layer if self.key_layer is not None else settings.asks_key_layer}
         if self.rsbcm:
             kwargs["eviction_policy"] = "rsbcm"
         elif self.eviction:
@@ -266,17 +270,24 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
 
 
 def parse_modes(text: str) -> List[Mode]:
-    """``"none,radix,rksc,asks@0.9"`` -> modes; ``ValueError`` naming what is wrong."""
+    """``"none,radix,rksc,asks@0.9,asks@0.9:L4"`` -> modes; ``ValueError`` naming what is wrong."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
         raise ValueError(f"no modes given; choose from {', '.join(MODES)}")
     modes: List[Mode] = []
     for spec in names:
-        name, _, tau_text = spec.partition("@")
+        head, _, layer_text = spec.partition(":")
+        name, _, tau_text = head.partition("@")
         if name not in MODES:
             raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)} (ASKS modes take "
-                             "a threshold as NAME@TAU, e.g. asks@0.9)")
+                             "a threshold as NAME@TAU and a key layer as :L<layer>, e.g. asks@0.9:L4)")
         mode = MODES[name]
+        if layer_text:
+            if not mode.asks:
+                raise ValueError(f"mode {name!r} does not use ASKS, so {spec!r} has no key layer to set")
+            if not (layer_text.startswith("L") and layer_text[1:].isdigit()):
+                raise ValueError(f"mode {spec!r}: the key layer is written :L<layer>, e.g. :L4")
+            mode = dataclasses.replace(mode, key_layer=int(layer_text[1:]))
         if tau_text:
             if not mode.asks:
                 raise ValueError(f"mode {name!r} does not use ASKS, so {spec!r} has no tau to set")
@@ -310,6 +321,7 @@ class BenchSettings:
     max_running_requests: int = 64
     asks_tau: float = 0.95
     asks_recompute: float = 0.0
+    asks_key_layer: int = 0
     audit_fraction: float = 1.0
     bootstrap: int = 2000
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -326,6 +338,8 @@ class BenchSettings:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.asks_tau, (int, float)) and math.isfinite(self.asks_tau) and self.asks_tau >= -1):
             raise ValueError(f"asks-tau must be a finite number >= -1, got {self.asks_tau!r}")
+        if not isinstance(self.asks_key_layer, int) or isinstance(self.asks_key_layer, bool) or self.asks_key_layer < 0:
+            raise ValueError(f"asks-key-layer must be an integer >= 0, got {self.asks_key_layer!r}")
         if not 0.0 <= self.asks_recompute <= 1.0:
             raise ValueError(f"asks-recompute must be in [0, 1], got {self.asks_recompute!r}")
         if not 0.0 <= self.audit_fraction <= 1.0:
@@ -785,8 +799,8 @@ def _check_engine(engine, mode: Mode, settings: BenchSettings) -> None:
     if cfg.cache != want["cache"]:
         problems.append(f"cache={cfg.cache!r}, the mode needs {want['cache']!r}")
     asks = want.get("asks")
-    if bool(asks) != bool(cfg.asks.enabled) or (asks and (cfg.asks.tau, cfg.asks.recompute_fraction)
-                                               != (asks["tau"], asks["recompute_fraction"])):
+    if bool(asks) != bool(cfg.asks.enabled) or (asks and (cfg.asks.tau, cfg.asks.recompute_fraction, cfg.asks.key_layer)
+                                               != (asks["tau"], asks["recompute_fraction"], asks["key_layer"])):
         problems.append(f"its ASKS settings ({cfg.asks}) differ from the mode's ({asks})")
     if cfg.eviction_policy != want.get("eviction_policy", "lru"):
         problems.append(f"eviction_policy={cfg.eviction_policy!r}")
@@ -1112,7 +1126,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
              "--problems", str(settings.problems), "--seed", str(settings.seed), "--repeats", str(settings.repeats),
              "--warmup", str(settings.warmup), "--model", settings.model, "--threads", str(settings.threads),
              "--device", settings.device, "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
-             "--asks-recompute", f"{settings.asks_recompute:g}", "--audit-fraction", f"{settings.audit_fraction:g}"]
+             "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),
+             "--audit-fraction", f"{settings.audit_fraction:g}"]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]
@@ -1135,8 +1150,8 @@ def add_bench_args(parser) -> None:
                              + " (default: paper)")
     parser.add_argument("--modes", default="none,radix,rksc",
                         help="comma-separated modes: " + "; ".join(f"{m.name} ({m.help})" for m in MODES.values())
-                             + ". An ASKS mode takes its own tau as NAME@TAU, e.g. asks@0.8 (default: "
-                               "none,radix,rksc)")
+                             + ". An ASKS mode takes its own tau as NAME@TAU and key layer as :L<layer>, e.g. "
+                               "asks@0.8 or asks@0.9:L4 (default: none,radix,rksc)")
     parser.add_argument("--problems", type=int, default=d.problems, help=f"timed problems (default: {d.problems})")
     parser.add_argument("--seed", type=int, default=d.seed, help="reasoning-gym seed of the problems (default: 0)")
     parser.add_argument("--repeats", type=int, default=d.repeats,
@@ -1153,6 +1168,10 @@ def add_bench_args(parser) -> None:
                         help=f"ASKS threshold of the ASKS modes without @TAU (default: {d.asks_tau})")
     parser.add_argument("--asks-recompute", type=float, default=d.asks_recompute,
                         help=f"ASKS recompute fraction (default: {d.asks_recompute})")
+    parser.add_argument("--asks-key-layer", type=int, default=d.asks_key_layer,
+                        help="ASKS key layer of the ASKS modes without :L<layer> (0: token embeddings, free; "
+                             f"L: hidden states after L blocks, the recipient's span runs through them) "
+                             f"(default: {d.asks_key_layer})")
     parser.add_argument("--audit-fraction", type=float, default=d.audit_fraction,
                         help="share of gated verify calls that also run the full pass to count errors; its time "
                              f"is left out (default: {d.audit_fraction})")
@@ -1173,6 +1192,7 @@ def settings_from_args(args) -> BenchSettings:
                          model=args.model, threads=args.threads, device=args.device,
                          kv_pool_tokens=args.kv_pool_tokens,
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
+                         asks_key_layer=args.asks_key_layer,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 

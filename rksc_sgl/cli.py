@@ -55,6 +55,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "key has cosine similarity >= this threshold")
     group.add_argument("--asks-recompute", type=float, default=None,
                        help="ASKS: fraction of each reused span to recompute (default: 0)")
+    group.add_argument("--asks-key-layer", type=int, default=None,
+                       help="ASKS: layer of the semantic keys (0: token embeddings, free; L: hidden states "
+                            "after L blocks, stored per slot at prefill; default: 0)")
     return parser
 
 
@@ -72,9 +75,11 @@ def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
             kwargs[field] = value
     tau = getattr(args, "asks_tau", None)
     recompute = getattr(args, "asks_recompute", None)
-    if tau is not None or recompute is not None:
+    layer = getattr(args, "asks_key_layer", None)
+    if tau is not None or recompute is not None or layer is not None:
         kwargs["asks"] = {"enabled": tau is not None, **({"tau": tau} if tau is not None else {}),
-                          **({"recompute_fraction": recompute} if recompute is not None else {})}
+                          **({"recompute_fraction": recompute} if recompute is not None else {}),
+                          **({"key_layer": layer} if layer is not None else {})}
     return kwargs
 
 
@@ -131,7 +136,7 @@ def _warn_ignored_flags(args: argparse.Namespace, engine) -> None:
     actual = {"cache": cfg.cache, "model": cfg.model, "kv_pool_tokens": cfg.kv_pool_tokens,
               "max_running": cfg.max_running_requests, "threads": cfg.num_threads, "engine_seed": cfg.seed,
               "asks_tau": cfg.asks.tau if cfg.asks.enabled else None,
-              "asks_recompute": cfg.asks.recompute_fraction}
+              "asks_recompute": cfg.asks.recompute_fraction, "asks_key_layer": cfg.asks.key_layer}
     ignored = [f"--{flag.replace('_', '-')}" for flag, value in actual.items()
                if getattr(args, flag, None) is not None and getattr(args, flag) != value]
     if ignored:

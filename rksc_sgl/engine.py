@@ -35,7 +35,7 @@ from .config import EngineConfig
 from .grammar import GrammarCache, apply_dtype
 from .join import JoinedContext, JoinRegistry, join_namespace, split_segments
 from .kv_cache import KVCacheExhausted, KVCacheManager
-from .model_runner import ModelRunner
+from .model_runner import ForwardItem, ModelRunner
 from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
 from .rksc_cache import RKSCRadixCache
 from .sampling import parse_sampling_params
@@ -85,6 +85,7 @@ class Engine(BaseBackend):
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
                                   attention_backend=cfg.attention_backend)
+        self._wire_asks_layer()
         if self.kv.slot_attention is not None:  # eviction_policy="rsbcm": collect decode attention
             self.runner.collect_attention(self.kv.slot_attention,
                                           self.kv.tree.eviction_strategy.attention_layer_stride)
@@ -107,9 +108,6 @@ class Engine(BaseBackend):
             return {}
         asks = cfg.asks
         asks.check_key_layer(self.hf_model.config.num_hidden_layers)
-        if asks.active and asks.key_layer != 0:
-            raise NotImplementedError(
-                f"ASKS key_layer={asks.key_layer}: only layer 0 (token embeddings) is implemented")
         embed = self.hf_model.model.embed_tokens
 
         @torch.inference_mode()
@@ -119,7 +117,39 @@ class Engine(BaseBackend):
             ids = torch.tensor(token_ids, dtype=torch.long, device=embed.weight.device)
             return embed(ids).float().cpu()
 
-        return {"tree_cache_class": functools.partial(RKSCRadixCache, asks=asks, token_features=token_features)}
+        slot_features = None
+        if asks.active and asks.key_layer > 0:
+            # Each slot's hidden state at the key layer, stored by the forward that computes
+            # the slot's KV: the node keys (see _wire_asks_layer).
+            slot_features = torch.zeros((cfg.kv_pool_tokens + 1, self.hf_model.config.hidden_size),
+                                        dtype=torch.float32, device=cfg.device)
+        return {"tree_cache_class": functools.partial(RKSCRadixCache, asks=asks, token_features=token_features,
+                                                      slot_features=slot_features)}
+
+    def _wire_asks_layer(self) -> None:
+        """ASKS above layer 0: the runner stores every computed slot's key-layer hidden
+        state, and a recipient's span is keyed by running it through the first
+        ``key_layer`` blocks over its exact prefix, in scratch slots freed right after (the
+        key cost, counted in ``EngineStats.key_tokens``)."""
+        slot_features = getattr(self.kv.tree, "slot_features", None)
+        if slot_features is None:
+            return
+        layer = self.config.asks.key_layer
+        self.runner.capture_features(slot_features, layer)
+        kv, runner = self.kv, self.runner
+
+        def span_features(prefix_slots: torch.Tensor, span_ids: List[int]) -> Optional[torch.Tensor]:
+            try:
+                scratch = kv.alloc(len(span_ids))
+            except KVCacheExhausted:
+                return None  # no room to key the span now: this request matches exactly
+            try:
+                item = ForwardItem(list(span_ids), len(prefix_slots), torch.cat([prefix_slots, scratch]))
+                return runner.hidden_at([item], layer).float()
+            finally:
+                kv.allocator.free(scratch)
+
+        kv.span_features = span_features
 
     # ---- lifecycle / introspection -----------------------------------------------------
     def __enter__(self) -> "Engine":

@@ -147,6 +147,8 @@ class KVCacheManager:
         )
         self.active: dict[int, ReqKV] = {}
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
+        # ASKS above layer 0: (prefix slots, span ids) -> span features at the key layer.
+        self.span_features: Optional[Callable] = None
         # RSBCM: attention mass each slot's key received (index = slot; slot 0 is padding).
         # Filled by the model runner on decode steps, reset when a slot is allocated again,
         # read by the tree's eviction strategy. None (no collection) for other policies.
@@ -172,16 +174,29 @@ class KVCacheManager:
         node = result.last_device_node
         return self.tree.path_device_indices(node), node
 
-    def match_alias(self, token_ids: List[int], max_len: int, prefix_len: int, node):
+    def match_alias(self, token_ids: List[int], max_len: int, prefix_slots: torch.Tensor, node):
         """The semantic continuation of an exact match (ASKS), or None.
 
-        ``prefix_len`` and ``node`` are what ``match`` returned. Only an ``RKSCRadixCache``
-        with ASKS active returns anything; pass the result to ``open``.
+        ``prefix_slots`` and ``node`` are what ``match`` returned. Only an ``RKSCRadixCache``
+        with ASKS active returns anything; pass the result to ``open``. With a
+        ``span_features`` function (key layer above 0), the recipient's span is run through
+        the first layers over its exact prefix to key it (``span_features(prefix_slots,
+        span_ids)``); the prefix stays locked meanwhile.
         """
+        prefix_len = len(prefix_slots)
         if prefix_len >= max_len or not getattr(self.tree, "semantic_active", False):
             return None
+        span = token_ids[prefix_len:max_len]
+        features = None
+        if self.span_features is not None:
+            def features(n: int) -> torch.Tensor:
+                lock = self.tree.lock(node)
+                try:
+                    return self.span_features(prefix_slots, span[:n])
+                finally:
+                    self.tree.unlock(lock)
         before = self.tree.stats.key_tokens
-        match = self.tree.match_semantic(token_ids[prefix_len:max_len], node, prefix_len)
+        match = self.tree.match_semantic(span, node, prefix_len, recipient_features=features)
         self.key_tokens += self.tree.stats.key_tokens - before
         return match
 
@@ -395,6 +410,9 @@ class KVCacheManager:
                 pos += len(part)
             if self.slot_attention is not None:
                 self.slot_attention[dst] = self.slot_attention[src]
+            slot_features = getattr(self.tree, "slot_features", None)
+            if slot_features is not None:  # (approximate for later segments, like their KV)
+                slot_features[dst.to(slot_features.device)] = slot_features[src.to(slot_features.device)]
             result = self.tree.insert(InsertParams(key=_radix_key(tokens, namespace), value=dst.clone()))
             self.allocator.free(dst[: result.prefix_len])  # the namespace held that part already
             return True

@@ -94,6 +94,9 @@ class ModelRunner:
         if attention_backend == "flashinfer":
             self.flashinfer = FlashInferAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.scaling,
                                                   kv_pool.dtype, self.device)
+        # ASKS slot features (off unless ``capture_features`` is called).
+        self.slot_features: Optional[torch.Tensor] = None
+        self.feature_layer = 0
         # RSBCM attention statistics (off unless ``collect_attention`` is called).
         self.slot_attention: Optional[torch.Tensor] = None
         self.attention_layer_stride = 1
@@ -122,9 +125,27 @@ class ModelRunner:
             dtype=next(model.parameters()).dtype,
         )
 
+    def capture_features(self, slot_features: Optional[torch.Tensor], layer: int) -> None:
+        """ASKS keys above layer 0: every forward stores each new token's hidden state at
+        ``layer`` (the input of block ``layer``; 0 = embeddings) in ``slot_features`` at
+        the token's KV slot, beside its KV. None: off."""
+        self.slot_features = slot_features
+        self.feature_layer = layer
+
     @torch.inference_mode()
     def forward(self, items: List[ForwardItem]) -> List[torch.Tensor]:
         """Write the new tokens' KV into the pool; return, per item, logits (n_pos, vocab)."""
+        hidden = self._run(items, len(self.layers))
+        hidden = self.norm(hidden)[0]
+        return self._logits(hidden, items)
+
+    @torch.inference_mode()
+    def hidden_at(self, items: List[ForwardItem], layer: int) -> torch.Tensor:
+        """Hidden states (T, hidden) of the new tokens at ``layer``: only the first ``layer``
+        blocks run (their KV is written to the items' slots like any forward)."""
+        return self._run(items, layer)[0]
+
+    def _run(self, items: List[ForwardItem], stop: int) -> torch.Tensor:
         dev = self.device
         ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
         positions = torch.cat([it.new_positions() for it in items]).to(dev)
@@ -132,10 +153,13 @@ class ModelRunner:
         hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         cos, sin = self.rotary_emb(hidden, positions[None])
         plan = self.prepare(items)
-        for layer_id, layer in enumerate(self.layers):
+        for layer_id, layer in enumerate(self.layers[:stop]):
+            if self.slot_features is not None and layer_id == self.feature_layer:
+                self.slot_features[new_slots] = hidden[0].float()
             hidden = self._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
-        hidden = self.norm(hidden)[0]
-        return self._logits(hidden, items)
+        if self.slot_features is not None and self.feature_layer == stop == len(self.layers):
+            self.slot_features[new_slots] = hidden[0].float()
+        return hidden
 
     @torch.inference_mode()
     def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:

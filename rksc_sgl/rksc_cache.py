@@ -58,6 +58,9 @@ __all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache", "SemanticMatch"]
 TokenFeatures = Callable[[Sequence[int]], torch.Tensor]
 """Token ids -> (n, hidden) float features at the key layer (layer 0: token embeddings)."""
 
+RecipientFeatures = Callable[[int], torch.Tensor]
+"""n -> (n, hidden) features of the recipient's first n span tokens at the key layer."""
+
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -157,10 +160,17 @@ class RKSCRadixCache(RadixCache):
     ``asks`` (keyword only) is the ASKS configuration, off by default; ``token_features``
     (keyword only, required when ASKS is active) maps token ids to their (n, hidden)
     features at ``asks.key_layer``.
+
+    ``slot_features`` (keyword only, for ``key_layer > 0``): a ``(pool size + 1, hidden)``
+    tensor indexed by KV slot that holds each slot's hidden state at the key layer, written
+    by the model while it computed the slot's KV (so node keys cost no extra pass). Node
+    keys then come from the slots; the recipient's features come from the caller of
+    ``match_semantic`` (its span must pass through the key layer). Without it (the SGLang
+    runtime), keys are ``token_features`` of the node's token ids.
     """
 
     def __init__(self, params: CacheInitParams, *, asks: Optional[ASKSConfig] = None,
-                 token_features: Optional[TokenFeatures] = None):
+                 token_features: Optional[TokenFeatures] = None, slot_features: Optional[torch.Tensor] = None):
         if asks is None:
             asks = ASKSConfig()
         if not isinstance(asks, ASKSConfig):
@@ -173,6 +183,7 @@ class RKSCRadixCache(RadixCache):
             )
         self.asks = asks
         self.token_features = token_features
+        self.slot_features = slot_features
         self.stats = RKSCCacheStats()
         rsbcm = params.eviction_policy.lower() == RSBCM_POLICY and not params.disable
         if rsbcm:
@@ -244,11 +255,20 @@ class RKSCRadixCache(RadixCache):
         """Mean-pool (n, hidden) features into one L2-normalised key."""
         return torch.nn.functional.normalize(features.mean(dim=0), dim=0)
 
+    def _node_features(self, node: TreeNode, length: Optional[int] = None) -> torch.Tensor:
+        """Features of the node's first ``length`` tokens: its slots' stored hidden states,
+        or (layer 0, no slot features) the features of its token ids."""
+        length = len(node.key) if length is None else length
+        if self.slot_features is not None:
+            slots = node.value[:length].to(self.slot_features.device, torch.int64)
+            return self.slot_features[slots].float().cpu()
+        return self._features(node.key.token_ids[:length])
+
     def _set_key(self, node: TreeNode) -> None:
-        """Key ``node`` from its own tokens (at layer 0 the same lookup a prefill does)."""
-        tokens = node.key.token_ids
-        node.asks_key = self._pool(self._features(tokens))
-        self.stats.node_key_tokens += len(tokens)
+        """Key ``node`` from its own tokens (at layer 0 the same lookup a prefill does; at a
+        deeper layer the hidden states its prefill stored per slot)."""
+        node.asks_key = self._pool(self._node_features(node))
+        self.stats.node_key_tokens += len(node.key)
 
     def node_key(self, node: TreeNode) -> torch.Tensor:
         key = getattr(node, "asks_key", None)
@@ -257,7 +277,8 @@ class RKSCRadixCache(RadixCache):
             key = node.asks_key
         return key
 
-    def match_semantic(self, token_ids: Sequence[int], node: TreeNode, start: int) -> Optional["SemanticMatch"]:
+    def match_semantic(self, token_ids: Sequence[int], node: TreeNode, start: int,
+                       recipient_features: Optional[RecipientFeatures] = None) -> Optional["SemanticMatch"]:
         """Continue an exact match semantically: the best donor child of ``node``, or None.
 
         ``node`` is where the exact match of the request stopped (``start`` tokens from
@@ -281,6 +302,10 @@ class RKSCRadixCache(RadixCache):
 
         The tree is not changed (no split, no lock): the caller locks ``SemanticMatch.node``
         while it reads the donor slots and never inserts them under its own tokens.
+
+        ``recipient_features(n)`` gives the features of the first ``n`` tokens at the key
+        layer (needed above layer 0, where they depend on the prefix: the caller runs the
+        span through the first layers); default: ``token_features`` of the token ids.
         """
         stats = self.stats
         if not self.semantic_active or not token_ids or not node.children:
@@ -289,7 +314,13 @@ class RKSCRadixCache(RadixCache):
             return None
         n = len(token_ids)
         longest = min(n, max(len(child.key) for child in node.children.values()))
-        recipient = self._features(token_ids[:longest])
+        if recipient_features is not None:
+            recipient = recipient_features(longest)
+            if recipient is None:  # the caller could not key the span (no room): exact only
+                return None
+            recipient = recipient.float().cpu()
+        else:
+            recipient = self._features(token_ids[:longest])
         stats.key_tokens += longest  # the recipient's span passes through the key layer
         prefix_sums = recipient.cumsum(dim=0)
         best, best_sim = None, None
@@ -300,7 +331,7 @@ class RKSCRadixCache(RadixCache):
             if length == len(child.key):
                 donor_key = self.node_key(child)
             else:
-                donor_key = self._pool(self._features(child.key.token_ids[:length]))
+                donor_key = self._pool(self._node_features(child, length))
                 stats.key_tokens += length
             recipient_key = torch.nn.functional.normalize(prefix_sums[length - 1], dim=0)
             sim = float(torch.dot(donor_key, recipient_key))
@@ -309,7 +340,7 @@ class RKSCRadixCache(RadixCache):
         if best is None:
             return None
         length = min(len(best.key), n)
-        recompute = self._recompute_offsets(best.key.token_ids[:length], token_ids[:length], recipient[:length])
+        recompute = self._recompute_offsets(best, token_ids[:length], recipient[:length])
         match = SemanticMatch(
             node=best,
             start=start,
@@ -323,12 +354,13 @@ class RKSCRadixCache(RadixCache):
         stats.recomputed_tokens += len(recompute)
         return match
 
-    def _recompute_offsets(self, donor_ids, recipient_ids, recipient_features: torch.Tensor) -> List[int]:
+    def _recompute_offsets(self, donor: TreeNode, recipient_ids, recipient_features: torch.Tensor) -> List[int]:
         length = len(recipient_ids)
         count = min(length, math.ceil(self.asks.recompute_fraction * length - 1e-9))
         if count <= 0:
             return []
-        donor_features = self._features(donor_ids)
+        donor_ids = donor.key.token_ids[:length]
+        donor_features = self._node_features(donor, length)
         deviation = 1.0 - torch.nn.functional.cosine_similarity(donor_features, recipient_features, dim=-1)
         differs = [a != b for a, b in zip(donor_ids, recipient_ids)]
         since_diff, last = [], None

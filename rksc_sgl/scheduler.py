@@ -312,7 +312,7 @@ class Scheduler:
             return reserved, prefill_tokens
         alias = None
         if req.logprob_start is None and req.namespace is None:  # scored prompts are computed exactly
-            alias = self.kv.match_alias(req.input_ids, cap, len(prefix), node)
+            alias = self.kv.match_alias(req.input_ids, cap, prefix, node)
             self.stats.key_tokens = self.kv.key_tokens
         reused = alias.reused_tokens if alias is not None else 0
         need -= reused

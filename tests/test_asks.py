@@ -75,7 +75,7 @@ def _check_tree_kv_exact(kv: KVCacheManager) -> None:
 def _admit(kv: KVCacheManager, ids):
     cap = len(ids) - 1
     prefix, node = kv.match(ids, cap)
-    alias = kv.match_alias(ids, cap, len(prefix), node)
+    alias = kv.match_alias(ids, cap, prefix, node)
     req = kv.open(ids, prefix, node, alias)
     return req, alias
 
@@ -363,3 +363,38 @@ def test_batched_paraphrases_with_asks_keep_integrity(engines):
     assert stats.semantic_tokens > 0 and stats.decode_tokens > 0
     assert eng.flush_cache()
     eng.check_integrity()
+
+
+def test_key_layer_above_zero_keys_from_hidden_states(engines):
+    """key_layer=L: node keys are the mean hidden state at layer L that the prefill stored per
+    slot, the recipient's span is run through the first L blocks over its prefix; both equal
+    the model's own hidden_states[L]."""
+    layer = 4
+    eng = engines("rksc-l4", cache="rksc", asks={"enabled": True, "tau": 0.8, "key_layer": layer})
+    donor_text, recipient_text = (
+        "Solve this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:",
+        "Answer this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:",
+    )
+
+    def hidden(ids):
+        with torch.inference_mode():
+            out = eng.hf_model(torch.tensor([ids]), output_hidden_states=True)
+        return out.hidden_states[layer][0].float()
+
+    eng.generate_request(text=donor_text, sampling_params=GREEDY)
+    (node,) = eng.tree_cache.root_node.children.values()
+    expected = torch.nn.functional.normalize(hidden(list(node.key.token_ids)).mean(0), dim=0)
+    torch.testing.assert_close(node.asks_key, expected, atol=2e-4, rtol=1e-3)
+    recipient = eng.encode(recipient_text)
+    empty = torch.empty((0,), dtype=torch.int64)
+    span = eng.scheduler.call(lambda: eng.kv.span_features(empty, recipient))
+    torch.testing.assert_close(span, hidden(recipient), atol=2e-3, rtol=1e-3)
+    eng.check_integrity()  # the scratch slots went back
+
+    before = eng.stats()
+    out = eng.generate_request(text=recipient_text, sampling_params=GREEDY)
+    stats = eng.stats().since(before)
+    assert stats.semantic_tokens > 0 and stats.key_tokens >= stats.semantic_tokens
+    assert out["meta_info"]["completion_tokens"] > 0
+    eng.check_integrity()
+    assert eng.flush_cache()

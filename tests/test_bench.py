@@ -37,6 +37,9 @@ def _bench_error(capsys, *args: str) -> str:
     (["--modes", ""], "no modes"),
     (["--modes", "radix@0.9"], "does not use ASKS"),
     (["--modes", "asks@high"], "not a number"),
+    (["--modes", "asks@0.9:4"], ":L<layer>"),
+    (["--modes", "radix:L4"], "no key layer"),
+    (["--asks-key-layer", "-1"], "asks-key-layer"),
     (["--problems", "0"], "problems must be a positive integer"),
     (["--repeats", "-1"], "repeats must be a positive integer"),
     (["--warmup", "-1"], "warmup must be an integer >= 0"),
@@ -63,10 +66,13 @@ def test_help_lists_workloads_and_modes(capsys):
 
 def test_mode_table_maps_modes_to_engines():
     settings = BenchSettings(asks_tau=0.8, asks_recompute=0.25)
-    kw = {m.label: m.engine_kwargs(settings) for m in parse_modes("none,radix,rksc,asks,cgee,rsbcm,asks@0.7")}
+    kw = {m.label: m.engine_kwargs(settings)
+          for m in parse_modes("none,radix,rksc,asks,cgee,rsbcm,asks@0.7,asks@0.9:L4")}
     assert kw["none"] == {"cache": "none"} and kw["radix"] == {"cache": "radix"} and kw["cgee"] == kw["radix"]
-    assert kw["rksc"] == {"cache": "rksc", "asks": {"enabled": True, "tau": 0.8, "recompute_fraction": 0.25},
+    assert kw["rksc"] == {"cache": "rksc", "asks": {"enabled": True, "tau": 0.8, "recompute_fraction": 0.25,
+                                                    "key_layer": 0},
                           "eviction_policy": "rsbcm"}
+    assert kw["asks@0.9:L4"]["asks"] == {"enabled": True, "tau": 0.9, "recompute_fraction": 0.25, "key_layer": 4}
     assert kw["rsbcm"] == {"cache": "rksc", "eviction_policy": "rsbcm"}
     assert kw["asks@0.7"]["asks"]["tau"] == 0.7 and kw["asks"]["asks"]["tau"] == 0.8
     assert [m.cgee for m in parse_modes("rksc,cgee,radix,asks")] == [True, True, False, False]

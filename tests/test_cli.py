@@ -170,6 +170,8 @@ def test_asks_flags_build_the_asks_config():
     assert "asks" not in engine_kwargs(parser.parse_args(["--cache", "rksc"]))
     config = __import__("rksc_sgl").EngineConfig(**kwargs)
     assert config.asks.enabled and config.asks.tau == 0.9
+    layered = engine_kwargs(parser.parse_args(["--cache", "rksc", "--asks-tau", "0.9", "--asks-key-layer", "4"]))
+    assert layered["asks"] == {"enabled": True, "tau": 0.9, "key_layer": 4}
 
 
 def test_on_off_and_fraction_flags():
