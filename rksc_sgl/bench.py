@@ -185,7 +185,17 @@ def _define_programs() -> None:
         s += sgl.user(f"{instruction} {question_prompt(question)}")
         s += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=temperature, stop=list(CHAIN_STOP)))
 
-    _PROGRAMS.update(hinted_branches=hinted_branches, paraphrased_question=paraphrased_question)
+    @sgl.function
+    def restated_check(s, question: str, reasoning: str):
+        """The ``paraphrase`` workload's verifier turn: a fresh prompt that restates one
+        wording's reasoning and asks for a YES/NO judgement (one greedy token)."""
+        s += sgl.system(SYSTEM_PROMPT)
+        s += sgl.user(f"Check this solution.\nProblem: {question.strip()}\nSolution: {reasoning.strip()}\n"
+                      "Is the solution correct? Answer Yes or No.")
+        s += sgl.assistant(sgl.gen("verdict", max_tokens=1, temperature=0.0))
+
+    _PROGRAMS.update(hinted_branches=hinted_branches, paraphrased_question=paraphrased_question,
+                     restated_check=restated_check)
 
 
 PARAPHRASES = [
@@ -557,14 +567,17 @@ class TreeOfThoughtWorkload(_GymWorkload):
 class ParaphraseWorkload(_GymWorkload):
     name = "paraphrase"
     help = ("ASKS: each problem asked under several paraphrased instructions, one after another on a warm cache "
-            "(the first wording is the donor), greedy; the answer is their majority vote")
+            "(the first wording is the donor), greedy, each followed (restate=1) by a verifier prompt that "
+            "restates that wording's reasoning; the answer is the majority vote of the wordings")
     defaults = {"branches": 4, "max_tokens": 48, "temperature": 0.0, "dataset": "basic_arithmetic",
-                "difficulty": "easy"}
+                "difficulty": "easy", "restate": 1}
 
     def resolve(self, overrides):
         params = super().resolve(overrides)
         if params["branches"] > len(PARAPHRASES):
             raise ValueError(f"workload 'paraphrase' has {len(PARAPHRASES)} wordings; branches must be <= that")
+        if params["restate"] not in (0, 1):
+            raise ValueError(f"restate must be 0 or 1, got {params['restate']!r}")
         return params
 
     def run(self, engine, item, params, cgee, audit_log):
@@ -574,7 +587,15 @@ class ParaphraseWorkload(_GymWorkload):
                                              max_tokens=params["max_tokens"], temperature=params["temperature"],
                                              backend=engine)
             outputs.append(state["answer"])
-        return Outcome(majority_vote([extract_answer(t) for t in outputs]), outputs)
+        answer = majority_vote([extract_answer(t) for t in outputs])
+        if params["restate"]:
+            # Verifier prompts that restate each wording's reasoning: same template, so the
+            # reasonings sit at the same positions after an exact prefix (ASKS's case).
+            for reasoning in list(outputs):
+                check = program("restated_check").run(question=item.problem.question, reasoning=reasoning,
+                                                      backend=engine)
+                outputs.append(check["verdict"])
+        return Outcome(answer, outputs)
 
 
 @register
@@ -1138,7 +1159,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
 
 # ---- command line ------------------------------------------------------------------------------
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
-               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int}
+               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int}
 
 
 def add_bench_args(parser) -> None:

@@ -58,6 +58,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--asks-key-layer", type=int, default=None,
                        help="ASKS: layer of the semantic keys (0: token embeddings, free; L: hidden states "
                             "after L blocks, stored per slot at prefill; default: 0)")
+    group.add_argument("--kv-compression", choices=("rkv", "cask"), default=None,
+                       help="compress each request's decode KV (R-KV scoring, or the CASK-style core/scratch "
+                            "variant); the prompt stays exact and shared")
+    group.add_argument("--kv-budget", type=fraction, default=None,
+                       help="share of decoded tokens whose KV is kept with --kv-compression (default: 0.16)")
     return parser
 
 
@@ -80,6 +85,12 @@ def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         kwargs["asks"] = {"enabled": tau is not None, **({"tau": tau} if tau is not None else {}),
                           **({"recompute_fraction": recompute} if recompute is not None else {}),
                           **({"key_layer": layer} if layer is not None else {})}
+    method = getattr(args, "kv_compression", None)
+    budget = getattr(args, "kv_budget", None)
+    if budget is not None and method is None:
+        raise ValueError("--kv-budget needs --kv-compression rkv|cask")
+    if method is not None:
+        kwargs["compression"] = {"method": method, **({"budget": budget} if budget is not None else {})}
     return kwargs
 
 

@@ -57,6 +57,9 @@ class EngineConfig:
     ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
     fields; default off). Enabling it with another cache mode is an error.
 
+    ``compression``: compression of each request's decode KV (``rksc_sgl.compression``:
+    a ``CompressionConfig`` or a mapping of its fields; default None, off).
+
     ``device``: ``auto`` picks ``cuda`` when torch sees a CUDA GPU, else ``cpu``.
     ``dtype``: ``auto`` is float32 on the CPU (exact against ``transformers``) and
     bfloat16 on CUDA. ``attention_backend``: see ``ATTENTION_BACKENDS``. The three are
@@ -81,6 +84,7 @@ class EngineConfig:
     shared_prefix_min_tokens: int = 64
     queue_timeout_s: float = 600.0
     asks: Any = None
+    compression: Any = None
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
@@ -88,6 +92,9 @@ class EngineConfig:
                 f"cache={self.cache!r} is not a known cache mode; choose one of {', '.join(CACHE_MODES)}"
             )
         object.__setattr__(self, "asks", _asks_config(self.asks))
+        from .compression import compression_config
+
+        object.__setattr__(self, "compression", compression_config(self.compression))
         if self.asks.enabled and self.cache != "rksc":
             raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc'")
         if not isinstance(self.eviction_policy, str):

@@ -89,6 +89,10 @@ class Engine(BaseBackend):
         if self.kv.slot_attention is not None:  # eviction_policy="rsbcm": collect decode attention
             self.runner.collect_attention(self.kv.slot_attention,
                                           self.kv.tree.eviction_strategy.attention_layer_stride)
+        elif cfg.compression is not None:
+            # Compression scores tokens by the attention they received: collect it.
+            self.kv.slot_attention = torch.zeros(cfg.kv_pool_tokens + 1, dtype=torch.float32, device=cfg.device)
+            self.runner.collect_attention(self.kv.slot_attention, cfg.compression.attention_layer_stride)
         self.scheduler = Scheduler(
             self.runner,
             self.kv,
@@ -321,6 +325,7 @@ class Engine(BaseBackend):
             # whatever else runs); otherwise from the scheduler's shared one.
             generator=None if params.sampling_seed is None else torch.Generator().manual_seed(params.sampling_seed),
             namespace=namespace,
+            compression=self.config.compression,
         )
         pending.req = req
         return pending

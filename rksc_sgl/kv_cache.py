@@ -69,6 +69,9 @@ class ReqKV:
     alias: Optional["Alias"] = None
     pending: int = 0  # slots extended past kv_len whose KV is not committed yet
     namespace: Optional[str] = None  # the tree namespace (``extra_key``) it matches and inserts in
+    dropped: int = 0  # decode tokens whose KV compression dropped (positions run on past the row)
+    merged: dict = dataclasses.field(default_factory=dict)  # CASK: slot -> tokens it stands for
+    kept_origins: List[int] = dataclasses.field(default_factory=list)  # original positions of compressed-kept tokens
 
 
 @dataclasses.dataclass
@@ -317,8 +320,9 @@ class KVCacheManager:
     def release(self, req: ReqKV) -> None:
         """Request finished (or failed): cache what it computed, free the rest, unlock."""
         slots = self.row_slots(req)
-        if req.alias is not None:
-            # Nothing past the exact prefix is exact: cache none of it.
+        if req.alias is not None or req.dropped or req.merged:
+            # Nothing past the exact prefix is exact (a donor's KV, or compressed KV):
+            # cache none of it.
             self.allocator.free(self.owned_slots(req))
             self._unlock_alias(req)
         elif self.tree.disable:
@@ -367,6 +371,47 @@ class KVCacheManager:
         # [protected_len, prefix_len) were computed again by this request: free our copies.
         self.allocator.free(slots[req.protected_len : result.prefix_len])
         return result.prefix_len
+
+    # ---- decode KV compression (rksc_sgl/compression.py) -----------------------------------
+    def compress(self, req: ReqKV, start: int, end: int, keep: List[int], merges=()) -> int:
+        """Keep only ``keep`` (indices into row positions ``start .. end - 1``) of those
+        positions, consolidating each ``(dropped, kept)`` pair of ``merges`` first (keys and
+        values averaged, weighted by the tokens each slot stands for). Positions from
+        ``end`` on move down; the dropped slots are freed. Returns the number dropped."""
+        assert req.protected_len <= start <= end <= req.kv_len and not req.pending
+        row = self.req_to_token_pool.req_to_token[req.row]
+        slots = row[start:end].to(torch.int64)
+        if merges:
+            self._consolidate(req, slots, merges)
+        keep_index = torch.tensor(sorted(keep), dtype=torch.int64)
+        dropped_mask = torch.ones(len(slots), dtype=torch.bool)
+        dropped_mask[keep_index] = False
+        gone = slots[dropped_mask]
+        if not len(gone):
+            return 0
+        for slot in gone.tolist():
+            req.merged.pop(slot, None)
+        moved = torch.cat([slots[keep_index], row[end : req.kv_len].to(torch.int64)])
+        row[start : start + len(moved)] = moved.to(row.dtype)
+        drop_positions = set((start + torch.nonzero(dropped_mask).flatten()).tolist())
+        req.token_ids[: req.kv_len] = [t for p, t in enumerate(req.token_ids[: req.kv_len]) if p not in drop_positions]
+        req.kv_len -= len(gone)
+        req.dropped += len(gone)
+        self.allocator.free(gone)
+        return len(gone)
+
+    def _consolidate(self, req: ReqKV, slots: torch.Tensor, merges) -> None:
+        for dropped, kept in merges:
+            src, dst = int(slots[dropped]), int(slots[kept])
+            w_src, w_dst = req.merged.get(src, 1.0), req.merged.get(dst, 1.0)
+            total = w_src + w_dst
+            for layer in range(self.layout.num_layers):
+                for buf in (self.kv_pool.get_key_buffer(layer), self.kv_pool.get_value_buffer(layer)):
+                    mixed = (buf[dst].float() * w_dst + buf[src].float() * w_src) / total
+                    buf[dst] = mixed.to(buf.dtype)
+            req.merged[dst] = total
+            if self.slot_attention is not None:
+                self.slot_attention[dst] += self.slot_attention[src]
 
     # ---- fork join by KV concatenation (parallel encoding) ------------------------------
     def concatenate(self, prefix_ids: List[int], segments: List[List[int]], rotate_keys: Callable,

@@ -49,6 +49,7 @@ class ForwardItem:
     slots: torch.Tensor
     logit_positions: Optional[List[int]] = None
     token_positions: Optional[List[int]] = None
+    rope_offset: int = 0  # compressed rows: tokens dropped before these, so RoPE position = row position + this
 
     def __post_init__(self):
         if self.token_positions is None:
@@ -148,7 +149,7 @@ class ModelRunner:
     def _run(self, items: List[ForwardItem], stop: int) -> torch.Tensor:
         dev = self.device
         ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
-        positions = torch.cat([it.new_positions() for it in items]).to(dev)
+        positions = torch.cat([it.new_positions() + it.rope_offset for it in items]).to(dev)
         new_slots = torch.cat([it.new_slots() for it in items]).to(dev)
         hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         cos, sin = self.rotary_emb(hidden, positions[None])

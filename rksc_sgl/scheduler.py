@@ -23,6 +23,8 @@ from typing import Callable, Deque, Dict, List, Optional
 
 import torch
 
+from .compression import CompressionConfig
+from .compression import plan as compression_plan
 from .grammar import RequestGrammar
 from .kv_cache import KVCacheExhausted, KVCacheManager, ReqKV
 from .model_runner import ForwardItem, ModelRunner
@@ -49,6 +51,7 @@ class EngineStats:
     key_tokens: int = 0
     decode_tokens: int = 0
     forward_passes: int = 0
+    dropped_tokens: int = 0  # decode tokens whose KV compression dropped or consolidated
     peak_kv_tokens: int = 0
     busy_time_s: float = 0.0
 
@@ -83,6 +86,7 @@ class Request:
     grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
     generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
     namespace: Optional[str] = None  # tree namespace (SGLang's ``extra_key``): matches only its own paths
+    compression: Optional[CompressionConfig] = None  # compress its decode KV (rksc_sgl/compression.py)
     created: float = dataclasses.field(default_factory=time.perf_counter)
     # filled in by the scheduler
     kv: Optional[ReqKV] = None
@@ -100,12 +104,19 @@ class Request:
     def max_new_tokens(self) -> int:
         return self.params.max_new_tokens
 
+    @property
+    def decode_kv_cap(self) -> int:
+        """The most decode KV it can hold at once (less than ``max_new_tokens`` when compressed)."""
+        if self.compression is None:
+            return self.max_new_tokens
+        return self.compression.private_cap(self.max_new_tokens)
+
     def remaining_reservation(self) -> int:
         """Slots this request may still allocate (upper bound)."""
         if self.kv is None:
-            return len(self.input_ids) + self.max_new_tokens
-        generated_kv = max(self.kv.kv_len - len(self.input_ids), 0)
-        return max(self.max_new_tokens - generated_kv, 0)
+            return len(self.input_ids) + self.decode_kv_cap
+        held = max(self.kv.kv_len - len(self.input_ids), 0)
+        return max(self.decode_kv_cap - held, 0)
 
 
 class Scheduler:
@@ -301,7 +312,7 @@ class Scheduler:
             deferred.append(self.waiting.popleft())
             return reserved, prefill_tokens
         prefix, node = self.kv.match(req.input_ids, cap, req.namespace)
-        need = len(req.input_ids) - len(prefix) + req.max_new_tokens
+        need = len(req.input_ids) - len(prefix) + req.decode_kv_cap
         if need + len(prefix) > self.kv.pool_tokens:
             self.waiting.popleft()
             self._finish(req, error=KVCacheExhausted(
@@ -385,14 +396,40 @@ class Scheduler:
             token = req.output_ids[-1]
             start = req.kv.kv_len
             self.kv.extend(req.kv, [token])
-            items.append(ForwardItem([token], start, self.kv.row_slots(req.kv, start + 1)))
+            items.append(ForwardItem([token], start, self.kv.row_slots(req.kv, start + 1), rope_offset=req.kv.dropped))
         self.note_peak()
         logits = self.runner.forward(items)
         self.stats.forward_passes += 1
         for req, item, req_logits in zip(batch, items, logits):
             self.kv.commit(req.kv, item.token_ids)
             self.stats.decode_tokens += 1
+            if req.compression is not None:
+                self._compress(req)
             self._append_token(req, req_logits[-1])
+
+    def _compress(self, req: Request) -> None:
+        """Drop (or consolidate) decode KV of ``req`` down to its budget when it is over
+        budget plus buffer (see rksc_sgl/compression.py)."""
+        cfg, kv = req.compression, req.kv
+        prompt = len(req.input_ids)
+        kept = kv.kv_len - prompt
+        decoded = kept + kv.dropped
+        if not cfg.needs_compression(kept, decoded):
+            return
+        start, end = prompt, kv.kv_len - cfg.buffer
+        slots = self.kv.row_slots(kv)[start:end]
+        # Original positions of the candidates: the ones kept by earlier compressions, then
+        # the run after them (contiguous, shifted by what was dropped).
+        kept_before = len(kv.kept_origins)
+        origins = kv.kept_origins + [r + kv.dropped for r in range(start + kept_before, end)]
+        age = torch.tensor([kv.kv_len + kv.dropped - o for o in origins], dtype=torch.float32)
+        mass = self.kv.slot_attention[slots.to(self.kv.slot_attention.device)].float().cpu()
+        layer = cfg.key_layer if cfg.key_layer is not None else self.kv.layout.num_layers // 2
+        layer = min(layer, self.kv.layout.num_layers - 1)
+        keys = self.kv.kv_pool.get_key_buffer(layer)[slots.to(self.runner.device)].cpu()
+        chosen = compression_plan(cfg, mass / age.clamp(min=1.0), keys, cfg.target(decoded) - cfg.buffer)
+        kv.kept_origins = [origins[i] for i in sorted(chosen.keep)]
+        self.stats.dropped_tokens += self.kv.compress(kv, start, end, chosen.keep, chosen.merges)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         if req.grammar is not None:

@@ -172,6 +172,10 @@ def test_asks_flags_build_the_asks_config():
     assert config.asks.enabled and config.asks.tau == 0.9
     layered = engine_kwargs(parser.parse_args(["--cache", "rksc", "--asks-tau", "0.9", "--asks-key-layer", "4"]))
     assert layered["asks"] == {"enabled": True, "tau": 0.9, "key_layer": 4}
+    compressed = engine_kwargs(parser.parse_args(["--kv-compression", "cask", "--kv-budget", "0.1"]))
+    assert compressed["compression"] == {"method": "cask", "budget": 0.1}
+    with pytest.raises(ValueError, match="--kv-compression"):
+        engine_kwargs(parser.parse_args(["--kv-budget", "0.1"]))
 
 
 def test_on_off_and_fraction_flags():

@@ -1,0 +1,189 @@
+"""Decode-KV compression (R-KV, CASK-style) against the uncompressed engine, one CPU thread.
+
+Workload: ``cot`` with long generations. Per problem (reasoning-gym ``gsm_symbolic``, seeded) a
+few-shot prompt is shared by ``--branches`` hinted branches that each generate up to
+``--max-tokens`` greedy tokens (stopping at the next ``Question:``). Every mode runs the same
+problems in the same process, one engine per mode:
+
+- ``full``: no compression (the reference);
+- ``rkv@B`` for every budget B of ``--budgets`` and ``cask@B`` for ``--cask-budget``.
+
+Reported per mode: answer agreement with ``full`` (per branch, the final answer extracted from
+its text), accuracy (branch answers against the reference answer), private decode KV (peak
+KV working set minus the prompt, and its ratio to ``full``), tokens dropped, and throughput
+with the KV pool under pressure: every engine gets the same pool, sized so that the
+uncompressed engine can hold about ``--pressure-branches`` branches at once, and the
+branches of a problem are one batch (decode tokens per second, median over problems, ratio
+to ``full``). One warm-up problem is excluded.
+
+    RKSC_SGL_HOME=/tmp/rkscache python benchmarks/bench_compression.py --problems 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+warnings.simplefilter("ignore")
+
+from tqdm.auto import tqdm  # noqa: E402
+
+import rksc_sgl  # noqa: E402
+from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
+from rksc_sgl.problems import score  # noqa: E402
+from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+
+
+def modes(args) -> Dict[str, dict]:
+    out = {"full": None}
+    for b in args.budgets:
+        out[f"rkv@{b:g}"] = {"method": "rkv", "budget": b, "buffer": args.buffer, "min_tokens": args.min_tokens}
+    if args.cask_budget:
+        out[f"cask@{args.cask_budget:g}"] = {"method": "cask", "budget": args.cask_budget, "buffer": args.buffer,
+                                             "min_tokens": args.min_tokens}
+    return out
+
+
+def run_problem(eng, prompt: str, hints: List[str], max_tokens: int) -> Dict:
+    params = {"max_new_tokens": max_tokens, "temperature": 0, "stop": ["\nQuestion:"]}
+    eng.flush_cache()
+    before = eng.stats(reset_peak=True)
+    t0 = time.perf_counter()
+    outs = eng.generate_request(text=[prompt + h + "\n" for h in hints], sampling_params=params)
+    seconds = time.perf_counter() - t0
+    stats = eng.stats().since(before)
+    return {"seconds": seconds, "texts": [o["text"] for o in outs],
+            "decode_tokens": sum(o["meta_info"]["completion_tokens"] for o in outs),
+            "peak_kv_tokens": stats.peak_kv_tokens, "dropped_tokens": stats.dropped_tokens}
+
+
+def summarize(name: str, runs: List[Dict], full: List[Dict], problems) -> Dict:
+    pairs = [(a, b) for run, ref in zip(runs, full) for a, b in zip(run["answers"], ref["answers"])]
+    graded = [score(p, a) for run, p in zip(runs, problems) for a in run["answers"]]
+    private = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in runs]
+    private_full = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in full]
+    tput = [r["decode_tokens"] / r["seconds"] for r in runs]
+    tput_full = [r["decode_tokens"] / r["seconds"] for r in full]
+    return {
+        "mode": name,
+        "agreement": sum(a == b for a, b in pairs) / len(pairs),
+        "agree_count": [sum(a == b for a, b in pairs), len(pairs)],
+        "accuracy": sum(graded) / len(graded),
+        "peak_private_kv_median": median(private),
+        "private_kv_reduction": median(private_full) / max(median(private), 1),
+        "dropped_tokens": sum(r["dropped_tokens"] for r in runs),
+        "decode_tok_s_median": median(tput),
+        "throughput_ratio": median([a / b for a, b in zip(tput, tput_full)]),
+    }
+
+
+def fmt_table(result: Dict) -> str:
+    rows = [("mode", "agreement w/ full", "accuracy", "peak private KV", "x less private KV", "dropped",
+             "decode tok/s", "x full tok/s")]
+    for s in result["summary"]:
+        rows.append((s["mode"], f"{s['agreement']:.3f} ({s['agree_count'][0]}/{s['agree_count'][1]})",
+                     f"{s['accuracy']:.3f}", f"{s['peak_private_kv_median']:.0f}", f"{s['private_kv_reduction']:.2f}",
+                     s["dropped_tokens"], f"{s['decode_tok_s_median']:.1f}", f"{s['throughput_ratio']:.2f}"))
+    return format_table(rows)
+
+
+def plot(result: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    names = [s["mode"] for s in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, key, label in ((axes[0], "agreement", "answer agreement with full"),
+                           (axes[1], "private_kv_reduction", "x less private KV (peak)"),
+                           (axes[2], "throughput_ratio", "decode tok/s vs full (pool under pressure)")):
+        values = [s[key] for s in summary]
+        ax.bar(range(len(names)), values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    c = result["config"]
+    fig.suptitle(f"rksc_sgl decode-KV compression: {c['model']}, {c['problems']} problems x {c['branches']} branches "
+                 f"x <= {c['max_tokens']} tok, 1 thread, {result['cpu']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--problems", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--branches", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=400)
+    ap.add_argument("--budgets", default="0.1,0.16,0.34", help="comma-separated R-KV budgets")
+    ap.add_argument("--cask-budget", type=float, default=0.16, help="budget of the CASK-style mode (0: none)")
+    ap.add_argument("--buffer", type=int, default=16)
+    ap.add_argument("--min-tokens", type=int, default=16)
+    ap.add_argument("--pressure-branches", type=int, default=2,
+                    help="the pool holds the prompt plus about this many uncompressed branches")
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--name", default="bench_compression")
+    args = ap.parse_args(argv)
+    args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if args.problems < 1 or args.branches < 1 or args.max_tokens < 2 or not args.budgets:
+        ap.error("need --problems >= 1, --branches >= 1, --max-tokens >= 2 and at least one budget")
+
+    torch.set_num_threads(1)
+    started = time.time()
+    probe = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, kv_pool_tokens=1024)
+    tokenizer = probe.tokenizer
+    probe.shutdown()
+    items = [few_shot_problem(tokenizer, args.prompt_tokens, args.seed + i) for i in range(args.problems + 1)]
+    longest = max(len(tokenizer.encode(p)) for p, _ in items) + 32
+    pool = longest + args.pressure_branches * (args.max_tokens + 32)
+    hints = hints_for(args.branches)
+    results: Dict[str, List[Dict]] = {}
+    for name, compression in modes(args).items():
+        eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed, kv_pool_tokens=pool,
+                              max_running_requests=max(8, args.branches), compression=compression)
+        try:
+            runs = []
+            for i, (prompt, problem) in enumerate(tqdm(items, desc=name)):
+                run = run_problem(eng, prompt, hints, args.max_tokens)
+                run["prompt_tokens"] = len(tokenizer.encode(prompt))
+                run["answers"] = [extract_final(t) for t in run["texts"]]
+                if i > 0:  # problem 0 is the warm-up
+                    runs.append(run)
+            eng.check_integrity()
+        finally:
+            eng.shutdown()
+        results[name] = runs
+    problems = [p for _, p in items[1:]]
+    summary = [summarize(name, runs, results["full"], problems) for name, runs in results.items()]
+    result = {
+        "benchmark": "bench_compression",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {**vars(args), "kv_pool_tokens": pool}, "versions": versions(), "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+        "method": "one engine per mode, same problems and pool; per problem the branches are one batch after a "
+                  "flush; private KV = peak KV working set minus the prompt; agreement per branch against the "
+                  "uncompressed run; problem 0 is a warm-up",
+        "summary": summary, "runs": results, "total_wall_s": time.time() - started,
+    }
+    save_and_report(result, fmt_table(result), Path(args.out_dir), args.name, plot,
+                    f"rksc_sgl decode-KV compression vs full: {args.model}, {args.problems} problems x {args.branches} "
+                    f"branches x <= {args.max_tokens} tokens, pool {pool} slots, 1 thread, {result['cpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
