@@ -411,6 +411,8 @@ class Scheduler:
         """Drop (or consolidate) decode KV of ``req`` down to its budget when it is over
         budget plus buffer (see rksc_sgl/compression.py)."""
         cfg, kv = req.compression, req.kv
+        if kv.alias is not None:
+            return  # (an ASKS alias row keeps its own layout; it is not compressed)
         prompt = len(req.input_ids)
         kept = kv.kv_len - prompt
         decoded = kept + kv.dropped
