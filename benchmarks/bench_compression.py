@@ -10,11 +10,12 @@ problems in the same process, one engine per mode:
 
 Reported per mode: answer agreement with ``full`` (per branch, the final answer extracted from
 its text), accuracy (branch answers against the reference answer), private decode KV (peak
-KV working set minus the prompt, and its ratio to ``full``), tokens dropped, and throughput
-with the KV pool under pressure: every engine gets the same pool, sized so that the
-uncompressed engine can hold about ``--pressure-branches`` branches at once, and the
-branches of a problem are one batch (decode tokens per second, median over problems, ratio
-to ``full``). One warm-up problem is excluded.
+KV working set minus the prompt, with a pool large enough that every mode runs all branches
+at once, and its ratio to ``full``), tokens dropped, and throughput with the KV pool under
+pressure: a second engine per mode gets a pool sized so that the uncompressed engine holds
+about ``--pressure-branches`` branches at once; the branches of a problem are one batch
+(decode tokens per second, median over problems, ratio to ``full``). One warm-up problem is
+excluded.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/bench_compression.py --problems 6
 """
@@ -64,13 +65,14 @@ def run_problem(eng, prompt: str, hints: List[str], max_tokens: int) -> Dict:
             "peak_kv_tokens": stats.peak_kv_tokens, "dropped_tokens": stats.dropped_tokens}
 
 
-def summarize(name: str, runs: List[Dict], full: List[Dict], problems) -> Dict:
+def summarize(name: str, runs: List[Dict], full: List[Dict], problems, pressured: List[Dict],
+              pressured_full: List[Dict]) -> Dict:
     pairs = [(a, b) for run, ref in zip(runs, full) for a, b in zip(run["answers"], ref["answers"])]
     graded = [score(p, a) for run, p in zip(runs, problems) for a in run["answers"]]
     private = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in runs]
     private_full = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in full]
-    tput = [r["decode_tokens"] / r["seconds"] for r in runs]
-    tput_full = [r["decode_tokens"] / r["seconds"] for r in full]
+    tput = [r["decode_tokens"] / r["seconds"] for r in pressured]
+    tput_full = [r["decode_tokens"] / r["seconds"] for r in pressured_full]
     return {
         "mode": name,
         "agreement": sum(a == b for a, b in pairs) / len(pairs),
@@ -131,8 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=400)
     ap.add_argument("--budgets", default="0.1,0.16,0.34", help="comma-separated R-KV budgets")
     ap.add_argument("--cask-budget", type=float, default=0.16, help="budget of the CASK-style mode (0: none)")
-    ap.add_argument("--buffer", type=int, default=16)
-    ap.add_argument("--min-tokens", type=int, default=16)
+    ap.add_argument("--buffer", type=int, default=8)
+    ap.add_argument("--min-tokens", type=int, default=32)
     ap.add_argument("--pressure-branches", type=int, default=2,
                     help="the pool holds the prompt plus about this many uncompressed branches")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -151,33 +153,38 @@ def main(argv=None) -> int:
     longest = max(len(tokenizer.encode(p)) for p, _ in items) + 32
     pool = longest + args.pressure_branches * (args.max_tokens + 32)
     hints = hints_for(args.branches)
+    roomy = longest + args.branches * (args.max_tokens + 32)
     results: Dict[str, List[Dict]] = {}
+    pressured: Dict[str, List[Dict]] = {}
     for name, compression in modes(args).items():
-        eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed, kv_pool_tokens=pool,
-                              max_running_requests=max(8, args.branches), compression=compression)
-        try:
-            runs = []
-            for i, (prompt, problem) in enumerate(tqdm(items, desc=name)):
-                run = run_problem(eng, prompt, hints, args.max_tokens)
-                run["prompt_tokens"] = len(tokenizer.encode(prompt))
-                run["answers"] = [extract_final(t) for t in run["texts"]]
-                if i > 0:  # problem 0 is the warm-up
-                    runs.append(run)
-            eng.check_integrity()
-        finally:
-            eng.shutdown()
-        results[name] = runs
+        for kv_pool, table in ((roomy, results), (pool, pressured)):
+            eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
+                                  kv_pool_tokens=kv_pool, max_running_requests=max(8, args.branches),
+                                  compression=compression)
+            try:
+                runs = []
+                for i, (prompt, problem) in enumerate(tqdm(items, desc=f"{name}, pool {kv_pool}")):
+                    run = run_problem(eng, prompt, hints, args.max_tokens)
+                    run["prompt_tokens"] = len(tokenizer.encode(prompt))
+                    run["answers"] = [extract_final(t) for t in run["texts"]]
+                    if i > 0:  # problem 0 is the warm-up
+                        runs.append(run)
+                eng.check_integrity()
+            finally:
+                eng.shutdown()
+            table[name] = runs
     problems = [p for _, p in items[1:]]
-    summary = [summarize(name, runs, results["full"], problems) for name, runs in results.items()]
+    summary = [summarize(name, runs, results["full"], problems, pressured[name], pressured["full"])
+               for name, runs in results.items()]
     result = {
         "benchmark": "bench_compression",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {**vars(args), "kv_pool_tokens": pool}, "versions": versions(), "cpu": cpu_model(),
+        "config": {**vars(args), "kv_pool_tokens_pressure": pool, "kv_pool_tokens_roomy": roomy}, "versions": versions(), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
         "method": "one engine per mode, same problems and pool; per problem the branches are one batch after a "
                   "flush; private KV = peak KV working set minus the prompt; agreement per branch against the "
                   "uncompressed run; problem 0 is a warm-up",
-        "summary": summary, "runs": results, "total_wall_s": time.time() - started,
+        "summary": summary, "runs": results, "pressured_runs": pressured, "total_wall_s": time.time() - started,
     }
     save_and_report(result, fmt_table(result), Path(args.out_dir), args.name, plot,
                     f"rksc_sgl decode-KV compression vs full: {args.model}, {args.problems} problems x {args.branches} "
