@@ -22,7 +22,6 @@ excluded.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
@@ -39,7 +38,8 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.problems import score  # noqa: E402
-from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+from rksc_sgl.report import (  # noqa: E402
+    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
 
 
 def modes(args) -> Dict[str, dict]:
@@ -97,10 +97,7 @@ def fmt_table(result: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = result["summary"]
     names = [s["mode"] for s in summary]
@@ -115,17 +112,12 @@ def plot(result: Dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         ax.set_title(label, fontsize=9)
     c = result["config"]
-    fig.suptitle(f"rksc_sgl decode-KV compression: {c['model']}, {c['problems']} problems x {c['branches']} branches "
-                 f"x <= {c['max_tokens']} tok, 1 thread, {result['cpu']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"rksc_sgl decode-KV compression: {c['model']}, {c['problems']} problems x "
+                           f"{c['branches']} branches x <= {c['max_tokens']} tok, 1 thread, {result['cpu']}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--problems", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--branches", type=int, default=4)

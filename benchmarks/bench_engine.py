@@ -28,7 +28,6 @@ CPU, raw timings) and a PNG bar chart in ``--out-dir``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -45,7 +44,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt, hints_for, program  # noqa: E402
-from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+from rksc_sgl.report import (  # noqa: E402
+    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
 
 # The inputs and the program of (b)/(c) are rksc_sgl.bench's (its `paper` and `cot`
 # workloads use them too); the report helpers are rksc_sgl.report's.
@@ -192,10 +192,7 @@ def fmt_table(result: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     progs = [(k, result[k]) for k in ("short", "long") if result.get(k)]
     fig, axes = plt.subplots(1, 1 + len(progs), figsize=(4.2 * (1 + len(progs)), 3.8))
@@ -221,16 +218,11 @@ def plot(result: Dict, path: Path) -> None:
         ax.set_ylabel("wall s / program (median, min-max)")
         ax.set_title(f"({'b' if key == 'short' else 'c'}) {result['config']['branches']} branches x "
                      f"{p['max_tokens']} tok: {p['ratio_none_over_radix']:.2f}x")
-    fig.suptitle(f"rksc_sgl {result['config']['model']}, 1 CPU thread, {result['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"rksc_sgl {result['config']['model']}, 1 CPU thread, {result['cpu']}", fontsize=9)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (+1 warm-up)")
     ap.add_argument("--prompt-tokens", type=int, default=1000, help="shared prompt length for (b)/(c)")
     ap.add_argument("--branches", type=int, default=8)

@@ -23,7 +23,6 @@ Results: JSON (config, versions, CPU, raw timings) and a PNG bar chart in ``--ou
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -42,7 +41,8 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt  # noqa: E402
 from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
-from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+from rksc_sgl.report import (  # noqa: E402
+    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
 
 TARGET_OVERHEAD = 0.15
 
@@ -120,10 +120,7 @@ def fmt_table(result: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     decode = result["decode"]
     fig, ax = plt.subplots(figsize=(1.8 + 2.4 * len(decode), 3.8))
@@ -141,16 +138,11 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s (1 thread)")
     ax.set_title(f"regex {result['config']['regex']} vs unconstrained, {decode[0]['new_tokens']} tok", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"rksc_sgl {result['config']['model']}, xgrammar, {result['cpu']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"rksc_sgl {result['config']['model']}, xgrammar, {result['cpu']}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--regex", default="[0-9]{1,200}")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (+1 warm-up)")
     ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")

@@ -23,7 +23,6 @@ of the joined tokens, what SGLang's runtime does today):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
@@ -41,7 +40,8 @@ import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.join import join_namespace, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
-from rksc_sgl.report import cpu_model, format_table, median, save_and_report, versions  # noqa: E402
+from rksc_sgl.report import (  # noqa: E402
+    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
 
 TAIL = "\nFinal answer:"
 
@@ -153,10 +153,7 @@ def fmt_table(result: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     problems = result["problems"]
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(problems), 3.6))
@@ -173,16 +170,11 @@ def plot(result: Dict, path: Path) -> None:
     c = result["config"]
     ax.set_title(f"{c['branches']} branches x {c['branch_tokens']} tok, prompt ~{c['prompt_tokens']} tok; "
                  f"label: continuation vs text join", fontsize=8)
-    fig.suptitle(f"rksc_sgl join by KV vs text, {c['model']}, 1 thread, {result['cpu']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"rksc_sgl join by KV vs text, {c['model']}, 1 thread, {result['cpu']}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--problems", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--branches", type=int, default=4)

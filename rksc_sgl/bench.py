@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from .problems import (CHAIN_STOP, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
                        majority_vote, question_prompt, score)
-from .report import cpu_model, format_table, markdown_table, median, save_and_report, versions
+from .report import cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from .cgee import AuditLog, CGEEConfig, VerifyResult
@@ -1058,10 +1058,7 @@ def markdown_report(result: Dict[str, Any]) -> str:
 
 def plot(result: Dict[str, Any], path: Path) -> None:
     """Three panels: speedup with error bars, hit tokens, fidelity against tau."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(result["modes"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
@@ -1127,11 +1124,9 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     ax.set_ylabel("fidelity")
     ax.set_title(title, fontsize=10)
     st = result["config"]["settings"]
-    fig.suptitle(f"rksc-sgl bench {result['workload']}: {st['model']}, {st['problems']} problems x "
-                 f"{st['repeats']} repeats, {result['engine_num_threads']} thread, {result['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"rksc-sgl bench {result['workload']}: {st['model']}, {st['problems']} problems x "
+                           f"{st['repeats']} repeats, {result['engine_num_threads']} thread, {result['cpu']}",
+                fontsize=9, dpi=100)
 
 
 def save(result: Dict[str, Any], out_dir: Path, name: Optional[str] = None) -> Dict[str, Path]:

@@ -95,3 +95,32 @@ def save_and_report(result: Dict, table: str, out_dir: Path, name: str, plot_fn:
     print(table)
     print("\n" + "\n".join(f"wrote {p}" for p in paths.values()) + f"\n(total {result['total_wall_s']:.0f} s)")
     return paths
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend (benchmarks never open windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str, fontsize: int = 8, dpi: int = 110) -> None:
+    """Title, lay out, write ``path`` and release the figure (every benchmark plot ends so)."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def benchmark_parser(doc: str):
+    """The argument parser every benchmark script starts from: its docstring's first
+    paragraph as the description, defaults shown in ``--help``, and ``--model``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model alias or local folder")
+    return parser
