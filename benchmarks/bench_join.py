@@ -38,7 +38,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
-from rksc_sgl.join import join_namespace, split_segments  # noqa: E402
+from rksc_sgl.join import join_namespace, joined_tokens, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
     benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
@@ -61,7 +61,7 @@ def commit(eng, prompt: str, branches: List[str]) -> None:
 
 def run_mode(eng, mode: str, prefix_ids, segments, tail_ids, new_tokens: int) -> Dict:
     """Join (by KV or text) and generate after it; the wall time covers both."""
-    tokens = list(prefix_ids) + [t for seg in segments for t in seg] + tail_ids
+    tokens = joined_tokens(prefix_ids, segments) + tail_ids
     params = {"max_new_tokens": new_tokens, "temperature": 0}
     t0 = time.perf_counter()
     key = None
@@ -79,7 +79,7 @@ def run_mode(eng, mode: str, prefix_ids, segments, tail_ids, new_tokens: int) ->
 
 
 def first_token_logprob(eng, prefix_ids, segments, tail_ids, token: int, joined: bool) -> float:
-    tokens = list(prefix_ids) + [t for seg in segments for t in seg] + tail_ids + [token]
+    tokens = joined_tokens(prefix_ids, segments) + tail_ids + [token]
     key = join_namespace(prefix_ids, segments) if joined else None
     out = eng.generate_request(input_ids=tokens, sampling_params={"max_new_tokens": 0}, extra_key=key,
                                return_logprob=True, logprob_start_len=len(tokens) - 2)

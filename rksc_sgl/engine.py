@@ -33,7 +33,7 @@ with warnings.catch_warnings():
 from .chat import chat_template_for
 from .config import EngineConfig
 from .grammar import GrammarCache, apply_dtype
-from .join import JoinedContext, JoinRegistry, join_namespace, split_segments
+from .join import JoinedContext, JoinRegistry, join_namespace, joined_tokens, split_segments
 from .kv_cache import KVCacheExhausted, KVCacheManager
 from .model_runner import ForwardItem, ModelRunner
 from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
@@ -81,18 +81,17 @@ class Engine(BaseBackend):
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
             device=cfg.device,
+            attention_stats=cfg.compression is not None,  # compression scores tokens by attention
             **self._tree_cache_kwargs(),
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
                                   attention_backend=cfg.attention_backend)
         self._wire_asks_layer()
-        if self.kv.slot_attention is not None:  # eviction_policy="rsbcm": collect decode attention
-            self.runner.collect_attention(self.kv.slot_attention,
-                                          self.kv.tree.eviction_strategy.attention_layer_stride)
-        elif cfg.compression is not None:
-            # Compression scores tokens by the attention they received: collect it.
-            self.kv.slot_attention = torch.zeros(cfg.kv_pool_tokens + 1, dtype=torch.float32, device=cfg.device)
-            self.runner.collect_attention(self.kv.slot_attention, cfg.compression.attention_layer_stride)
+        if self.kv.slot_attention is not None:  # RSBCM eviction or compression: collect decode attention
+            stride = getattr(getattr(self.kv.tree, "eviction_strategy", None), "attention_layer_stride", None)
+            if stride is None:
+                stride = cfg.compression.attention_layer_stride
+            self.runner.collect_attention(self.kv.slot_attention, stride)
         self.scheduler = Scheduler(
             self.runner,
             self.kv,
@@ -449,9 +448,8 @@ class Engine(BaseBackend):
         if not built:
             logger.debug("concate_and_append: branch KV not cached or no room; joining by text")
             return
-        token_ids = tuple(prefix_ids) + tuple(t for seg in segments for t in seg)
         text = prefix_text + "".join(b[1] for b in branches)
-        self.joins.set_context(dst_rid, JoinedContext(text, token_ids, namespace))
+        self.joins.set_context(dst_rid, JoinedContext(text, tuple(joined_tokens(prefix_ids, segments)), namespace))
 
     def _batch_prompt_of(self, s: StreamExecutor, texts: List[str]) -> Dict[str, Any]:
         prompts = [self._prompt_of(s, t) for t in texts]

@@ -52,6 +52,11 @@ def join_namespace(prefix_ids: Sequence[int], segments: Sequence[Sequence[int]])
     return f"rksc-join:{digest[:20]}"
 
 
+def joined_tokens(prefix_ids: Sequence[int], segments: Sequence[Sequence[int]]) -> List[int]:
+    """The token sequence of a join: the prefix, then every segment in order."""
+    return list(prefix_ids) + [t for seg in segments for t in seg]
+
+
 def split_segments(encode: Callable[[str], List[int]], prefix_text: str,
                    branch_texts: Sequence[str]) -> Optional[Tuple[List[int], List[List[int]]]]:
     """(prefix ids, one id list per branch), or None when a branch's tokens do not start

@@ -42,6 +42,8 @@ with warnings.catch_warnings():
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
+from .join import joined_tokens
+
 
 class KVCacheExhausted(RuntimeError):
     """The KV pool cannot hold what a request needs, even after evicting everything."""
@@ -117,6 +119,7 @@ class KVCacheManager:
         eviction_policy_config: Optional[dict] = None,
         tree_cache_class: type = RadixCache,
         device: str = "cpu",
+        attention_stats: bool = False,
     ):
         # Only the KV tensors live on ``device``; rows, slot indices and the tree stay on
         # the host, where the scheduler reads them every step.
@@ -152,12 +155,15 @@ class KVCacheManager:
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
         # ASKS above layer 0: (prefix slots, span ids) -> span features at the key layer.
         self.span_features: Optional[Callable] = None
-        # RSBCM: attention mass each slot's key received (index = slot; slot 0 is padding).
-        # Filled by the model runner on decode steps, reset when a slot is allocated again,
-        # read by the tree's eviction strategy. None (no collection) for other policies.
+        # Attention mass each slot's key received (index = slot; slot 0 is padding), for
+        # RSBCM eviction and for decode-KV compression (``attention_stats``). Filled by the
+        # model runner on decode steps, reset when a slot is allocated again. None: no
+        # collection.
         self.slot_attention: Optional[torch.Tensor] = None
-        if eviction_policy.lower() == "rsbcm" and not self.tree.disable:
+        rsbcm = eviction_policy.lower() == "rsbcm" and not self.tree.disable
+        if rsbcm or attention_stats:
             self.slot_attention = torch.zeros(pool_tokens + 1, dtype=torch.float32, device=device)
+        if rsbcm:
             self.tree.eviction_strategy.attach(self.slot_attention)
 
     # ---- capacity -------------------------------------------------------------------
@@ -428,7 +434,7 @@ class KVCacheManager:
 
         Returns False (nothing changed) when a branch's KV is no longer cached.
         """
-        tokens = list(prefix_ids) + [t for seg in segments for t in seg]
+        tokens = joined_tokens(prefix_ids, segments)
         if len(self.match(tokens, len(tokens), namespace)[0]) == len(tokens):
             return True  # built before (the same join ran again)
         n_prefix = len(prefix_ids)

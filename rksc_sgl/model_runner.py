@@ -84,7 +84,9 @@ class ModelRunner:
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
         self.lm_head = model.lm_head
-        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        modeling = sys.modules[type(self.layers[0].self_attn).__module__]
+        self.apply_rotary = modeling.apply_rotary_pos_emb
+        self.rotate_half = modeling.rotate_half  # what apply_rotary uses; rotate_keys too
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.num_heads = self.config.num_attention_heads
@@ -177,9 +179,7 @@ class ModelRunner:
         scale = float(getattr(self.rotary_emb, "attention_scaling", 1.0))
         cos, sin = cos[0] / scale, sin[0] / scale  # (1, head_dim); the first rotation was scaled already
         k = keys.float()
-        half = k.shape[-1] // 2
-        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)  # rotate_half, as the models define it
-        return k * cos + rotated * sin
+        return k * cos + self.rotate_half(k) * sin
 
     def prepare(self, items: List[ForwardItem]) -> "AttentionPlan":
         """The attention plan of one forward over ``items`` (and FlashInfer's page tables)."""

@@ -315,9 +315,11 @@ class Scheduler:
         need = len(req.input_ids) - len(prefix) + req.decode_kv_cap
         if need + len(prefix) > self.kv.pool_tokens:
             self.waiting.popleft()
+            decode = (f"{req.max_new_tokens} max_new_tokens" if req.compression is None
+                      else f"{req.decode_kv_cap} compressed decode tokens")
             self._finish(req, error=KVCacheExhausted(
-                f"request needs {len(req.input_ids) + req.max_new_tokens} KV slots "
-                f"({len(req.input_ids)} prompt + {req.max_new_tokens} max_new_tokens) "
+                f"request needs {len(req.input_ids) + req.decode_kv_cap} KV slots "
+                f"({len(req.input_ids)} prompt + {decode}) "
                 f"but the KV pool holds {self.kv.pool_tokens}; raise kv_pool_tokens "
                 "or lower max_new_tokens"))
             return reserved, prefill_tokens
