@@ -1,4 +1,4 @@
-"""Decode-KV compression (R-KV, CASK-style) against the uncompressed engine, one CPU thread.
+"""Decode-KV compression (R-KV, CASK-style, a recent-window baseline) against the uncompressed engine, one CPU thread.
 
 Workload: ``cot`` with long generations. Per problem (reasoning-gym ``gsm_symbolic``, seeded) a
 few-shot prompt is shared by ``--branches`` hinted branches that each generate up to
@@ -6,16 +6,21 @@ few-shot prompt is shared by ``--branches`` hinted branches that each generate u
 problems in the same process, one engine per mode:
 
 - ``full``: no compression (the reference);
-- ``rkv@B`` for every budget B of ``--budgets`` and ``cask@B`` for ``--cask-budget``.
+- ``rkv@B`` for every budget B of ``--budgets`` and ``cask@B`` for ``--cask-budget``;
+- ``recent@B`` for ``--recent-budget``: a baseline that keeps the newest decode tokens only
+  (StreamingLLM-like window; the prompt plays the sink), to tell whether R-KV's scoring beats
+  eviction that looks at nothing.
 
-Reported per mode: answer agreement with ``full`` (per branch, the final answer extracted from
-its text), accuracy (branch answers against the reference answer), private decode KV (peak
+Reported per mode: answer agreement with ``full`` per branch (the final answer extracted from
+its text) and per problem (the majority vote over its branches, the ``cot`` workload's
+answer), accuracy (branch answers and votes against the reference answer), private decode KV (peak
 KV working set minus the prompt, with a pool large enough that every mode runs all branches
 at once, and its ratio to ``full``), tokens dropped, and throughput with the KV pool under
 pressure: a second engine per mode gets a pool sized so that the uncompressed engine holds
 about ``--pressure-branches`` branches at once; the branches of a problem are one batch
 (decode tokens per second, median over problems, ratio to ``full``). One warm-up problem is
-excluded.
+excluded. ``--skip-throughput`` leaves out the pressured engines (half the run time) for
+sweeps that only look at agreement.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/bench_compression.py --problems 6
 """
@@ -37,7 +42,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
-from rksc_sgl.problems import score  # noqa: E402
+from rksc_sgl.problems import majority_vote, score  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
     benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
 
@@ -49,6 +54,9 @@ def modes(args) -> Dict[str, dict]:
     if args.cask_budget:
         out[f"cask@{args.cask_budget:g}"] = {"method": "cask", "budget": args.cask_budget, "buffer": args.buffer,
                                              "min_tokens": args.min_tokens}
+    if args.recent_budget:
+        out[f"recent@{args.recent_budget:g}"] = {"method": "recent", "budget": args.recent_budget,
+                                                 "buffer": args.buffer, "min_tokens": args.min_tokens}
     return out
 
 
@@ -69,30 +77,46 @@ def summarize(name: str, runs: List[Dict], full: List[Dict], problems, pressured
               pressured_full: List[Dict]) -> Dict:
     pairs = [(a, b) for run, ref in zip(runs, full) for a, b in zip(run["answers"], ref["answers"])]
     graded = [score(p, a) for run, p in zip(runs, problems) for a in run["answers"]]
+    votes = [majority_vote(run["answers"]) for run in runs]
+    votes_full = [majority_vote(ref["answers"]) for ref in full]
+    vote_agree = sum(a == b for a, b in zip(votes, votes_full))
     private = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in runs]
     private_full = [r["peak_kv_tokens"] - r["prompt_tokens"] for r in full]
-    tput = [r["decode_tokens"] / r["seconds"] for r in pressured]
-    tput_full = [r["decode_tokens"] / r["seconds"] for r in pressured_full]
-    return {
+    out = {
         "mode": name,
         "agreement": sum(a == b for a, b in pairs) / len(pairs),
         "agree_count": [sum(a == b for a, b in pairs), len(pairs)],
+        "vote_agreement": vote_agree / len(votes),
+        "vote_agree_count": [vote_agree, len(votes)],
         "accuracy": sum(graded) / len(graded),
+        "vote_accuracy": sum(score(p, v) for v, p in zip(votes, problems)) / len(votes),
+        "votes": votes,
         "peak_private_kv_median": median(private),
         "private_kv_reduction": median(private_full) / max(median(private), 1),
         "dropped_tokens": sum(r["dropped_tokens"] for r in runs),
-        "decode_tok_s_median": median(tput),
-        "throughput_ratio": median([a / b for a, b in zip(tput, tput_full)]),
+        "decode_tok_s_median": None, "throughput_ratio": None,
     }
+    if pressured:
+        tput = [r["decode_tokens"] / r["seconds"] for r in pressured]
+        tput_full = [r["decode_tokens"] / r["seconds"] for r in pressured_full]
+        out["decode_tok_s_median"] = median(tput)
+        out["throughput_ratio"] = median([a / b for a, b in zip(tput, tput_full)])
+    return out
 
 
 def fmt_table(result: Dict) -> str:
-    rows = [("mode", "agreement w/ full", "accuracy", "peak private KV", "x less private KV", "dropped",
-             "decode tok/s", "x full tok/s")]
+    rows = [("mode", "branch agreement w/ full", "vote agreement w/ full", "accuracy (branch)", "accuracy (vote)",
+             "peak private KV", "x less private KV", "dropped", "decode tok/s", "x full tok/s")]
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for s in result["summary"]:
         rows.append((s["mode"], f"{s['agreement']:.3f} ({s['agree_count'][0]}/{s['agree_count'][1]})",
-                     f"{s['accuracy']:.3f}", f"{s['peak_private_kv_median']:.0f}", f"{s['private_kv_reduction']:.2f}",
-                     s["dropped_tokens"], f"{s['decode_tok_s_median']:.1f}", f"{s['throughput_ratio']:.2f}"))
+                     f"{s['vote_agreement']:.3f} ({s['vote_agree_count'][0]}/{s['vote_agree_count'][1]})",
+                     f"{s['accuracy']:.3f}", f"{s['vote_accuracy']:.3f}", f"{s['peak_private_kv_median']:.0f}",
+                     f"{s['private_kv_reduction']:.2f}", s["dropped_tokens"], num(s["decode_tok_s_median"], ".1f"),
+                     num(s["throughput_ratio"], ".2f")))
     return format_table(rows)
 
 
@@ -101,12 +125,16 @@ def plot(result: Dict, path: Path) -> None:
 
     summary = result["summary"]
     names = [s["mode"] for s in summary]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    for ax, key, label in ((axes[0], "agreement", "answer agreement with full"),
-                           (axes[1], "private_kv_reduction", "x less private KV (peak)"),
-                           (axes[2], "throughput_ratio", "decode tok/s vs full (pool under pressure)")):
+    colors = {"full": "tab:gray", "rkv": "tab:blue", "cask": "tab:orange", "recent": "tab:green"}
+    panels = [("agreement", "answer agreement with full (per branch)"),
+              ("vote_agreement", "answer agreement with full (vote)"),
+              ("private_kv_reduction", "x less private KV (peak)")]
+    if summary[0]["throughput_ratio"] is not None:
+        panels.append(("throughput_ratio", "decode tok/s vs full (pool under pressure)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.4))
+    for ax, (key, label) in zip(axes, panels):
         values = [s[key] for s in summary]
-        ax.bar(range(len(names)), values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+        ax.bar(range(len(names)), values, color=[colors[n.split("@")[0]] for n in names])
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
@@ -125,10 +153,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=400)
     ap.add_argument("--budgets", default="0.1,0.16,0.34", help="comma-separated R-KV budgets")
     ap.add_argument("--cask-budget", type=float, default=0.16, help="budget of the CASK-style mode (0: none)")
+    ap.add_argument("--recent-budget", type=float, default=0.16,
+                    help="budget of the recent-window baseline (keeps the newest decode tokens; 0: none)")
     ap.add_argument("--buffer", type=int, default=8)
     ap.add_argument("--min-tokens", type=int, default=32)
     ap.add_argument("--pressure-branches", type=int, default=2,
                     help="the pool holds the prompt plus about this many uncompressed branches")
+    ap.add_argument("--skip-throughput", action="store_true",
+                    help="no pressured engines: agreement and private KV only (throughput columns '-')")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--name", default="bench_compression")
     args = ap.parse_args(argv)
@@ -149,7 +181,8 @@ def main(argv=None) -> int:
     results: Dict[str, List[Dict]] = {}
     pressured: Dict[str, List[Dict]] = {}
     for name, compression in modes(args).items():
-        for kv_pool, table in ((roomy, results), (pool, pressured)):
+        engines = ((roomy, results),) if args.skip_throughput else ((roomy, results), (pool, pressured))
+        for kv_pool, table in engines:
             eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
                                   kv_pool_tokens=kv_pool, max_running_requests=max(8, args.branches),
                                   compression=compression)
@@ -166,7 +199,7 @@ def main(argv=None) -> int:
                 eng.shutdown()
             table[name] = runs
     problems = [p for _, p in items[1:]]
-    summary = [summarize(name, runs, results["full"], problems, pressured[name], pressured["full"])
+    summary = [summarize(name, runs, results["full"], problems, pressured.get(name, []), pressured.get("full", []))
                for name, runs in results.items()]
     result = {
         "benchmark": "bench_compression",
@@ -174,13 +207,16 @@ def main(argv=None) -> int:
         "config": {**vars(args), "kv_pool_tokens_pressure": pool, "kv_pool_tokens_roomy": roomy}, "versions": versions(), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
         "method": "one engine per mode, same problems and pool; per problem the branches are one batch after a "
-                  "flush; private KV = peak KV working set minus the prompt; agreement per branch against the "
-                  "uncompressed run; problem 0 is a warm-up",
+                  "flush; private KV = peak KV working set minus the prompt; agreement per branch and of the "
+                  "per-problem majority vote against the uncompressed run; problem 0 is a warm-up",
         "summary": summary, "runs": results, "pressured_runs": pressured, "total_wall_s": time.time() - started,
     }
     save_and_report(result, fmt_table(result), Path(args.out_dir), args.name, plot,
                     f"rksc_sgl decode-KV compression vs full: {args.model}, {args.problems} problems x {args.branches} "
-                    f"branches x <= {args.max_tokens} tokens, pool {pool} slots, 1 thread, {result['cpu']}")
+                    f"branches x <= {args.max_tokens} tokens, "
+                    + (f"pool {roomy} slots (no throughput runs)" if args.skip_throughput
+                       else f"pool {roomy} slots (throughput: {pool})")
+                    + f", 1 thread, {result['cpu']}")
     return 0
 
 

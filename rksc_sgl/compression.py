@@ -26,6 +26,11 @@ tokens it generated:
   score, and every dropped scratch token is consolidated into its most similar kept
   scratch token (keys and values averaged, weighted by how many tokens each slot already
   stands for) instead of being discarded.
+* **Recent window** (``method="recent"``, a baseline, not a method to use): keep the newest
+  candidates only, ignoring attention and keys, as StreamingLLM's window (its sink tokens
+  are the prompt, which is never dropped). The candidates come oldest first (the scheduler
+  passes them in order of their original positions), so this keeps the last ``keep_count``.
+  It tells whether R-KV's scoring does better than any cheap eviction at the same budget.
 
 Kept tokens keep their positions (their keys were rotated when computed); the tokens
 after them continue at their true positions (``ReqKV.dropped``). A compressed request
@@ -43,7 +48,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-METHODS = ("rkv", "cask")
+METHODS = ("rkv", "cask", "recent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +129,14 @@ def redundancy(keys: torch.Tensor) -> torch.Tensor:
 
 
 def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor, keep_count: int) -> Plan:
-    """Choose ``keep_count`` of the candidates (their attention mass and keys)."""
+    """Choose ``keep_count`` of the candidates (their attention mass and keys), which come
+    oldest first."""
     n = importance.shape[0]
     keep_count = max(0, min(keep_count, n))
     if keep_count >= n:
         return Plan(list(range(n)))
+    if config.method == "recent":
+        return Plan(list(range(n - keep_count, n)))
     imp = importance.float().clamp(min=0)
     top = float(imp.max()) if n else 0.0
     imp = imp / top if top > 0 else imp

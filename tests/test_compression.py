@@ -73,6 +73,16 @@ def test_cask_protects_the_core_and_consolidates_the_rest():
     assert all(k in chosen.keep and k not in core for _, k in chosen.merges)
 
 
+def test_recent_baseline_keeps_the_newest_candidates():
+    assert CompressionConfig(method="recent", budget=0.16).method == "recent"
+    importance = torch.tensor([9.0, 0.0, 5.0, 0.1, 0.2, 0.0])  # ignored, as are the keys
+    keys = torch.randn(6, 2, 4)
+    cfg = CompressionConfig(method="recent")
+    assert plan(cfg, importance, keys, 2) == Plan([4, 5])  # candidates come oldest first
+    assert plan(cfg, importance, keys, 0) == Plan([])
+    assert plan(cfg, importance, keys, 6).keep == plan(cfg, importance, keys, 9).keep == [0, 1, 2, 3, 4, 5]
+
+
 # ---- mechanics against a reference -------------------------------------------------------------
 def _keep_evens(config, importance, keys, keep_count):
     n = importance.shape[0]
