@@ -329,9 +329,9 @@ class BenchSettings:
     """Where the engines run (``cpu``, ``cuda``, ``auto``); CPU timings are the protocol's."""
     kv_pool_tokens: int = 16384
     max_running_requests: int = 64
-    asks_tau: float = 0.95
-    asks_recompute: float = 0.0
-    asks_key_layer: int = 0
+    asks_tau: float = 0.95  # the ASKS defaults (ASKSConfig's, chosen from this benchmark;
+    asks_recompute: float = 0.5  # a test keeps them equal; literal here, since rksc_cache
+    asks_key_layer: int = 0  # imports SGLang)
     audit_fraction: float = 1.0
     bootstrap: int = 2000
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)

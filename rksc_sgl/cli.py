@@ -54,11 +54,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="turn ASKS on (needs --cache rksc): reuse KV of cached spans whose "
                             "key has cosine similarity >= this threshold")
     group.add_argument("--asks-recompute", type=float, default=None,
-                       help="ASKS: fraction of each reused span to recompute (default: 0)")
+                       help="ASKS: fraction of the aligned (reusable) tokens of a span to compute anyway "
+                            "(default: 0.5)")
     group.add_argument("--asks-key-layer", type=int, default=None,
                        help="ASKS: layer of the semantic keys (0: token embeddings, free; L: hidden states "
                             "after L blocks, stored per slot at prefill; default: 0)")
-    group.add_argument("--kv-compression", choices=("rkv", "cask"), default=None,
+    group.add_argument("--kv-compression", choices=("rkv", "cask", "recent"), default=None,
                        help="compress each request's decode KV (R-KV scoring, or the CASK-style core/scratch "
                             "variant); the prompt stays exact and shared")
     group.add_argument("--kv-budget", type=fraction, default=None,

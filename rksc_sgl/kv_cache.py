@@ -10,10 +10,14 @@ allocator's free list, a tree node, or the owned part of a running request's row
 
 Semantic aliases (ASKS, ``cache="rksc"``): a request may read a *donor* node's slots for
 the span right after its exact prefix (``match_alias``). Its row is then
-``[exact prefix | donor slots, except the recomputed positions | slots it owns]``; the
-donor slots stay the tree's (the donor node is locked while the request runs) and a
-request that used an alias inserts nothing into the tree: everything it computed after
-the exact prefix depends on approximate KV, so an exact lookup must never return it.
+``[exact prefix | span | slots it owns]``, where a span position holds the donor's slot
+(a token aligned with the identical donor token at the same position, read in place),
+an owned copy of the donor's KV with keys rotated to the new position (aligned, but
+shifted), or an owned slot the request computes (unaligned tokens and the selective
+recompute). The donor slots stay the tree's (the donor node is locked while the request
+runs) and a request that used an alias inserts nothing into the tree: everything it
+computed after the exact prefix depends on approximate KV, so an exact lookup must never
+return it.
 
 This module mirrors, narrowly, what SGLang's scheduler does around the tree
 (``match_prefix`` -> lock -> allocate -> ``checkpoint`` -> insert and free duplicates ->
@@ -25,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from array import array
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -87,12 +91,24 @@ class Alias:
     recompute: List[int]
     similarity: float
     lock: Any = None
-    allocated: bool = False  # recompute and tail slots allocated (the prefill's extend ran)
+    allocated: bool = False  # recompute, copy and tail slots allocated (the prefill's extend ran)
     positions: List[int] = dataclasses.field(default_factory=list)  # what the prefill computes
+    # (row position, donor slot, delta): aligned tokens at another position than in the
+    # donor; their KV is copied into owned slots, keys rotated by delta positions.
+    copies: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    @property
+    def copied(self) -> List[int]:
+        return [pos for pos, _, _ in self.copies]
+
+    def shared_positions(self) -> List[int]:
+        """Span positions that read the donor's own slot in place."""
+        own = set(self.recompute) | set(self.copied)
+        return [p for p in range(self.start, self.end) if p not in own]
 
     @property
     def reused_tokens(self) -> int:
@@ -155,6 +171,9 @@ class KVCacheManager:
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
         # ASKS above layer 0: (prefix slots, span ids) -> span features at the key layer.
         self.span_features: Optional[Callable] = None
+        # (keys, delta) -> keys moved delta positions (RoPE). With it, ASKS may reuse an
+        # aligned donor token at a shifted position (copied, rotated); without, it computes it.
+        self.rotate_keys: Optional[Callable] = None
         # Attention mass each slot's key received (index = slot; slot 0 is padding), for
         # RSBCM eviction and for decode-KV compression (``attention_stats``). Filled by the
         # model runner on decode steps, reset when a slot is allocated again. None: no
@@ -205,7 +224,8 @@ class KVCacheManager:
                 finally:
                     self.tree.unlock(lock)
         before = self.tree.stats.key_tokens
-        match = self.tree.match_semantic(span, node, prefix_len, recipient_features=features)
+        match = self.tree.match_semantic(span, node, prefix_len, recipient_features=features,
+                                         shift=self.rotate_keys is not None)
         self.key_tokens += self.tree.stats.key_tokens - before
         return match
 
@@ -230,14 +250,17 @@ class KVCacheManager:
         req.lock = self.tree.lock(node)
         if alias is not None:
             assert alias.start == n and len(token_ids) > alias.start + alias.length, (alias.start, n)
-            self.req_to_token_pool.write((row, slice(n, n + alias.length)), alias.slots.to(torch.int32))
+            shifted = alias.shifted()
             req.alias = Alias(
                 start=n,
                 length=alias.length,
                 recompute=[n + off for off in alias.recompute],
                 similarity=alias.similarity,
                 lock=self.tree.lock(alias.node),
+                copies=[(n + i, int(alias.slots[i]), i - alias.donor_offsets[i]) for i in shifted],
             )
+            shared = torch.tensor(req.alias.shared_positions(), dtype=torch.int64)
+            self.req_to_token_pool.write((row, shared), alias.slots[shared - n].to(torch.int32))
         self.active[row] = req
         return req
 
@@ -274,18 +297,24 @@ class KVCacheManager:
 
         Returns the slots; the caller writes their KV and then calls ``commit``.
         For a request with a semantic alias, the first extend (its prefill, starting at
-        the alias) allocates only the recomputed positions and the tokens after the span;
-        ``alias.positions`` lists the row positions the caller must compute.
+        the alias) allocates the recomputed positions, the shifted copies (filled here,
+        from the locked donor) and the tokens after the span; it returns the slots of
+        ``alias.positions``, the row positions the caller must compute.
         """
         alias = req.alias
         if alias is not None and not alias.allocated:
             assert req.kv_len == alias.start and len(new_token_ids) > alias.length, (req.kv_len, alias)
             positions = alias.recompute + list(range(alias.end, req.kv_len + len(new_token_ids)))
-            slots = self.alloc(len(positions))
-            self.req_to_token_pool.write((req.row, torch.tensor(positions)), slots.to(torch.int32))
+            slots = self.alloc(len(positions) + len(alias.copies))
+            computed, copies = slots[: len(positions)], slots[len(positions) :]
+            self.req_to_token_pool.write((req.row, torch.tensor(positions + alias.copied)), slots.to(torch.int32))
+            for delta in sorted({d for _, _, d in alias.copies}):
+                group = [k for k, (_, _, d) in enumerate(alias.copies) if d == delta]
+                src = torch.tensor([alias.copies[k][1] for k in group], dtype=torch.int64)
+                self._copy_kv(src, copies[group], delta, self.rotate_keys)
             alias.positions = positions
             alias.allocated = True
-            return slots
+            return computed
         slots = self.alloc(len(new_token_ids))
         start = req.kv_len
         self.req_to_token_pool.write((req.row, slice(start, start + len(slots))), slots.to(torch.int32))
@@ -365,7 +394,7 @@ class KVCacheManager:
         if not alias.allocated:
             return torch.empty((0,), dtype=torch.int64)
         row = self.req_to_token_pool.req_to_token[req.row]
-        positions = alias.recompute + list(range(alias.end, max(req.kv_len, alias.positions[-1] + 1)))
+        positions = alias.recompute + alias.copied + list(range(alias.end, max(req.kv_len, alias.positions[-1] + 1)))
         return row[torch.tensor(positions, dtype=torch.int64)].to(torch.int64)
 
     def _insert(self, req: ReqKV, slots: torch.Tensor) -> int:
@@ -537,15 +566,29 @@ class KVCacheManager:
             )
 
     def _check_alias(self, req: ReqKV) -> None:
-        """An alias reads tree slots: the donor's, at the same positions, donor locked."""
+        """An alias reads tree slots in place only where the donor token is at the same
+        position (the donor's own slot there), donor locked; copies are owned."""
         alias = req.alias
         assert alias.lock is not None and alias.lock.node.lock_ref > 0, "alias donor not locked"
         assert req.protected_len == alias.start, "a request with an alias moved its tree prefix"
         donor_path = self.tree.path_device_indices(alias.lock.node)
-        assert len(donor_path) >= alias.end, "alias donor shorter than its span"
         row = self.req_to_token_pool.req_to_token[req.row].to(torch.int64)
-        shared = [p for p in range(alias.start, alias.end) if p not in set(alias.recompute)]
+        shared = alias.shared_positions()
+        assert not shared or len(donor_path) > shared[-1], "alias donor shorter than its span"
         assert torch.equal(row[shared], donor_path[shared]), "alias row slots are not the donor's"
+        donor_tokens = self._path_tokens(alias.lock.node)
+        assert all(donor_tokens[p] == req.token_ids[p] for p in shared), "alias reuses a different token's KV"
+        for pos, slot, delta in alias.copies:
+            assert int(donor_path[pos - delta]) == slot, "alias copies from outside its donor"
+            assert donor_tokens[pos - delta] == req.token_ids[pos], "alias copies a different token's KV"
+
+    @staticmethod
+    def _path_tokens(node) -> List[int]:
+        parts = []
+        while node is not None and node.key is not None and node.parent is not None:
+            parts.append(list(node.key.token_ids))
+            node = node.parent
+        return [t for part in reversed(parts) for t in part]
         assert torch.equal(row[: alias.start], donor_path[: alias.start]), "alias prefix is not the donor's path"
 
     def _locked_nodes(self) -> list:

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from .kv_cache import KVLayout
 from .paged_attention import FlashInferAttention, cascade_layout
 
+ROTATABLE_ROPE = ("default", "linear", "llama3")  # rotary embeddings whose rotations compose
+
 
 @dataclasses.dataclass
 class ForwardItem:
@@ -164,6 +166,11 @@ class ModelRunner:
             self.slot_features[new_slots] = hidden[0].float()
         return hidden
 
+    @property
+    def can_rotate_keys(self) -> bool:
+        """Whether ``rotate_keys`` works for this model's rotary embedding."""
+        return getattr(self.rotary_emb, "rope_type", "default") in ROTATABLE_ROPE
+
     @torch.inference_mode()
     def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """Move cached keys ``delta`` positions later: RoPE by ``delta`` on top of the
@@ -172,7 +179,7 @@ class ModelRunner:
         llama3 scaling), so this equals computing the key at its new position.
         ``keys`` is the pool layout (n, kv_heads, head_dim); computed in float32."""
         rope_type = getattr(self.rotary_emb, "rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
+        if rope_type not in ROTATABLE_ROPE:
             raise NotImplementedError(f"moving cached keys needs position-independent RoPE, not {rope_type!r}")
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         cos, sin = self.rotary_emb(probe, torch.tensor([[delta]], device=self.device))

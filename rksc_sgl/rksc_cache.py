@@ -30,6 +30,7 @@ the SGLang runtime (``--radix-cache-backend rksc``, see ``rksc_sgl.plugin``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import warnings
@@ -76,14 +77,15 @@ class ASKSConfig:
     reached, so ASKS is then off even when ``enabled``.
     ``key_layer``: the layer whose hidden states form the semantic key (0: token
     embeddings, free; a shallow layer costs a partial forward pass).
-    ``recompute_fraction``: share of a reused span's tokens whose KV is recomputed
-    (those that deviate most), in [0, 1].
+    ``recompute_fraction``: share of the aligned (reusable) span tokens whose KV is
+    computed anyway (those closest after a differing token), in [0, 1]; tokens with no
+    identical donor token are always computed.
     """
 
     enabled: bool = False
     tau: float = 0.95
     key_layer: int = 0
-    recompute_fraction: float = 0.0
+    recompute_fraction: float = 0.5  # (the default setting: see the README's held-out runs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -130,8 +132,9 @@ class RKSCCacheStats:
     Lookup counters count every ``match_prefix`` (and ``match_semantic``) call, including a
     caller's repeated lookups of the same request (a scheduler retrying admission, a
     re-match after ``checkpoint``); tokens actually served from the cache are the
-    caller's to count. ``semantic_hit_tokens`` are donor tokens reused as they are,
-    ``recomputed_tokens`` the span tokens chosen for recompute instead; ``key_tokens``
+    caller's to count. ``semantic_hit_tokens`` are span tokens served with a donor's KV (read in
+    place or copied to a shifted position), ``recomputed_tokens`` the span tokens the
+    recipient computes (those with no identical donor token, plus the selective recompute); ``key_tokens``
     counts the tokens keyed at lookup time (the recipients' spans, plus a donor's first
     tokens when the span covers only part of the donor node), ``node_key_tokens`` the
     tokens keyed for nodes (inserts and both halves of every split).
@@ -278,7 +281,8 @@ class RKSCRadixCache(RadixCache):
         return key
 
     def match_semantic(self, token_ids: Sequence[int], node: TreeNode, start: int,
-                       recipient_features: Optional[RecipientFeatures] = None) -> Optional["SemanticMatch"]:
+                       recipient_features: Optional[RecipientFeatures] = None,
+                       shift: bool = True) -> Optional["SemanticMatch"]:
         """Continue an exact match semantically: the best donor child of ``node``, or None.
 
         ``node`` is where the exact match of the request stopped (``start`` tokens from
@@ -287,18 +291,25 @@ class RKSCRadixCache(RadixCache):
         child of ``node`` starts with a token other than ``token_ids[0]`` (else the exact
         match would have gone on), so each child is a candidate donor.
 
-        Span rule: a donor span and the recipient span have the same length ``L =
-        min(len(child), len(token_ids))`` and are aligned token for token at the same
-        positions ``start .. start + L - 1`` (so the donor's RoPE positions are the
-        recipient's). The key of the child's first ``L`` tokens (its stored node key when
-        ``L`` is the whole child) is compared by cosine with the key of the recipient's
-        ``L`` tokens; the most similar child with cosine >= ``tau`` is the donor.
+        Donor choice: the key of the child's first ``L = min(len(child), len(token_ids))``
+        tokens (its stored node key when ``L`` is the whole child) is compared by cosine
+        with the key of the recipient's first ``L`` tokens; the most similar child with
+        cosine >= ``tau`` is the donor.
 
-        Selective recompute: ``ceil(recompute_fraction * L)`` span tokens are recomputed
-        by the recipient instead of reused. Deviation proxy at layer 0: ``1 - cos`` of
-        the donor and recipient token features at each position (0 where the tokens are
-        equal); ties are broken towards positions closest after a differing token, whose
-        KV the changed context shifts most.
+        Span rule (what is reused): the donor's and the recipient's tokens are aligned
+        (``difflib``'s longest matching blocks, in order). Only a recipient token aligned
+        with an *identical* donor token reuses that token's KV, which was computed in the
+        donor's context (the approximation, as in CacheBlend); a token with no identical
+        counterpart is always computed: reusing another token's KV would feed the model
+        the donor's words. An aligned token may sit at another position than in the donor
+        (a paraphrase of a different token length shifts what follows): its KV is then
+        copied with its keys rotated to the new position (``shift=True``; the caller must
+        be able to rotate, else shifted tokens are computed). The span is the recipient's
+        tokens up to its last aligned one.
+
+        Selective recompute: ``ceil(recompute_fraction * aligned)`` of the aligned tokens
+        are computed too, those closest after a token that differs (their KV is the
+        most context-dependent; ties: earlier first).
 
         The tree is not changed (no split, no lock): the caller locks ``SemanticMatch.node``
         while it reads the donor slots and never inserts them under its own tokens.
@@ -339,46 +350,63 @@ class RKSCRadixCache(RadixCache):
                 best, best_sim = child, sim
         if best is None:
             return None
-        length = min(len(best.key), n)
-        recompute = self._recompute_offsets(best, token_ids[:length], recipient[:length])
-        match = SemanticMatch(
-            node=best,
-            start=start,
-            length=length,
-            similarity=best_sim,
-            slots=best.value[:length].clone(),
-            recompute=recompute,
-        )
+        donor_offsets = align_tokens(list(best.key.token_ids), list(token_ids), shift=shift)
+        aligned = [i for i, j in enumerate(donor_offsets) if j is not None]
+        if not aligned:
+            return None
+        length = aligned[-1] + 1
+        donor_offsets = donor_offsets[:length]
+        recompute = self._recompute_offsets(donor_offsets)
+        slots = torch.full((length,), -1, dtype=best.value.dtype)
+        for i in aligned:
+            slots[i] = best.value[donor_offsets[i]]
+        match = SemanticMatch(node=best, start=start, length=length, similarity=best_sim, slots=slots,
+                              recompute=recompute, donor_offsets=donor_offsets)
         stats.semantic_matches += 1
         stats.semantic_hit_tokens += match.reused_tokens
         stats.recomputed_tokens += len(recompute)
         return match
 
-    def _recompute_offsets(self, donor: TreeNode, recipient_ids, recipient_features: torch.Tensor) -> List[int]:
-        length = len(recipient_ids)
-        count = min(length, math.ceil(self.asks.recompute_fraction * length - 1e-9))
-        if count <= 0:
-            return []
-        donor_ids = donor.key.token_ids[:length]
-        donor_features = self._node_features(donor, length)
-        deviation = 1.0 - torch.nn.functional.cosine_similarity(donor_features, recipient_features, dim=-1)
-        differs = [a != b for a, b in zip(donor_ids, recipient_ids)]
-        since_diff, last = [], None
-        for i, d in enumerate(differs):
-            if d:
+    def _recompute_offsets(self, donor_offsets: List[Optional[int]]) -> List[int]:
+        """Span offsets the recipient computes: the unaligned ones, plus the share of the
+        aligned ones that sit closest after a differing token."""
+        unaligned = [i for i, j in enumerate(donor_offsets) if j is None]
+        aligned = [i for i, j in enumerate(donor_offsets) if j is not None]
+        count = min(len(aligned), math.ceil(self.asks.recompute_fraction * len(aligned) - 1e-9))
+        since_change, last = {}, None
+        for i, j in enumerate(donor_offsets):
+            if j is None:
                 last = i
-            since_diff.append(length if last is None else i - last)
-        score = [(float(deviation[i]) if differs[i] else 0.0, -since_diff[i], -i) for i in range(length)]
-        chosen = sorted(range(length), key=lambda i: score[i], reverse=True)[:count]
-        return sorted(chosen)
+            else:
+                since_change[i] = len(donor_offsets) if last is None else i - last
+        chosen = sorted(aligned, key=lambda i: (since_change[i], i))[:max(count, 0)]
+        return sorted(unaligned + chosen)
+
+
+def align_tokens(donor_ids: List[int], recipient_ids: List[int], shift: bool = True) -> List[Optional[int]]:
+    """For each recipient token, the offset of the identical donor token it is aligned
+    with, or None: ``difflib.SequenceMatcher``'s matching blocks (longest first, in order,
+    no junk heuristic). ``shift=False`` keeps only pairs at the same offset."""
+    if not shift:
+        return [i if i < len(donor_ids) and donor_ids[i] == token else None for i, token in enumerate(recipient_ids)]
+    matcher = difflib.SequenceMatcher(None, donor_ids, recipient_ids, autojunk=False)
+    offsets: List[Optional[int]] = [None] * len(recipient_ids)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            offsets[block.b + k] = block.a + k
+    return offsets
 
 
 @dataclasses.dataclass
 class SemanticMatch:
-    """A semantic alias: ``length`` donor tokens serve the recipient's positions
-    ``start .. start + length - 1``, except the ``recompute`` offsets (into the span),
-    which the recipient computes itself. ``slots`` are the donor's KV slots for the span
-    (tree-owned: valid while ``node`` is locked)."""
+    """A semantic alias for the recipient's positions ``start .. start + length - 1``.
+
+    ``donor_offsets[i]``: the offset in the donor node of the identical token whose KV
+    serves span offset ``i`` (None: not aligned, computed). ``recompute``: the span
+    offsets the recipient computes itself (every unaligned one, plus the selective
+    recompute). ``slots[i]``: the donor's KV slot for offset ``i`` (-1 where unaligned;
+    tree-owned: valid while ``node`` is locked). A reused offset whose donor token sits at
+    another offset is *shifted*: its KV must be copied with rotated keys."""
 
     node: TreeNode
     start: int
@@ -386,7 +414,19 @@ class SemanticMatch:
     similarity: float
     slots: torch.Tensor
     recompute: List[int]
+    donor_offsets: List[Optional[int]]
 
     @property
     def reused_tokens(self) -> int:
+        """Span tokens whose KV comes from the donor (read in place or copied)."""
         return self.length - len(self.recompute)
+
+    def shifted(self) -> List[int]:
+        """Reused span offsets whose donor token sits at another offset (copied, rotated)."""
+        skip = set(self.recompute)
+        return [i for i, j in enumerate(self.donor_offsets) if j is not None and j != i and i not in skip]
+
+    @property
+    def shared_tokens(self) -> int:
+        """Reused span tokens read in place from the donor's slots (no new slot)."""
+        return self.reused_tokens - len(self.shifted())

@@ -38,8 +38,9 @@ class EngineStats:
     """Counters over the engine's lifetime; subtract two snapshots for one program.
 
     ``cached_tokens``: prompt tokens served by exact prefix matches. ASKS (``cache="rksc"``):
-    ``semantic_tokens`` prompt tokens served from a donor's KV as it is,
-    ``recomputed_tokens`` span tokens recomputed instead (also in ``prefill_tokens``),
+    ``semantic_tokens`` prompt tokens served from a donor's KV (an identical token of a
+    similar span, read in place or copied to a shifted position), ``recomputed_tokens``
+    span tokens computed instead (also in ``prefill_tokens``),
     ``key_tokens`` tokens run through the key layer to look donors up (the key cost).
     """
 
@@ -328,7 +329,7 @@ class Scheduler:
             alias = self.kv.match_alias(req.input_ids, cap, prefix, node)
             self.stats.key_tokens = self.kv.key_tokens
         reused = alias.reused_tokens if alias is not None else 0
-        need -= reused
+        need -= alias.shared_tokens if alias is not None else 0  # (shifted copies take new slots)
         req.kv = self.kv.open(req.input_ids, prefix, node, alias, namespace=req.namespace)
         extend = len(req.input_ids) - len(prefix) - reused
         over_budget = self.kv.available_tokens() - reserved < need

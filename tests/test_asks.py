@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rksc_sgl.kv_cache import KVCacheManager, KVLayout
-from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache
+from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache, align_tokens
 
 VOCAB, DIM = 12, 8
 
@@ -38,13 +38,22 @@ def _features(ids):
     return TABLE[torch.tensor(list(ids), dtype=torch.long)]
 
 
-def _manager(pool=48, tau=0.5, fraction=0.0, enabled=True, rows=6) -> KVCacheManager:
+ROTATION = 1000.0  # the toy "rotation": a key moved delta positions gains delta * ROTATION
+
+
+def _toy_rotate(keys, delta):
+    return keys + delta * ROTATION
+
+
+def _manager(pool=48, tau=0.5, fraction=0.0, enabled=True, rows=6, shift=True) -> KVCacheManager:
     asks = ASKSConfig(enabled=enabled, tau=tau, recompute_fraction=fraction)
-    return KVCacheManager(
+    kv = KVCacheManager(
         KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32),
         pool_tokens=pool, max_requests=rows, max_context_len=64, enable_prefix_cache=True,
         tree_cache_class=functools.partial(RKSCRadixCache, asks=asks, token_features=_features),
     )
+    kv.rotate_keys = _toy_rotate if shift else None
+    return kv
 
 
 def _fp(tokens) -> float:
@@ -142,6 +151,54 @@ def test_alias_reads_locked_donor_and_never_becomes_exact():
     kv.check_integrity(expect_idle=True)
 
 
+def test_align_tokens_pairs_only_identical_tokens():
+    assert align_tokens([5, 6, 7, 8], [9, 6, 7, 8]) == [None, 1, 2, 3]
+    assert align_tokens([5, 5, 6, 7], [9, 6, 7]) == [None, 2, 3]  # shifted one position earlier
+    assert align_tokens([5, 5, 6, 7], [9, 6, 7], shift=False) == [None, None, None]
+    assert align_tokens([5, 6], [6, 5, 6]) == [None, 0, 1]
+    assert align_tokens([1, 2], [3, 4]) == [None, None]
+
+
+def test_shifted_tokens_are_copied_rotated_and_owned():
+    """A paraphrase one token shorter: what follows it is the donor's identical tokens one
+    position earlier. Their KV is copied into the recipient's own slots, keys rotated by
+    -1; the differing token is computed; the donor's slots are never written."""
+    kv = _manager()
+    donor_ids = [1, 2, 3, 10, 10, 4, 5, 6, 7]
+    donor, _ = _admit(kv, donor_ids)
+    _prefill(kv, donor, donor_ids)
+    kv.release(donor)
+    recipient_ids = [1, 2, 3, 11, 4, 5, 6, 7, 9]
+    req, alias = _admit(kv, recipient_ids)
+    assert alias is not None and alias.start == 3 and alias.length == 5
+    assert alias.donor_offsets == [None, 2, 3, 4, 5]
+    assert alias.recompute == [0] and alias.shifted() == [1, 2, 3, 4]
+    assert (alias.reused_tokens, alias.shared_tokens) == (4, 0)
+    donor_slots = alias.node.value.clone()
+    buf = kv.kv_pool.get_key_buffer(0)
+    donor_kv = buf[donor_slots, 0, 0].clone()
+    _prefill(kv, req, recipient_ids)
+    assert req.alias.positions == [3, 8]
+    row = kv.row_slots(req)
+    copies = row[4:8]
+    assert not set(copies.tolist()) & set(donor_slots.tolist())  # owned copies, not the donor's
+    assert torch.equal(buf[copies, 0, 0], donor_kv[2:6] - ROTATION)  # donor KV, moved one position earlier
+    assert torch.equal(buf[donor_slots, 0, 0], donor_kv)
+    kv.check_integrity()
+    kv.release(req)
+    kv.check_integrity(expect_idle=True)
+    _check_tree_kv_exact(kv)
+    # Without a way to rotate keys, shifted tokens are computed instead.
+    kv = _manager(shift=False)
+    donor, _ = _admit(kv, donor_ids)
+    _prefill(kv, donor, donor_ids)
+    kv.release(donor)
+    req, alias = _admit(kv, recipient_ids)
+    assert alias is None  # nothing identical at the same positions
+    kv.release(req)
+    kv.check_integrity(expect_idle=True)
+
+
 def _evict_all():
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
@@ -215,11 +272,11 @@ _op = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_op, min_size=4, max_size=40), fraction=st.sampled_from([0.0, 0.3, 1.0]),
-       tau=st.sampled_from([0.3, 0.8, 0.95]))
-def test_random_workload_with_asks_keeps_integrity(ops, fraction, tau):
+       tau=st.sampled_from([0.3, 0.8, 0.95]), shift=st.booleans())
+def test_random_workload_with_asks_keeps_integrity(ops, fraction, tau, shift):
     from rksc_sgl.kv_cache import KVCacheExhausted
 
-    kv = _manager(pool=40, tau=tau, fraction=fraction)
+    kv = _manager(pool=40, tau=tau, fraction=fraction, shift=shift)
     running = []  # (req, remaining decode tokens)
     for op in ops:
         kind = op[0]
@@ -327,6 +384,45 @@ def test_paraphrase_gets_semantic_hits_and_stays_explicit(engines):
     assert exact == shared
     # The alias was released: nothing is locked and the donor can be evicted.
     assert eng.flush_cache()
+    eng.check_integrity()
+
+
+def test_shifted_copies_equal_a_plain_prefill_at_layer_0(engines):
+    """'Solve' is two tokens, 'Answer' one: the rest of the recipient's prompt is the
+    donor's, one position earlier. Layer-0 keys and values depend only on the token and
+    its position, so the rotated copies must equal a plain prefill's there."""
+    eng = engines("rksc-shift", cache="rksc", asks={"enabled": True, "tau": 0.8})
+    radix = engines("radix", cache="radix")
+    donor_text = "Solve this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:"
+    recipient_text = "Answer this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:"
+    eng.generate_request(text=donor_text, sampling_params=GREEDY)
+    radix.generate_request(text=recipient_text, sampling_params=GREEDY)
+    ids = eng.encode(recipient_text)
+
+    def copied_layer_0():
+        kv = eng.kv
+        prefix, node = kv.match(ids, len(ids) - 1)
+        alias = kv.match_alias(ids, len(ids) - 1, prefix, node)
+        assert alias is not None and alias.shifted()
+        req = kv.open(ids, prefix, node, alias)
+        try:
+            kv.extend(req, ids[len(prefix):])
+            positions = torch.tensor(req.alias.copied)
+            slots = kv.row_slots(req, len(ids))[positions]
+            return positions, kv.kv_pool.get_key_buffer(0)[slots].clone(), kv.kv_pool.get_value_buffer(0)[slots].clone()
+        finally:
+            kv.release_uncached(req, keep_len=req.protected_len)
+
+    positions, k_copy, v_copy = eng.scheduler.call(copied_layer_0)
+
+    def plain_layer_0():
+        slots, _ = radix.kv.match(ids, len(ids))
+        slots = slots[positions]
+        return radix.kv.kv_pool.get_key_buffer(0)[slots].clone(), radix.kv.kv_pool.get_value_buffer(0)[slots].clone()
+
+    k_ref, v_ref = radix.scheduler.call(plain_layer_0)
+    torch.testing.assert_close(k_copy.float(), k_ref.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v_copy.float(), v_ref.float(), atol=1e-5, rtol=1e-5)
     eng.check_integrity()
 
 

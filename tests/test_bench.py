@@ -81,6 +81,14 @@ def test_mode_table_maps_modes_to_engines():
                      "slru": {"cache": "radix", "eviction_policy": "slru"}}
 
 
+def test_bench_asks_defaults_are_the_engines():
+    from rksc_sgl.rksc_cache import ASKSConfig
+
+    settings, asks = BenchSettings(), ASKSConfig()
+    assert (settings.asks_tau, settings.asks_recompute, settings.asks_key_layer) == (
+        asks.tau, asks.recompute_fraction, asks.key_layer)
+
+
 def test_command_line_reproduces_the_settings():
     settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, device="cuda",
                              params={"branches": 4})

@@ -230,7 +230,7 @@ def test_stats_count_lookups_inserts_and_evictions():
 def test_asks_config_defaults_and_activity():
     cfg = ASKSConfig()
     assert not cfg.enabled and not cfg.active
-    assert 0 < cfg.tau <= 1 and cfg.key_layer == 0 and cfg.recompute_fraction == 0.0
+    assert 0 < cfg.tau <= 1 and cfg.key_layer == 0 and cfg.recompute_fraction == 0.5
     assert ASKSConfig(enabled=True, tau=0.9).active
     assert not ASKSConfig(enabled=True, tau=1.01).active  # unreachable threshold: off
     with pytest.raises(dataclasses.FrozenInstanceError):
