@@ -103,6 +103,7 @@ class Engine(BaseBackend):
             queue_timeout_s=cfg.queue_timeout_s,
             seed=cfg.seed,
             text_of=self._raw_output_text,
+            tail_text_of=self._tail_text,
             num_threads=cfg.num_threads,
         )
 
@@ -332,12 +333,13 @@ class Engine(BaseBackend):
         return pending
 
     # ---- responses ------------------------------------------------------------------------
-    def _raw_output_text(self, req: Request, last_tokens: Optional[int] = None) -> str:
-        """The output decoded (without a final stop token). ``last_tokens``: instead, the
-        last that many tokens decoded as they are, as SGLang's ``Req.tail_str`` decodes the
-        text it searches stop regexes in (special tokens included)."""
-        if last_tokens is not None:
-            return self.tokenizer.decode(req.output_ids[-last_tokens:]) if last_tokens > 0 else ""
+    def _tail_text(self, req: Request, last_tokens: int) -> str:
+        """The last ``last_tokens`` output tokens decoded as they are, as SGLang's
+        ``Req.tail_str`` decodes the text it searches stop regexes in (special tokens included)."""
+        return self.tokenizer.decode(req.output_ids[-last_tokens:]) if last_tokens > 0 else ""
+
+    def _raw_output_text(self, req: Request) -> str:
+        """The output decoded (without a final stop token)."""
         ids = req.output_ids
         # A grammar ends on EOS even with ignore_eos; its finish reason names that token.
         matched = (req.finish_reason or {}).get("matched")

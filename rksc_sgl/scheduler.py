@@ -133,6 +133,7 @@ class Scheduler:
         queue_timeout_s: float,
         seed: int,
         text_of: Callable[[Request], str],
+        tail_text_of: Callable[[Request, int], str],
         num_threads: Optional[int] = None,
     ):
         self.runner = runner
@@ -141,7 +142,8 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.in_batch_prefix_min_tokens = in_batch_prefix_min_tokens
         self.queue_timeout_s = queue_timeout_s
-        self.text_of = text_of
+        self.text_of = text_of  # the output so far, as the response will show it
+        self.tail_text_of = tail_text_of  # the last n output tokens decoded as they are (stop regexes)
         self.num_threads = num_threads
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = EngineStats()
@@ -480,7 +482,7 @@ class Scheduler:
                         return {"type": "stop", "matched": stop}
             if params.stop_regex_strs:
                 # As SGLang: search the decoded last few tokens (Req.tail_str), name the pattern.
-                pattern = matched_stop_regex(params, self.text_of(req, min(stop_regex_window(params), n)))
+                pattern = matched_stop_regex(params, self.tail_text_of(req, min(stop_regex_window(params), n)))
                 if pattern is not None:
                     return {"type": "stop", "matched": pattern}
         if n >= params.max_new_tokens:
