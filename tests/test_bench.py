@@ -89,6 +89,24 @@ def test_bench_asks_defaults_are_the_engines():
         asks.tau, asks.recompute_fraction, asks.key_layer)
 
 
+def test_paraphrase_and_pressure_targets_read_the_run_totals():
+    def result(**modes):
+        return {"modes": {name: {"prefill_tokens_total": total, "hit_rate": hit, "agreement_with_radix": agree}
+                          for name, (total, hit, agree) in modes.items()}}
+
+    pressure = bench.get_workload("pressure").targets()
+    checked = [t.check(result(radix=(11200, 0.844, 1.0), lfu=(5597, 0.922, 1.0), rsbcm=(5597, 0.922, 1.0)))
+               for t in pressure]
+    assert [c["ok"] for c in checked] == [True, True] and checked[1]["value"] == 11200 / 5597
+    checked = [t.check(result(radix=(5597, 0.922, 1.0), lfu=(5596, 0.9221, 1.0), rsbcm=(5597, 0.922, 1.0)))
+               for t in pressure]
+    assert [c["ok"] for c in checked] == [False, False]  # LFU's hit rate is higher; no 1.2x
+    assert [t.check(result(radix=(1, 0.5, 1.0)))["ok"] for t in pressure] == [None, None]  # rsbcm not run
+    paraphrase = bench.get_workload("paraphrase").targets()
+    assert [t.check(result(radix=(20539, 0.5, 1.0), asks=(16041, 0.7, 0.99)))["ok"] for t in paraphrase] == [True, True]
+    assert [t.check(result(radix=(100, 0.5, 1.0), asks=(100, 0.5, 0.98)))["ok"] for t in paraphrase] == [False, False]
+
+
 def test_command_line_reproduces_the_settings():
     settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, device="cuda",
                              params={"branches": 4})
