@@ -34,7 +34,7 @@ import difflib
 import math
 import numbers
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -78,8 +78,9 @@ class ASKSConfig:
     ``key_layer``: the layer whose hidden states form the semantic key (0: token
     embeddings, free; a shallow layer costs a partial forward pass).
     ``recompute_fraction``: share of the aligned (reusable) span tokens whose KV is
-    computed anyway (those closest after a differing token), in [0, 1]; tokens with no
-    identical donor token are always computed.
+    computed anyway (those that deviate most at the key layer; at layer 0 those closest
+    after a differing token), in [0, 1]; tokens with no identical donor token are always
+    computed.
     """
 
     enabled: bool = False
@@ -308,8 +309,12 @@ class RKSCRadixCache(RadixCache):
         tokens up to its last aligned one.
 
         Selective recompute: ``ceil(recompute_fraction * aligned)`` of the aligned tokens
-        are computed too, those closest after a token that differs (their KV is the
-        most context-dependent; ties: earlier first).
+        are computed too. Above layer 0 (``slot_features``), those whose hidden state at
+        the key layer deviates most from the donor token's (``1 - cos``; the recipient's
+        states are the ones its key was made of), CacheBlend's criterion measured at the
+        key layer; at layer 0 identical tokens do not differ, and those closest after a
+        token that differs go first (their KV is the most context-dependent; ties: earlier
+        first).
 
         The tree is not changed (no split, no lock): the caller locks ``SemanticMatch.node``
         while it reads the donor slots and never inserts them under its own tokens.
@@ -356,7 +361,7 @@ class RKSCRadixCache(RadixCache):
             return None
         length = aligned[-1] + 1
         donor_offsets = donor_offsets[:length]
-        recompute = self._recompute_offsets(donor_offsets)
+        recompute = self._recompute_offsets(donor_offsets, self._deviation(best, donor_offsets, recipient))
         slots = torch.full((length,), -1, dtype=best.value.dtype)
         for i in aligned:
             slots[i] = best.value[donor_offsets[i]]
@@ -367,9 +372,25 @@ class RKSCRadixCache(RadixCache):
         stats.recomputed_tokens += len(recompute)
         return match
 
-    def _recompute_offsets(self, donor_offsets: List[Optional[int]]) -> List[int]:
+    def _deviation(self, donor: TreeNode, donor_offsets: List[Optional[int]],
+                   recipient: torch.Tensor) -> Dict[int, float]:
+        """Per aligned span offset, ``1 - cos`` of the recipient's and the donor token's
+        features at the key layer, where the recipient's are known (its first
+        ``len(recipient)`` tokens). Above layer 0 this is how far the changed context moved
+        the token's hidden state (CacheBlend's KV deviation, measured at the key layer);
+        at layer 0 identical tokens have identical embeddings, so it is 0 there."""
+        pairs = [(i, j) for i, j in enumerate(donor_offsets) if j is not None and i < len(recipient)]
+        if self.slot_features is None or not pairs or self.asks.recompute_fraction == 0.0:
+            return {}  # (layer 0: token features, equal for identical tokens)
+        donor_features = self._node_features(donor, max(j for _, j in pairs) + 1)
+        rows = torch.tensor([i for i, _ in pairs])
+        cos = torch.nn.functional.cosine_similarity(recipient[rows], donor_features[[j for _, j in pairs]], dim=-1)
+        return {i: float(1.0 - c) for (i, _), c in zip(pairs, cos)}
+
+    def _recompute_offsets(self, donor_offsets: List[Optional[int]], deviation: Dict[int, float]) -> List[int]:
         """Span offsets the recipient computes: the unaligned ones, plus the share of the
-        aligned ones that sit closest after a differing token."""
+        aligned ones whose features deviate most from the donor token's (``deviation``),
+        ties (all of them at layer 0) broken towards those closest after a differing token."""
         unaligned = [i for i, j in enumerate(donor_offsets) if j is None]
         aligned = [i for i, j in enumerate(donor_offsets) if j is not None]
         count = min(len(aligned), math.ceil(self.asks.recompute_fraction * len(aligned) - 1e-9))
@@ -379,8 +400,9 @@ class RKSCRadixCache(RadixCache):
                 last = i
             else:
                 since_change[i] = len(donor_offsets) if last is None else i - last
-        chosen = sorted(aligned, key=lambda i: (since_change[i], i))[:max(count, 0)]
-        return sorted(unaligned + chosen)
+        # Deviations are rounded so that float noise between equal features stays a tie.
+        order = sorted(aligned, key=lambda i: (-round(deviation.get(i, 0.0), 6), since_change[i], i))
+        return sorted(unaligned + order[:max(count, 0)])
 
 
 def align_tokens(donor_ids: List[int], recipient_ids: List[int], shift: bool = True) -> List[Optional[int]]:

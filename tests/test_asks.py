@@ -199,6 +199,36 @@ def test_shifted_tokens_are_copied_rotated_and_owned():
     kv.check_integrity(expect_idle=True)
 
 
+def test_recompute_above_layer_0_picks_the_most_deviating_tokens():
+    """With stored key-layer states, the recompute share goes to the aligned tokens whose
+    recipient state deviates most from the donor token's, not to the nearest after a change."""
+    asks = ASKSConfig(enabled=True, tau=0.5, key_layer=2, recompute_fraction=0.25)
+    slot_features = torch.zeros(49, DIM)
+    kv = KVCacheManager(
+        KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32),
+        pool_tokens=48, max_requests=6, max_context_len=64, enable_prefix_cache=True,
+        tree_cache_class=functools.partial(RKSCRadixCache, asks=asks, token_features=_features,
+                                           slot_features=slot_features),
+    )
+    kv.rotate_keys = _toy_rotate
+    donor_ids = [1, 2, 3, 10, 4, 5, 6, 7]
+    donor, _ = _admit(kv, donor_ids)
+    slots = kv.extend(donor, donor_ids)
+    slot_features[slots] = TABLE[torch.tensor(donor_ids)]  # the states the donor's prefill stored
+    kv.commit(donor, donor_ids)
+    kv.release(donor)
+
+    recipient_ids = [1, 2, 3, 11, 4, 5, 6, 7, 9]
+    span_state = TABLE[torch.tensor(recipient_ids[3:8])].clone()
+    span_state[3] = -span_state[3]  # token 6: its state moved most in the new context
+    kv.span_features = lambda prefix_slots, ids: span_state[: len(ids)]
+    req, alias = _admit(kv, recipient_ids)
+    assert alias is not None and alias.donor_offsets == [None, 1, 2, 3, 4]
+    assert alias.recompute == [0, 3]  # the differing token, then the most deviating one (not 1)
+    kv.release(req)
+    kv.check_integrity(expect_idle=True)
+
+
 def _evict_all():
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
