@@ -581,15 +581,15 @@ class KVCacheManager:
         for pos, slot, delta in alias.copies:
             assert int(donor_path[pos - delta]) == slot, "alias copies from outside its donor"
             assert donor_tokens[pos - delta] == req.token_ids[pos], "alias copies a different token's KV"
+        assert torch.equal(row[: alias.start], donor_path[: alias.start]), "alias prefix is not the donor's path"
 
-    @staticmethod
-    def _path_tokens(node) -> List[int]:
+    def _path_tokens(self, node) -> List[int]:
+        """The token ids from the root to ``node`` (``path_device_indices``'s twin for keys)."""
         parts = []
-        while node is not None and node.key is not None and node.parent is not None:
+        while node is not self.tree.root_node:
             parts.append(list(node.key.token_ids))
             node = node.parent
         return [t for part in reversed(parts) for t in part]
-        assert torch.equal(row[: alias.start], donor_path[: alias.start]), "alias prefix is not the donor's path"
 
     def _locked_nodes(self) -> list:
         locked, stack = [], list(self.tree.root_node.children.values())
