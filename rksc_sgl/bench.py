@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import importlib.util
 import math
+import operator
 import os
 import random
 import shlex
@@ -389,7 +390,7 @@ class Target:
 
     def check(self, result: Dict[str, Any]) -> Dict[str, Any]:
         v = self.value(result)
-        compare = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b}[self.op]
+        compare = {">=": operator.ge, ">": operator.gt, "<=": operator.le}[self.op]
         ok = None if v is None else compare(v, self.threshold)
         return {"name": self.name, "value": v, "target": f"{self.op} {self.threshold:g}", "ok": ok}
 
