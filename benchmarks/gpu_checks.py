@@ -7,7 +7,8 @@
    engine, once with torch attention in float32 and once with FlashInfer in bfloat16
    (against a CPU bfloat16 run, so that only the kernels differ).
 2. The ``paper`` workload timed for ``none``, ``radix`` and ``rksc`` on the GPU engine
-   (``rksc_sgl.bench``, same process, same problems).
+   (``rksc_sgl.bench``, same process, same problems), and one fork program timed with the
+   shared-prefix (cascade) pass on and off, FlashInfer and torch attention.
 3. The real SGLang runtime (``sglang.launch_server`` with dummy weights) with
    ``--radix-cache-backend rksc --radix-eviction-policy rsbcm`` serving a fork program,
    when the full SGLang GPU stack (``sgl_kernel``) is installed; otherwise the JSON says
@@ -204,6 +205,68 @@ def paper_timings(model: str, problems: int, repeats: int, device: str = "cuda",
     return result
 
 
+CASCADE_CONFIGS = (
+    ("none_flashinfer", {"cache": "none", "attention_backend": "flashinfer"}),
+    ("radix_flashinfer_cascade", {"cache": "radix", "attention_backend": "flashinfer"}),
+    ("radix_flashinfer_no_cascade", {"cache": "radix", "attention_backend": "flashinfer", "shared_prefix_min_tokens": 0}),
+    ("radix_torch_cascade", {"cache": "radix", "attention_backend": "torch"}),
+    ("radix_torch_no_cascade", {"cache": "radix", "attention_backend": "torch", "shared_prefix_min_tokens": 0}),
+)
+
+
+def cascade_timings(model: str, repeats: int, branches: int = 8, prefix_words: int = 180, max_tokens: int = 32,
+                    device: str = "cuda", dtype: str = "bfloat16", configs=CASCADE_CONFIGS) -> Dict[str, Any]:
+    """What the shared-prefix pass is worth: one fork program timed with it on and off.
+
+    ``branches`` branches of a ~1000-token shared prompt decode ``max_tokens`` tokens each
+    (EOS ignored, so every configuration computes the same number of tokens); the cache is
+    flushed before every run. All configurations are built in this process and run in turn,
+    round-robin, ``repeats`` times after one warm-up each; medians are reported.
+    """
+    import statistics
+
+    import sglang as sgl
+    import rksc_sgl
+
+    @sgl.function
+    def fork_program(s, question):
+        s += " ".join(["Read the question and think step by step before answering."] * (prefix_words // 10))
+        s += "\n" + question
+        forks = s.fork(branches)
+        for j, br in enumerate(forks):
+            br += f" Approach {j + 1}:" + sgl.gen("step", max_tokens=max_tokens, min_tokens=max_tokens,
+                                                  ignore_eos=True, temperature=0)
+        forks.join()
+
+    engines = {}
+    try:
+        for label, kwargs in configs:
+            if device == "cpu":
+                kwargs = {**kwargs, "attention_backend": "torch"}
+            engines[label] = rksc_sgl.Engine(model=model, device=device, dtype=dtype, kv_pool_tokens=16384, **kwargs)
+        seconds = {label: [] for label in engines}
+        for rep in range(repeats + 1):
+            for label, engine in engines.items():
+                engine.flush_cache()
+                started = time.perf_counter()
+                fork_program.run(question=f"What is {17 + rep} * 23?", backend=engine)
+                if device == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                if rep:  # the first round is the warm-up
+                    seconds[label].append(time.perf_counter() - started)
+                engine.check_integrity()
+        medians = {label: statistics.median(v) for label, v in seconds.items()}
+        base = medians[next(iter(medians))]
+        return {"branches": branches, "max_new_tokens": max_tokens, "dtype": dtype, "repeats": repeats,
+                "configs": dict(configs), "seconds": seconds, "median_s": medians,
+                "x_first": {label: base / m for label, m in medians.items()}}
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+
+
 def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
     """``sglang.launch_server`` with the RKSC cache and RSBCM eviction, serving a fork program."""
     if importlib.util.find_spec("sgl_kernel") is None or not _real_sgl_kernel():
@@ -237,6 +300,32 @@ def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
             proc.kill()
 
 
+def tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A two-layer Llama with random weights and the packaged model's tokenizer.
+
+    A smoke test of the GPU engine (CUDA pools, FlashInfer's JIT build and kernels) that
+    can run before the real weights have reached an offline machine. Its head size (64) is
+    the real model's, so FlashInfer's compiled kernels are the ones the real run uses.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
 def _real_sgl_kernel() -> bool:
     return not any(isinstance(f, _StandInFinder) for f in sys.meta_path)
 
@@ -268,8 +357,12 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,runtime")
+    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,cascade,runtime")
+    parser.add_argument("--tiny-from", type=Path, default=None, metavar="TOKENIZER_DIR",
+                        help="smoke test: a random two-layer model with this tokenizer replaces --model")
     args = parser.parse_args(argv)
+    if args.tiny_from is not None:
+        args.model = str(tiny_model(Path("/tmp/rksc_tiny_model"), args.tiny_from))
     import torch
 
     if not torch.cuda.is_available():
@@ -278,6 +371,7 @@ def main(argv=None) -> int:
     report: Dict[str, Any] = {"environment": environment(ensure_sgl_kernel()), "settings": vars(args) | {"out": str(args.out)}}
     for name, step in (("greedy", lambda: greedy_checks(args.model, args.max_tokens)),
                        ("paper", lambda: paper_timings(args.model, args.problems, args.repeats)),
+                       ("cascade", lambda: cascade_timings(args.model, args.repeats * 2)),
                        ("runtime", runtime_check)):
         if name in skip:
             report[name] = {"skipped": "--skip"}

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .config import DTYPES
 from .problems import (CHAIN_STOP, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
                        majority_vote, question_prompt, score)
 from .report import cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
@@ -328,6 +329,9 @@ class BenchSettings:
     threads: int = 1
     device: str = "cpu"
     """Where the engines run (``cpu``, ``cuda``, ``auto``); CPU timings are the protocol's."""
+    dtype: str = "auto"
+    """The engines' dtype (``auto``: the engine's default, float32 on the CPU and bfloat16 on
+    CUDA); ``bfloat16`` on the CPU reproduces a GPU run's rounding where the CPU can."""
     kv_pool_tokens: int = 16384
     max_running_requests: int = 64
     asks_tau: float = 0.95  # the ASKS defaults (ASKSConfig's, chosen from this benchmark;
@@ -343,6 +347,8 @@ class BenchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -916,6 +922,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
                 used[mode.label] = given[mode.label]
                 continue
             kwargs = {"num_threads": settings.threads, "device": settings.device,
+                      **({} if settings.dtype == "auto" else {"dtype": settings.dtype}),
                       "kv_pool_tokens": settings.kv_pool_tokens,
                       "max_running_requests": settings.max_running_requests, "seed": settings.seed,
                       **overrides, **mode.engine_kwargs(settings)}
@@ -1175,7 +1182,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
     parts = ["rksc-sgl", "bench", "--workload", workload, "--modes", ",".join(m.label for m in modes),
              "--problems", str(settings.problems), "--seed", str(settings.seed), "--repeats", str(settings.repeats),
              "--warmup", str(settings.warmup), "--model", settings.model, "--threads", str(settings.threads),
-             "--device", settings.device, "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
+             "--device", settings.device, "--dtype", settings.dtype, "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),
              "--audit-fraction", f"{settings.audit_fraction:g}"]
     for key, value in settings.params.items():
@@ -1212,6 +1219,8 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: 1)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
+    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
+                        help="the engines' dtype (default: auto, float32 on the CPU, bfloat16 on CUDA)")
     parser.add_argument("--kv-pool-tokens", type=int, default=d.kv_pool_tokens,
                         help=f"KV slots per engine (default: {d.kv_pool_tokens}; pressure sets its own)")
     parser.add_argument("--asks-tau", type=float, default=d.asks_tau,
@@ -1239,7 +1248,7 @@ def add_bench_args(parser) -> None:
 
 def settings_from_args(args) -> BenchSettings:
     return BenchSettings(problems=args.problems, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
-                         model=args.model, threads=args.threads, device=args.device,
+                         model=args.model, threads=args.threads, device=args.device, dtype=args.dtype,
                          kv_pool_tokens=args.kv_pool_tokens,
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          asks_key_layer=args.asks_key_layer,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import threading
 import time
@@ -619,4 +620,4 @@ class _Pending:
 def _mean_prob(logprobs: List[float]) -> Optional[float]:
     if not logprobs:
         return None
-    return float(torch.tensor(logprobs).exp().mean())
+    return math.fsum(math.exp(lp) for lp in logprobs) / len(logprobs)

@@ -45,6 +45,7 @@ def _bench_error(capsys, *args: str) -> str:
     (["--warmup", "-1"], "warmup must be an integer >= 0"),
     (["--asks-recompute", "1.5"], "asks-recompute"),
     (["--audit-fraction", "2"], "audit-fraction"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--workload", "tot", "--prompt-tokens", "500"], "has no parameter prompt_tokens"),
     (["--branches", "0"], "branches must be a positive integer"),
     (["--workload", "pressure", "--pool-fraction", "0"], "pool-fraction"),
@@ -62,6 +63,11 @@ def test_help_lists_workloads_and_modes(capsys):
     out = capsys.readouterr().out
     for name in list(WORKLOADS) + list(bench.MODES):
         assert name in out
+
+
+def test_settings_refuse_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        BenchSettings(dtype="fp8")
 
 
 def test_mode_table_maps_modes_to_engines():
@@ -108,7 +114,7 @@ def test_paraphrase_and_pressure_targets_read_the_run_totals():
 
 
 def test_command_line_reproduces_the_settings():
-    settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, device="cuda",
+    settings = BenchSettings(problems=3, seed=7, repeats=2, warmup=0, asks_tau=0.9, device="cuda", dtype="float32",
                              params={"branches": 4})
     modes = parse_modes("none,radix,asks@0.8")
     line = bench.command_line("paper", modes, settings)

@@ -1,0 +1,60 @@
+"""The GPU scripts' CPU-checkable parts: the comparison, the smoke model, the cascade timing
+loop, and the offline bundle's three device calls."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_bundle  # noqa: E402
+import gpu_checks  # noqa: E402
+
+
+def test_compare_counts_identical_outputs_and_the_first_difference():
+    reference = {"a": [1, 2, 3], "b": [4, 5, 6], "c": [7]}
+    other = {"a": [1, 2, 3], "b": [4, 9, 6]}
+    result = gpu_checks.compare(reference, other)
+    assert (result["identical"], result["of"]) == (1, 3)
+    assert result["per_prompt"]["b"] == {"identical": False, "tokens": 3, "agree_before_first_difference": 1}
+    assert result["per_prompt"]["c"] == {"identical": False, "tokens": 1, "agree_before_first_difference": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(radix_engine, tmp_path_factory):
+    from rksc_sgl.models import resolve_model_dir
+
+    tokenizer_dir = resolve_model_dir("smollm2-135m", radix_engine.config.resolved_cache_dir)
+    return gpu_checks.tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer_dir)
+
+
+def test_tiny_model_keeps_the_real_head_size_and_tokenizer(tiny_model_dir, radix_engine):
+    import json
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["head_dim"]) == (2, 64)
+    assert config["vocab_size"] == len(radix_engine.tokenizer)
+
+
+def test_cascade_timings_runs_every_configuration_and_returns_its_slots(tiny_model_dir):
+    configs = gpu_checks.CASCADE_CONFIGS[1:3]  # radix with the shared-prefix pass on and off
+    result = gpu_checks.cascade_timings(str(tiny_model_dir), repeats=2, branches=3, prefix_words=20, max_tokens=2,
+                                        device="cpu", dtype="float32", configs=configs)
+    assert list(result["median_s"]) == [label for label, _ in configs]
+    assert all(len(times) == 2 for times in result["seconds"].values())
+    assert result["x_first"][configs[0][0]] == 1.0
+
+
+def test_bundle_has_one_device_call_per_part_and_only_the_first_installs(capsys):
+    assert len(gpu_bundle.RUN) == 3
+    for i, command in enumerate(gpu_bundle.RUN, 1):
+        assert f".gpu/part{i}/" in command
+        assert all(f".gpu/part{j}/" not in command for j in (1, 2, 3) if j != i)
+    assert "pip install" in gpu_bundle.RUN[0] and "pip install" not in gpu_bundle.RUN[2]
+    assert "gpu_checks.py --out" in gpu_bundle.RUN[2]
+    gpu_bundle.main(["--print-run"])
+    assert capsys.readouterr().out.count("# call ") == 3
