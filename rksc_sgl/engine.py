@@ -88,7 +88,7 @@ class Engine(BaseBackend):
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
                                   attention_backend=cfg.attention_backend)
         self._wire_asks_layer()
-        if self.runner.can_rotate_keys:  # ASKS: reuse aligned donor tokens at shifted positions too
+        if self.runner.can_rotate_keys and cfg.asks.reuses_shifted(cfg.dtype):  # ASKS: shifted donor tokens too
             self.kv.rotate_keys = self.runner.rotate_keys
         if self.kv.slot_attention is not None:  # RSBCM eviction or compression: collect decode attention
             stride = getattr(getattr(self.kv.tree, "eviction_strategy", None), "attention_layer_stride", None)

@@ -456,6 +456,31 @@ def test_shifted_copies_equal_a_plain_prefill_at_layer_0(engines):
     eng.check_integrity()
 
 
+@pytest.mark.parametrize("dtype, shifted, expect_shifted", [
+    ("bfloat16", None, False),  # default: computed, not rotated, in 16-bit pools
+    ("bfloat16", True, True),
+    ("float32", False, False),
+])
+def test_shifted_reuse_follows_the_pool_dtype_unless_set(engines, dtype, shifted, expect_shifted):
+    """Every aligned token of this pair sits one position later in the donor; whether ASKS
+    offers them as rotated copies depends on ``shifted`` (default: float32 pools only)."""
+    asks = {"enabled": True, "tau": 0.8} | ({} if shifted is None else {"shifted": shifted})
+    eng = engines(f"rksc-{dtype}-shifted-{shifted}", cache="rksc", device="cpu", dtype=dtype, asks=asks)
+    eng.generate_request(text="Solve this problem. Tom has 3 apples and buys 5 more. How many apples does Tom "
+                              "have? Answer:", sampling_params=GREEDY)
+    ids = eng.encode("Answer this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? "
+                     "Answer:")
+
+    def offered_shifted():
+        prefix, node = eng.kv.match(ids, len(ids) - 1)
+        match = eng.kv.match_alias(ids, len(ids) - 1, prefix, node)
+        return match is not None and bool(match.shifted())
+
+    assert (eng.kv.rotate_keys is not None) == expect_shifted
+    assert eng.scheduler.call(offered_shifted) == expect_shifted
+    eng.check_integrity()
+
+
 def test_engine_config_asks_validation():
     from rksc_sgl.config import CACHE_MODES, EngineConfig
 
@@ -468,6 +493,10 @@ def test_engine_config_asks_validation():
         EngineConfig(cache="radix", asks=ASKSConfig(enabled=True))
     with pytest.raises(ValueError, match="unknown field"):
         EngineConfig(cache="rksc", asks={"enabled": True, "threshold": 0.9})
+    with pytest.raises(ValueError, match="shifted must be True, False or None"):
+        ASKSConfig(enabled=True, shifted="yes")
+    assert ASKSConfig().reuses_shifted("float32") and not ASKSConfig().reuses_shifted("bfloat16")
+    assert ASKSConfig(shifted=True).reuses_shifted("float16") and not ASKSConfig(shifted=False).reuses_shifted("float32")
     with pytest.raises(ValueError, match="tau"):
         EngineConfig(cache="rksc", asks={"enabled": True, "tau": float("nan")})
     with pytest.raises(ValueError, match="asks must be"):
