@@ -268,14 +268,19 @@ def cascade_timings(model: str, repeats: int, branches: int = 8, prefix_words: i
 
 
 def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
-    """``sglang.launch_server`` with the RKSC cache and RSBCM eviction, serving a fork program."""
+    """``sglang.launch_server`` with the RKSC cache and RSBCM eviction, serving a fork program.
+
+    The server gets the packaged model's converted folder (``RKSC_GPU_RUNTIME_MODEL``
+    overrides it) with dummy weights, so nothing is downloaded; the result records what
+    the server says its cache backend and eviction policy are, and how many prompt tokens
+    a repeated request found in the cache (it must be above zero).
+    """
     if importlib.util.find_spec("sgl_kernel") is None or not _real_sgl_kernel():
         return {"skipped": "the SGLang GPU runtime needs sglang-kernel (and torch 2.14.1); not installed here"}
     import sglang as sgl
 
     port = _free_port()
-    model_dir = os.environ.get("RKSC_GPU_RUNTIME_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--load-format", "dummy",
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", runtime_model_dir(), "--load-format", "dummy",
            "--port", str(port), "--radix-cache-backend", "rksc", "--radix-eviction-policy", "rsbcm",
            "--mem-fraction-static", "0.3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -285,11 +290,15 @@ def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
         @sgl.function
         def forked(s):
             s += "Shared question: what is 2 + 2? " * 8
-            for br in s.fork(3):
+            forks = s.fork(3)
+            for br in forks:
                 br += sgl.gen("answer", max_tokens=8, temperature=0)
+            forks.join()
 
         state = forked.run(backend=endpoint)
-        return {"command": " ".join(cmd), "served": True, "text_chars": len(state.text())}
+        return {"command": " ".join(cmd), "served": True, "text_chars": len(state.text()),
+                "server_cache": _server_cache_settings(port),
+                "repeat_cached_tokens": _repeat_cached_tokens(port)}
     except Exception as exc:
         return {"command": " ".join(cmd), "served": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     finally:
@@ -298,6 +307,34 @@ def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
             out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def runtime_model_dir() -> str:
+    """The folder the runtime check serves: ``RKSC_GPU_RUNTIME_MODEL``, else the packaged model."""
+    if os.environ.get("RKSC_GPU_RUNTIME_MODEL"):
+        return os.environ["RKSC_GPU_RUNTIME_MODEL"]
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.models import resolve_model_dir
+
+    return str(resolve_model_dir("smollm2-135m", default_cache_dir()))
+
+
+def _server_cache_settings(port: int) -> Dict[str, Any]:
+    import requests
+
+    info = requests.get(f"http://127.0.0.1:{port}/get_server_info", timeout=30).json()
+    return {k: info.get(k) for k in ("radix_cache_backend", "radix_eviction_policy", "disable_radix_cache")}
+
+
+def _repeat_cached_tokens(port: int) -> Any:
+    """The second of two identical requests: its prompt tokens served from the radix cache."""
+    import requests
+
+    body = {"text": "A prompt sent twice, so the second finds it cached. " * 6,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    for _ in range(2):
+        reply = requests.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=60).json()
+    return reply.get("meta_info", {}).get("cached_tokens")
 
 
 def tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

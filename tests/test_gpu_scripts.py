@@ -58,3 +58,19 @@ def test_bundle_has_one_device_call_per_part_and_only_the_first_installs(capsys)
     assert "gpu_checks.py --out" in gpu_bundle.RUN[2]
     gpu_bundle.main(["--print-run"])
     assert capsys.readouterr().out.count("# call ") == 3
+
+
+def test_runtime_check_says_why_it_is_skipped_without_sgl_kernel(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sgl_kernel" else real_find_spec(name, *a))
+    assert "needs sglang-kernel" in gpu_checks.runtime_check()["skipped"]
+
+
+def test_runtime_serves_a_local_folder_unless_told_otherwise(monkeypatch, radix_engine):
+    monkeypatch.delenv("RKSC_GPU_RUNTIME_MODEL", raising=False)
+    assert (Path(gpu_checks.runtime_model_dir()) / "config.json").is_file()  # the packaged model, converted
+    monkeypatch.setenv("RKSC_GPU_RUNTIME_MODEL", "/models/other")
+    assert gpu_checks.runtime_model_dir() == "/models/other"
