@@ -322,8 +322,9 @@ def runtime_model_dir() -> str:
 def _server_cache_settings(port: int) -> Dict[str, Any]:
     import requests
 
-    info = requests.get(f"http://127.0.0.1:{port}/get_server_info", timeout=30).json()
-    return {k: info.get(k) for k in ("radix_cache_backend", "radix_eviction_policy", "disable_radix_cache")}
+    info = requests.get(f"http://127.0.0.1:{port}/server_info", timeout=30).json()
+    return {k: info.get(k) for k in ("radix_cache_backend", "radix_eviction_policy", "disable_radix_cache",
+                                     "launch_command")}
 
 
 def _repeat_cached_tokens(port: int) -> Any:
