@@ -7,8 +7,9 @@
    engine, once with torch attention in float32 and once with FlashInfer in bfloat16
    (against a CPU bfloat16 run, so that only the kernels differ).
 2. The ``paper`` workload timed for ``none``, ``radix`` and ``rksc`` on the GPU engine
-   (``rksc_sgl.bench``, same process, same problems), and one fork program timed with the
-   shared-prefix (cascade) pass on and off, FlashInfer and torch attention.
+   (``rksc_sgl.bench``, same process, same problems); ASKS's answer agreement with radix on
+   ``paraphrase`` (held-out seed 1000) in the GPU's bfloat16; and one fork program timed with
+   the shared-prefix (cascade) pass on and off, FlashInfer and torch attention.
 3. The real SGLang runtime (``sglang.launch_server`` with dummy weights) with
    ``--radix-cache-backend rksc --radix-eviction-policy rsbcm`` serving a fork program,
    when the full SGLang GPU stack (``sgl_kernel``) is installed; otherwise the JSON says
@@ -190,17 +191,19 @@ def greedy_checks(model: str, max_tokens: int) -> Dict[str, Any]:
     return results
 
 
-def paper_timings(model: str, problems: int, repeats: int, device: str = "cuda", **params) -> Dict[str, Any]:
-    """``rksc-sgl bench``'s ``paper`` workload with the engines on the GPU (FlashInfer).
+def workload_run(workload: str, modes: str, model: str, problems: int, repeats: int, seed: int = 0,
+                 device: str = "cuda", **params) -> Dict[str, Any]:
+    """An ``rksc-sgl bench`` workload with the engines on the GPU (bfloat16, FlashInfer).
 
     ``params`` override the workload's (a short dry run on the CPU: ``device="cpu"``).
     """
     from rksc_sgl import bench
 
-    settings = bench.BenchSettings(problems=problems, repeats=repeats, model=model, device=device, params=params)
-    result = bench.run_bench("paper", "none,radix,rksc", settings, progress=True,
-                             command="python benchmarks/gpu_checks.py")
-    result["gpu_engine"] = {k: result["engine_configs"]["rksc"][k] for k in ("device", "dtype", "attention_backend")}
+    settings = bench.BenchSettings(problems=problems, repeats=repeats, seed=seed, model=model, device=device,
+                                   params=params)
+    result = bench.run_bench(workload, modes, settings, progress=True, command="python benchmarks/gpu_checks.py")
+    last = bench.parse_modes(modes)[-1].label
+    result["gpu_engine"] = {k: result["engine_configs"][last][k] for k in ("device", "dtype", "attention_backend")}
     result["table"] = bench.markdown_report(result)
     return result
 
@@ -394,8 +397,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--asks-problems", type=int, default=80, help="paraphrase problems (seed 1000) for ASKS")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,cascade,runtime")
+    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,asks,cascade,runtime")
     parser.add_argument("--tiny-from", type=Path, default=None, metavar="TOKENIZER_DIR",
                         help="smoke test: a random two-layer model with this tokenizer replaces --model")
     args = parser.parse_args(argv)
@@ -408,7 +412,10 @@ def main(argv=None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     report: Dict[str, Any] = {"environment": environment(ensure_sgl_kernel()), "settings": vars(args) | {"out": str(args.out)}}
     for name, step in (("greedy", lambda: greedy_checks(args.model, args.max_tokens)),
-                       ("paper", lambda: paper_timings(args.model, args.problems, args.repeats)),
+                       ("paper", lambda: workload_run("paper", "none,radix,rksc", args.model, args.problems,
+                                                      args.repeats)),
+                       ("asks", lambda: workload_run("paraphrase", "radix,asks", args.model, args.asks_problems, 1,
+                                                     seed=1000)),
                        ("cascade", lambda: cascade_timings(args.model, args.repeats * 2)),
                        ("runtime", runtime_check)):
         if name in skip:

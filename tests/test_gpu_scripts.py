@@ -74,3 +74,10 @@ def test_runtime_serves_a_local_folder_unless_told_otherwise(monkeypatch, radix_
     assert (Path(gpu_checks.runtime_model_dir()) / "config.json").is_file()  # the packaged model, converted
     monkeypatch.setenv("RKSC_GPU_RUNTIME_MODEL", "/models/other")
     assert gpu_checks.runtime_model_dir() == "/models/other"
+
+
+def test_workload_run_records_the_engine_and_a_table():
+    result = gpu_checks.workload_run("paper", "radix", "smollm2-135m", problems=1, repeats=1, device="cpu",
+                                     branches=2, max_tokens=2, prompt_tokens=100)
+    assert result["gpu_engine"] == {"device": "cpu", "dtype": "float32", "attention_backend": "torch"}
+    assert "| radix |" in result["table"] and result["config"]["settings"]["problems"] == 1
