@@ -1182,7 +1182,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
     parts = ["rksc-sgl", "bench", "--workload", workload, "--modes", ",".join(m.label for m in modes),
              "--problems", str(settings.problems), "--seed", str(settings.seed), "--repeats", str(settings.repeats),
              "--warmup", str(settings.warmup), "--model", settings.model, "--threads", str(settings.threads),
-             "--device", settings.device, "--dtype", settings.dtype, "--kv-pool-tokens", str(settings.kv_pool_tokens), "--asks-tau", f"{settings.asks_tau:g}",
+             "--device", settings.device, "--dtype", settings.dtype, "--kv-pool-tokens", str(settings.kv_pool_tokens),
+             "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),
              "--audit-fraction", f"{settings.audit_fraction:g}"]
     for key, value in settings.params.items():

@@ -83,8 +83,9 @@ class ASKSConfig:
     computed.
     ``shifted``: also reuse identical donor tokens that sit at another position (copied,
     keys RoPE-rotated). ``None`` (default): only where the KV pool is float32. In bfloat16
-    the rotated copies flipped about 5 in 100 answers of the paraphrase benchmark (95/100
-    on the CPU, 76/80 on an H100), computing them instead kept 99 to 100/100 (README).
+    the rotated copies changed 2 to 5 in 100 answers of the paraphrase benchmark (95 to
+    98/100 on the CPU, 76/80 on an H100); computing them instead kept 97 to 100/100 over
+    five seeds (README, "ASKS in bfloat16").
     """
 
     enabled: bool = False
