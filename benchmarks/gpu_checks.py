@@ -221,7 +221,7 @@ def cascade_timings(model: str, repeats: int, branches: int = 8, prefix_words: i
                     device: str = "cuda", dtype: str = "bfloat16", configs=CASCADE_CONFIGS) -> Dict[str, Any]:
     """What the shared-prefix pass is worth: one fork program timed with it on and off.
 
-    ``branches`` branches of a ~1000-token shared prompt decode ``max_tokens`` tokens each
+    ``branches`` branches of a shared prompt (about 1.1 tokens per word) decode ``max_tokens`` tokens each
     (EOS ignored, so every configuration computes the same number of tokens); the cache is
     flushed before every run. All configurations are built in this process and run in turn,
     round-robin, ``repeats`` times after one warm-up each; medians are reported.
@@ -268,6 +268,22 @@ def cascade_timings(model: str, repeats: int, branches: int = 8, prefix_words: i
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+CASCADE_SWEEP = ((900, 8), (900, 32), (3600, 32))
+"""(prompt words, branches) beyond the default (180 words, about 210 tokens with the
+question): about 1000 and 4000 prompt tokens."""
+
+
+def cascade_sweep(model: str, repeats: int, device: str = "cuda", dtype: str = "bfloat16") -> Dict[str, Any]:
+    """The five configurations at the default size, then FlashInfer with the shared-prefix
+    pass on and off at larger prompts and more branches: where does the pass start to pay?"""
+    result = {"default_size": cascade_timings(model, repeats, device=device, dtype=dtype)}
+    for words, branches in CASCADE_SWEEP:
+        result[f"words{words}_branches{branches}"] = cascade_timings(
+            model, repeats, branches=branches, prefix_words=words, device=device, dtype=dtype,
+            configs=CASCADE_CONFIGS[1:3])
+    return result
 
 
 def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
@@ -416,7 +432,7 @@ def main(argv=None) -> int:
                                                       args.repeats)),
                        ("asks", lambda: workload_run("paraphrase", "radix,asks", args.model, args.asks_problems, 1,
                                                      seed=1000)),
-                       ("cascade", lambda: cascade_timings(args.model, args.repeats * 2)),
+                       ("cascade", lambda: cascade_sweep(args.model, args.repeats * 2)),
                        ("runtime", runtime_check)):
         if name in skip:
             report[name] = {"skipped": "--skip"}

@@ -81,3 +81,12 @@ def test_workload_run_records_the_engine_and_a_table():
                                      branches=2, max_tokens=2, prompt_tokens=100)
     assert result["gpu_engine"] == {"device": "cpu", "dtype": "float32", "attention_backend": "torch"}
     assert "| radix |" in result["table"] and result["config"]["settings"]["problems"] == 1
+
+
+def test_cascade_sweep_times_the_pass_on_and_off_at_each_size(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(gpu_checks, "CASCADE_SWEEP", ((20, 2), (30, 3)))
+    result = gpu_checks.cascade_sweep(str(tiny_model_dir), repeats=1, device="cpu", dtype="float32")
+    assert list(result) == ["default_size", "words20_branches2", "words30_branches3"]
+    assert len(result["default_size"]["median_s"]) == len(gpu_checks.CASCADE_CONFIGS)
+    assert list(result["words30_branches3"]["median_s"]) == ["radix_flashinfer_cascade", "radix_flashinfer_no_cascade"]
+    assert result["words30_branches3"]["branches"] == 3
