@@ -407,6 +407,9 @@ def _wait_for_server(port: int, proc, timeout_s: int):
     raise TimeoutError(f"server did not answer within {timeout_s}s")
 
 
+STEPS = ("greedy", "paper", "asks", "cascade", "runtime")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -415,17 +418,19 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--asks-problems", type=int, default=80, help="paraphrase problems (seed 1000) for ASKS")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--skip", default="", help="comma-separated: greedy,paper,asks,cascade,runtime")
+    parser.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {','.join(STEPS)}")
     parser.add_argument("--tiny-from", type=Path, default=None, metavar="TOKENIZER_DIR",
                         help="smoke test: a random two-layer model with this tokenizer replaces --model")
     args = parser.parse_args(argv)
-    if args.tiny_from is not None:
-        args.model = str(tiny_model(Path("/tmp/rksc_tiny_model"), args.tiny_from))
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(STEPS):
+        parser.error(f"--skip {args.skip!r}: the steps are {', '.join(STEPS)}")
     import torch
 
     if not torch.cuda.is_available():
         parser.error("no CUDA GPU: these checks run on a GPU machine")
-    skip = {s for s in args.skip.split(",") if s}
+    if args.tiny_from is not None:
+        args.model = str(tiny_model(Path("/tmp/rksc_tiny_model"), args.tiny_from))
     report: Dict[str, Any] = {"environment": environment(ensure_sgl_kernel()), "settings": vars(args) | {"out": str(args.out)}}
     for name, step in (("greedy", lambda: greedy_checks(args.model, args.max_tokens)),
                        ("paper", lambda: workload_run("paper", "none,radix,rksc", args.model, args.problems,

@@ -90,3 +90,11 @@ def test_cascade_sweep_times_the_pass_on_and_off_at_each_size(tiny_model_dir, mo
     assert len(result["default_size"]["median_s"]) == len(gpu_checks.CASCADE_CONFIGS)
     assert list(result["words30_branches3"]["median_s"]) == ["radix_flashinfer_cascade", "radix_flashinfer_no_cascade"]
     assert result["words30_branches3"]["branches"] == 3
+
+
+def test_unknown_steps_are_refused_and_the_smoke_call_runs_only_greedy(capsys):
+    with pytest.raises(SystemExit):
+        gpu_checks.main(["--skip", "greedy,papers"])
+    assert "the steps are greedy, paper, asks, cascade, runtime" in capsys.readouterr().err
+    smoke_skip = gpu_bundle.RUN[0].split("--skip ")[1].split()[0].split(",")
+    assert sorted(smoke_skip) == sorted(set(gpu_checks.STEPS) - {"greedy"})
