@@ -21,8 +21,6 @@ The results file records the card, the versions and every setting.
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import json
 import os
@@ -31,9 +29,10 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Dict, List
+
+from rksc_sgl.gpu_stack import install_sgl_kernel_standin, standin_active
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gpu_checks.json"
@@ -44,59 +43,6 @@ PROMPTS = [
     "Write a Python function that returns the factorial of n.\n",
     "List three prime numbers greater than 50:",
 ]
-
-
-class _Missing:
-    """A stand-in name: attribute chains resolve (import-time tables), calls raise."""
-
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Missing(f"{self._name}.{attr}")
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self._name} called: sgl_kernel is a stand-in here")
-
-
-class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes ``import sgl_kernel[.x]`` succeed with modules whose every attribute raises.
-
-    SGLang's memory-pool modules import ``sgl_kernel`` at import time when CUDA is present,
-    though the embedded engine calls none of its kernels (it writes the pool's tensors
-    itself). Where the ``sglang-kernel`` wheel is not installed (it is several hundred MB
-    and pinned to torch 2.14.1), this stand-in lets those modules import; any call into it
-    raises, so a result can never silently depend on it.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "sgl_kernel" or name.startswith("sgl_kernel."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-
-        def missing(attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return _Missing(f"{spec.name}.{attr}")
-
-        module.__getattr__ = missing
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-def ensure_sgl_kernel() -> str:
-    if importlib.util.find_spec("sgl_kernel") is not None:
-        return "installed"
-    sys.meta_path.insert(0, _StandInFinder())
-    return "stand-in (import only; every call raises)"
 
 
 def environment(sgl_kernel: str) -> Dict[str, Any]:
@@ -294,7 +240,7 @@ def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
     the server says its cache backend and eviction policy are, and how many prompt tokens
     a repeated request found in the cache (it must be above zero).
     """
-    if importlib.util.find_spec("sgl_kernel") is None or not _real_sgl_kernel():
+    if importlib.util.find_spec("sgl_kernel") is None or standin_active():
         return {"skipped": "the SGLang GPU runtime needs sglang-kernel (and torch 2.14.1); not installed here"}
     import sglang as sgl
 
@@ -383,10 +329,6 @@ def tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _real_sgl_kernel() -> bool:
-    return not any(isinstance(f, _StandInFinder) for f in sys.meta_path)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -431,7 +373,7 @@ def main(argv=None) -> int:
         parser.error("no CUDA GPU: these checks run on a GPU machine")
     if args.tiny_from is not None:
         args.model = str(tiny_model(Path("/tmp/rksc_tiny_model"), args.tiny_from))
-    report: Dict[str, Any] = {"environment": environment(ensure_sgl_kernel()), "settings": vars(args) | {"out": str(args.out)}}
+    report: Dict[str, Any] = {"environment": environment(install_sgl_kernel_standin()), "settings": vars(args) | {"out": str(args.out)}}
     for name, step in (("greedy", lambda: greedy_checks(args.model, args.max_tokens)),
                        ("paper", lambda: workload_run("paper", "none,radix,rksc", args.model, args.problems,
                                                       args.repeats)),

@@ -33,7 +33,9 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-with warnings.catch_warnings():
+from .gpu_stack import explain_missing_sgl_kernel
+
+with warnings.catch_warnings(), explain_missing_sgl_kernel():
     # sglang's quantization modules warn at import that they need CUDA; irrelevant here.
     warnings.simplefilter("ignore")
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator

@@ -38,7 +38,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-with warnings.catch_warnings():
+from .gpu_stack import explain_missing_sgl_kernel
+
+with warnings.catch_warnings(), explain_missing_sgl_kernel():
     warnings.simplefilter("ignore")
     from sglang.srt.mem_cache.base_prefix_cache import (
         EvictParams,

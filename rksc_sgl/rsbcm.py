@@ -58,7 +58,9 @@ from typing import Optional, Tuple
 
 import torch
 
-with warnings.catch_warnings():
+from .gpu_stack import explain_missing_sgl_kernel
+
+with warnings.catch_warnings(), explain_missing_sgl_kernel():
     warnings.simplefilter("ignore")
     from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 
