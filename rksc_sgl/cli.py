@@ -60,8 +60,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="ASKS: layer of the semantic keys (0: token embeddings, free; L: hidden states "
                             "after L blocks, stored per slot at prefill; default: 0)")
     group.add_argument("--kv-compression", choices=("rkv", "cask", "recent"), default=None,
-                       help="compress each request's decode KV (R-KV scoring, or the CASK-style core/scratch "
-                            "variant); the prompt stays exact and shared")
+                       help="compress each request's decode KV (R-KV scoring, the CASK-style core/scratch "
+                            "variant, or the newest-tokens baseline 'recent'); the prompt stays exact and shared")
     group.add_argument("--kv-budget", type=fraction, default=None,
                        help="share of decoded tokens whose KV is kept with --kv-compression (default: 0.16)")
     return parser

@@ -178,9 +178,9 @@ class ModelRunner:
         embeddings whose frequencies do not depend on the sequence (default, linear,
         llama3 scaling), so this equals computing the key at its new position.
         ``keys`` is the pool layout (n, kv_heads, head_dim); computed in float32."""
-        rope_type = getattr(self.rotary_emb, "rope_type", "default")
-        if rope_type not in ROTATABLE_ROPE:
-            raise NotImplementedError(f"moving cached keys needs position-independent RoPE, not {rope_type!r}")
+        if not self.can_rotate_keys:
+            raise NotImplementedError("moving cached keys needs position-independent RoPE, not "
+                                      f"{getattr(self.rotary_emb, 'rope_type', 'default')!r}")
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         cos, sin = self.rotary_emb(probe, torch.tensor([[delta]], device=self.device))
         scale = float(getattr(self.rotary_emb, "attention_scaling", 1.0))
