@@ -1,4 +1,4 @@
-"""Command line: ``rksc-sgl run PROGRAM.py``, ``demo``, ``serve``, ``patch``, ``bench``, and the helpers programs share.
+"""Command line: ``rksc-sgl run PROGRAM.py``, ``demo``, ``serve``, ``launch-server``, ``patch``, ``bench``, and the helpers programs share.
 
 Every reasoning program under ``programs/`` is a plain script; the argument parsing,
 engine construction, problem loop and statistics printing they have in common live
@@ -364,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(subparser=serve)
 
+    sub.add_parser(
+        "launch-server", add_help=False,
+        help="start SGLang's own server (launch_server) with the RKSC cache; takes SGLang's flags",
+        description="See `rksc-sgl launch-server --help`.")
+
     from .bench import add_bench_args
 
     bench = sub.add_parser(
@@ -380,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch-server"]:
+        # Every argument but the launcher's own is SGLang's: SGLang's parser reads them.
+        from .runtime.launcher import launch_server_main
+
+        return launch_server_main(argv[1:])
     program_argv: List[str] = []
     if argv[:1] == ["run"] and "--" in argv:
         cut = argv.index("--")

@@ -22,8 +22,16 @@ sliding-window or Mamba hybrid models, session radix cache, streaming sessions, 
 
 ``register`` also adds ``rsbcm`` to ``--radix-eviction-policy``'s choices
 (``add_radix_eviction_policy_choices``); ``RKSCRadixCache`` builds it from
-``--radix-eviction-policy-config``. The runtime's attention kernels are not instrumented,
-so there RSBCM ranks nodes by its proxies (``hit_count`` branches, depth) and recency.
+``--radix-eviction-policy-config``. With ``rsbcm`` the factory attaches the KV pool's
+per-slot attention table (``rksc_sgl.runtime.attention_stats``), which the
+``--forward-hooks`` entry ``rksc_attention`` fills from the model's attention layers
+(``rksc-sgl launch-server`` adds it); without that hook the table stays empty and RSBCM
+ranks nodes by its proxies (``hit_count`` branches, depth) and recency.
+
+Finally ``register`` adds an AFTER hook (SGLang's plugin ``HookRegistry``) on the
+scheduler's ``get_internal_state``, so ``/server_info`` carries an ``rksc`` entry per
+scheduler: the cache counters, the attention statistics and an idle integrity check
+(``rksc_sgl.runtime.server_state``).
 
 This module imports nothing heavy at import time: every SGLang process loads it.
 """
@@ -60,10 +68,15 @@ def rksc_cache_factory(ctx):
             "SGLang's default cache"
         )
     cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
+    if cache.eviction_policy == EVICTION_POLICY_NAME:
+        from rksc_sgl.runtime.attention_stats import slot_attention_of
+
+        pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+        cache.eviction_strategy.attach(slot_attention_of(pool).mass)
     logger.info(
         "rksc tree cache built (page_size=%s, eviction_policy=%s, ASKS off: exact matching)",
         ctx.params.page_size,
-        ctx.params.eviction_policy,
+        cache.eviction_policy,
     )
     return cache
 
@@ -76,6 +89,16 @@ def _add_eviction_policy_choice() -> None:
         add_radix_eviction_policy_choices([EVICTION_POLICY_NAME])
 
 
+def _add_server_state_hook() -> None:
+    """``/server_info``'s ``rksc`` entry (applied by ``load_plugins``; once per process)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from rksc_sgl.runtime.server_state import INTERNAL_STATE_TARGET, add_rksc_state
+
+    if not any(hook is add_rksc_state for _, hook, _ in HookRegistry._hooks.get(INTERNAL_STATE_TARGET, ())):
+        HookRegistry.register(INTERNAL_STATE_TARGET, add_rksc_state, HookType.AFTER)
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend.
 
@@ -86,6 +109,7 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
     _add_eviction_policy_choice()
+    _add_server_state_hook()
     existing = get_radix_cache_factory(BACKEND_NAME)
     if existing is rksc_cache_factory:
         return
