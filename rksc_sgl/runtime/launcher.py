@@ -152,11 +152,15 @@ def _replace_flag(argv: List[str], flag: str, value: str) -> List[str]:
     return out
 
 
-def plan_launch(user_argv: Sequence[str], *, attention_stats: bool = True, cuda: Optional[bool] = None,
+def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_stats: bool = True,
+                cuda: Optional[bool] = None,
                 sgl_kernel_installed: Optional[bool] = None, environ: Optional[Dict[str, str]] = None) -> LaunchPlan:
     """Validate SGLang arguments and add RKSC's and the CPU's defaults (see the module doc).
 
-    Raises :class:`LaunchError` (and SGLang's parser exits with status 2 on a bad flag).
+    ``rksc_cache=False`` adds no cache flag: SGLang's own cache choice, as its flags say
+    (a stock server, for comparisons). ``cuda``/``sgl_kernel_installed``/``environ``
+    default to this machine's. Raises :class:`LaunchError` (and SGLang's parser exits
+    with status 2 on a bad flag).
     """
     from ..plugin import BACKEND_NAME, EVICTION_POLICY_NAME
     from ..rsbcm import RSBCMStrategy
@@ -184,11 +188,11 @@ def plan_launch(user_argv: Sequence[str], *, attention_stats: bool = True, cuda:
     if disabled and backend is not None:
         raise LaunchError("--disable-radix-cache turns the radix cache off; drop --radix-cache-backend "
                           f"{backend} (or drop --disable-radix-cache)")
-    if backend is None and not disabled:
+    if backend is None and not disabled and rksc_cache:
         backend = BACKEND_NAME
         add("--radix-cache-backend", BACKEND_NAME, why="the RKSC tree cache")
     policy = getattr(given, "radix_eviction_policy", None)
-    if policy is None and backend == BACKEND_NAME:
+    if policy is None and backend == BACKEND_NAME and rksc_cache:
         policy = EVICTION_POLICY_NAME
         add("--radix-eviction-policy", EVICTION_POLICY_NAME, why="RSBCM eviction")
     if policy == EVICTION_POLICY_NAME and backend != BACKEND_NAME:
@@ -276,6 +280,17 @@ class RuntimeServer:
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> "RuntimeServer":
+        """Launch and wait until ready (stopping everything if it does not get there)."""
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> "RuntimeServer":
+        """Start the process group without waiting (then :meth:`wait_ready`, or :meth:`stop`)."""
         if self.process is not None:
             raise RuntimeError("server already started")
         if not _port_free(self.plan.host, self.plan.port):
@@ -287,11 +302,6 @@ class RuntimeServer:
             start_new_session=True)
         self._reader = threading.Thread(target=self._pump, name="sglang-output", daemon=True)
         self._reader.start()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _pump(self) -> None:
@@ -302,7 +312,8 @@ class RuntimeServer:
                 out.write(line)
                 out.flush()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Until ``/health`` answers 200; :class:`LaunchError` if a process dies or time runs out."""
         deadline = time.monotonic() + self.startup_timeout
         while True:
             problem = self.problem()
@@ -431,6 +442,9 @@ def launcher_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("rksc-sgl launcher")
     group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                        help=f"seconds to wait for /health before giving up (default: {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
+    group.add_argument("--rksc-cache", type=on_off, default=True,
+                       help="off: add no cache flag, so SGLang's own default cache serves (for comparisons; "
+                            "default: on)")
     group.add_argument("--attention-stats", type=on_off, default=True,
                        help="with rsbcm, collect RSBCM's attention statistics with a forward hook (default: on)")
     group.add_argument("--print-command", action="store_true",
@@ -447,7 +461,7 @@ def launch_server_main(argv: Sequence[str]) -> int:
         _sglang_parser().print_help()
         return 0
     try:
-        plan = plan_launch(sglang_argv, attention_stats=ours.attention_stats)
+        plan = plan_launch(sglang_argv, rksc_cache=ours.rksc_cache, attention_stats=ours.attention_stats)
     except LaunchError as exc:
         print(f"rksc-sgl launch-server: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,327 @@
+"""SGLang's own server runtime on this CPU, with the stock cache and with RKSC's.
+
+Two servers start once for the module, side by side (about 40 s): ``stock`` is SGLang's
+server exactly as a user gets it with no cache flag (``rksc_cache=False``); ``rksc`` is
+started from the README's plain SGLang command (so every flag there is exercised), with a
+small KV pool. Every wait is bounded; each server's process group is ended at the end of
+the module and the test checks that none of its processes is left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import sglang as sgl
+import torch
+
+from rksc_sgl.runtime.client import RuntimeClient
+from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, plan_launch
+
+ROOT = Path(__file__).resolve().parents[1]
+RKSC_POOL = 1536
+STARTUP_TIMEOUT_S = 300
+PROMPTS = ["The capital of France is", "Question: What is 15 + 27?\nAnswer: Let's think step by step.",
+           "def fibonacci(n):\n"]
+NEW_TOKENS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def readme_runtime_flags() -> list:
+    """The flags of the README's plain SGLang command (after ``--model-path MODEL``)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- runtime-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "sglang.launch_server"], words[:3]
+    rest = words[3:]
+    at = rest.index("--model-path")
+    return rest[:at] + rest[at + 2:]
+
+
+def _server(tmp_path_factory, name: str, argv: list, **plan_kwargs) -> RuntimeServer:
+    log = open(tmp_path_factory.mktemp(name) / "server.log", "w")
+    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(_free_port()),
+                        *argv], **plan_kwargs)
+    return RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
+
+
+def _all_pids(server: RuntimeServer) -> set:
+    pids = {server.process.pid} | set(server._watched)
+    try:
+        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+    except psutil.Error:
+        pass
+    return pids
+
+
+def _assert_gone(pids: set) -> None:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"server processes left running: {alive}"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    started = {
+        "stock": _server(tmp_path_factory, "stock", ["--max-total-tokens", "4096"], rksc_cache=False),
+        "rksc": _server(tmp_path_factory, "rksc", [*readme_runtime_flags(), "--max-total-tokens", str(RKSC_POOL)]),
+        # The control: the same RSBCM, without the attention hook.
+        "no_stats": _server(tmp_path_factory, "no_stats", ["--max-total-tokens", str(RKSC_POOL)],
+                            attention_stats=False),
+    }
+    pids = {}
+    try:
+        for server in started.values():
+            server.launch()
+        for server in started.values():
+            server.wait_ready()
+            pids[server] = _all_pids(server)
+        yield started
+    finally:
+        for server in started.values():
+            pids.setdefault(server, _all_pids(server) if server.process else set())
+            server.stop()
+            server.log.close()
+    for server, server_pids in pids.items():
+        _assert_gone(server_pids)
+
+
+@pytest.fixture(scope="module")
+def stock(servers):
+    return RuntimeClient(servers["stock"].url)
+
+
+@pytest.fixture(scope="module")
+def rksc(servers):
+    return RuntimeClient(servers["rksc"].url)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.models import resolve_model_dir
+
+    folder = resolve_model_dir("smollm2-135m", default_cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@torch.no_grad()
+def argmax_loop(model, ids: list, steps: int, eos: int) -> list:
+    """Greedy decoding by hand: the argmax of each step's logits, stopping after EOS."""
+    out, past, step_ids = [], None, torch.tensor([ids])
+    for _ in range(steps):
+        result = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        token = int(result.logits[0, -1].argmax())
+        out.append(token)
+        if token == eos:
+            break
+        step_ids = torch.tensor([[token]])
+    return out
+
+
+# ---- exactness ---------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["stock", "rksc"])
+def test_greedy_token_ids_equal_a_transformers_argmax_loop(servers, hf, which):
+    model, tokenizer = hf
+    client = RuntimeClient(servers[which].url)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        reference = argmax_loop(model, ids, NEW_TOKENS, tokenizer.eos_token_id)
+        got = client.generate(input_ids=ids, sampling_params={"max_new_tokens": NEW_TOKENS, "temperature": 0})
+        assert got["output_ids"] == reference, prompt
+        # Again: now the prompt is served from the tree, and the tokens stay the same.
+        again = client.generate(input_ids=ids, sampling_params={"max_new_tokens": NEW_TOKENS, "temperature": 0})
+        assert again["output_ids"] == reference
+        assert again["meta_info"]["cached_tokens"] > 0
+
+
+@sgl.function
+def _hinted_branches(s, question, hints, out):
+    s += sgl.system("You are a careful assistant. Think step by step.")
+    s += sgl.user(question)
+    forks = s.fork(len(hints))
+    for fork, hint in zip(forks, hints):
+        fork += sgl.assistant(hint + sgl.gen("answer", max_tokens=12, temperature=0))
+    forks.join()
+    out.extend((f["answer"], f.get_meta_info("answer")["cached_tokens"]) for f in forks)
+
+
+def _run_fork_program(url: str) -> list:
+    backend = sgl.RuntimeEndpoint(url)
+    backend.flush_cache()
+    out: list = []
+    state = _hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
+                                 hints=["First, ", "Let's add: ", "Count: "], out=out, backend=backend)
+    state.sync()
+    second: list = []  # the same program again on a warm cache
+    _hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
+                         hints=["First, ", "Let's add: ", "Count: "], out=second, backend=backend).sync()
+    return out + second
+
+
+def test_fork_program_gives_identical_texts_and_cached_tokens_on_stock_and_rksc(servers):
+    on_stock = _run_fork_program(servers["stock"].url)
+    on_rksc = _run_fork_program(servers["rksc"].url)
+    assert on_rksc == on_stock
+    assert all(cached > 0 for _, cached in on_stock[3:]), on_stock  # the warm run really hit the tree
+
+
+# ---- what the servers say about themselves -----------------------------------------------
+def test_server_info_names_backend_and_policy(stock, rksc):
+    mine, theirs = rksc.scheduler_state(), stock.scheduler_state()
+    assert (mine["radix_cache_backend"], mine["radix_eviction_policy"]) == ("rksc", "rsbcm")
+    assert theirs["radix_cache_backend"] is None and "rksc" not in theirs
+    info = mine["rksc"]
+    assert (info["backend"], info["eviction_policy"]) == ("rksc", "rsbcm")
+    assert info["attention"]["passes"] > 0 and info["attention"]["seconds"] >= 0
+    hooks = rksc.server_info()["forward_hooks"]
+    assert [h["hook_factory"] for h in hooks] == ["rksc_sgl.runtime.attention_stats:attention_hook"]
+    assert rksc.server_info()["radix_eviction_policy_config"] == {"attention_layer_stride": 4}
+
+
+# ---- eviction with attention statistics ----------------------------------------------------
+def _prompt(word: str, tokenizer, length: int) -> list:
+    ids = tokenizer(f"{word}: " + " ".join([word.lower()] * length))["input_ids"]
+    return ids[:length]
+
+
+@pytest.mark.parametrize("which, kept", [("rksc", "A"), ("no_stats", "B")])
+def test_small_pool_keeps_serving_and_keeps_the_attended_node(servers, hf, which, kept):
+    """A and B are root children alike in depth and branches; B is more recent (LRU would
+    evict A) but A's tokens received far more attention (32 decode steps against one
+    prefill query), so RSBCM with the hook's statistics evicts B when C needs room. The
+    control server runs the same RSBCM without the hook: it evicts A, as recency says."""
+    _, tokenizer = hf
+    rksc = RuntimeClient(servers[which].url)
+    rksc.flush_cache()
+    a, b = _prompt("Alpha", tokenizer, 200), _prompt("Bravo", tokenizer, 200)
+    rksc.generate(input_ids=a, sampling_params={"max_new_tokens": 32, "temperature": 0, "ignore_eos": True})
+    rksc.generate(input_ids=b, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+    free = report["slots"]["free"]
+    evicted_before = rksc.rksc_state()["cache"]["evicted_tokens"]
+    c = _prompt("Charlie", tokenizer, free + 40)  # 40 more tokens than are free: one node must go
+    rksc.generate(input_ids=c, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    assert rksc.rksc_state()["cache"]["evicted_tokens"] > evicted_before
+    first, second = (a, b) if kept == "A" else (b, a)
+    kept_one = rksc.generate(input_ids=first, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    assert kept_one["meta_info"]["cached_tokens"] == len(first) - 1  # all but the token it must compute
+    evicted = rksc.generate(input_ids=second, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    assert evicted["meta_info"]["cached_tokens"] == 0
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+
+
+# ---- faults: a client that goes away, an aborted request -------------------------------------
+def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc):
+    rksc.flush_cache()
+    body = {"text": "Tell me a long story about a dragon.",
+            "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}, "stream": True}
+    with requests.post(rksc.url + "/generate", json=body, stream=True, timeout=60) as response:
+        chunks = response.iter_lines()
+        for _ in range(3):
+            next(chunks)
+    # Closed mid-stream: SGLang aborts the request when it sees the disconnect.
+    result: dict = {}
+
+    def long_request():
+        result["out"] = rksc.generate("Write a poem about the moon.", rid="to-abort",
+                                      sampling_params={"max_new_tokens": 400, "temperature": 0, "ignore_eos": True})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(2.0)
+    rksc.abort(rid="to-abort")
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(result["out"]["output_ids"]) < 400
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+    assert rksc.healthy()  # SGLang's own idle memory check (strict by default) would have killed it
+
+
+# ---- configurations that must fail, fast and cleanly -----------------------------------------
+def _launch_cli(capsys, *args: str):
+    """``rksc-sgl launch-server ARGS`` in this process: (exit status, stderr)."""
+    from rksc_sgl.cli import main
+
+    code = main(["launch-server", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rksc-cache", "off", "--radix-eviction-policy", "rsbcm"],
+     "--radix-eviction-policy rsbcm needs --radix-cache-backend rksc; it cannot run with SGLang's default cache"),
+    (["--radix-cache-backend", "rksc", "--enable-hierarchical-cache"],
+     "--radix-cache-backend rksc does not support --enable-hierarchical-cache"),
+    (["--radix-eviction-policy-config", '{"w_depth": -1}'], "rsbcm: w_depth must be >= 0.0, got -1"),
+    (["--radix-cache-backend", "rksc", "--disable-radix-cache"], "--disable-radix-cache turns the radix cache off"),
+])
+def test_rejected_configuration_exits_at_once_with_one_message(capsys, flags, message):
+    code, stderr = _launch_cli(capsys, "--model-path", "smollm2-135m", *flags)
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+
+
+def test_unknown_model_is_refused_before_anything_starts(capsys):
+    code, stderr = _launch_cli(capsys, "--model-path", "org/not-a-local-model")
+    assert code == 2
+    assert "not a local folder and not a packaged model" in stderr
+
+
+def test_a_scheduler_that_dies_ends_the_launch_and_leaves_no_process(tmp_path, tmp_path_factory):
+    """Weights SGLang cannot read: the scheduler dies while loading; the launcher must not hang."""
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.models import resolve_model_dir
+
+    folder = resolve_model_dir("smollm2-135m", default_cache_dir())
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for item in folder.iterdir():
+        if item.suffix != ".safetensors":
+            (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    plan = plan_launch(["--model-path", str(broken), "--port", str(_free_port())])
+    log = open(tmp_path / "server.log", "w")
+    server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
+    server.launch()
+    pids = {server.process.pid}
+    try:
+        with pytest.raises(LaunchError, match="failed during start-up"):
+            server.wait_ready()
+        pids |= _all_pids(server)
+    finally:
+        server.stop()
+        log.close()
+    _assert_gone(pids)
+
+
+def test_port_in_use_is_refused(servers):
+    plan = plan_launch(["--model-path", "smollm2-135m", "--port", str(servers["stock"].plan.port)])
+    with pytest.raises(LaunchError, match="already in use"):
+        RuntimeServer(plan).start()
