@@ -16,7 +16,11 @@ Pieces, each small and registered by name:
   a few-shot prefix, with the KV pool at a fraction of their working set). Every parameter
   of a workload can be overridden (``--branches``, ``--max-tokens``, ...).
 - **Runner** (:func:`run_bench`): one engine per mode, built once, used sequentially (never
-  two modes at once) and integrity-checked, then shut down. Warm-up problems run first on
+  two modes at once) and integrity-checked, then shut down. With ``--backend runtime`` each
+  mode is instead a real SGLang server (``rksc_sgl.runtime.bench_servers``: ``none`` =
+  ``--disable-radix-cache``, ``radix`` = SGLang's default cache, ``radix-stock`` = its
+  ``RadixCache`` class, ``rksc``/``rsbcm`` = the ``rksc`` backend with RSBCM and its
+  attention hook), started, used for every problem and ended before the next mode's. Warm-up problems run first on
   every mode and are dropped. Then for each problem and repeat every mode runs once, in an
   order that rotates, so drift on a shared machine hits all modes alike. Caches are flushed
   before every program (reuse happens inside a program) unless the workload says otherwise.
@@ -46,6 +50,7 @@ import random
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -271,7 +276,10 @@ class Mode:
 
 MODES: Dict[str, Mode] = {m.name: m for m in (
     Mode("none", "none", help="no KV reuse between requests"),
-    Mode("radix", "radix", help="SGLang's stock RadixCache, LRU eviction"),
+    Mode("radix", "radix", help="SGLang's stock RadixCache, LRU eviction (runtime: SGLang's default cache as "
+                                "a user gets it, UnifiedRadixCache)"),
+    Mode("radix-stock", "radix", help="SGLang's RadixCache class, LRU (the engine's radix; in the runtime "
+                                      "--radix-cache-backend radix-stock)"),
     Mode("rksc", "rksc", asks=True, cgee=True, rsbcm=True, help="ASKS + CGEE + RSBCM"),
     Mode("asks", "rksc", asks=True, help="RKSC cache with ASKS semantic reuse only (LRU)"),
     Mode("cgee", "radix", cgee=True, help="stock radix cache, CGEE gates in the verify step"),
@@ -317,6 +325,8 @@ def parse_modes(text: str) -> List[Mode]:
 
 
 # ---- settings --------------------------------------------------------------------------------
+BACKENDS = ("engine", "runtime")
+
 @dataclasses.dataclass
 class BenchSettings:
     """Everything a run depends on besides the workload and modes (all recorded in the JSON)."""
@@ -341,12 +351,17 @@ class BenchSettings:
     bootstrap: int = 2000
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of the workload's parameters (``branches``, ``max_tokens``, ...)."""
+    backend: str = "engine"
+    """``engine``: every mode on an embedded engine in this process; ``runtime``: every mode as
+    a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after another."""
 
     def __post_init__(self) -> None:
         for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
@@ -769,8 +784,8 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
         "prefill_tokens_total": sum(r["prefill_tokens"] for r in records),
         "exact_hit_tokens": med("cached_tokens"), "semantic_hit_tokens": med("semantic_tokens"),
         "recomputed_tokens": med("recomputed_tokens"), "key_tokens": med("key_tokens"),
-        "decode_tokens": med("decode_tokens"), "peak_kv_tokens": med("peak_kv_tokens"),
-        "max_peak_kv_tokens": max(r["peak_kv_tokens"] for r in records),
+        "decode_tokens": med("decode_tokens"), "peak_kv_tokens": _median_or_none(records, "peak_kv_tokens"),
+        "max_peak_kv_tokens": _max_or_none(records, "peak_kv_tokens"),
         "accuracy": statistics.fmean(1.0 if r["correct"] else 0.0 for r in first),
         "hit_rate": _hit_rate(records),
     }
@@ -794,6 +809,17 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
             "cgee_error_rate": errors / len(compared) if compared else None, "cgee_error_ci95": [lo, hi],
         })
     return out
+
+
+def _median_or_none(records: List[Dict[str, Any]], field: str) -> Optional[float]:
+    """A counter's median, ``None`` where a backend does not measure it (the runtime's KV peak)."""
+    values = [r[field] for r in records]
+    return None if any(v is None for v in values) else median(values)
+
+
+def _max_or_none(records: List[Dict[str, Any]], field: str) -> Optional[float]:
+    values = [r[field] for r in records]
+    return None if any(v is None for v in values) else max(values)
 
 
 def _hit_rate(records: List[Dict[str, Any]]) -> float:
@@ -889,15 +915,62 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     integrity-checked, never shut down here); every other mode gets an engine built here,
     once, and shut down at the end.
     """
-    import torch
-
-    from .cgee import AuditLog, CGEEConfig
-    from .engine import Engine
-
     settings = settings or BenchSettings()
     workload = get_workload(workload) if isinstance(workload, str) else workload
     modes = parse_modes(modes) if isinstance(modes, str) else list(modes)
     params = workload.resolve(settings.params)
+    started = time.perf_counter()
+    if settings.backend == "runtime":
+        if engines:
+            raise ValueError("engines cannot be given with backend='runtime' (each mode is a server started here)")
+        timed = _run_on_runtime(workload, modes, settings, params, progress)
+    else:
+        timed = _run_on_engines(workload, modes, settings, params, engines, progress)
+    runs, warm_runs, engine_configs, overrides, items = timed
+    import torch
+
+    result = summarize(workload, modes, settings, params, items, runs)
+    result.update({
+        "benchmark": f"bench_{workload.name}" if settings.backend == "engine" else f"bench_runtime_{workload.name}",
+        "command": command or command_line(workload.name, modes, settings),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(), "engine_num_threads": settings.threads,
+        "backend": settings.backend, "engine_configs": engine_configs, "engine_overrides": overrides,
+        "warmup_wall_s": warm_runs, "total_wall_s": time.perf_counter() - started,
+    })
+    return result
+
+
+def _inputs(workload: Workload, settings: BenchSettings, params: Dict[str, Any], tokenizer):
+    """``(warm-up items, timed items, engine overrides)``: the same for every mode and backend."""
+    warm = workload.items(tokenizer, params, settings.seed + WARMUP_SEED_OFFSET, settings.warmup) \
+        if settings.warmup else []
+    items = workload.items(tokenizer, params, settings.seed, settings.problems)
+    return warm, items, workload.engine_overrides(tokenizer, params, items)
+
+
+def _cgee_configs(modes: List[Mode], settings: BenchSettings):
+    from .cgee import AuditLog, CGEEConfig
+
+    cgee = {m.label: (CGEEConfig(audit_fraction=settings.audit_fraction) if m.cgee else CGEEConfig().full())
+            for m in modes}
+    return cgee, {m.label: AuditLog() for m in modes}
+
+
+def _progress(workload: Workload, total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"bench {workload.name}", unit="run", file=sys.stderr,
+                disable=not progress, dynamic_ncols=True)
+
+
+def _run_on_engines(workload, modes, settings, params, engines, progress):
+    """Every mode on its own engine in this process, modes taking turns problem by problem."""
+    import torch
+
+    from .engine import Engine
+
     given = dict(engines or {})
     unknown = sorted(set(given) - {m.label for m in modes})
     if unknown:
@@ -906,17 +979,13 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
         if mode.label in given:
             _check_engine(given[mode.label], mode, settings)
     torch.set_num_threads(settings.threads)
-    started = time.perf_counter()
     owned: Dict[str, Any] = {}
     used: Dict[str, Any] = {}
     try:
         tokenizer = next(iter(given.values())).tokenizer if given else None
         if tokenizer is None:
             tokenizer = _tokenizer(settings.model)
-        warm = workload.items(tokenizer, params, settings.seed + WARMUP_SEED_OFFSET, settings.warmup) \
-            if settings.warmup else []
-        items = workload.items(tokenizer, params, settings.seed, settings.problems)
-        overrides = workload.engine_overrides(tokenizer, params, items)
+        warm, items, overrides = _inputs(workload, settings, params, tokenizer)
         for mode in modes:  # built one after the other, before any is timed
             if mode.label in given:
                 used[mode.label] = given[mode.label]
@@ -927,16 +996,11 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
                       "max_running_requests": settings.max_running_requests, "seed": settings.seed,
                       **overrides, **mode.engine_kwargs(settings)}
             owned[mode.label] = used[mode.label] = Engine(model=settings.model, **kwargs)
-        cgee = {m.label: (CGEEConfig(audit_fraction=settings.audit_fraction) if m.cgee else CGEEConfig().full())
-                for m in modes}
-        audits = {m.label: AuditLog() for m in modes}
+        cgee, audits = _cgee_configs(modes, settings)
         runs: Dict[str, List[Dict[str, Any]]] = {m.label: [] for m in modes}
         warm_runs: Dict[str, List[float]] = {m.label: [] for m in modes}
         total = len(modes) * (len(warm) + len(items) * settings.repeats)
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, desc=f"bench {workload.name}", unit="run", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True) as bar:
+        with _progress(workload, total, progress) as bar:
             for item in warm:
                 for mode in modes:
                     bar.set_postfix_str(f"warm-up {mode.label}")
@@ -961,17 +1025,43 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     finally:
         for engine in owned.values():
             engine.shutdown()
-    result = summarize(workload, modes, settings, params, items, runs)
-    result.update({
-        "benchmark": f"bench_{workload.name}",
-        "command": command or command_line(workload.name, modes, settings),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(), "engine_num_threads": settings.threads,
-        "engine_configs": engine_configs, "engine_overrides": overrides,
-        "warmup_wall_s": warm_runs, "total_wall_s": time.perf_counter() - started,
-    })
-    return result
+    return runs, warm_runs, engine_configs, overrides, items
+
+
+def _run_on_runtime(workload, modes, settings, params, progress):
+    """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after
+    another, each serving the warm-up and all timed problems before the next starts."""
+    from .runtime.bench_servers import mode_server, server_config, server_flags
+
+    for mode in modes:  # refuse what the runtime cannot run before any server starts
+        server_flags(mode, settings, {}, 0)
+    warm, items, overrides = _inputs(workload, settings, params, _tokenizer(settings.model))
+    cgee, audits = _cgee_configs(modes, settings)
+    runs: Dict[str, List[Dict[str, Any]]] = {m.label: [] for m in modes}
+    warm_runs: Dict[str, List[float]] = {m.label: [] for m in modes}
+    configs: Dict[str, Dict[str, Any]] = {}
+    total = len(modes) * (len(warm) + len(items) * settings.repeats)
+    log_dir = Path(tempfile.mkdtemp(prefix="rksc-bench-servers-"))
+    with _progress(workload, total, progress) as bar:
+        for mode in modes:
+            bar.set_postfix_str(f"starting the {mode.label} server")
+            with open(log_dir / f"{mode.label}.log", "w") as log, \
+                    mode_server(mode, settings, overrides, log) as backend:
+                configs[mode.label] = {**server_config(backend), "server_log": str(log_dir / f"{mode.label}.log")}
+                for item in warm:
+                    bar.set_postfix_str(f"warm-up {mode.label}")
+                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label])
+                    warm_runs[mode.label].append(rec["wall_s"])
+                    bar.update()
+                for item, r in schedule(items, settings.repeats, workload.flush_between_problems):
+                    if not workload.flush_between_problems and item is items[0] and not backend.flush_cache():
+                        raise RuntimeError(f"could not flush the {mode.label} server's cache")
+                    bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
+                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label])
+                    rec.update(problem=item.index, repeat=r)
+                    runs[mode.label].append(rec)
+                    bar.update()
+    return runs, warm_runs, configs, overrides, items
 
 
 def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, params: Dict[str, Any],
@@ -1007,7 +1097,7 @@ def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, pa
                    "warmup_seed": settings.seed + WARMUP_SEED_OFFSET,
                    "problem_prompt_tokens": [it.inputs.get("prompt_tokens") for it in items],
                    "cgee_gated": dataclasses.asdict(CGEEConfig(audit_fraction=settings.audit_fraction)),
-                   "method": METHOD},
+                   "method": METHOD if settings.backend == "engine" else RUNTIME_METHOD},
         "problems": [{"index": it.index, "question": it.problem.question, "answer": it.problem.answer}
                      for it in items],
         "modes": summary, "speedups": speedups, "runs": runs,
@@ -1025,6 +1115,17 @@ METHOD = ("Every mode runs in this process on its own engine (built once, one CP
           "are the engine's for that run (medians over runs; prefill_tokens_total sums them); verifier tokens are counted apart. Agreement: share "
           "of runs whose final answer equals the radix run's on the same problem. CGEE error rate: verify calls "
           "whose gated decision differs from the full pass / verify calls (gated calls are audited).")
+
+
+RUNTIME_METHOD = ("Every mode runs as a real SGLang server (python -m sglang.launch_server through rksc-sgl's "
+                  "launcher; float32 on the CPU, the scheduler bound to --threads cores), one mode after another, "
+                  "on the same problems; each server serves the warm-up problems (seed + 100000, dropped) and then "
+                  "every problem and repeat before it is ended. The programs run through sgl.RuntimeEndpoint from "
+                  "this process. The cache is flushed before every program unless the workload keeps it "
+                  "(pressure). Time per problem = median over repeats of the program's wall time, less the CGEE "
+                  "audit pass. Speedups as for the engine: ratios of medians with a 95% paired bootstrap over "
+                  "problems. Token counters come from the server's meta_info of each request (prompt, cached, "
+                  "completion tokens); the runtime reports no per-run KV peak. Agreement as for the engine.")
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -1070,7 +1171,8 @@ def target_rows(result: Dict[str, Any]) -> List[tuple]:
 def title_of(result: Dict[str, Any]) -> str:
     st = result["config"]["settings"]
     params = ", ".join(f"{k}={v}" for k, v in result["config"]["params"].items())
-    return (f"rksc-sgl bench, workload {result['workload']} ({params}): {st['problems']} problems (seed "
+    where = "SGLang runtime servers" if result.get("backend") == "runtime" else "embedded engines"
+    return (f"rksc-sgl bench ({where}), workload {result['workload']} ({params}): {st['problems']} problems (seed "
             f"{st['seed']}) x {st['repeats']} repeats, {st['warmup']} warm-up; model {st['model']}, "
             f"{result['engine_num_threads']} thread, {result['cpu']}; torch {result['versions']['torch']}, "
             f"sglang {result['versions']['sglang']}")
@@ -1171,8 +1273,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 def save(result: Dict[str, Any], out_dir: Path, name: Optional[str] = None) -> Dict[str, Path]:
-    """Write ``bench_<workload>.{json,md,png}`` and print the table."""
-    return save_and_report(result, text_report(result), Path(out_dir), name or f"bench_{result['workload']}",
+    """Write ``bench_<workload>.{json,md,png}`` (``bench_runtime_<workload>`` for the runtime) and print the table."""
+    return save_and_report(result, text_report(result), Path(out_dir), name or result["benchmark"],
                            plot, title_of(result), markdown=markdown_report(result))
 
 
@@ -1185,7 +1287,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
              "--device", settings.device, "--dtype", settings.dtype, "--kv-pool-tokens", str(settings.kv_pool_tokens),
              "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),
-             "--audit-fraction", f"{settings.audit_fraction:g}"]
+             "--audit-fraction", f"{settings.audit_fraction:g}", "--backend", settings.backend]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]
@@ -1218,6 +1320,9 @@ def add_bench_args(parser) -> None:
                         help=f"warm-up problems per mode, not counted (default: {d.warmup})")
     parser.add_argument("--model", default=d.model, help=f"model alias or local folder (default: {d.model})")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: 1)")
+    parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                        help="engine: every mode on an embedded engine in this process; runtime: every mode as a "
+                             "real SGLang server (launch_server), one after another (default: engine)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
@@ -1253,7 +1358,7 @@ def settings_from_args(args) -> BenchSettings:
                          kv_pool_tokens=args.kv_pool_tokens,
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          asks_key_layer=args.asks_key_layer,
-                         audit_fraction=args.audit_fraction, bootstrap=args.bootstrap,
+                         audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 
 
@@ -1264,6 +1369,11 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
     settings = settings_from_args(args)
     for w in workloads:
         w.resolve(settings.params)
+    if settings.backend == "runtime":
+        from .runtime.bench_servers import server_flags
+
+        for mode in modes:
+            server_flags(mode, settings, {}, 0)
     return workloads, modes, settings
 
 

@@ -38,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Engine flags. Their defaults are ``None`` so that an explicit flag can be told
     apart from a default when an already-installed engine is reused."""
     group = parser.add_argument_group("engine")
+    group.add_argument("--endpoint", metavar="URL", default=None,
+                       help="run on a running SGLang server (rksc-sgl launch-server, python -m "
+                            "sglang.launch_server, rksc-sgl serve) instead of an embedded engine; "
+                            "the engine flags below then do not apply")
     group.add_argument("--cache", choices=CACHE_MODES, default=None,
                        help=f"KV cache mode (default: {DEFAULT_CACHE})")
     group.add_argument("--model", default=None,
@@ -65,6 +69,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--kv-budget", type=fraction, default=None,
                        help="share of decoded tokens whose KV is kept with --kv-compression (default: 0.16)")
     return parser
+
+
+ENGINE_ONLY_FLAGS = ("cache", "model", "kv_pool_tokens", "max_running", "threads", "engine_seed", "asks_tau",
+                     "asks_recompute", "asks_key_layer", "kv_compression", "kv_budget")
+"""Engine flags a server given with ``--endpoint`` does not take from the program."""
 
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -110,6 +119,14 @@ def engine_from_args(args: argparse.Namespace) -> Tuple[Any, bool]:
 
     A new engine is the caller's to shut down (:func:`program_engine` does that).
     """
+    endpoint = getattr(args, "endpoint", None)
+    if endpoint:
+        from .runtime.endpoint import RuntimeBackend
+
+        given = [f"--{name.replace('_', '-')}" for name in ENGINE_ONLY_FLAGS if getattr(args, name, None) is not None]
+        if given:
+            print(f"note: --endpoint {endpoint}: the server decides; ignoring {', '.join(given)}", file=sys.stderr)
+        return RuntimeBackend(endpoint), True
     engine = installed_engine()
     if engine is not None:
         _warn_ignored_flags(args, engine)
@@ -235,26 +252,30 @@ def format_solution(problem: Problem, solution: Solution, grade: float) -> str:
 
 def format_stats(stats, wall_s: float, per_problem: Optional[Sequence[float]] = None,
                  cache: Optional[str] = None) -> str:
-    """Engine statistics as aligned ``name: value`` lines."""
+    """Engine (or, with ``--endpoint``, server) statistics as aligned ``name: value`` lines.
+
+    A server's statistics have only the counters its answers carry; the rows of the
+    others are left out.
+    """
     prompt = stats.prefill_tokens + stats.cached_tokens
     hit = stats.cached_tokens / prompt if prompt else 0.0
+    engine = hasattr(stats, "forward_passes")
     rows = [
         ("requests", f"{stats.requests}"),
         ("prefill tokens computed", f"{stats.prefill_tokens}"),
         ("tokens served from cache", f"{stats.cached_tokens} ({hit:.1%} of prompt tokens)"),
         *([("semantic (ASKS) tokens", f"{stats.semantic_tokens} reused, {stats.recomputed_tokens} "
                                        f"recomputed, {stats.key_tokens} keyed")]
-          if stats.semantic_tokens or stats.key_tokens else []),
+          if engine and (stats.semantic_tokens or stats.key_tokens) else []),
         ("decode tokens", f"{stats.decode_tokens}"),
-        ("forward passes", f"{stats.forward_passes}"),
-        ("peak KV tokens", f"{stats.peak_kv_tokens}"),
-        ("engine busy time", f"{stats.busy_time_s:.2f} s"),
+        *([("forward passes", f"{stats.forward_passes}"), ("peak KV tokens", f"{stats.peak_kv_tokens}"),
+           ("engine busy time", f"{stats.busy_time_s:.2f} s")] if engine else []),
         ("wall time", f"{wall_s:.2f} s"),
     ]
     if per_problem:
         rows.append(("per problem (median)", f"{statistics.median(per_problem):.2f} s "
                                              f"(min {min(per_problem):.2f}, max {max(per_problem):.2f})"))
-    title = "engine statistics" + (f" (cache={cache})" if cache else "") + ":"
+    title = ("engine" if engine else "server") + " statistics" + (f" (cache={cache})" if cache else "") + ":"
     return "\n".join([title] + [f"  {name + ':':<26}{value}" for name, value in rows])
 
 

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "rksc"
 """The ``--radix-cache-backend`` value that selects ``RKSCRadixCache``."""
 
+STOCK_BACKEND_NAME = "radix-stock"
+"""The ``--radix-cache-backend`` value that selects SGLang's own ``RadixCache`` class (the
+embedded engine's ``radix``): the runtime's default is ``UnifiedRadixCache``, so comparisons
+with the stock class need a name for it."""
+
 EVICTION_POLICY_NAME = "rsbcm"
 """The ``--radix-eviction-policy`` value of RSBCM (``rksc_sgl.rsbcm``); only the ``rksc``
 backend builds it (SGLang's own caches reject the name)."""
@@ -81,6 +86,16 @@ def rksc_cache_factory(ctx):
     return cache
 
 
+def stock_radix_cache_factory(ctx):
+    """SGLang's ``RadixCache`` itself, built from SGLang's ``TreeCacheBuildContext``."""
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
+        raise ValueError(f"--radix-cache-backend={STOCK_BACKEND_NAME} is SGLang's RadixCache (full attention, "
+                         "one device tier); omit --radix-cache-backend to use SGLang's default cache")
+    return RadixCache(ctx.params)
+
+
 def _add_eviction_policy_choice() -> None:
     """Let ``--radix-eviction-policy`` accept ``rsbcm`` (once per process)."""
     from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES, add_radix_eviction_policy_choices
@@ -100,7 +115,8 @@ def _add_server_state_hook() -> None:
 
 
 def register() -> None:
-    """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend.
+    """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend
+    (and ``radix-stock``, SGLang's own ``RadixCache``, for comparisons).
 
     Also adds ``rsbcm`` to the eviction policy choices. Idempotent: calling it again in
     the same process is a no-op. Raises ``ValueError`` if
@@ -110,13 +126,14 @@ def register() -> None:
 
     _add_eviction_policy_choice()
     _add_server_state_hook()
-    existing = get_radix_cache_factory(BACKEND_NAME)
-    if existing is rksc_cache_factory:
-        return
-    if existing is not None:
-        raise ValueError(
-            f"radix cache backend {BACKEND_NAME!r} is already registered by "
-            f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}"
-        )
-    register_radix_cache_backend(BACKEND_NAME, rksc_cache_factory)
-    logger.debug("registered radix cache backend %r", BACKEND_NAME)
+    for name, factory in ((BACKEND_NAME, rksc_cache_factory), (STOCK_BACKEND_NAME, stock_radix_cache_factory)):
+        existing = get_radix_cache_factory(name)
+        if existing is factory:
+            continue
+        if existing is not None:
+            raise ValueError(
+                f"radix cache backend {name!r} is already registered by "
+                f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}"
+            )
+        register_radix_cache_backend(name, factory)
+        logger.debug("registered radix cache backend %r", name)

@@ -9,10 +9,9 @@ the module and the test checks that none of its processes is left.
 
 from __future__ import annotations
 
-import json
-import re
 import shlex
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -325,3 +324,20 @@ def test_port_in_use_is_refused(servers):
     plan = plan_launch(["--model-path", "smollm2-135m", "--port", str(servers["stock"].plan.port)])
     with pytest.raises(LaunchError, match="already in use"):
         RuntimeServer(plan).start()
+
+
+# ---- the programs, unchanged, against the server ------------------------------------------------
+@pytest.mark.parametrize("program", sorted(p.name for p in (ROOT / "programs").glob("*.py")))
+def test_every_program_runs_unchanged_against_the_server(servers, capsys, monkeypatch, program):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [program, "--endpoint", servers["rksc"].url, "--problems", "1",
+                                      "--branches", "2", "--max-tokens", "16"])
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "programs" / program), run_name="__main__")
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "accuracy:" in out and "server statistics (cache=rksc):" in out, out
+    requests_line = next(line for line in out.splitlines() if line.strip().startswith("requests:"))
+    assert int(requests_line.split(":")[1]) > 0

@@ -1,0 +1,117 @@
+"""``--endpoint URL``: the programs' backend when they run against a running server.
+
+:class:`RuntimeBackend` is SGLang's own ``sgl.RuntimeEndpoint`` (so a program runs
+unchanged, ``rksc_sgl.verify`` takes its ``select`` path) that also counts what the
+server's answers say about each request (``meta_info``: prompt, cached and completion
+tokens), and answers the few questions the program runner asks an engine: ``config``
+(model, cache), ``stats()`` and ``check_integrity()``. It works with any SGLang server
+(``rksc-sgl launch-server``, ``python -m sglang.launch_server``, ``rksc-sgl serve``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Dict, Optional
+
+from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+from .client import RuntimeClient
+
+__all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
+
+
+@dataclasses.dataclass
+class RuntimeStats:
+    """Counters from the server's per-request ``meta_info`` (``select``'s scoring calls included)."""
+
+    requests: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    decode_tokens: int = 0
+
+    def since(self, earlier: "RuntimeStats") -> "RuntimeStats":
+        return RuntimeStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
+                               for f in dataclasses.fields(self)})
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The counters, in the engine's names; the runtime matches exact tokens only (no
+        semantic or recomputed tokens) and reports no KV peak per run (``None``)."""
+        return {**dataclasses.asdict(self), "semantic_tokens": 0, "recomputed_tokens": 0, "key_tokens": 0,
+                "peak_kv_tokens": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+    """What the server says it runs (``/server_info``)."""
+
+    model: str
+    cache: str
+    """``none`` (radix cache disabled), the ``--radix-cache-backend`` name, or ``default``."""
+    eviction_policy: str
+
+
+class RuntimeBackend(RuntimeEndpoint):
+    """``sgl.RuntimeEndpoint`` plus request counting, ``config``, ``stats`` and ``check_integrity``."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, **kwargs: Any):
+        super().__init__(base_url, api_key=api_key, **kwargs)
+        self.client = RuntimeClient(base_url)
+        self._lock = threading.Lock()
+        self._stats = RuntimeStats()
+        state = self.client.scheduler_state()
+        cache = "none" if state.get("disable_radix_cache") else (state.get("radix_cache_backend") or "default")
+        self.config = RuntimeInfo(model=self.model_info["model_path"], cache=cache,
+                                  eviction_policy=str(state.get("radix_eviction_policy")))
+
+    # -- counting ------------------------------------------------------------------------
+    def _count(self, meta_info: Dict[str, Any]) -> None:
+        prompt, cached = meta_info.get("prompt_tokens", 0), meta_info.get("cached_tokens", 0)
+        with self._lock:
+            self._stats.requests += 1
+            self._stats.prefill_tokens += prompt - cached
+            self._stats.cached_tokens += cached
+            self._stats.decode_tokens += meta_info.get("completion_tokens", 0)
+
+    def generate(self, s, sampling_params):
+        text, meta_info = super().generate(s, sampling_params)
+        self._count(meta_info)
+        return text, meta_info
+
+    def generate_stream(self, s, sampling_params):
+        meta_info = None
+        for chunk, meta_info in super().generate_stream(s, sampling_params):
+            yield chunk, meta_info
+        if meta_info:
+            self._count(meta_info)
+
+    def _generate_http_request(self, s, data):
+        obj = super()._generate_http_request(s, data)
+        for item in obj if isinstance(obj, list) else [obj]:
+            self._count(item["meta_info"])
+        return obj
+
+    # -- what the program runner asks ------------------------------------------------------
+    def stats(self, reset_peak: bool = False) -> RuntimeStats:
+        with self._lock:
+            return dataclasses.replace(self._stats)
+
+    def flush_cache(self) -> bool:
+        """Empty the server's tree (SGLang refuses while requests run: then ``False``)."""
+        try:
+            self.client.flush_cache()
+        except Exception:
+            return False
+        return True
+
+    def check_integrity(self) -> None:
+        """The server is healthy and, with the ``rksc`` tree, its idle integrity check passes."""
+        if not self.client.healthy():
+            raise RuntimeError(f"server {self.base_url} is not healthy")
+        if self.config.cache == "rksc":
+            report = self.client.idle_integrity()
+            if report["checked"] and not report["ok"]:
+                raise RuntimeError(f"rksc tree integrity check failed: {report['problems']}")
+
+    def shutdown(self) -> None:
+        """Nothing to end: the server is not this process's."""
