@@ -9,6 +9,7 @@ the module and the test checks that none of its processes is left.
 
 from __future__ import annotations
 
+import json
 import shlex
 import socket
 import sys
@@ -138,6 +139,56 @@ def argmax_loop(model, ids: list, steps: int, eos: int) -> list:
             break
         step_ids = torch.tensor([[token]])
     return out
+
+
+# ---- the launch plan (no server) ---------------------------------------------------------------
+def _plan(*argv, **kwargs):
+    return plan_launch(["--model-path", "smollm2-135m", *argv], cuda=False, sgl_kernel_installed=False,
+                       environ={}, **kwargs)
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_plan_adds_the_rksc_cache_and_the_cpu_defaults():
+    plan = _plan()
+    assert _value(plan.argv, "--radix-cache-backend") == "rksc"
+    assert _value(plan.argv, "--radix-eviction-policy") == "rsbcm"
+    hooks = json.loads(_value(plan.argv, "--forward-hooks"))
+    assert [h["hook_factory"] for h in hooks] == ["rksc_sgl.runtime.attention_stats:attention_hook"]
+    assert hooks[0]["config"] == {"layer_stride": 4}
+    assert _value(plan.argv, "--dtype") == "float32" and _value(plan.argv, "--max-total-tokens") == "16384"
+    assert "--sleep-on-idle" in plan.argv
+    assert plan.env["SGLANG_USE_CPU_ENGINE"] == "1" and plan.env["PYTHONPATH"].endswith("cpu_site")
+    assert Path(_value(plan.argv, "--model-path")).joinpath("config.json").is_file()  # the alias, resolved
+
+
+def test_plan_keeps_what_the_user_said():
+    plan = _plan("--dtype", "bfloat16", "--max-total-tokens", "999", "--radix-eviction-policy", "lfu",
+                 "--radix-cache-backend", "rksc", "--radix-eviction-policy-config", '{"attention_layer_stride": 2}')
+    assert plan.argv.count("--dtype") == 1 and _value(plan.argv, "--dtype") == "bfloat16"
+    assert _value(plan.argv, "--max-total-tokens") == "999"
+    assert _value(plan.argv, "--radix-eviction-policy") == "lfu" and "--forward-hooks" not in plan.argv
+    stride2 = _plan("--radix-eviction-policy-config", '{"attention_layer_stride": 2}')
+    assert '"layer_stride":2' in _value(stride2.argv, "--forward-hooks")
+    assert "--radix-cache-backend" not in _plan("--disable-radix-cache").argv
+    stock = _plan(rksc_cache=False)
+    assert "--radix-cache-backend" not in stock.argv and "--radix-eviction-policy" not in stock.argv
+    assert "--forward-hooks" not in _plan(attention_stats=False).argv
+
+
+def test_plan_merges_the_users_own_forward_hooks():
+    mine = '[{"name": "mine", "target_modules": ["model.norm"], "hook_factory": "x:y"}]'
+    hooks = json.loads(_value(_plan("--forward-hooks", mine).argv, "--forward-hooks"))
+    assert [h["name"] for h in hooks] == ["mine", "rksc_attention"]
+
+
+def test_plan_on_a_gpu_machine_with_sgl_kernel_adds_no_cpu_setting():
+    plan = plan_launch(["--model-path", "smollm2-135m"], cuda=True, sgl_kernel_installed=True, environ={})
+    assert plan.env == {}
+    assert "--dtype" not in plan.argv and "--sleep-on-idle" not in plan.argv
+    assert _value(plan.argv, "--radix-cache-backend") == "rksc"
 
 
 # ---- exactness ---------------------------------------------------------------------------
@@ -341,3 +392,28 @@ def test_every_program_runs_unchanged_against_the_server(servers, capsys, monkey
     assert "accuracy:" in out and "server statistics (cache=rksc):" in out, out
     requests_line = next(line for line in out.splitlines() if line.strip().startswith("requests:"))
     assert int(requests_line.split(":")[1]) > 0
+
+
+# ---- rksc-sgl bench --backend runtime ---------------------------------------------------------------
+def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path):
+    from rksc_sgl.bench import BenchSettings, run_bench, save
+
+    settings = BenchSettings(problems=1, warmup=0, backend="runtime",
+                             params={"branches": 2, "max_tokens": 4, "prompt_tokens": 200})
+    result = run_bench("paper", "radix-stock,rksc", settings, progress=False)
+    configs = result["engine_configs"]
+    assert configs["radix-stock"]["radix_cache_backend"] == "radix-stock"
+    assert (configs["rksc"]["radix_cache_backend"], configs["rksc"]["radix_eviction_policy"]) == ("rksc", "rsbcm")
+    stock, mine = result["runs"]["radix-stock"][0], result["runs"]["rksc"][0]
+    assert mine["outputs"] == stock["outputs"] and mine["cached_tokens"] == stock["cached_tokens"] > 0
+    assert result["modes"]["rksc"]["peak_kv_tokens"] is None  # the runtime reports none
+    paths = save(result, tmp_path)
+    assert sorted(p.name for p in paths.values()) == ["bench_runtime_paper.json", "bench_runtime_paper.md",
+                                                       "bench_runtime_paper.png"]
+
+
+def test_runtime_bench_refuses_asks_before_starting_anything():
+    from rksc_sgl.bench import BenchSettings, run_bench
+
+    with pytest.raises(ValueError, match="ASKS, which is not in SGLang's runtime yet"):
+        run_bench("paper", "radix,asks", BenchSettings(problems=1, backend="runtime"), progress=False)
