@@ -269,7 +269,7 @@ class Mode:
         return kwargs
 
     def effective_tau(self, settings: "BenchSettings") -> Optional[float]:
-        if not self.asks:
+        if not self.asks or settings.backend == "runtime":  # no ASKS in the runtime (yet)
             return None
         return self.tau if self.tau is not None else settings.asks_tau
 
@@ -354,6 +354,9 @@ class BenchSettings:
     backend: str = "engine"
     """``engine``: every mode on an embedded engine in this process; ``runtime``: every mode as
     a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after another."""
+    server_args: str = ""
+    """Further SGLang flags for every mode's server (``--backend runtime``), e.g.
+    ``--schedule-policy lpm``."""
 
     def __post_init__(self) -> None:
         for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
@@ -362,6 +365,8 @@ class BenchSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.server_args and self.backend != "runtime":
+            raise ValueError("server-args are SGLang server flags: they need --backend runtime")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
@@ -1061,7 +1066,18 @@ def _run_on_runtime(workload, modes, settings, params, progress):
                     rec.update(problem=item.index, repeat=r)
                     runs[mode.label].append(rec)
                     bar.update()
+                configs[mode.label].update(_attention_hook_cost(backend, runs[mode.label], warm_runs[mode.label]))
     return runs, warm_runs, configs, overrides, items
+
+
+def _attention_hook_cost(backend, runs: List[Dict[str, Any]], warm: List[float]) -> Dict[str, Any]:
+    """What RSBCM's attention hook cost on an ``rksc`` server: its seconds over the mode's wall time."""
+    state = backend.client.rksc_state() or {}
+    attention = state.get("attention")
+    if not attention:
+        return {}
+    wall = sum(r["wall_s"] for r in runs) + sum(warm)
+    return {"attention_hook": attention, "attention_hook_share_of_wall": attention["seconds"] / wall if wall else None}
 
 
 def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, params: Dict[str, Any],
@@ -1288,6 +1304,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
              "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),
              "--audit-fraction", f"{settings.audit_fraction:g}", "--backend", settings.backend]
+    if settings.server_args:
+        parts += ["--server-args", settings.server_args]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]
@@ -1323,6 +1341,9 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
                         help="engine: every mode on an embedded engine in this process; runtime: every mode as a "
                              "real SGLang server (launch_server), one after another (default: engine)")
+    parser.add_argument("--server-args", default=d.server_args, metavar="FLAGS",
+                        help="with --backend runtime: further SGLang flags for every mode's server, as one "
+                             "string (e.g. '--schedule-policy lpm')")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
@@ -1359,6 +1380,7 @@ def settings_from_args(args) -> BenchSettings:
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          asks_key_layer=args.asks_key_layer,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
+                         server_args=args.server_args,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 
 

@@ -20,7 +20,9 @@ Priority (smaller = evicted first)::
 
 * ``a(node)``: attention mass the node's tokens received, per token:
   ``slot_attention[node.value].sum() / len(node.value)``. ``slot_attention`` (one float
-  per KV slot) is filled by the embedded engine's model runner: on every
+  per KV slot) is filled by the embedded engine's model runner, or in SGLang's runtime by
+  the ``rksc_attention`` forward hook (``rksc_sgl.runtime.attention_stats``, which also
+  counts each prefill's last query): on every
   ``attention_layer_stride``-th layer of every decode step, each decode query's attention
   weights over its keys (averaged over heads, divided by the number of sampled layers, so
   one decode token adds a total mass of 1) are added to the keys' slots. A slot's mass is
@@ -36,8 +38,8 @@ Priority (smaller = evicted first)::
 * ``last_access_time``: recency, linear in time (``recency_scale_s`` seconds of age weigh
   as much as one unit of the other terms), and the tie-break.
 
-Missing statistics: when no ``slot_attention`` is attached (the SGLang runtime, whose
-attention kernels are not instrumented) or nothing was collected yet, the attention term
+Missing statistics: when no ``slot_attention`` is attached, the runtime runs without the
+``rksc_attention`` hook, or nothing was collected yet, the attention term
 is 0 and the proxies ``hit_count`` (branches) and depth rank the nodes, with recency.
 
 LRU reduction: with ``w_attention = w_branches = w_depth = 0`` the order is exactly
@@ -45,7 +47,8 @@ LRU reduction: with ``w_attention = w_branches = w_depth = 0`` the order is exac
 tie-break is ``last_access_time`` itself (``tests/test_rsbcm.py`` checks it against
 SGLang's ``LRUStrategy`` on the same tree).
 
-``attention_layer_stride`` is read by the embedded engine (which layers are sampled); it
+``attention_layer_stride`` is read by the embedded engine and by ``rksc-sgl launch-server`` (for
+the hook's ``layer_stride``): which layers are sampled; it
 does not change the priority.
 """
 

@@ -417,3 +417,19 @@ def test_runtime_bench_refuses_asks_before_starting_anything():
 
     with pytest.raises(ValueError, match="ASKS, which is not in SGLang's runtime yet"):
         run_bench("paper", "radix,asks", BenchSettings(problems=1, backend="runtime"), progress=False)
+
+
+def test_runtime_modes_map_to_sglang_flags():
+    from rksc_sgl.bench import MODES, BenchSettings
+    from rksc_sgl.runtime.bench_servers import server_flags
+
+    settings = BenchSettings(backend="runtime", server_args="--schedule-policy lpm")
+    flags = {name: server_flags(MODES[name], settings, {"kv_pool_tokens": 777}, 1234)
+             for name in ("none", "radix", "radix-stock", "rksc", "lfu")}
+    assert "--disable-radix-cache" in flags["none"][0]
+    assert "--radix-cache-backend" not in flags["radix"][0] and flags["radix"][1] == {"rksc_cache": False}
+    assert _value(flags["radix-stock"][0], "--radix-cache-backend") == "radix-stock"
+    assert _value(flags["rksc"][0], "--radix-eviction-policy") == "rsbcm" and flags["rksc"][1]["rksc_cache"]
+    assert _value(flags["lfu"][0], "--radix-eviction-policy") == "lfu"
+    for argv, _ in flags.values():
+        assert _value(argv, "--max-total-tokens") == "777" and argv[-2:] == ["--schedule-policy", "lpm"]

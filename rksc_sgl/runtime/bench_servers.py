@@ -64,7 +64,9 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[
         argv += ["--dtype", settings.dtype]
     if settings.device != "auto":
         argv += ["--device", settings.device]
-    return argv, {"rksc_cache": rksc}
+    import shlex
+
+    return argv + shlex.split(settings.server_args), {"rksc_cache": rksc}
 
 
 def _free_port() -> int:
