@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import sglang as sgl
 import torch
 
 from rksc_sgl.runtime.client import RuntimeClient
-from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, plan_launch
+from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, free_port, plan_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 RKSC_POOL = 1536
@@ -32,12 +31,6 @@ STARTUP_TIMEOUT_S = 300
 PROMPTS = ["The capital of France is", "Question: What is 15 + 27?\nAnswer: Let's think step by step.",
            "def fibonacci(n):\n"]
 NEW_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readme_runtime_flags() -> list:
@@ -53,7 +46,7 @@ def readme_runtime_flags() -> list:
 
 def _server(tmp_path_factory, name: str, argv: list, **plan_kwargs) -> RuntimeServer:
     log = open(tmp_path_factory.mktemp(name) / "server.log", "w")
-    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(_free_port()),
+    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
                         *argv], **plan_kwargs)
     return RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
 
@@ -356,7 +349,7 @@ def test_a_scheduler_that_dies_ends_the_launch_and_leaves_no_process(tmp_path, t
         if item.suffix != ".safetensors":
             (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    plan = plan_launch(["--model-path", str(broken), "--port", str(_free_port())])
+    plan = plan_launch(["--model-path", str(broken), "--port", str(free_port())])
     log = open(tmp_path / "server.log", "w")
     server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
     server.launch()

@@ -96,12 +96,13 @@ def attention_hook(config: Dict[str, Any]) -> Callable:
         q, forward_batch = args[0], args[3]
         pool = get_token_to_kv_pool()  # the pools of this forward (SGLang's forward context)
         table = slot_attention_of(pool)
-        if layer_id == pool.start_layer:
+        first = math.ceil(pool.start_layer / stride)  # this stage's sampled layers, in units of stride
+        sampled = math.ceil((pool.start_layer + pool.layer_num) / stride) - first
+        if layer_id == first * stride:  # a pass's first sampled layer: new KV slots start from 0
             table.mass[forward_batch.out_cache_loc.to(torch.int64)] = 0.0
-        sampled = math.ceil((pool.start_layer + pool.layer_num) / stride) - math.ceil(pool.start_layer / stride)
         counted = _add_query_mass(module, q, forward_batch, get_req_to_token_pool().req_to_token,
                                   pool.get_key_buffer(layer_id), table.mass, 1.0 / max(sampled, 1))
-        if layer_id == pool.start_layer:
+        if layer_id == first * stride:
             table.passes += 1
             table.queries += counted
         table.seconds += time.perf_counter() - started
@@ -132,10 +133,10 @@ def _add_query_mass(module, q: torch.Tensor, forward_batch, req_to_token: torch.
     queries = q.reshape(-1, heads, dim)[rows.to(q.device)].float()
     lengths = forward_batch.seq_lens.tolist()
     rows_of_requests = forward_batch.req_pool_indices.tolist()
+    group = heads // kv_heads
     for i, (row, length) in enumerate(zip(rows_of_requests, lengths)):
         slots = req_to_token[row, :length].to(torch.int64)
         k = keys[slots].float()  # (L, kv_heads, dim)
-        group = heads // kv_heads
         query = queries[i].view(kv_heads, group, dim)
         scores = torch.einsum("hgd,lhd->hgl", query, k) * module.scaling
         weights = torch.softmax(scores, dim=-1).mean(dim=(0, 1))

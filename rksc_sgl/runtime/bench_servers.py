@@ -69,21 +69,14 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[
     return argv + shlex.split(settings.server_args), {"rksc_cache": rksc}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mode_server(mode, settings, overrides: Dict[str, Any], log) -> Iterator[Any]:
-    """A started server for ``mode`` and its :class:`RuntimeBackend`; the server ends on exit."""
+    """``(backend, launch command)``: a started server for ``mode``, reached through a
+    :class:`RuntimeBackend`, and the shell command it runs; the server ends on exit."""
     from .endpoint import RuntimeBackend
-    from .launcher import RuntimeServer, plan_launch
+    from .launcher import RuntimeServer, free_port, plan_launch
 
-    argv, plan_kwargs = server_flags(mode, settings, overrides, _free_port())
+    argv, plan_kwargs = server_flags(mode, settings, overrides, free_port())
     plan = plan_launch(argv, **plan_kwargs)
     cores = "0" if settings.threads == 1 else f"0-{settings.threads - 1}"  # the scheduler's CPU threads
     plan = dataclasses.replace(plan, env={**plan.env, "SGLANG_CPU_OMP_THREADS_BIND": cores})
@@ -91,17 +84,16 @@ def mode_server(mode, settings, overrides: Dict[str, Any], log) -> Iterator[Any]
     try:
         server.start()
         backend = RuntimeBackend(server.url)
-        backend.launch_command = plan.shell_command()
-        yield backend
+        yield backend, plan.shell_command()
         backend.check_integrity()
     finally:
         server.stop()
 
 
-def server_config(backend) -> Dict[str, Optional[str]]:
+def server_config(backend, launch_command: str) -> Dict[str, Optional[str]]:
     """What a run records about a mode's server."""
     state = backend.client.scheduler_state()
     keys = ("radix_cache_backend", "radix_eviction_policy", "disable_radix_cache", "max_total_tokens", "dtype",
             "device", "attention_backend", "forward_hooks")
-    return {"launch_command": getattr(backend, "launch_command", None),
+    return {"launch_command": launch_command,
             **{k: str(state.get(k)) for k in keys}}

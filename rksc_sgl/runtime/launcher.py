@@ -52,7 +52,7 @@ from typing import IO, Any, Deque, Dict, Iterator, List, Optional, Sequence
 
 from ..config import default_cache_dir
 
-__all__ = ["LaunchError", "LaunchPlan", "RuntimeServer", "plan_launch", "launch_server_main",
+__all__ = ["LaunchError", "LaunchPlan", "RuntimeServer", "free_port", "plan_launch", "launch_server_main",
            "CPU_MAX_TOTAL_TOKENS", "running_server"]
 
 CPU_MAX_TOTAL_TOKENS = 16384
@@ -245,6 +245,13 @@ def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: i
 
 
 # ---- running ------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (for servers started on an ephemeral port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
