@@ -269,7 +269,7 @@ class Mode:
         return kwargs
 
     def effective_tau(self, settings: "BenchSettings") -> Optional[float]:
-        if not self.asks or settings.backend == "runtime":  # no ASKS in the runtime (yet)
+        if not self.asks:
             return None
         return self.tau if self.tau is not None else settings.asks_tau
 

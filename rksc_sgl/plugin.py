@@ -14,8 +14,9 @@ reach the spawned schedulers; the entry point does. ``pyproject.toml`` declares 
 
 If ``SGLANG_PLUGINS`` is set (a comma-separated allow-list), it must name ``rksc``.
 
-In the runtime the backend runs with ASKS off: exact token matching, the stock
-``RadixCache`` behaviour, plus RKSC's statistics. It replaces SGLang's default
+In the runtime the backend runs with ASKS off unless ``RKSC_ASKS`` is set (a JSON object of
+ASKS settings, inherited by the scheduler processes; ``rksc_sgl.runtime.asks``): off, it is
+exact token matching, the stock ``RadixCache`` behaviour, plus RKSC's statistics. It replaces SGLang's default
 ``UnifiedRadixCache``, so features that need the unified tree (hierarchical cache,
 sliding-window or Mamba hybrid models, session radix cache, streaming sessions, the
 ``tlru`` policy) are refused at startup, by this factory or by SGLang.
@@ -72,16 +73,24 @@ def rksc_cache_factory(ctx):
             f"and does not support {', '.join(unsupported)}; omit --radix-cache-backend to use "
             "SGLang's default cache"
         )
-    cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
+    from rksc_sgl.runtime.asks import asks_config_from_env, build_cache
+
+    asks = asks_config_from_env()
+    if asks.active and not ctx.disable_radix_cache:
+        cache = build_cache(ctx, asks)
+    else:
+        cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
     if cache.eviction_policy == EVICTION_POLICY_NAME:
         from rksc_sgl.runtime.attention_stats import slot_attention_of
 
         pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
         cache.eviction_strategy.attach(slot_attention_of(pool).mass)
     logger.info(
-        "rksc tree cache built (page_size=%s, eviction_policy=%s, ASKS off: exact matching)",
+        "rksc tree cache built (page_size=%s, eviction_policy=%s, %s)",
         ctx.params.page_size,
         cache.eviction_policy,
+        f"ASKS on: tau={asks.tau}, recompute={asks.recompute_fraction}" if cache.semantic_active
+        else "ASKS off: exact matching",
     )
     return cache
 
@@ -114,6 +123,17 @@ def _add_server_state_hook() -> None:
         HookRegistry.register(INTERNAL_STATE_TARGET, add_rksc_state, HookType.AFTER)
 
 
+def _add_asks_hooks() -> None:
+    """ASKS's two ``PrefillAdder`` hooks, only in processes that have ``RKSC_ASKS`` set:
+    a server without ASKS runs SGLang's scheduler untouched."""
+    import os
+
+    from rksc_sgl.runtime.asks import ENV_VAR, register_hooks
+
+    if os.environ.get(ENV_VAR, "").strip():
+        register_hooks()
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend
     (and ``radix-stock``, SGLang's own ``RadixCache``, for comparisons).
@@ -126,6 +146,7 @@ def register() -> None:
 
     _add_eviction_policy_choice()
     _add_server_state_hook()
+    _add_asks_hooks()
     for name, factory in ((BACKEND_NAME, rksc_cache_factory), (STOCK_BACKEND_NAME, stock_radix_cache_factory)):
         existing = get_radix_cache_factory(name)
         if existing is factory:

@@ -297,7 +297,7 @@ class RKSCRadixCache(RadixCache):
 
     def match_semantic(self, token_ids: Sequence[int], node: TreeNode, start: int,
                        recipient_features: Optional[RecipientFeatures] = None,
-                       shift: bool = True) -> Optional["SemanticMatch"]:
+                       shift: bool = True, count: bool = True) -> Optional["SemanticMatch"]:
         """Continue an exact match semantically: the best donor child of ``node``, or None.
 
         ``node`` is where the exact match of the request stopped (``start`` tokens from
@@ -333,6 +333,10 @@ class RKSCRadixCache(RadixCache):
         The tree is not changed (no split, no lock): the caller locks ``SemanticMatch.node``
         while it reads the donor slots and never inserts them under its own tokens.
 
+        ``count=False`` leaves the semantic counters to the caller (``count_semantic``): the
+        SGLang runtime plans a waiting request's match at every admission attempt and counts
+        only the one it admits.
+
         ``recipient_features(n)`` gives the features of the first ``n`` tokens at the key
         layer (needed above layer 0, where they depend on the prefix: the caller runs the
         span through the first layers); default: ``token_features`` of the token ids.
@@ -355,8 +359,8 @@ class RKSCRadixCache(RadixCache):
         prefix_sums = recipient.cumsum(dim=0)
         best, best_sim = None, None
         for child in node.children.values():
-            if child.evicted or child.key.extra_key is not None:
-                continue  # (a namespaced path, e.g. joined fork KV, is never a donor)
+            if child.evicted or child.key.extra_key is not None or getattr(child.key, "cache_salt", None):
+                continue  # (a namespaced path, e.g. joined fork KV or a salted one, is never a donor)
             length = min(len(child.key), n)
             if length == len(child.key):
                 donor_key = self.node_key(child)
@@ -381,10 +385,15 @@ class RKSCRadixCache(RadixCache):
             slots[i] = best.value[donor_offsets[i]]
         match = SemanticMatch(node=best, start=start, length=length, similarity=best_sim, slots=slots,
                               recompute=recompute, donor_offsets=donor_offsets)
-        stats.semantic_matches += 1
-        stats.semantic_hit_tokens += match.reused_tokens
-        stats.recomputed_tokens += len(recompute)
+        if count:
+            self.count_semantic(match)
         return match
+
+    def count_semantic(self, match: "SemanticMatch") -> None:
+        """Count a semantic match that is used (reused and recomputed span tokens)."""
+        self.stats.semantic_matches += 1
+        self.stats.semantic_hit_tokens += match.reused_tokens
+        self.stats.recomputed_tokens += len(match.recompute)
 
     def _deviation(self, donor: TreeNode, donor_offsets: List[Optional[int]],
                    recipient: torch.Tensor) -> Dict[int, float]:

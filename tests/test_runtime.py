@@ -400,23 +400,24 @@ def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path)
 
     settings = BenchSettings(problems=1, warmup=0, backend="runtime",
                              params={"branches": 2, "max_tokens": 4, "prompt_tokens": 200})
-    result = run_bench("paper", "radix-stock,rksc", settings, progress=False)
+    result = run_bench("paper", "radix-stock,rsbcm", settings, progress=False)
     configs = result["engine_configs"]
     assert configs["radix-stock"]["radix_cache_backend"] == "radix-stock"
-    assert (configs["rksc"]["radix_cache_backend"], configs["rksc"]["radix_eviction_policy"]) == ("rksc", "rsbcm")
-    stock, mine = result["runs"]["radix-stock"][0], result["runs"]["rksc"][0]
+    assert (configs["rsbcm"]["radix_cache_backend"], configs["rsbcm"]["radix_eviction_policy"]) == ("rksc", "rsbcm")
+    stock, mine = result["runs"]["radix-stock"][0], result["runs"]["rsbcm"][0]
+    # The rksc backend with ASKS off: SGLang's stock results.
     assert mine["outputs"] == stock["outputs"] and mine["cached_tokens"] == stock["cached_tokens"] > 0
-    assert result["modes"]["rksc"]["peak_kv_tokens"] is None  # the runtime reports none
+    assert result["modes"]["rsbcm"]["peak_kv_tokens"] is None  # the runtime reports none
     paths = save(result, tmp_path)
     assert sorted(p.name for p in paths.values()) == ["bench_runtime_paper.json", "bench_runtime_paper.md",
                                                        "bench_runtime_paper.png"]
 
 
-def test_runtime_bench_refuses_asks_before_starting_anything():
+def test_runtime_bench_refuses_asks_above_layer_0_before_starting_anything():
     from rksc_sgl.bench import BenchSettings, run_bench
 
-    with pytest.raises(ValueError, match="ASKS, which is not in SGLang's runtime yet"):
-        run_bench("paper", "radix,asks", BenchSettings(problems=1, backend="runtime"), progress=False)
+    with pytest.raises(ValueError, match="keys ASKS above layer 0, which SGLang's runtime cannot"):
+        run_bench("paper", "radix,asks@0.9:L4", BenchSettings(problems=1, backend="runtime"), progress=False)
 
 
 def test_runtime_modes_map_to_sglang_flags():
@@ -425,11 +426,16 @@ def test_runtime_modes_map_to_sglang_flags():
 
     settings = BenchSettings(backend="runtime", server_args="--schedule-policy lpm")
     flags = {name: server_flags(MODES[name], settings, {"kv_pool_tokens": 777}, 1234)
-             for name in ("none", "radix", "radix-stock", "rksc", "lfu")}
+             for name in ("none", "radix", "radix-stock", "rksc", "asks", "lfu")}
     assert "--disable-radix-cache" in flags["none"][0]
     assert "--radix-cache-backend" not in flags["radix"][0] and flags["radix"][1] == {"rksc_cache": False}
     assert _value(flags["radix-stock"][0], "--radix-cache-backend") == "radix-stock"
     assert _value(flags["rksc"][0], "--radix-eviction-policy") == "rsbcm" and flags["rksc"][1]["rksc_cache"]
     assert _value(flags["lfu"][0], "--radix-eviction-policy") == "lfu"
+    assert _value(flags["asks"][0], "--radix-eviction-policy") == "lru"
+    for name in ("rksc", "asks"):  # ASKS with the run's settings, through plan_launch's RKSC_ASKS
+        asks = flags[name][1]["asks"]
+        assert (asks.tau, asks.recompute_fraction) == (settings.asks_tau, settings.asks_recompute)
+    assert "asks" not in flags["radix"][1]
     for argv, _ in flags.values():
         assert _value(argv, "--max-total-tokens") == "777" and argv[-2:] == ["--schedule-policy", "lpm"]

@@ -13,15 +13,17 @@ mode            SGLang flags
 ``radix-stock`` ``--radix-cache-backend radix-stock``: SGLang's own ``RadixCache``
                 class with LRU (the embedded engine's ``radix``), registered by the plugin
 ``rksc``        ``--radix-cache-backend rksc --radix-eviction-policy rsbcm`` + the
-                attention hook; CGEE in the verify step (gate 1: the frontend ``select``
-                path has no layer exit)
-``rsbcm``       as ``rksc``, without CGEE
+                attention hook + ASKS (``RKSC_ASKS``, ``--chunked-prefill-size 4096``);
+                CGEE in the verify step (gate 1: the frontend ``select`` path has no
+                layer exit)
+``asks``        ``--radix-cache-backend rksc --radix-eviction-policy lru`` + ASKS
+``rsbcm``       as ``rksc``, without ASKS and CGEE
 ``cgee``        SGLang's default cache, CGEE in the verify step
 ``lfu``/``slru``  SGLang's default cache with that eviction policy
 ==============  ==================================================================
 
-ASKS is not in the runtime yet: there ``rksc`` matches exact tokens (RSBCM + CGEE), and the
-``asks`` modes are refused with that reason.
+ASKS modes take the run's ``asks_tau``/``asks_recompute`` (or their own ``asks@TAU``); key
+layers above 0 (``asks@TAU:L<n>``) are refused: the runtime keys at layer 0 only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
     "radix": ([], False),
     "radix-stock": (["--radix-cache-backend", "radix-stock"], False),
     "rksc": (["--radix-cache-backend", "rksc", "--radix-eviction-policy", "rsbcm"], True),
+    "asks": (["--radix-cache-backend", "rksc", "--radix-eviction-policy", "lru"], True),
     "rsbcm": (["--radix-cache-backend", "rksc", "--radix-eviction-policy", "rsbcm"], True),
     "cgee": ([], False),
     "lfu": (["--radix-eviction-policy", "lfu"], False),
@@ -48,9 +51,9 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
 def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[List[str], Dict[str, Any]]:
     """``(SGLang argv, plan_launch keyword arguments)`` of ``mode``'s server; ``ValueError`` if
     the runtime cannot run it."""
-    if mode.name == "asks" or (mode.asks and (mode.tau is not None or mode.key_layer is not None)):
-        raise ValueError(f"mode {mode.label!r} needs ASKS, which is not in SGLang's runtime yet "
-                         "(issue 18); run it with --backend engine")
+    if mode.asks and (mode.key_layer if mode.key_layer is not None else settings.asks_key_layer):
+        raise ValueError(f"mode {mode.label!r} keys ASKS above layer 0, which SGLang's runtime cannot "
+                         "(layer 0 only); run it with --backend engine")
     if mode.name not in RUNTIME_FLAGS:
         raise ValueError(f"mode {mode.label!r} has no runtime configuration; "
                          f"the runtime runs {', '.join(RUNTIME_FLAGS)}")
@@ -66,7 +69,13 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[
         argv += ["--device", settings.device]
     import shlex
 
-    return argv + shlex.split(settings.server_args), {"rksc_cache": rksc}
+    plan_kwargs: Dict[str, Any] = {"rksc_cache": rksc}
+    if mode.asks:
+        from ..rksc_cache import ASKSConfig
+
+        plan_kwargs["asks"] = ASKSConfig(enabled=True, tau=mode.effective_tau(settings),
+                                         recompute_fraction=settings.asks_recompute)
+    return argv + shlex.split(settings.server_args), plan_kwargs
 
 
 @contextlib.contextmanager

@@ -23,21 +23,28 @@ __all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
 
 @dataclasses.dataclass
 class RuntimeStats:
-    """Counters from the server's per-request ``meta_info`` (``select``'s scoring calls included)."""
+    """Counters from the server's per-request ``meta_info`` (``select``'s scoring calls
+    included) and, on the ``rksc`` backend, from its ASKS counters (``/server_info``).
+
+    ``cached_tokens`` is SGLang's: every prompt token whose KV the request did not compute,
+    so with ASKS it includes the donor's (``semantic_tokens``)."""
 
     requests: int = 0
     prefill_tokens: int = 0
     cached_tokens: int = 0
     decode_tokens: int = 0
+    semantic_tokens: int = 0
+    recomputed_tokens: int = 0
+    key_tokens: int = 0
 
     def since(self, earlier: "RuntimeStats") -> "RuntimeStats":
         return RuntimeStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
                                for f in dataclasses.fields(self)})
 
     def as_dict(self) -> Dict[str, Any]:
-        """The counters, in the engine's names; the runtime matches exact tokens only (no
-        semantic or recomputed tokens) and reports no KV peak per run (``None``)."""
-        return {**dataclasses.asdict(self), "semantic_tokens": 0, "recomputed_tokens": 0, "key_tokens": 0,
+        """The counters, in the engine's names (``cached_tokens``: exact hits only); the
+        runtime reports no KV peak per run (``None``)."""
+        return {**dataclasses.asdict(self), "cached_tokens": self.cached_tokens - self.semantic_tokens,
                 "peak_kv_tokens": None}
 
 
@@ -94,7 +101,13 @@ class RuntimeBackend(RuntimeEndpoint):
     # -- what the program runner asks ------------------------------------------------------
     def stats(self, reset_peak: bool = False) -> RuntimeStats:
         with self._lock:
-            return dataclasses.replace(self._stats)
+            stats = dataclasses.replace(self._stats)
+        if self.config.cache == "rksc":  # the tree's ASKS counters
+            cache = (self.client.rksc_state() or {}).get("cache") or {}
+            stats.semantic_tokens = cache.get("semantic_hit_tokens", 0)
+            stats.recomputed_tokens = cache.get("recomputed_tokens", 0)
+            stats.key_tokens = cache.get("key_tokens", 0)
+        return stats
 
     def flush_cache(self) -> bool:
         """Empty the server's tree (SGLang refuses while requests run: then ``False``)."""

@@ -153,12 +153,14 @@ def _replace_flag(argv: List[str], flag: str, value: str) -> List[str]:
 
 
 def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_stats: bool = True,
-                cuda: Optional[bool] = None,
+                asks=None, cuda: Optional[bool] = None,
                 sgl_kernel_installed: Optional[bool] = None, environ: Optional[Dict[str, str]] = None) -> LaunchPlan:
     """Validate SGLang arguments and add RKSC's and the CPU's defaults (see the module doc).
 
     ``rksc_cache=False`` adds no cache flag: SGLang's own cache choice, as its flags say
-    (a stock server, for comparisons). ``cuda``/``sgl_kernel_installed``/``environ``
+    (a stock server, for comparisons). ``asks`` (an ``ASKSConfig``): turn ASKS on in the
+    ``rksc`` backend through ``RKSC_ASKS`` (an ``RKSC_ASKS`` already in the environment is
+    checked and kept when ``asks`` is None). ``cuda``/``sgl_kernel_installed``/``environ``
     default to this machine's. Raises :class:`LaunchError` (and SGLang's parser exits
     with status 2 on a bad flag).
     """
@@ -203,6 +205,7 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
     if backend == BACKEND_NAME and args.enable_hierarchical_cache:
         raise LaunchError(f"--radix-cache-backend {BACKEND_NAME} does not support --enable-hierarchical-cache "
                           "(it is a RadixCache: one device tier)")
+    _plan_asks(asks, environ, env, added, backend, args, given, add)
     stride = 4
     if policy == EVICTION_POLICY_NAME:
         try:
@@ -228,6 +231,52 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
         env["PYTHONPATH"] = path
         added.append(f"PYTHONPATH={CPU_SITE}  (no sgl_kernel installed: an import-only stand-in)")
     return LaunchPlan(argv=argv, env=env, host=args.host, port=int(args.port), added=added)
+
+
+ASKS_CHUNKED_PREFILL_SIZE = 4096
+"""``--chunked-prefill-size`` added with ASKS where SGLang would turn chunking off (its CPU
+default is -1): a recipient's rounds are chunks. Prompts shorter than this are never split."""
+
+
+def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[str], backend, args,
+               given, add) -> None:
+    """Check the ASKS settings (from ``asks`` or an inherited ``RKSC_ASKS``) against the
+    server's flags and put them in the environment the schedulers inherit."""
+    from ..plugin import BACKEND_NAME
+    from .asks import ENV_VAR, ASKSSettingsError, asks_config_from_env, env_value
+
+    if asks is None:
+        try:
+            asks = asks_config_from_env(environ)
+        except ASKSSettingsError as exc:
+            raise LaunchError(str(exc)) from None
+        inherited = True
+    else:
+        inherited = False
+    if not asks.active:
+        return
+    if backend != BACKEND_NAME:
+        raise LaunchError(f"ASKS runs in --radix-cache-backend {BACKEND_NAME}; it cannot run with "
+                          f"{'--disable-radix-cache' if args.disable_radix_cache else backend or 'SGLang default cache'}"
+                          f"{' (unset ' + ENV_VAR + ')' if inherited else ''}")
+    if args.page_size not in (None, 1):
+        raise LaunchError(f"ASKS needs --page-size 1 (donor and computed tokens interleave), got {args.page_size}")
+    chunk = getattr(given, "chunked_prefill_size", None)
+    if chunk is not None and chunk <= 0:
+        raise LaunchError("ASKS needs chunked prefill (a recipient's rounds are its chunks); "
+                          f"drop --chunked-prefill-size {chunk}")
+    if args.tp_size != 1:
+        raise LaunchError(f"ASKS needs --tp-size 1 (its keys read the token embeddings), got {args.tp_size}")
+    if getattr(args, "speculative_algorithm", None):
+        raise LaunchError(f"ASKS does not support --speculative-algorithm {args.speculative_algorithm}")
+    if chunk is None:
+        add("--chunked-prefill-size", str(ASKS_CHUNKED_PREFILL_SIZE),
+            why="ASKS: a recipient's prefill rounds are chunks; SGLang's CPU default turns chunking off")
+    if not inherited:
+        env[ENV_VAR] = env_value(asks)
+    shifted = {None: "float32 KV only", True: "on", False: "off"}[asks.shifted]
+    added.append(f"{ENV_VAR}={env_value(asks)}  (ASKS: tau {asks.tau:g}, recompute {asks.recompute_fraction:g}, "
+                 f"shifted reuse {shifted}{'; from the environment' if inherited else ''})")
 
 
 def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int) -> None:
@@ -454,9 +503,29 @@ def launcher_parser() -> argparse.ArgumentParser:
                             "default: on)")
     group.add_argument("--attention-stats", type=on_off, default=True,
                        help="with rsbcm, collect RSBCM's attention statistics with a forward hook (default: on)")
+    group.add_argument("--asks-tau", type=float, default=None, metavar="TAU",
+                       help="turn ASKS semantic KV reuse on with this key-cosine threshold (default: off)")
+    group.add_argument("--asks-recompute", type=float, default=None, metavar="FRACTION",
+                       help="ASKS: share of the reused span tokens computed anyway (default: 0.5)")
+    group.add_argument("--asks-shifted", choices=("auto", "on", "off"), default="auto",
+                       help="ASKS: reuse identical donor tokens at another position as rotated copies "
+                            "(auto: only with a float32 KV pool; default: auto)")
     group.add_argument("--print-command", action="store_true",
                        help="print the SGLang command (environment included) and exit without starting it")
     return parser
+
+
+def _asks_from_flags(ours: argparse.Namespace):
+    """The ``ASKSConfig`` of ``--asks-*`` (``None`` without ``--asks-tau``: the environment's)."""
+    from ..rksc_cache import ASKSConfig
+
+    if ours.asks_tau is None:
+        if ours.asks_recompute is not None or ours.asks_shifted != "auto":
+            raise LaunchError("--asks-recompute and --asks-shifted need --asks-tau (which turns ASKS on)")
+        return None
+    shifted = {"auto": None, "on": True, "off": False}[ours.asks_shifted]
+    recompute = 0.5 if ours.asks_recompute is None else ours.asks_recompute
+    return ASKSConfig(enabled=True, tau=ours.asks_tau, recompute_fraction=recompute, shifted=shifted)
 
 
 def launch_server_main(argv: Sequence[str]) -> int:
@@ -468,8 +537,9 @@ def launch_server_main(argv: Sequence[str]) -> int:
         _sglang_parser().print_help()
         return 0
     try:
-        plan = plan_launch(sglang_argv, rksc_cache=ours.rksc_cache, attention_stats=ours.attention_stats)
-    except LaunchError as exc:
+        plan = plan_launch(sglang_argv, rksc_cache=ours.rksc_cache, attention_stats=ours.attention_stats,
+                           asks=_asks_from_flags(ours))
+    except (LaunchError, ValueError) as exc:
         print(f"rksc-sgl launch-server: error: {exc}", file=sys.stderr)
         return 2
     for line in plan.added:

@@ -56,6 +56,7 @@ def rksc_state(scheduler, tree) -> Dict[str, Any]:
         "eviction_policy": tree.eviction_policy,
         "cache": tree.stats.as_dict(),
         "attention": slot_attention_of(pool).as_dict() if table is not None else None,
+        "asks": tree.asks_state() if hasattr(tree, "asks_state") else None,
         "integrity": integrity(scheduler, tree),
     }
 
@@ -88,6 +89,9 @@ def integrity(scheduler, tree) -> Dict[str, Any]:
     total = scheduler.max_total_num_tokens
     if locked:
         problems.append(f"{locked} tree nodes still locked while idle")
+    plans = getattr(tree, "plans", None)
+    if plans:
+        problems.append(f"{len(plans)} ASKS recipients still registered while idle")
     if tree.protected_size():
         problems.append(f"protected_size is {tree.protected_size()} while idle")
     if tree_slots.numel() != torch.unique(tree_slots).numel():

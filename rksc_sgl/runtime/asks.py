@@ -1,0 +1,451 @@
+"""ASKS in SGLang's runtime: a recipient's prefill in rounds over a donor's KV.
+
+SGLang computes a prefill as one contiguous cached prefix plus one contiguous extend. An
+ASKS recipient's row is not contiguous in that sense: after its exact prefix comes a span
+where some positions read a donor's KV and the others must be computed, each attending to
+everything before it. This module gets that through SGLang's own chunked prefill, which
+already grows a request's prefix between passes, with no change to SGLang:
+
+* ``RuntimeASKSCache.match_prefix`` (the ``rksc`` backend with ``RKSC_ASKS`` set) plans the
+  semantic continuation of the exact match (``RKSCRadixCache.match_semantic``, the engine's
+  rule) and reports as the prefix the exact part plus the donor positions before the first
+  computed one, with ``cache_protected_len`` at the exact part (the tree's).
+* An AROUND hook on ``PrefillAdder.add_one_req`` admits the recipient and, when it has more
+  than one computed run, makes it SGLang's chunked request, its first chunk ending where
+  the first computed run does. Every later round goes through ``PrefillAdder.add_chunked_req``,
+  whose AROUND hook first writes the donor slots up to the next computed run into the row
+  (the chunk's new prefix) and caps the chunk at that run (``chunked_req_limit``). The last
+  round runs to the end of the prompt and samples the first token as any prefill does.
+* Computing a run in its own pass over the rows before it gives the same KV as computing
+  all runs in one causal pass (the engine's way): a position's KV depends only on the
+  positions before it.
+
+Who owns which row position of a recipient (``E`` exact tokens, span, tail)::
+
+    [0, E)              tree (exact prefix)   locked by req.lock    SGLang's cache_protected_len
+    span, in place      tree (donor node)     locked by plan.lock   never freed by the request
+    span, shifted       the plan (a copy)     copy_slots            freed at on_release
+    span, computed      the request           row                   freed by release_kv_cache
+    tail and decode     the request           row                   freed by release_kv_cache
+
+``free_kv_row`` leaves the donor and copy positions out of what SGLang frees; ``on_release``
+frees the copies and unlocks the donor. The recipient inserts nothing into the tree
+(``skip_radix_cache_insert``, which also covers SGLang's checkpoints of unfinished and
+chunked requests): its KV past the exact prefix depends on the donor's.
+
+Only fresh text requests are planned (no output yet, no logprobs, no namespace or salt, no
+multimodal input or embeddings, no LoRA); others match exactly. Key layer 0 only: keys above
+layer 0 would need the recipient's span run through the first layers before its prefix is
+matched, a pass SGLang's scheduler has no place for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache, SemanticMatch
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "RKSC_ASKS"
+"""Environment variable with the runtime's ASKS settings (a JSON object of ``ASKSConfig``
+fields, e.g. ``{"tau": 0.95, "recompute_fraction": 0.5}``); SGLang's scheduler processes
+inherit it. Unset or empty: ASKS off."""
+
+SETTINGS = ("enabled", "tau", "recompute_fraction", "shifted", "key_layer")
+PENDING_ATTR = "rksc_asks_pending"  # the plan of a waiting request's latest match (a Req attribute)
+ROUND_OPEN_ATTR = "rksc_asks_round_open"  # a PrefillAdder attribute: a recipient's round is in this batch
+ADD_ONE_REQ_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
+ADD_CHUNKED_REQ_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+ROTATABLE_ROPE = ("RotaryEmbedding", "Llama3RotaryEmbedding")
+
+
+class ASKSSettingsError(ValueError):
+    """The ``RKSC_ASKS`` settings are malformed or not supported in the runtime."""
+
+
+def asks_config_from_env(environ: Mapping[str, str] = os.environ) -> ASKSConfig:
+    """The runtime's ASKS configuration from ``RKSC_ASKS`` (off when unset or empty)."""
+    raw = environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return ASKSConfig()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object such as "
+                                f"'{{\"tau\": 0.95, \"recompute_fraction\": 0.5}}', got {raw!r} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object of ASKS settings, got {raw!r}")
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ASKSSettingsError(f"{ENV_VAR}: unknown setting(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(SETTINGS)}")
+    data.setdefault("enabled", True)
+    try:
+        config = ASKSConfig(**data)
+    except ValueError as exc:
+        raise ASKSSettingsError(f"{ENV_VAR}: {exc}") from None
+    if config.key_layer != 0:
+        raise ASKSSettingsError(
+            f"{ENV_VAR}: key_layer={config.key_layer} is not supported in SGLang's runtime (key layer 0 only): "
+            "a deeper key needs the recipient's span run through the first layers before its prefix "
+            "match, a pass SGLang's scheduler has no place for; use the embedded engine for key_layer > 0")
+    return config
+
+
+def env_value(config: ASKSConfig) -> str:
+    """The ``RKSC_ASKS`` value that gives ``config``."""
+    return json.dumps({name: getattr(config, name) for name in SETTINGS if name != "key_layer"})
+
+
+# ---- the plan of one recipient ---------------------------------------------------------------
+@dataclasses.dataclass
+class ASKSPlan:
+    """One recipient's use of a donor: which row positions reuse what, and its rounds.
+
+    ``in_place``: row position -> the donor's own slot (an identical token at the same
+    offset). ``copies``: row position -> (donor slot, delta), an identical token ``delta``
+    positions earlier in the donor, copied with its keys rotated. Every other position from
+    ``exact_len`` on is computed. ``copy_slots``: the plan's copies made so far (position ->
+    slot). ``lock``: the donor node's tree lock while the recipient runs.
+    """
+
+    match: SemanticMatch
+    exact_len: int
+    in_place: Dict[int, int]
+    copies: Dict[int, Tuple[int, int]]
+    copy_slots: Dict[int, int] = dataclasses.field(default_factory=dict)
+    lock: Any = None
+    kv: Any = None  # the admitted request's ReqKvInfo (kept alive while registered)
+
+    @classmethod
+    def build(cls, match: SemanticMatch, exact_len: int, shift: bool) -> "ASKSPlan":
+        computed = set(match.recompute)
+        in_place, copies = {}, {}
+        for offset, donor_offset in enumerate(match.donor_offsets):
+            if donor_offset is None or offset in computed:
+                continue
+            slot = int(match.slots[offset])
+            if donor_offset == offset:
+                in_place[exact_len + offset] = slot
+            elif shift:
+                copies[exact_len + offset] = (slot, offset - donor_offset)
+        return cls(match=match, exact_len=exact_len, in_place=in_place, copies=copies)
+
+    @property
+    def reused(self) -> List[int]:
+        """Row positions served from the donor, ascending."""
+        return sorted([*self.in_place, *self.copies])
+
+    @property
+    def reused_tokens(self) -> int:
+        return len(self.in_place) + len(self.copies)
+
+    def next_computed(self, position: int) -> int:
+        """The first computed row position at or after ``position``."""
+        reused = set(self.in_place) | set(self.copies)
+        while position in reused:
+            position += 1
+        return position
+
+    def run_end(self, start: int) -> Optional[int]:
+        """Where the computed run from ``start`` ends (the next reused position), or
+        ``None`` when it runs to the end of the prompt (the last round)."""
+        reused = self.reused
+        k = bisect.bisect_right(reused, start)
+        return reused[k] if k < len(reused) else None
+
+    @property
+    def rounds(self) -> int:
+        """Prefill passes the recipient takes: one per computed run."""
+        count, position = 0, self.next_computed(self.exact_len)
+        while True:
+            count += 1
+            end = self.run_end(position)
+            if end is None:
+                return count
+            position = self.next_computed(end)
+
+
+# ---- key rotation for shifted copies -------------------------------------------------------------
+def key_rotation(rotary_emb) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
+    """``rotate(keys, delta)``: keys (n, heads, head_dim) moved ``delta`` positions later,
+    for SGLang's position-independent rotary embeddings; ``None`` for others (shifted donor
+    tokens are then computed). Rotations compose, R(p + d) = R(d) R(p)."""
+    if type(rotary_emb).__name__ not in ROTATABLE_ROPE:
+        return None
+    inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).float().cpu()  # (rotary_dim / 2,)
+    rotary_dim, neox = int(rotary_emb.rotary_dim), bool(rotary_emb.is_neox_style)
+
+    def rotate(keys: torch.Tensor, delta: int) -> torch.Tensor:
+        angle = inv_freq.to(keys.device) * float(delta)
+        cos, sin = angle.cos(), angle.sin()
+        k = keys.float()
+        rot, rest = k[..., :rotary_dim], k[..., rotary_dim:]
+        if neox:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([rot, rest], dim=-1)
+
+    return rotate
+
+
+def _subtract(ranges: List[Tuple[int, int]], positions: List[int]) -> List[Tuple[int, int]]:
+    """Ascending half-open ``ranges`` without the sorted ``positions``."""
+    out = []
+    for start, end in ranges:
+        cursor = start
+        for position in positions[bisect.bisect_left(positions, start):bisect.bisect_left(positions, end)]:
+            if position > cursor:
+                out.append((cursor, position))
+            cursor = position + 1
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
+# ---- the cache ------------------------------------------------------------------------------------------
+class RuntimeASKSCache(RKSCRadixCache):
+    """``RKSCRadixCache`` with ASKS for SGLang's scheduler (see the module docstring).
+
+    ``token_features``: token ids -> layer-0 features (the model's token embeddings).
+    ``rotate_keys``: ``key_rotation`` of the model's rotary embedding, or ``None`` (shifted
+    donor tokens computed). ``kv_dtype``: the pool's dtype name (``ASKSConfig.reuses_shifted``).
+    """
+
+    def __init__(self, params, *, asks: ASKSConfig, token_features, rotate_keys=None, kv_dtype: str = "float32"):
+        super().__init__(params, asks=asks, token_features=token_features)
+        self.rotate_keys = rotate_keys if asks.reuses_shifted(kv_dtype) else None
+        self.plans: Dict[int, ASKSPlan] = {}  # id(req.kv) -> the plan of an admitted recipient
+        self.recipients = 0  # admitted recipients
+        self.planned_rounds = 0  # their prefill passes (one per computed run)
+
+    # -- planning (every admission attempt) --------------------------------------------------------
+    def match_prefix(self, params):
+        result = super().match_prefix(params)
+        req = params.req
+        if req is None:
+            return result
+        plan = self._plan(params.key, result) if self._eligible(req) else None
+        setattr(req, PENDING_ATTR, plan)
+        if plan is None:
+            return result
+        return result._replace(device_prefix_len=plan.next_computed(plan.exact_len),
+                               cache_protected_len=plan.exact_len)
+
+    def _eligible(self, req) -> bool:
+        if not self.semantic_active or req.output_ids or req.kv.holds_kv or id(req.kv) in self.plans:
+            return False
+        plain = (req.extra_key, req.cache_salt, req.multimodal_inputs, getattr(req, "input_embeds", None),
+                 getattr(req, "positional_embed_overrides", None), getattr(req, "lora_id", None))
+        return not req.return_logprob and all(value is None for value in plain)
+
+    def _plan(self, key, result) -> Optional[ASKSPlan]:
+        exact, limit = result.device_prefix_len, len(key)
+        if exact >= limit:
+            return None
+        span = list(key.raw_token_ids()[exact:limit])
+        match = self.match_semantic(span, result.last_device_node, exact, shift=self.rotate_keys is not None,
+                                    count=False)
+        if match is None or match.reused_tokens == 0:
+            return None
+        return ASKSPlan.build(match, exact, shift=self.rotate_keys is not None)
+
+    # -- admission and rounds (the PrefillAdder hooks) ---------------------------------------------
+    def pending_plan(self, req) -> Optional[ASKSPlan]:
+        return getattr(req, PENDING_ATTR, None)
+
+    def admit(self, req) -> ASKSPlan:
+        """The recipient was admitted: lock its donor and register its plan."""
+        plan = getattr(req, PENDING_ATTR)
+        setattr(req, PENDING_ATTR, None)
+        plan.lock = self.lock(plan.match.node)
+        plan.kv = req.kv
+        self.plans[id(req.kv)] = plan
+        req.skip_radix_cache_insert = True
+        self.count_semantic(plan.match)
+        self.recipients += 1
+        self.planned_rounds += plan.rounds
+        return plan
+
+    def advance(self, req) -> Optional[int]:
+        """Before a later round: put the donor slots up to the next computed run into the
+        row and make them the chunk's prefix. Returns the run's length (the chunk cap), or
+        ``None`` for the last round (or a request without a plan)."""
+        plan = self.plans.get(id(req.kv))
+        if plan is None:
+            return None
+        start = req.prefix_len
+        target = plan.next_computed(start)
+        if target > start:
+            slots = self._reused_slots(plan, start, target)
+            self.req_to_token_pool.write((req.kv.req_pool_idx, slice(start, target)), slots.to(torch.int32))
+            req.prefix_len = target
+            req.extend_end = target  # parked here until the chunk is admitted
+        end = plan.run_end(target)
+        return None if end is None else end - target
+
+    def prefix_device_indices(self, req) -> torch.Tensor:
+        plan = self.plans.get(id(req.kv))
+        if plan is None:
+            return super().prefix_device_indices(req)
+        exact = self.path_device_indices(req.last_node)[: plan.exact_len]
+        return torch.cat([exact.to(torch.int64), self._reused_slots(plan, plan.exact_len, req.prefix_len)])
+
+    def _reused_slots(self, plan: ASKSPlan, start: int, end: int) -> torch.Tensor:
+        """Slots of reused row positions ``start .. end - 1`` (making the copies they need)."""
+        self._make_copies(plan, [p for p in range(start, end) if p in plan.copies and p not in plan.copy_slots])
+        slots = [plan.in_place[p] if p in plan.in_place else plan.copy_slots[p] for p in range(start, end)]
+        return torch.tensor(slots, dtype=torch.int64)
+
+    def _make_copies(self, plan: ASKSPlan, positions: List[int]) -> None:
+        if not positions:
+            return
+        from sglang.srt.mem_cache.allocation import alloc_token_slots
+
+        dst = alloc_token_slots(self, len(positions)).to(torch.int64)
+        plan.copy_slots.update(zip(positions, dst.tolist()))
+        pool = self.token_to_kv_pool_allocator.get_kvcache()
+        by_delta: Dict[int, List[int]] = {}
+        for k, position in enumerate(positions):
+            by_delta.setdefault(plan.copies[position][1], []).append(k)
+        for delta, ks in by_delta.items():
+            src = torch.tensor([plan.copies[positions[k]][0] for k in ks], dtype=torch.int64, device=pool.device)
+            out = dst[ks].to(pool.device)
+            for layer in range(pool.start_layer, pool.start_layer + pool.layer_num):
+                k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+                k_buf[out] = self.rotate_keys(k_buf[src], delta).to(k_buf.dtype)
+                v_buf[out] = v_buf[src]
+        table = getattr(self.eviction_strategy, "slot_attention", None)
+        if table is not None:
+            table[dst.to(table.device)] = 0.0  # new KV in reused slots: drop the previous owner's mass
+
+    # -- release -------------------------------------------------------------------------------------
+    def free_kv_row(self, kv, ranges):
+        plan = self.plans.get(id(kv))
+        if plan is not None:
+            ranges = _subtract(list(ranges), plan.reused)  # the donor's slots, and the plan's copies
+        if ranges:
+            super().free_kv_row(kv, ranges)
+
+    def on_release(self, req, *, checkpointed: bool) -> None:
+        plan = self.plans.pop(id(req.kv), None)
+        if plan is not None:
+            if plan.copy_slots:
+                self.token_to_kv_pool_allocator.free(torch.tensor(sorted(plan.copy_slots.values()), dtype=torch.int64))
+            self.unlock(plan.lock)
+            plan.lock, plan.kv = None, None
+        super().on_release(req, checkpointed=checkpointed)
+
+    def asks_state(self) -> Dict[str, Any]:
+        """What ``/server_info`` shows of ASKS: settings and recipients running now."""
+        return {"settings": dataclasses.asdict(self.asks), "shifted_reuse": self.rotate_keys is not None,
+                "recipients": self.recipients, "prefill_rounds": self.planned_rounds,
+                "recipients_running": len(self.plans),
+                "donor_tokens_locked": sum(len(p.match.node.key) for p in self.plans.values())}
+
+
+# ---- the PrefillAdder hooks ----------------------------------------------------------------------------
+def around_add_one_req(original, adder, req, *args, **kwargs):
+    """Admit an ASKS recipient; with several computed runs it becomes the chunked request,
+    its first chunk ending with its first run. While a recipient's round is in the batch,
+    nothing else is admitted to it (SGLang tracks one chunked request at a time)."""
+    tree = adder.tree_cache
+    if not isinstance(tree, RuntimeASKSCache):
+        return original(adder, req, *args, **kwargs)
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    if getattr(adder, ROUND_OPEN_ATTR, False):
+        return AddReqResult.OTHER
+    plan = tree.pending_plan(req)
+    if plan is None:
+        return original(adder, req, *args, **kwargs)
+    has_chunked_req = kwargs.get("has_chunked_req", args[0] if args else False)
+    if plan.rounds > 1 and (has_chunked_req or adder.new_chunked_req is not None):
+        return AddReqResult.OTHER  # wait for the chunked request in flight
+    result = original(adder, req, *args, **kwargs)
+    if not (adder.can_run_list and adder.can_run_list[-1] is req):
+        return result
+    tree.admit(req)
+    first_end = plan.run_end(req.prefix_len)
+    if first_end is not None and req.extend_end > first_end:
+        req.extend_end = first_end
+        adder.new_chunked_req = req
+    if adder.new_chunked_req is req:
+        setattr(adder, ROUND_OPEN_ATTR, True)
+    return result
+
+
+def around_add_chunked_req(original, adder, req):
+    """A recipient's later round: its prefix grows by the donor slots up to its next
+    computed run, and the chunk stops where that run does."""
+    tree = adder.tree_cache
+    if not isinstance(tree, RuntimeASKSCache) or id(req.kv) not in tree.plans:
+        return original(adder, req)
+    limit = tree.advance(req)
+    if limit is None:
+        return original(adder, req)  # the last round: the prefill ends and samples as any other
+    setattr(adder, ROUND_OPEN_ATTR, True)
+    saved = adder.chunked_req_limit
+    adder.chunked_req_limit = limit if saved is None else min(saved, limit)
+    try:
+        return original(adder, req)
+    finally:
+        adder.chunked_req_limit = saved
+
+
+def register_hooks() -> None:
+    """Register the two AROUND hooks with SGLang's plugin ``HookRegistry`` (once per process)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook in ((ADD_ONE_REQ_TARGET, around_add_one_req), (ADD_CHUNKED_REQ_TARGET, around_add_chunked_req)):
+        if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
+            HookRegistry.register(target, hook, HookType.AROUND)
+
+
+def build_cache(ctx, asks: ASKSConfig) -> RuntimeASKSCache:
+    """The ``rksc`` backend with ASKS, from SGLang's ``TreeCacheBuildContext``."""
+    args = ctx.server_args
+    problems = []
+    if ctx.tp_size != 1:
+        problems.append(f"tensor parallelism (tp_size={ctx.tp_size}): the token embeddings are sharded")
+    if ctx.params.page_size != 1:
+        problems.append(f"--page-size {ctx.params.page_size} (donor and computed tokens interleave per token)")
+    if not args.chunked_prefill_size or args.chunked_prefill_size <= 0:
+        problems.append("--chunked-prefill-size -1 (a recipient's rounds are chunks of SGLang's chunked prefill)")
+    if getattr(args, "speculative_algorithm", None):
+        problems.append(f"--speculative-algorithm {args.speculative_algorithm}")
+    if getattr(args, "disaggregation_mode", "null") not in ("null", None):
+        problems.append(f"--disaggregation-mode {args.disaggregation_mode}")
+    if problems:
+        raise ValueError(f"{ENV_VAR} (ASKS) with --radix-cache-backend rksc does not support " + "; ".join(problems))
+    model = ctx.tp_worker.model_runner.model
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None or not hasattr(embed, "weight"):
+        raise ValueError(f"{ENV_VAR}: cannot find the token embeddings of {type(model).__name__} for ASKS keys")
+    weight = embed.weight
+
+    @torch.inference_mode()
+    def token_features(token_ids) -> torch.Tensor:
+        # Layer 0: the token embeddings, the lookup a prefill starts with (no model pass).
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=weight.device)
+        return weight[ids].float().cpu()
+
+    rotary = next((m for m in model.modules() if hasattr(m, "_compute_inv_freq") and hasattr(m, "rotary_dim")), None)
+    rotate = key_rotation(rotary) if rotary is not None else None
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    dtype = str(getattr(pool, "dtype", weight.dtype)).replace("torch.", "")
+    cache = RuntimeASKSCache(ctx.params, asks=asks, token_features=token_features, rotate_keys=rotate, kv_dtype=dtype)
+    if asks.reuses_shifted(dtype) and rotate is None:
+        logger.info("ASKS: %s cannot be rotated; shifted donor tokens are computed", type(rotary).__name__)
+    return cache
