@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -100,6 +101,24 @@ def asks_config_from_env(environ: Mapping[str, str] = os.environ) -> ASKSConfig:
     return config
 
 
+def asks_unsupported(*, tp_size: int, page_size: Optional[int], chunked_prefill_size: Optional[int],
+                     speculative_algorithm: Optional[str]) -> List[str]:
+    """What of a server's configuration ASKS cannot run with (empty: nothing). Checked by the
+    launcher before anything starts and by the scheduler's cache factory (the plain SGLang
+    command); ``chunked_prefill_size=None``: not set (the launcher then adds one)."""
+    problems = []
+    if page_size not in (None, 1):
+        problems.append(f"ASKS needs --page-size 1 (donor and computed tokens interleave), got {page_size}")
+    if chunked_prefill_size is not None and chunked_prefill_size <= 0:
+        problems.append("ASKS needs chunked prefill (a recipient's rounds are its chunks); "
+                        f"drop --chunked-prefill-size {chunked_prefill_size}")
+    if tp_size != 1:
+        problems.append(f"ASKS needs --tp-size 1 (its keys read the token embeddings), got {tp_size}")
+    if speculative_algorithm:
+        problems.append(f"ASKS does not support --speculative-algorithm {speculative_algorithm}")
+    return problems
+
+
 def env_value(config: ASKSConfig) -> str:
     """The ``RKSC_ASKS`` value that gives ``config``."""
     return json.dumps({name: getattr(config, name) for name in SETTINGS if name != "key_layer"})
@@ -139,9 +158,9 @@ class ASKSPlan:
                 copies[exact_len + offset] = (slot, offset - donor_offset)
         return cls(match=match, exact_len=exact_len, in_place=in_place, copies=copies)
 
-    @property
+    @functools.cached_property
     def reused(self) -> List[int]:
-        """Row positions served from the donor, ascending."""
+        """Row positions served from the donor, ascending (``in_place``/``copies`` never change)."""
         return sorted([*self.in_place, *self.copies])
 
     @property
@@ -150,17 +169,15 @@ class ASKSPlan:
 
     def next_computed(self, position: int) -> int:
         """The first computed row position at or after ``position``."""
-        reused = set(self.in_place) | set(self.copies)
-        while position in reused:
+        while position in self.in_place or position in self.copies:
             position += 1
         return position
 
     def run_end(self, start: int) -> Optional[int]:
         """Where the computed run from ``start`` ends (the next reused position), or
         ``None`` when it runs to the end of the prompt (the last round)."""
-        reused = self.reused
-        k = bisect.bisect_right(reused, start)
-        return reused[k] if k < len(reused) else None
+        k = bisect.bisect_right(self.reused, start)
+        return self.reused[k] if k < len(self.reused) else None
 
     @property
     def rounds(self) -> int:
@@ -416,19 +433,13 @@ def register_hooks() -> None:
 def build_cache(ctx, asks: ASKSConfig) -> RuntimeASKSCache:
     """The ``rksc`` backend with ASKS, from SGLang's ``TreeCacheBuildContext``."""
     args = ctx.server_args
-    problems = []
-    if ctx.tp_size != 1:
-        problems.append(f"tensor parallelism (tp_size={ctx.tp_size}): the token embeddings are sharded")
-    if ctx.params.page_size != 1:
-        problems.append(f"--page-size {ctx.params.page_size} (donor and computed tokens interleave per token)")
-    if not args.chunked_prefill_size or args.chunked_prefill_size <= 0:
-        problems.append("--chunked-prefill-size -1 (a recipient's rounds are chunks of SGLang's chunked prefill)")
-    if getattr(args, "speculative_algorithm", None):
-        problems.append(f"--speculative-algorithm {args.speculative_algorithm}")
+    problems = asks_unsupported(tp_size=ctx.tp_size, page_size=ctx.params.page_size,
+                                chunked_prefill_size=args.chunked_prefill_size or 0,
+                                speculative_algorithm=getattr(args, "speculative_algorithm", None))
     if getattr(args, "disaggregation_mode", "null") not in ("null", None):
-        problems.append(f"--disaggregation-mode {args.disaggregation_mode}")
+        problems.append(f"ASKS does not support --disaggregation-mode {args.disaggregation_mode}")
     if problems:
-        raise ValueError(f"{ENV_VAR} (ASKS) with --radix-cache-backend rksc does not support " + "; ".join(problems))
+        raise ValueError(f"{ENV_VAR} with --radix-cache-backend rksc: " + "; ".join(problems))
     model = ctx.tp_worker.model_runner.model
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None or not hasattr(embed, "weight"):

@@ -243,7 +243,7 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
     """Check the ASKS settings (from ``asks`` or an inherited ``RKSC_ASKS``) against the
     server's flags and put them in the environment the schedulers inherit."""
     from ..plugin import BACKEND_NAME
-    from .asks import ENV_VAR, ASKSSettingsError, asks_config_from_env, env_value
+    from .asks import ENV_VAR, ASKSSettingsError, asks_config_from_env, asks_unsupported, env_value
 
     if asks is None:
         try:
@@ -259,16 +259,11 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
         raise LaunchError(f"ASKS runs in --radix-cache-backend {BACKEND_NAME}; it cannot run with "
                           f"{'--disable-radix-cache' if args.disable_radix_cache else backend or 'SGLang default cache'}"
                           f"{' (unset ' + ENV_VAR + ')' if inherited else ''}")
-    if args.page_size not in (None, 1):
-        raise LaunchError(f"ASKS needs --page-size 1 (donor and computed tokens interleave), got {args.page_size}")
     chunk = getattr(given, "chunked_prefill_size", None)
-    if chunk is not None and chunk <= 0:
-        raise LaunchError("ASKS needs chunked prefill (a recipient's rounds are its chunks); "
-                          f"drop --chunked-prefill-size {chunk}")
-    if args.tp_size != 1:
-        raise LaunchError(f"ASKS needs --tp-size 1 (its keys read the token embeddings), got {args.tp_size}")
-    if getattr(args, "speculative_algorithm", None):
-        raise LaunchError(f"ASKS does not support --speculative-algorithm {args.speculative_algorithm}")
+    problems = asks_unsupported(tp_size=args.tp_size, page_size=args.page_size, chunked_prefill_size=chunk,
+                                speculative_algorithm=getattr(args, "speculative_algorithm", None))
+    if problems:
+        raise LaunchError("; ".join(problems))
     if chunk is None:
         add("--chunked-prefill-size", str(ASKS_CHUNKED_PREFILL_SIZE),
             why="ASKS: a recipient's prefill rounds are chunks; SGLang's CPU default turns chunking off")
