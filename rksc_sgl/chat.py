@@ -12,7 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from sglang.lang.chat_template import ChatTemplate, get_chat_template_by_model_path
+from pathlib import Path
+from typing import Any, Dict
+
+from sglang.lang.chat_template import (ChatTemplate, chat_template_registry, get_chat_template,
+                                       get_chat_template_by_model_path)
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +29,32 @@ def chat_template_for(tokenizer, name: str) -> ChatTemplate:
         return derived
     logger.info("chat template of %s not derivable; using SGLang's lookup by name", name)
     return get_chat_template_by_model_path(name)
+
+
+def server_chat_template(model_info: Dict[str, Any]) -> ChatTemplate:
+    """The chat template a client should build a server's prompts with (``/get_model_info``).
+
+    SGLang's ``RuntimeEndpoint`` picks one by the model path's name, which for a local
+    folder of a model it does not know is its ``default`` template (``SYSTEM:``/``USER:``
+    lines), not the model's own; the embedded engine uses the model's own, so the same
+    program would prompt the two backends differently. In order: the template the server
+    names as exact (``rksc-sgl serve``'s ``chat_template_name``), the model's own template when its
+    folder is readable here, SGLang's lookup by name.
+    """
+    named = model_info.get("chat_template_name")
+    if named and named in chat_template_registry and model_info.get("chat_template_exact", True):
+        return get_chat_template(named)
+    path = str(model_info.get("model_path") or "")
+    if path and Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            logger.info("no tokenizer readable in %s; using SGLang's chat template lookup by name", path)
+        else:
+            return chat_template_for(tokenizer, path)
+    return get_chat_template_by_model_path(path)
 
 
 def _render(tokenizer, roles, generation_prompt=False) -> str:

@@ -244,6 +244,28 @@ def test_recipient_output_equals_the_engines_asks_output(client, engine, pair):
     engine.check_integrity()
 
 
+def test_a_chat_program_prompts_the_runtime_as_it_prompts_the_engine(asks_server, client, engine):
+    # The bench's paraphrase program through sgl.RuntimeEndpoint: its prompts must be the
+    # engine's (the model's own chat template, not SGLang's name-based default), so the
+    # same donor/recipient pair reaches both and the answers match.
+    from rksc_sgl.bench import PARAPHRASES, program
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    backend = RuntimeBackend(asks_server.url)
+    assert backend.chat_template.role_prefix_and_suffix == engine.chat_template.role_prefix_and_suffix
+    client.flush_cache()
+    assert engine.flush_cache()
+    before, engine_before = backend.stats(), engine.stats()
+    for instruction in PARAPHRASES[:2]:  # the second wording's prompt takes the first's KV
+        texts = [program("paraphrased_question").run(question="Calculate 2 + 6.", instruction=instruction,
+                                                     max_tokens=12, backend=b)["answer"] for b in (backend, engine)]
+        assert texts[0] == texts[1]
+    runtime, embedded = backend.stats().since(before), engine.stats().since(engine_before)
+    assert runtime.semantic_tokens == embedded.semantic_tokens > 0
+    assert runtime.prefill_tokens == embedded.prefill_tokens
+    _wait_released(client)
+
+
 def test_exact_lookup_after_an_asks_request_never_returns_donor_kv(client, engine):
     donor, recipient = (engine.encode(text) for text in PAIRS[1])
     exact = next(i for i, (a, b) in enumerate(zip(donor, recipient)) if a != b)

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
+from ..chat import server_chat_template
 from .client import RuntimeClient
 
 __all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
@@ -59,10 +60,17 @@ class RuntimeInfo:
 
 
 class RuntimeBackend(RuntimeEndpoint):
-    """``sgl.RuntimeEndpoint`` plus request counting, ``config``, ``stats`` and ``check_integrity``."""
+    """``sgl.RuntimeEndpoint`` plus request counting, ``config``, ``stats`` and ``check_integrity``.
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, **kwargs: Any):
-        super().__init__(base_url, api_key=api_key, **kwargs)
+    Unless ``chat_template_name`` is given, chat prompts use the model's own template
+    (:func:`rksc_sgl.chat.server_chat_template`), so a program prompts the runtime exactly
+    as it prompts the embedded engine."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, chat_template_name: Optional[str] = None,
+                 **kwargs: Any):
+        super().__init__(base_url, api_key=api_key, chat_template_name=chat_template_name, **kwargs)
+        if not chat_template_name:  # the model's own template, as the embedded engine prompts
+            self.chat_template = server_chat_template(self.model_info)
         self.client = RuntimeClient(base_url)
         self._lock = threading.Lock()
         self._stats = RuntimeStats()
