@@ -24,6 +24,9 @@ _LAZY = {
     "UnsupportedModelError": ".models",
     "verify": ".cgee",
     "CGEEConfig": ".cgee",
+    "vote": ".branch_stop",
+    "seed_branches": ".branch_stop",
+    "BranchVote": ".branch_stop",
 }
 
 __all__ = ["CACHE_MODES", "EngineConfig", "__version__", *_LAZY]

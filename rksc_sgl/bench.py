@@ -147,15 +147,20 @@ def program(name: str):
 def _define_programs() -> None:
     import sglang as sgl
 
+    from .branch_stop import seed_branches, vote
     from .cgee import verify
 
     @sgl.function
     def hinted_branches(s, prompt: str, hints: List[str], max_tokens: int, fork_commit: bool = False,
-                        temperature: float = 0.0, verify_config: Optional["CGEEConfig"] = None,
+                        sample_temperature: float = 0.0, verify_config: Optional["CGEEConfig"] = None,
                         audit_log: Any = None,
-                        extract: Callable[[str], Optional[str]] = extract_final) -> Dict[str, Any]:
+                        extract: Callable[[str], Optional[str]] = extract_final,
+                        stop_rule: Optional[str] = None) -> Dict[str, Any]:
         """One shared prompt, ``len(hints)`` branches with one approach hint each, exactly
         ``max_tokens`` new tokens per branch, then (with ``verify_config``) ``rksc_sgl.verify``.
+
+        (``sample_temperature``, not ``temperature``: ``SglFunction.run`` takes a
+        ``temperature`` of its own, as a default for every gen, and never passes it on.)
 
         SGLang's ``fork`` commits the text so far as a prefill-only request, but only if the
         interpreter thread has already applied it (``StreamExecutor.fork`` tests ``text_``
@@ -163,8 +168,11 @@ def _define_programs() -> None:
         ``fork_commit=False`` forks first and appends the shared prompt in every branch (no
         commit request; the engine sees exactly ``len(hints)`` requests); ``fork_commit=True``
         syncs before forking, so the prefix is always committed first (one extra request).
-        Returns ``{"completion_tokens": [...], "verify": VerifyResult or None}``; the branches'
-        texts are gathered into ``s["answer"]`` by the join.
+        With ``stop_rule``, ``rksc_sgl.vote`` stops branches once their vote is settled (the
+        verify step then sees the vote); every branch here decodes exactly ``max_tokens``, so
+        they all finish at the same step and none is ever stopped.
+        Returns ``{"completion_tokens": [...], "verify": VerifyResult or None, "vote": BranchVote
+        or None}``; the branches' texts are gathered into ``s["answer"]`` by the join.
         """
         if fork_commit:
             s += prompt
@@ -177,20 +185,41 @@ def _define_programs() -> None:
         for f, hint in zip(forks, hints):
             f += shared + hint + "\n"
             f += sgl.gen("answer", max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
-                         temperature=temperature)
+                         temperature=sample_temperature)
+        voted = vote(forks, "answer", rule=stop_rule, extract=extract) if stop_rule else None
         metas = [f.get_meta_info("answer") for f in forks]  # waits for every branch
         checked = None
         if verify_config is not None:
-            checked = verify(forks, answer="answer", config=verify_config, audit_log=audit_log, extract=extract)
+            checked = verify(forks, answer="answer", config=verify_config, audit_log=audit_log, extract=extract,
+                             branch_vote=voted)
         forks.join()  # gathers the branches' "answer" into a list on s
-        return {"completion_tokens": [m["completion_tokens"] for m in metas], "verify": checked}
+        return {"completion_tokens": [m["completion_tokens"] for m in metas], "verify": checked, "vote": voted}
 
     @sgl.function
-    def paraphrased_question(s, question: str, instruction: str, max_tokens: int, temperature: float = 0.0):
+    def seeded_vote(s, question: str, branches: int, max_tokens: int, sample_temperature: float, seed: int,
+                    stop_rule: Optional[str] = None) -> Dict[str, Any]:
+        """The ``vote`` workload's program: self-consistency over ``branches`` sampled chains,
+        branch i seeded ``seed + i`` (the same samples in every mode), each ending at its
+        first paragraph; with ``stop_rule``, ``rksc_sgl.vote`` stops the rest once settled."""
+        s += sgl.system(SYSTEM_PROMPT)
+        s += sgl.user(question_prompt(question))
+        s.sync()  # the shared prompt is committed before the fork, every time (see hinted_branches)
+        forks = s.fork(branches)
+        seed_branches(forks, seed)
+        forks += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=sample_temperature,
+                                       stop=list(CHAIN_STOP)))
+        voted = vote(forks, "answer", rule=stop_rule) if stop_rule else None
+        texts = [f["answer"] for f in forks]
+        answer = voted.answer if voted else majority_vote([extract_answer(t) for t in texts])
+        return {"answer": answer, "texts": texts, "vote": voted}
+
+    @sgl.function
+    def paraphrased_question(s, question: str, instruction: str, max_tokens: int, sample_temperature: float = 0.0):
         """The ``paraphrase`` workload's program: one problem under one instruction wording."""
         s += sgl.system(SYSTEM_PROMPT)
         s += sgl.user(f"{instruction} {question_prompt(question)}")
-        s += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=temperature, stop=list(CHAIN_STOP)))
+        s += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=sample_temperature,
+                                   stop=list(CHAIN_STOP)))
 
     @sgl.function
     def restated_check(s, question: str, reasoning: str):
@@ -202,7 +231,7 @@ def _define_programs() -> None:
         s += sgl.assistant(sgl.gen("verdict", max_tokens=1, temperature=0.0))
 
     _PROGRAMS.update(hinted_branches=hinted_branches, paraphrased_question=paraphrased_question,
-                     restated_check=restated_check)
+                     restated_check=restated_check, seeded_vote=seeded_vote)
 
 
 PARAPHRASES = [
@@ -250,6 +279,8 @@ class Mode:
     """Another of SGLang's eviction policies for the stock tree (``lfu``, ``slru``)."""
     key_layer: Optional[int] = None
     """An ASKS key layer of this mode alone (``asks@0.9:L4``); ``None``: the run's ``asks_key_layer``."""
+    stop: Optional[str] = None
+    """The branch-stop rule (``rksc_sgl.vote``) of the workloads that vote over forks."""
 
     @property
     def label(self) -> str:
@@ -280,12 +311,16 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
                                 "a user gets it, UnifiedRadixCache)"),
     Mode("radix-stock", "radix", help="SGLang's RadixCache class, LRU (the engine's radix; in the runtime "
                                       "--radix-cache-backend radix-stock)"),
-    Mode("rksc", "rksc", asks=True, cgee=True, rsbcm=True, help="ASKS + CGEE + RSBCM"),
+    Mode("rksc", "rksc", asks=True, cgee=True, rsbcm=True, stop="lossless",
+         help="ASKS + CGEE + RSBCM, and lossless branch stop where a workload votes over forks"),
     Mode("asks", "rksc", asks=True, help="RKSC cache with ASKS semantic reuse only (LRU)"),
     Mode("cgee", "radix", cgee=True, help="stock radix cache, CGEE gates in the verify step"),
     Mode("rsbcm", "rksc", rsbcm=True, help="RKSC cache, exact matching, RSBCM eviction"),
     Mode("lfu", "radix", eviction="lfu", help="SGLang's stock RadixCache, LFU eviction (for pressure)"),
     Mode("slru", "radix", eviction="slru", help="SGLang's stock RadixCache, SLRU eviction (for pressure)"),
+    *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix cache, branch stop by the {rule!r} rule "
+                                                   "(workloads that vote over forks)")
+      for rule in ("lossless", "beta", "window")),
 )}
 
 
@@ -403,6 +438,8 @@ class Outcome:
     verify: Optional[VerifyResult] = None
     audit_s: float = 0.0
     """Time of CGEE audit passes inside the run (left out of the mode's time)."""
+    vote: Optional[Dict[str, Any]] = None
+    """With a branch-stop rule: ``{"rule", "stopped", "settled_after"}`` of ``rksc_sgl.vote``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +466,8 @@ class Workload:
     defaults: Dict[str, Any] = {}
     has_verify = False
     flush_between_problems = True
+    votes = False
+    """Whether its program votes over forks, so a mode's branch-stop rule applies."""
 
     def resolve(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
         """The workload's parameters with ``overrides`` applied (unknown names are an error)."""
@@ -453,7 +492,8 @@ class Workload:
         return {}
 
     def run(self, engine, item: Item, params: Dict[str, Any], cgee: Optional[CGEEConfig],
-            audit_log: AuditLog) -> Outcome:
+            audit_log: AuditLog, stop: Optional[str] = None) -> Outcome:
+        """One program run; ``stop``: the mode's branch-stop rule (only where ``votes``)."""
         raise NotImplementedError
 
     def targets(self) -> List[Target]:
@@ -535,8 +575,17 @@ class _GymWorkload(Workload):
         return [Item(i, p) for i, p in enumerate(problems)]
 
 
+def _vote_record(voted) -> Optional[Dict[str, Any]]:
+    """What a run's ``rksc_sgl.vote`` decided, for its record (``None`` without one)."""
+    if voted is None:
+        return None
+    return {"rule": voted.rule, "stopped": sorted(voted.stopped), "settled_after": voted.settled_after}
+
+
 class _HintedWorkload(Workload):
     """``paper`` and ``cot``: :func:`hinted_branches` on a few-shot gsm_symbolic prompt."""
+
+    votes = True
 
     def items(self, tokenizer, params, seed, count):
         out = []
@@ -545,18 +594,21 @@ class _HintedWorkload(Workload):
             out.append(Item(i, problem, {"prompt": prompt, "prompt_tokens": len(tokenizer.encode(prompt))}))
         return out
 
-    def run(self, engine, item, params, cgee, audit_log):
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
         state = program("hinted_branches").run(
             prompt=item.inputs["prompt"], hints=hints_for(params["branches"]), max_tokens=params["max_tokens"],
-            temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
-            audit_log=audit_log, backend=engine)
+            sample_temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
+            audit_log=audit_log, stop_rule=stop, backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
             raise RuntimeError(f"workload {self.name!r}: the program failed: {ret!r}")
         outputs = list(state["answer"])
+        voted = _vote_record(ret["vote"])
         if ret["verify"] is not None:
             checked: VerifyResult = ret["verify"]
-            return Outcome(checked.answer, outputs, checked, float(checked.gates.get("audit_s") or 0.0))
+            return Outcome(checked.answer, outputs, checked, float(checked.gates.get("audit_s") or 0.0), voted)
+        if ret["vote"] is not None:
+            return Outcome(ret["vote"].answer, outputs, vote=voted)
         return Outcome(majority_vote([extract_final(t) for t in outputs]), outputs)
 
 
@@ -594,7 +646,7 @@ class TreeOfThoughtWorkload(_GymWorkload):
     defaults = {"branches": 3, "keep": 2, "expand": 2, "max_tokens": 96, "temperature": 0.0,
                 "dataset": "basic_arithmetic", "difficulty": "easy"}
 
-    def run(self, engine, item, params, cgee, audit_log):
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
         tot = _load_program("tree_of_thought")
         state = tot.tree_of_thought.run(
             question=item.problem.question, num_branches=params["branches"], max_tokens=params["max_tokens"],
@@ -627,11 +679,11 @@ class ParaphraseWorkload(_GymWorkload):
             raise ValueError(f"restate must be 0 or 1, got {params['restate']!r}")
         return params
 
-    def run(self, engine, item, params, cgee, audit_log):
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
         outputs = []
         for instruction in PARAPHRASES[: params["branches"]]:
             state = program("paraphrased_question").run(question=item.problem.question, instruction=instruction,
-                                             max_tokens=params["max_tokens"], temperature=params["temperature"],
+                                             max_tokens=params["max_tokens"], sample_temperature=params["temperature"],
                                              backend=engine)
             outputs.append(state["answer"])
         answer = majority_vote([extract_answer(t) for t in outputs])
@@ -649,6 +701,35 @@ class ParaphraseWorkload(_GymWorkload):
         return [Target("asks answer agreement with radix", _mode_field("asks", "agreement_with_radix"), ">=", 0.99),
                 Target("asks: x fewer prefill tokens than radix (run totals)", _fewer_prefill("radix", "asks"),
                        ">", 1.0)]
+
+
+@register
+class VoteWorkload(_GymWorkload):
+    name = "vote"
+    help = ("self-consistency with branch stop: `branches` sampled chains of thought per problem (branch i of "
+            "problem k seeded seed*1000 + k*branches + i, the same in every mode), each ending at its first "
+            "paragraph, majority vote; stop-* modes (and rksc) stop the remaining branches once their rule "
+            "settles the vote")
+    defaults = {"branches": 8, "max_tokens": 128, "temperature": 0.7, "dataset": "basic_arithmetic",
+                "difficulty": "medium"}
+    votes = True
+
+    def items(self, tokenizer, params, seed, count):
+        return [dataclasses.replace(item, inputs={"seed": seed * 1000 + item.index * params["branches"]})
+                for item in super().items(tokenizer, params, seed, count)]
+
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
+        state = program("seeded_vote").run(
+            question=item.problem.question, branches=params["branches"], max_tokens=params["max_tokens"],
+            sample_temperature=params["temperature"], seed=item.inputs["seed"], stop_rule=stop, backend=engine)
+        ret = state.ret_value
+        if not isinstance(ret, dict):
+            raise RuntimeError(f"workload 'vote': the program failed: {ret!r}")
+        return Outcome(ret["answer"], ret["texts"], vote=_vote_record(ret["vote"]))
+
+    def targets(self):
+        return [Target(f"stop-lossless voted answer agrees with radix", _mode_field("stop-lossless",
+                                                                                 "agreement_with_radix"), ">=", 1.0)]
 
 
 @register
@@ -707,10 +788,11 @@ class PressureWorkload(Workload):
         longest = max(n for it in items for n in it.inputs["prompt_tokens"]) + 32 + params["max_tokens"]
         return {"kv_pool_tokens": max(int(need * params["pool_fraction"]), longest * 2)}
 
-    def run(self, engine, item, params, cgee, audit_log):
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
         hints = hints_for(params["branches"])
         states = program("hinted_branches").run_batch(
-            [{"prompt": p, "hints": hints, "max_tokens": params["max_tokens"], "temperature": params["temperature"]}
+            [{"prompt": p, "hints": hints, "max_tokens": params["max_tokens"],
+              "sample_temperature": params["temperature"]}
              for p in item.inputs["prompts"]], backend=engine, num_threads=len(item.inputs["prompts"]))
         outputs, answers = [], []
         for st in states:
@@ -793,7 +875,12 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
         "max_peak_kv_tokens": _max_or_none(records, "peak_kv_tokens"),
         "accuracy": statistics.fmean(1.0 if r["correct"] else 0.0 for r in first),
         "hit_rate": _hit_rate(records),
+        "decode_tokens_total": sum(r["decode_tokens"] for r in records),
     }
+    votes = [r["vote"] for r in records if r.get("vote")]
+    if votes:
+        out.update({"stop_rule": votes[0]["rule"], "branches_stopped": sum(len(v["stopped"]) for v in votes),
+                    "runs_settled_early": sum(1 for v in votes if v["settled_after"] is not None)})
     calls = [r["verify"] for r in records if r.get("verify")]
     if calls:
         ran = [c for c in calls if not c["skipped"]]
@@ -844,6 +931,25 @@ def agreement(records: List[Dict[str, Any]], reference: List[Dict[str, Any]]) ->
             statistics.fmean(texts) if texts else float("nan"))
 
 
+def paired_with_radix(records: List[Dict[str, Any]], reference: List[Dict[str, Any]], samples: int,
+                      seed: int) -> Dict[str, Any]:
+    """Against ``radix`` on the same problems (first repeats): answers agreeing, with a 95%
+    Wilson interval; the accuracy change, with a 95% paired bootstrap interval over problems;
+    decode tokens, ``radix``'s total over this mode's."""
+    ref = {r["problem"]: r for r in reference if r["repeat"] == 0}
+    mine = [r for r in records if r["repeat"] == 0]
+    agree = sum(r["answer"] == ref[r["problem"]]["answer"] for r in mine)
+    diffs = [float(r["correct"]) - float(ref[r["problem"]]["correct"]) for r in mine]
+    rng = random.Random(seed)
+    boot = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples)) if diffs else []
+    decode = sum(r["decode_tokens"] for r in mine)
+    return {"agreement_with_radix_ci95": list(wilson(agree, len(mine))),
+            "accuracy_change_vs_radix": statistics.fmean(diffs) if diffs else None,
+            "accuracy_change_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]] if boot else None,
+            "fewer_decode_tokens_than_radix": (sum(ref[r["problem"]]["decode_tokens"] for r in mine) / decode
+                                               if decode else None)}
+
+
 # ---- the runner ----------------------------------------------------------------------------------
 def _verify_record(v: VerifyResult) -> Dict[str, Any]:
     g = v.gates
@@ -857,13 +963,13 @@ def _verify_record(v: VerifyResult) -> Dict[str, Any]:
 
 
 def run_once(engine, workload: Workload, item: Item, params: Dict[str, Any], cgee: CGEEConfig,
-             audit_log: AuditLog) -> Dict[str, Any]:
+             audit_log: AuditLog, stop: Optional[str] = None) -> Dict[str, Any]:
     """One program run, timed, with the engine counters of exactly that run."""
     if workload.flush_between_problems and not engine.flush_cache():
         raise RuntimeError("could not flush the engine's cache (a request is still running)")
     before = engine.stats(reset_peak=True)
     t0 = time.perf_counter()
-    outcome = workload.run(engine, item, params, cgee, audit_log)
+    outcome = workload.run(engine, item, params, cgee, audit_log, stop=stop if workload.votes else None)
     wall = time.perf_counter() - t0
     stats = engine.stats().since(before).as_dict()
     record = {"wall_s": wall, "audit_s": outcome.audit_s, "time_s": wall - outcome.audit_s, **stats,
@@ -871,6 +977,8 @@ def run_once(engine, workload: Workload, item: Item, params: Dict[str, Any], cge
               "correct": score(item.problem, outcome.answer) >= 1.0, "outputs": list(outcome.outputs)}
     if outcome.verify is not None:
         record["verify"] = _verify_record(outcome.verify)
+    if outcome.vote is not None:
+        record["vote"] = outcome.vote
     return record
 
 
@@ -1009,7 +1117,8 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
             for item in warm:
                 for mode in modes:
                     bar.set_postfix_str(f"warm-up {mode.label}")
-                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label])
+                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
+                                   stop=mode.stop)
                     warm_runs[mode.label].append(rec["wall_s"])
                     bar.update()
             for step, (item, r) in enumerate(schedule(items, settings.repeats, workload.flush_between_problems)):
@@ -1020,7 +1129,8 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
                 shift = step % len(modes)
                 for mode in modes[shift:] + modes[:shift]:  # rotate who goes first
                     bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
-                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label])
+                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
+                                   stop=mode.stop)
                     rec.update(problem=item.index, repeat=r)
                     runs[mode.label].append(rec)
                     bar.update()
@@ -1055,14 +1165,16 @@ def _run_on_runtime(workload, modes, settings, params, progress):
                 configs[mode.label] = {**server_config(backend, command), "server_log": str(log_dir / f"{mode.label}.log")}
                 for item in warm:
                     bar.set_postfix_str(f"warm-up {mode.label}")
-                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label])
+                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label],
+                                   stop=mode.stop)
                     warm_runs[mode.label].append(rec["wall_s"])
                     bar.update()
                 for item, r in schedule(items, settings.repeats, workload.flush_between_problems):
                     if not workload.flush_between_problems and item is items[0] and not backend.flush_cache():
                         raise RuntimeError(f"could not flush the {mode.label} server's cache")
                     bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
-                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label])
+                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label],
+                                   stop=mode.stop)
                     rec.update(problem=item.index, repeat=r)
                     runs[mode.label].append(rec)
                     bar.update()
@@ -1093,6 +1205,7 @@ def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, pa
         s["cgee"] = m.cgee
         if "radix" in runs:
             s["agreement_with_radix"], s["output_agreement_with_radix"] = agreement(runs[m.label], runs["radix"])
+            s.update(paired_with_radix(runs[m.label], runs["radix"], settings.bootstrap, settings.seed))
         else:
             s["agreement_with_radix"] = s["output_agreement_with_radix"] = None
     speedups: Dict[str, Dict[str, Any]] = {}
@@ -1173,7 +1286,25 @@ def table_rows(result: Dict[str, Any]) -> List[tuple]:
                      speed("radix"), _fmt(s["prefill_tokens"]), _fmt(s["exact_hit_tokens"]),
                      _fmt(s["semantic_hit_tokens"]), vtok, ver, exit_layer, errors, _fmt(s["peak_kv_tokens"]),
                      f"{s['accuracy']:.2f}", "-" if agree is None else f"{agree:.3f}"))
+    if any(s.get("stop_rule") for s in result["modes"].values()):
+        rows = [row + extra for row, extra in zip(rows, _stop_columns(result))]
     return rows
+
+
+def _stop_columns(result: Dict[str, Any]) -> List[tuple]:
+    """Branch-stop columns: decode tokens (run total), x fewer than radix, branches stopped,
+    answers agreeing with radix and the accuracy change, with their 95% intervals."""
+    out = [("decode tok total", "x fewer decode than radix", "branches stopped (runs)", "agree w/ radix [95% CI]",
+            "accuracy change [95% CI]")]
+    for s in result["modes"].values():
+        fewer, ci, change = s.get("fewer_decode_tokens_than_radix"), s.get("agreement_with_radix_ci95"), \
+            s.get("accuracy_change_vs_radix")
+        acc_ci = s.get("accuracy_change_ci95")
+        out.append((str(s["decode_tokens_total"]), _fmt(fewer, ".2f"),
+                    f"{s['branches_stopped']} ({s['runs_settled_early']})" if s.get("stop_rule") else "-",
+                    "-" if ci is None else f"{s['agreement_with_radix']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                    "-" if change is None else f"{change:+.3f} [{acc_ci[0]:+.3f}, {acc_ci[1]:+.3f}]"))
+    return out
 
 
 def target_rows(result: Dict[str, Any]) -> List[tuple]:
@@ -1391,6 +1522,10 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
     settings = settings_from_args(args)
     for w in workloads:
         w.resolve(settings.params)
+        stopping = [m.label for m in modes if m.name.startswith("stop-")]
+        if stopping and not w.votes:
+            raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "
+                             f"would stop nothing; they run with {', '.join(x.name for x in WORKLOADS.values() if x.votes)}")
     if settings.backend == "runtime":
         from .runtime.bench_servers import server_flags
 

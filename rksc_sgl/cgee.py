@@ -258,12 +258,18 @@ DEFAULT_AUDIT = AuditLog()
 # ---- the call a program makes ----------------------------------------------------------------
 def verify(forks, answer: str = "answer", question: Optional[str] = None, *,
            config: Optional[CGEEConfig] = None, extract: Callable[[str], Optional[str]] = extract_answer,
-           audit_log: Optional[AuditLog] = None, **overrides: Any) -> VerifyResult:
+           audit_log: Optional[AuditLog] = None, branch_vote=None, **overrides: Any) -> VerifyResult:
     """Verify the branches of a fork and pick the answer (see the module docstring).
 
     ``forks``: the ``s.fork(n)`` group (or a list of its states), after each branch
     generated the variable ``answer``. ``question`` is only used when ``verify_prompt``
     contains ``{question}``. Keyword ``overrides`` replace fields of ``config``.
+
+    ``branch_vote``: the :class:`rksc_sgl.branch_stop.BranchVote` of ``rksc_sgl.vote`` on
+    the same forks. Its stopped branches hold partial text: they are neither voted nor
+    verified (their answer, confidence and score are ``None``); ``gates["stopped"]`` lists
+    them and ``gates["vote"]`` carries the vote (rule, answer, branches finished when it
+    settled). Branch indices stay the forks' own.
     """
     config = config or CGEEConfig()
     if overrides:
@@ -272,6 +278,33 @@ def verify(forks, answer: str = "answer", question: Optional[str] = None, *,
     states = list(getattr(forks, "states", forks))
     if not states:
         raise ValueError("verify needs at least one branch")
+    if branch_vote is None:
+        return _verify(states, answer, question, config, extract, audit_log)
+    if len(branch_vote.answers) != len(states):
+        raise ValueError(f"branch_vote is of {len(branch_vote.answers)} branches, the forks are {len(states)}")
+    kept = [i for i in range(len(states)) if i not in branch_vote.stopped]
+    result = _verify([states[i] for i in kept], answer, question, config, extract, audit_log)
+    return _with_stopped(result, kept, len(states), branch_vote)
+
+
+def _with_stopped(result: VerifyResult, kept: List[int], n: int, branch_vote) -> VerifyResult:
+    """``result`` over the kept branches, re-indexed to all ``n`` (stopped ones ``None``)."""
+    def spread(values):
+        out: List[Any] = [None] * n
+        for i, v in zip(kept, values):
+            out[i] = v
+        return out
+
+    gates = {**result.gates, "stopped": sorted(branch_vote.stopped),
+             "vote": {"rule": branch_vote.rule, "answer": branch_vote.answer,
+                      "settled_after": branch_vote.settled_after}}
+    branch = kept[result.branch] if result.branch is not None else None
+    return dataclasses.replace(result, branch=branch, answers=spread(result.answers),
+                               confidences=spread(result.confidences), scores=spread(result.scores), gates=gates)
+
+
+def _verify(states, answer: str, question: Optional[str], config: CGEEConfig,
+            extract: Callable[[str], Optional[str]], audit_log: AuditLog) -> VerifyResult:
     backend = states[0].stream_executor.backend
     eos = set(config.eos_token_ids) | set(getattr(backend, "eos_ids", ()) or ())
     texts = [s[answer] for s in states]  # waits for each branch

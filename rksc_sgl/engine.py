@@ -31,6 +31,7 @@ with warnings.catch_warnings():
     from sglang.lang.interpreter import StreamExecutor
     from sglang.lang.ir import SglSamplingParams
 
+from .branch_stop import STOPPED_MESSAGE, StreamControls, stopped_meta_info
 from .chat import chat_template_for
 from .config import EngineConfig
 from .grammar import GrammarCache, apply_dtype
@@ -107,6 +108,9 @@ class Engine(BaseBackend):
             tail_text_of=self._tail_text,
             num_threads=cfg.num_threads,
         )
+        # Frontend streams a vote stopped: their request is cancelled and its decode KV freed.
+        self.stream_controls = StreamControls(abort=lambda req, reason: self.scheduler.cancel(
+            req, message=f"{STOPPED_MESSAGE}: {reason}", cache_output=False))
 
     def _tree_cache_kwargs(self) -> Dict[str, Any]:
         """``cache="rksc"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
@@ -230,8 +234,12 @@ class Engine(BaseBackend):
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         extra_key: Union[str, Sequence[str], None] = None,
+        stream_id: Optional[str] = None,
     ):
         """Serve one SGLang ``/generate`` request; a batch (list of texts) returns a list.
+
+        ``stream_id``: the frontend stream (``StreamExecutor.sid``) the request belongs to,
+        so :func:`rksc_sgl.vote` can stop it (``stop_stream``).
 
         ``extra_key`` (as SGLang's): the request only matches, and only adds to, cached KV
         of the same key (one for all prompts of a batch, or one per prompt).
@@ -263,12 +271,42 @@ class Engine(BaseBackend):
             self._prepare(ids, params, return_logprob, logprob_start_len, top_logprobs_num, namespace)
             for ids, params, namespace in zip(prompts, per_prompt, namespaces)
         ]
-        for pending in pendings:
-            self.scheduler.submit(pending.req)
+        if stream_id is not None:  # a frontend stream: one prompt, stoppable (rksc_sgl.vote)
+            if len(pendings) != 1:
+                raise ValueError("a stream_id request has exactly one prompt")
+            refused = self.stream_controls.start(stream_id, pendings[0].req,
+                                              lambda: self.scheduler.submit(pendings[0].req))
+            if refused is not None:
+                return self._refused(pendings[0].req, refused, stream)
+        else:
+            for pending in pendings:
+                self.scheduler.submit(pending.req)
         if stream:
-            return self._stream(pendings[0], return_logprob, return_text_in_logprobs)
-        results = [self._response(p.wait(), return_logprob, return_text_in_logprobs) for p in pendings]
+            return self._stream(pendings[0], return_logprob, return_text_in_logprobs, stream_id)
+        try:
+            results = [self._response(p.wait(), return_logprob, return_text_in_logprobs) for p in pendings]
+        finally:
+            if stream_id is not None:
+                self.stream_controls.finished(stream_id)
         return results if batch else results[0]
+
+    def _refused(self, req: Request, reason: str, stream: bool):
+        """The response of a request a stopped frontend stream did not run."""
+        response = {"text": "", "output_ids": [], "meta_info": stopped_meta_info(len(req.input_ids), reason)}
+        return iter([response]) if stream else response
+
+    # ---- branch stop (rksc_sgl.vote) ------------------------------------------------------
+    def stop_stream(self, sid: str, reason: str) -> None:
+        """Stop a frontend stream: cancel its request in flight (its decode KV is freed,
+        not cached) and refuse its next until :meth:`resume_stream`."""
+        self.stream_controls.stop(sid, reason)
+
+    def resume_stream(self, sid: str) -> None:
+        self.stream_controls.resume(sid)
+
+    def seed_stream(self, sid: str, seed: int) -> None:
+        """The stream's next gen samples with ``sampling_seed=seed`` (:func:`rksc_sgl.seed_branches`)."""
+        self.stream_controls.seed(sid, seed)
 
     def _prompts(self, text, input_ids):
         """Token ids of every prompt, and whether the request was a batch."""
@@ -391,7 +429,8 @@ class Engine(BaseBackend):
             return None
         return [(lp, tid, self.tokenizer.decode([tid]) if with_text else None) for lp, tid in pairs]
 
-    def _stream(self, pending: "_Pending", return_logprob: bool, with_text: bool) -> Iterator[Dict[str, Any]]:
+    def _stream(self, pending: "_Pending", return_logprob: bool, with_text: bool,
+                stream_id: Optional[str] = None) -> Iterator[Dict[str, Any]]:
         """Yield responses with the text so far; hold back what could still be cut at the
         end: a stop string, or a stop regex's pattern (the only text a regex cuts, see
         ``_output_text``)."""
@@ -411,6 +450,8 @@ class Engine(BaseBackend):
         finally:
             if req.finish_reason is None:
                 self.scheduler.cancel(req)  # consumer stopped early: free its KV
+            if stream_id is not None:
+                self.stream_controls.finished(stream_id)
 
     # ---- SGLang frontend backend interface ----------------------------------------------------
     def cache_prefix(self, prefix_str: str) -> None:
@@ -490,6 +531,9 @@ class Engine(BaseBackend):
             params.pop("stop")
         if not params.get("stop_token_ids"):
             params.pop("stop_token_ids", None)
+        seed = self.stream_controls.take_seed(s.sid)
+        if seed is not None:
+            params["sampling_seed"] = seed
         request = {**self._prompt_of(s, s.text_), "sampling_params": params}
         for name in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"):
             value = getattr(sampling_params, name, None)
@@ -498,12 +542,13 @@ class Engine(BaseBackend):
         return request
 
     def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams):
-        out = self.generate_request(**self._frontend_request(s, sampling_params))
+        out = self.generate_request(**self._frontend_request(s, sampling_params), stream_id=s.sid)
         return out["text"], out["meta_info"]
 
     def generate_stream(self, s: StreamExecutor, sampling_params: SglSamplingParams):
         sent = 0
-        for out in self.generate_request(**self._frontend_request(s, sampling_params), stream=True):
+        for out in self.generate_request(**self._frontend_request(s, sampling_params), stream=True,
+                                         stream_id=s.sid):
             text = out["text"]
             yield text[sent:], out["meta_info"]
             sent = len(text)

@@ -52,6 +52,9 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     )
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+from .branch_stop import BRANCH_RID_PREFIX
 
 from .rsbcm import POLICY_NAME as RSBCM_POLICY
 from .rsbcm import RSBCMStrategy
@@ -63,6 +66,13 @@ TokenFeatures = Callable[[Sequence[int]], torch.Tensor]
 
 RecipientFeatures = Callable[[int], torch.Tensor]
 """n -> (n, hidden) features of the recipient's first n span tokens at the key layer."""
+
+
+def is_stopped_branch(req) -> bool:
+    """A runtime request that ended aborted and was named by ``RuntimeBackend`` as a
+    frontend gen (``rksc-branch-...``): a branch ``rksc_sgl.vote`` stopped."""
+    return (isinstance(req.finished_reason, FINISH_ABORT) and isinstance(req.rid, str)
+            and req.rid.startswith(BRANCH_RID_PREFIX))
 
 
 def _is_real(value) -> bool:
@@ -248,6 +258,14 @@ class RKSCRadixCache(RadixCache):
                 # Only a new leaf grows the tree: it is the node the insert ended at.
                 self._set_key(result.last_device_node)
         return result
+
+    def checkpoint(self, req, *, up_to: int):
+        """SGLang's runtime caches a request's computed KV here. A stopped branch
+        (:func:`rksc_sgl.vote` aborted it) caches its prompt only: its partial answer is
+        freed, not left for later lookups."""
+        if is_stopped_branch(req):
+            up_to = max(req.kv.cache_protected_len, min(up_to, len(req.origin_input_ids)))
+        return super().checkpoint(req, up_to=up_to)
 
     def _split_node(self, key, child, split_len: int):
         new_node = super()._split_node(key, child, split_len)

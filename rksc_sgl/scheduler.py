@@ -100,6 +100,8 @@ class Request:
     input_top_logprobs: List[list] = dataclasses.field(default_factory=list)
     finish_reason: Optional[dict] = None
     cancelled: bool = False
+    cancel_message: str = "cancelled"  # the abort message its finish reason carries
+    cancel_caches_output: bool = True  # cancelled: its decode KV goes into the tree (False: freed)
 
     @property
     def max_new_tokens(self) -> int:
@@ -164,8 +166,12 @@ class Scheduler:
         self._idle.clear()
         self.incoming.put(req)
 
-    def cancel(self, req: Request) -> None:
-        """Ask the scheduler to drop a request (client went away); frees its KV."""
+    def cancel(self, req: Request, message: str = "cancelled", cache_output: bool = True) -> None:
+        """Ask the scheduler to drop a request (client went away, branch stopped); frees its KV.
+
+        ``cache_output=False``: nothing it decoded goes into the tree, only its prompt (a
+        stopped branch's partial answer is not left for later lookups)."""
+        req.cancel_message, req.cancel_caches_output = message, cache_output
         req.cancelled = True
         self.incoming.put(None)  # wake the loop
 
@@ -243,9 +249,9 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
-            self._finish(req, abort="cancelled")
+            self._finish(req, abort=req.cancel_message)
         for req in [r for r in self.running if r.cancelled]:
-            self._finish(req, abort="cancelled")
+            self._finish(req, abort=req.cancel_message)
 
     # ---- admission + prefill ----------------------------------------------------------
     def _admit_and_prefill(self) -> None:
@@ -497,7 +503,8 @@ class Scheduler:
             self.running.remove(req)
         if req.kv is not None:
             if error is not None or abort is not None:
-                self.kv.release_uncached(req.kv, keep_len=req.kv.kv_len if error is None else req.kv.protected_len)
+                keep = req.kv.kv_len if req.cancel_caches_output else min(req.kv.kv_len, len(req.input_ids))
+                self.kv.release_uncached(req.kv, keep_len=keep if error is None else req.kv.protected_len)
             else:
                 self.kv.release(req.kv)
             req.kv = None

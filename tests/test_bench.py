@@ -50,6 +50,8 @@ def _bench_error(capsys, *args: str) -> str:
     (["--branches", "0"], "branches must be a positive integer"),
     (["--workload", "pressure", "--pool-fraction", "0"], "pool-fraction"),
     (["--workload", "paraphrase", "--branches", "99"], "wordings"),
+    (["--workload", "paraphrase", "--modes", "radix,stop-lossless"],
+     "workload 'paraphrase' does not vote over forks, so mode(s) stop-lossless would stop nothing"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(capsys, args, needle):
     err = _bench_error(capsys, *args)
@@ -299,3 +301,21 @@ def test_pressure_problems_cycle_through_their_few_shot_blocks(radix_engine):
     assert w.working_set(params, items, tok) == blocks + own
     with pytest.raises(ValueError, match="prefixes must be a positive integer"):
         w.resolve({"prefixes": 0})
+
+
+def test_vote_workload_stops_branches_and_reports_against_radix(radix_engine, tmp_path):
+    # Seeded branches: radix and stop-lossless sample the same chains; lossless never
+    # changes the voted answer.
+    settings = BenchSettings(problems=3, warmup=0, repeats=1, seed=1000,
+                             params={"branches": 6, "max_tokens": 24, "difficulty": "easy"})
+    result = bench.run_bench("vote", "radix,stop-lossless,stop-beta", settings, progress=False,
+                             engines={m: radix_engine for m in ("radix", "stop-lossless", "stop-beta")})
+    bench.save(result, tmp_path)
+    lossless, radix = result["modes"]["stop-lossless"], result["modes"]["radix"]
+    assert lossless["agreement_with_radix"] == 1.0 and lossless["accuracy_change_vs_radix"] == 0.0
+    assert lossless["stop_rule"] == "lossless" and "stop_rule" not in radix
+    assert radix["fewer_decode_tokens_than_radix"] == 1.0
+    for run_l, run_r in zip(result["runs"]["stop-lossless"], result["runs"]["radix"]):
+        kept = [i for i in range(6) if i not in run_l["vote"]["stopped"]]
+        assert all(run_l["outputs"][i] == run_r["outputs"][i] for i in kept)  # same seeds, same samples
+    assert "branches stopped (runs)" in (tmp_path / "bench_vote.md").read_text()

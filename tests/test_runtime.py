@@ -314,6 +314,53 @@ def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc):
     assert rksc.healthy()  # SGLang's own idle memory check (strict by default) would have killed it
 
 
+# ---- branch stop (rksc_sgl.vote) through SGLang's abort API ------------------------------------
+def _decoded_then_aborted(client, prompt_ids: list, rid: str) -> list:
+    result: dict = {}
+    params = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: result.setdefault(
+        "out", client.generate(input_ids=prompt_ids, rid=rid, sampling_params=params)))
+    worker.start()
+    time.sleep(2.0)
+    client.abort(rid=rid)
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
+    decoded = result["out"]["output_ids"]
+    assert 0 < len(decoded) < 400
+    return decoded
+
+
+@pytest.mark.parametrize("rid, caches_output", [("rksc-branch-test-0", False), ("an-ordinary-abort", True)])
+def test_an_aborted_branch_caches_only_its_prompt_and_other_aborts_stay_stock(rksc, hf, rid, caches_output):
+    rksc.flush_cache()
+    prompt = hf[1].encode(f"Request {rid}: list the planets of the solar system, slowly.")
+    decoded = _decoded_then_aborted(rksc, prompt, rid)
+    lookup = rksc.generate(input_ids=prompt + decoded, sampling_params={"max_new_tokens": 1, "temperature": 0})
+    cached = lookup["meta_info"]["cached_tokens"]
+    assert cached == len(prompt) if not caches_output else cached > len(prompt)
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+
+
+def test_vote_stops_branches_through_sglangs_abort_api(servers, rksc):
+    from branch_programs import uneven_branches
+
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    rksc.flush_cache()
+    backend = RuntimeBackend(servers["rksc"].url)
+    state = uneven_branches.run(prompt="The numbers are 1, 2, 3 and", long_tokens=400, backend=backend)
+    result, metas = state.ret_value
+    assert result.answer == "same" and result.settled_after == 3 and list(result.stopped) == [3]
+    assert metas[3]["finish_reason"]["type"] == "abort" and metas[3]["completion_tokens"] < 400
+    assert all(m["completion_tokens"] == 3 for m in metas[:3])
+    assert backend.stream_controls.active() == 0
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+    assert rksc.healthy()
+
+
 # ---- configurations that must fail, fast and cleanly -----------------------------------------
 def _launch_cli(capsys, *args: str):
     """``rksc-sgl launch-server ARGS`` in this process: (exit status, stderr)."""

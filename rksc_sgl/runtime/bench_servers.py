@@ -20,6 +20,7 @@ mode            SGLang flags
 ``rsbcm``       as ``rksc``, without ASKS and CGEE
 ``cgee``        SGLang's default cache, CGEE in the verify step
 ``lfu``/``slru``  SGLang's default cache with that eviction policy
+``stop-*``      SGLang's default cache; the client stops branches (``/abort_request``)
 ==============  ==================================================================
 
 ASKS modes take the run's ``asks_tau``/``asks_recompute`` (or their own ``asks@TAU``); key
@@ -45,6 +46,8 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
     "cgee": ([], False),
     "lfu": (["--radix-eviction-policy", "lfu"], False),
     "slru": (["--radix-eviction-policy", "slru"], False),
+    # branch stop is the client's (rksc_sgl.vote through SGLang's abort API): the default cache
+    **{f"stop-{rule}": ([], False) for rule in ("lossless", "beta", "window")},
 }
 
 

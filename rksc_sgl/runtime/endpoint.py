@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import uuid
 from typing import Any, Dict, Optional
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
+from ..branch_stop import BRANCH_RID_PREFIX, StreamControls, stopped_meta_info
 from ..chat import server_chat_template
 from .client import RuntimeClient
 
@@ -59,6 +61,12 @@ class RuntimeInfo:
     eviction_policy: str
 
 
+class _CurrentStream(threading.local):
+    """The frontend stream whose gen this thread is posting (``None`` between gens)."""
+
+    sid: Optional[str] = None
+
+
 class RuntimeBackend(RuntimeEndpoint):
     """``sgl.RuntimeEndpoint`` plus request counting, ``config``, ``stats`` and ``check_integrity``.
 
@@ -72,6 +80,9 @@ class RuntimeBackend(RuntimeEndpoint):
         if not chat_template_name:  # the model's own template, as the embedded engine prompts
             self.chat_template = server_chat_template(self.model_info)
         self.client = RuntimeClient(base_url)
+        # Branch stop (rksc_sgl.vote): a frontend gen's request id, so SGLang's abort API can end it.
+        self.stream_controls = StreamControls(abort=lambda rid, reason: self.client.abort(rid=rid))
+        self._generating = _CurrentStream()
         self._lock = threading.Lock()
         self._stats = RuntimeStats()
         state = self.client.scheduler_state()
@@ -89,16 +100,64 @@ class RuntimeBackend(RuntimeEndpoint):
             self._stats.decode_tokens += meta_info.get("completion_tokens", 0)
 
     def generate(self, s, sampling_params):
-        text, meta_info = super().generate(s, sampling_params)
+        refused = self.stream_controls.reason(s.sid)
+        if refused is not None:
+            self.stream_controls.take_seed(s.sid)
+            return "", stopped_meta_info(0, refused)
+        self._generating.sid = s.sid
+        try:
+            text, meta_info = super().generate(s, sampling_params)
+        finally:
+            self._generating.sid = None
+            self.stream_controls.finished(s.sid)
         self._count(meta_info)
         return text, meta_info
 
     def generate_stream(self, s, sampling_params):
+        refused = self.stream_controls.reason(s.sid)
+        if refused is not None:
+            self.stream_controls.take_seed(s.sid)
+            yield "", stopped_meta_info(0, refused)
+            return
         meta_info = None
-        for chunk, meta_info in super().generate_stream(s, sampling_params):
-            yield chunk, meta_info
+        self._generating.sid = s.sid
+        try:
+            for chunk, meta_info in super().generate_stream(s, sampling_params):
+                self._generating.sid = None
+                yield chunk, meta_info
+        finally:
+            self._generating.sid = None
+            self.stream_controls.finished(s.sid)
         if meta_info:
             self._count(meta_info)
+
+    def _add_images(self, s, data):
+        """``RuntimeEndpoint``'s last step before it posts a ``/generate``: a frontend gen
+        gets its own request id here (``rksc-branch-<sid>-...``), recorded so that
+        :meth:`stop_stream` can abort it, and the seed :meth:`seed_stream` gave it."""
+        super()._add_images(s, data)
+        if self._generating.sid == s.sid and "rid" not in data:
+            data["rid"] = f"{BRANCH_RID_PREFIX}{s.sid}-{uuid.uuid4().hex[:12]}"
+            seed = self.stream_controls.take_seed(s.sid)
+            if seed is not None:
+                data["sampling_params"]["sampling_seed"] = seed
+            self.stream_controls.start(s.sid, data["rid"])
+
+    # -- branch stop (rksc_sgl.vote) --------------------------------------------------------
+    def stop_stream(self, sid: str, reason: str) -> None:
+        """Abort the stream's request in flight through SGLang's ``/abort_request`` and
+        refuse its next until :meth:`resume_stream`. On ``--radix-cache-backend rksc`` the
+        aborted request caches only its prompt; SGLang's stock tree caches what it decoded
+        too, as for any abort (exact KV either way)."""
+        self.stream_controls.stop(sid, reason)
+
+    def resume_stream(self, sid: str) -> None:
+        self.stream_controls.resume(sid)
+
+    def seed_stream(self, sid: str, seed: int) -> None:
+        """The stream's next gen carries ``sampling_seed=seed`` (SGLang honours it with
+        ``--enable-deterministic-inference``)."""
+        self.stream_controls.seed(sid, seed)
 
     def _generate_http_request(self, s, data):
         obj = super()._generate_http_request(s, data)
