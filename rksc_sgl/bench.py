@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .config import DTYPES
-from .problems import (CHAIN_STOP, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
+from .problems import (CHAIN_STOP, DIFFICULTY_LEVELS, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
                        majority_vote, question_prompt, score)
 from .report import cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
 
@@ -197,10 +197,12 @@ def _define_programs() -> None:
 
     @sgl.function
     def seeded_vote(s, question: str, branches: int, max_tokens: int, sample_temperature: float, seed: int,
-                    stop_rule: Optional[str] = None) -> Dict[str, Any]:
-        """The ``vote`` workload's program: self-consistency over ``branches`` sampled chains,
-        branch i seeded ``seed + i`` (the same samples in every mode), each ending at its
-        first paragraph; with ``stop_rule``, ``rksc_sgl.vote`` stops the rest once settled."""
+                    stop_rule: Optional[str] = None, verify_config: Optional["CGEEConfig"] = None,
+                    audit_log: Any = None) -> Dict[str, Any]:
+        """The ``vote`` and ``serve`` workloads' program: self-consistency over ``branches``
+        sampled chains, branch i seeded ``seed + i`` (the same samples in every mode), each
+        ending at its first paragraph; with ``stop_rule``, ``rksc_sgl.vote`` stops the rest
+        once settled; with ``verify_config``, best-of-N: ``rksc_sgl.verify`` picks the answer."""
         s += sgl.system(SYSTEM_PROMPT)
         s += sgl.user(question_prompt(question))
         s.sync()  # the shared prompt is committed before the fork, every time (see hinted_branches)
@@ -211,7 +213,11 @@ def _define_programs() -> None:
         voted = vote(forks, "answer", rule=stop_rule) if stop_rule else None
         texts = [f["answer"] for f in forks]
         answer = voted.answer if voted else majority_vote([extract_answer(t) for t in texts])
-        return {"answer": answer, "texts": texts, "vote": voted}
+        checked = None
+        if verify_config is not None:  # best-of-N: the verifier picks among the (finished) branches
+            checked = verify(forks, answer="answer", config=verify_config, audit_log=audit_log, branch_vote=voted)
+            answer = checked.answer
+        return {"answer": answer, "texts": texts, "vote": voted, "verify": checked}
 
     @sgl.function
     def paraphrased_question(s, question: str, instruction: str, max_tokens: int, sample_temperature: float = 0.0):
@@ -440,6 +446,8 @@ class Outcome:
     """Time of CGEE audit passes inside the run (left out of the mode's time)."""
     vote: Optional[Dict[str, Any]] = None
     """With a branch-stop rule: ``{"rule", "stopped", "settled_after"}`` of ``rksc_sgl.vote``."""
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Workload-specific fields of the run's record (``serve``: per-program latencies, answers, errors)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,6 +577,12 @@ NOT_SLOWER_THAN_RADIX = Target("rksc not slower than radix (upper 95% CI of radi
 
 class _GymWorkload(Workload):
     """A workload over plain reasoning-gym problems (``dataset``/``difficulty`` parameters)."""
+
+    def resolve(self, overrides):
+        params = super().resolve(overrides)
+        if params["difficulty"] not in DIFFICULTY_LEVELS:
+            raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTY_LEVELS)}, got {params['difficulty']!r}")
+        return params
 
     def items(self, tokenizer, params, seed, count):
         problems = load_problems(params["dataset"], count, seed, difficulty=params["difficulty"])
@@ -710,8 +724,10 @@ class VoteWorkload(_GymWorkload):
             "problem k seeded seed*1000 + k*branches + i, the same in every mode), each ending at its first "
             "paragraph, majority vote; stop-* modes (and rksc) stop the remaining branches once their rule "
             "settles the vote")
+    # easy: the packaged model answers it often (medium's answers are mostly wrong and
+    # scattered, so no vote settles; see the README's branch-stop measurements).
     defaults = {"branches": 8, "max_tokens": 128, "temperature": 0.7, "dataset": "basic_arithmetic",
-                "difficulty": "medium"}
+                "difficulty": "easy"}
     votes = True
 
     def items(self, tokenizer, params, seed, count):
@@ -730,6 +746,163 @@ class VoteWorkload(_GymWorkload):
     def targets(self):
         return [Target(f"stop-lossless voted answer agrees with radix", _mode_field("stop-lossless",
                                                                                  "agreement_with_radix"), ">=", 1.0)]
+
+
+MALFORMED_PARAMS = ({"temperature": -1.0}, {"max_new_tokens": -5}, {"top_p": 2.0})
+"""The sampling parameters of ``serve``'s malformed requests, taken in turn: each must be refused."""
+
+
+def _is_engine(backend) -> bool:
+    """The embedded engine (else SGLang's runtime, through ``RuntimeBackend``)."""
+    from .engine import Engine
+
+    return isinstance(backend, Engine)
+
+
+def _disconnect(backend, text: str) -> None:
+    """A client that reads two chunks of a streamed answer and goes away."""
+    params = {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}
+    if _is_engine(backend):  # closing the engine's stream cancels the request
+        stream = backend.generate_request(text=text, sampling_params=params, stream=True)
+        for _ in zip(range(2), stream):
+            pass
+        stream.close()
+        return
+    import requests
+
+    with requests.post(backend.base_url + "/generate", json={"text": text, "sampling_params": params, "stream": True},
+                       stream=True, timeout=60) as response:
+        response.raise_for_status()
+        for _ in zip(range(2), response.iter_lines()):
+            pass  # leaving the block closes the connection: SGLang aborts the request
+
+
+def _malformed(backend, params: Dict[str, Any]) -> bool:
+    """Send a request with bad sampling parameters; whether it was refused."""
+    if _is_engine(backend):
+        try:
+            backend.generate_request(text="Hello", sampling_params=params)
+        except ValueError:
+            return True
+        return False
+    import requests
+
+    response = requests.post(backend.base_url + "/generate", json={"text": "Hello", "sampling_params": params},
+                             timeout=60)
+    return 400 <= response.status_code < 500
+
+
+@register
+class ServeWorkload(_GymWorkload):
+    name = "serve"
+    help = ("serving: each problem is a window of `programs` multi-branch programs (self-consistency and "
+            "best-of-N with a verifier, alternating; seeded branches) that `clients` closed-loop clients run "
+            "concurrently, on a KV pool of pool_fraction of those clients' working set, with faults mixed in: "
+            "streams abandoned after two chunks (disconnect_share of the programs) and requests with bad "
+            "sampling parameters (malformed_share); reports programs per second, program latency, errors by "
+            "class and an integrity check after every window")
+    defaults = {"programs": 8, "clients": 4, "branches": 4, "max_tokens": 64, "temperature": 0.7,
+                "pool_fraction": 0.5, "disconnect_share": 0.25, "malformed_share": 0.25,
+                "dataset": "basic_arithmetic", "difficulty": "easy"}
+    votes = True
+    has_verify = True
+
+    def resolve(self, overrides):
+        params = super().resolve(overrides)
+        if not isinstance(params["clients"], int) or params["clients"] < 1:
+            raise ValueError(f"clients must be a positive integer, got {params['clients']!r}")
+        if not 0.0 < params["pool_fraction"] <= 1.0:
+            raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
+        for key in ("disconnect_share", "malformed_share"):
+            if not 0.0 <= params[key] <= 1.0:
+                raise ValueError(f"{key.replace('_', '-')} must be in [0, 1], got {params[key]!r}")
+        return params
+
+    def items(self, tokenizer, params, seed, count):
+        k = params["programs"]
+        problems = load_problems(params["dataset"], count * k, seed, difficulty=params["difficulty"])
+        out = []
+        for i in range(count):
+            group = problems[i * k:(i + 1) * k]
+            out.append(Item(i, group[0], {
+                "problems": group, "seeds": [seed * 1000 + (i * k + j) * params["branches"] for j in range(k)],
+                "prompt_tokens": max(len(tokenizer.encode(question_prompt(p.question))) for p in group)}))
+        return out
+
+    def engine_overrides(self, tokenizer, params, items):
+        # The working set of `clients` programs at once: each one's prompt (plus its chat
+        # template) and every branch's tokens, plus the verify turn of best-of-N.
+        per_program = max(it.inputs["prompt_tokens"] for it in items) + 48 + params["branches"] * (
+            params["max_tokens"] + 24)
+        need = params["clients"] * per_program
+        return {"kv_pool_tokens": max(int(need * params["pool_fraction"]), 2 * per_program)}
+
+    def jobs(self, item, params) -> List[Tuple[str, int]]:
+        """The window's work in the order clients take it: programs, with the faults spread in."""
+        k = params["programs"]
+        jobs = [("program", j) for j in range(k)]
+        jobs += [("disconnect", j) for j in range(round(params["disconnect_share"] * k))]
+        jobs += [("malformed", j) for j in range(round(params["malformed_share"] * k))]
+        random.Random(item.index).shuffle(jobs)
+        return jobs
+
+    def run(self, engine, item, params, cgee, audit_log, stop=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        problems, seeds = item.inputs["problems"], item.inputs["seeds"]
+
+        def do(job):
+            kind, j = job
+            t0 = time.perf_counter()
+            if kind == "disconnect":
+                _disconnect(engine, f"Tell a long story about the number {j}.")
+                return kind, j, None, time.perf_counter() - t0
+            if kind == "malformed":
+                return kind, j, _malformed(engine, MALFORMED_PARAMS[j % len(MALFORMED_PARAMS)]), 0.0
+            state = program("seeded_vote").run(
+                question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
+                sample_temperature=params["temperature"], seed=seeds[j], stop_rule=stop,
+                verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
+            return kind, j, state.ret_value, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(max_workers=params["clients"]) as pool:
+            done = list(pool.map(do, self.jobs(item, params)))
+        return self._outcome(engine, problems, done)
+
+    @staticmethod
+    def _outcome(engine, problems, done) -> Outcome:
+        rets: Dict[int, Any] = {}
+        latency: Dict[int, float] = {}
+        errors = {"disconnected": 0, "malformed_refused": 0, "malformed_accepted": 0, "program_failed": 0}
+        for kind, j, value, seconds in done:
+            if kind == "disconnect":
+                errors["disconnected"] += 1
+            elif kind == "malformed":
+                errors["malformed_refused" if value else "malformed_accepted"] += 1
+            elif isinstance(value, dict):
+                rets[j], latency[j] = value, seconds
+            else:
+                errors["program_failed"] += 1
+        try:
+            engine.check_integrity()
+            integrity = None
+        except Exception as exc:  # recorded, and the report says it
+            integrity = f"{type(exc).__name__}: {exc}"
+        answers = [rets[j]["answer"] if j in rets else None for j in range(len(problems))]
+        stopped = [len(rets[j]["vote"].stopped) for j in rets if rets[j]["vote"] is not None]
+        extra = {"programs": len(problems), "program_latency_s": [latency[j] for j in sorted(latency)],
+                 "program_answers": answers,
+                 "program_correct": [bool(a is not None and score(p, a) >= 1.0) for p, a in zip(problems, answers)],
+                 "errors": errors, "integrity_error": integrity, "branches_stopped_in_window": sum(stopped)}
+        outputs = [t for j in sorted(rets) for t in rets[j]["texts"]]
+        return Outcome(answers[0], outputs, extra=extra)
+
+    def targets(self):
+        return [Target("rksc programs per second over radix's (pressured pool)", _speedup("radix", "rksc"), ">=",
+                       1.66),
+                Target("rksc programs' voted answers agreeing with radix's", _mode_field("rksc",
+                                                                                   "program_agreement_with_radix"),
+                       ">=", 0.97)]
 
 
 @register
@@ -877,6 +1050,8 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
         "hit_rate": _hit_rate(records),
         "decode_tokens_total": sum(r["decode_tokens"] for r in records),
     }
+    if records and "programs" in records[0]:
+        out.update(_serve_summary(records))
     votes = [r["vote"] for r in records if r.get("vote")]
     if votes:
         out.update({"stop_rule": votes[0]["rule"], "branches_stopped": sum(len(v["stopped"]) for v in votes),
@@ -901,6 +1076,22 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
             "cgee_error_rate": errors / len(compared) if compared else None, "cgee_error_ci95": [lo, hi],
         })
     return out
+
+
+def _serve_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``serve``: programs per second over the windows' time, program latency percentiles,
+    program accuracy, errors by class, and the windows whose integrity check failed."""
+    latencies = [x for r in records for x in r["program_latency_s"]]
+    correct = [c for r in records for c in r["program_correct"]]
+    errors: Dict[str, int] = {}
+    for r in records:
+        for kind, n in r["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    return {"programs_per_s": sum(r["programs"] for r in records) / sum(r["time_s"] for r in records),
+            "program_latency_p50_s": percentile(latencies, 50) if latencies else None,
+            "program_latency_p90_s": percentile(latencies, 90) if latencies else None,
+            "program_accuracy": statistics.fmean(correct) if correct else None,
+            "errors": errors, "integrity_failures": [r["integrity_error"] for r in records if r["integrity_error"]]}
 
 
 def _median_or_none(records: List[Dict[str, Any]], field: str) -> Optional[float]:
@@ -943,7 +1134,13 @@ def paired_with_radix(records: List[Dict[str, Any]], reference: List[Dict[str, A
     rng = random.Random(seed)
     boot = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples)) if diffs else []
     decode = sum(r["decode_tokens"] for r in mine)
-    return {"agreement_with_radix_ci95": list(wilson(agree, len(mine))),
+    programs = {}
+    if mine and "program_answers" in mine[0]:
+        pairs = [(a, b) for r in mine for a, b in zip(r["program_answers"], ref[r["problem"]]["program_answers"])]
+        same = sum(a == b for a, b in pairs)
+        programs = {"program_agreement_with_radix": same / len(pairs) if pairs else None,
+                    "program_agreement_ci95": list(wilson(same, len(pairs)))}
+    return {**programs, "agreement_with_radix_ci95": list(wilson(agree, len(mine))),
             "accuracy_change_vs_radix": statistics.fmean(diffs) if diffs else None,
             "accuracy_change_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]] if boot else None,
             "fewer_decode_tokens_than_radix": (sum(ref[r["problem"]]["decode_tokens"] for r in mine) / decode
@@ -979,6 +1176,7 @@ def run_once(engine, workload: Workload, item: Item, params: Dict[str, Any], cge
         record["verify"] = _verify_record(outcome.verify)
     if outcome.vote is not None:
         record["vote"] = outcome.vote
+    record.update(outcome.extra)
     return record
 
 
@@ -1288,7 +1486,23 @@ def table_rows(result: Dict[str, Any]) -> List[tuple]:
                      f"{s['accuracy']:.2f}", "-" if agree is None else f"{agree:.3f}"))
     if any(s.get("stop_rule") for s in result["modes"].values()):
         rows = [row + extra for row, extra in zip(rows, _stop_columns(result))]
+    if any("programs_per_s" in s for s in result["modes"].values()):
+        rows = [row + extra for row, extra in zip(rows, _serve_columns(result))]
     return rows
+
+
+def _serve_columns(result: Dict[str, Any]) -> List[tuple]:
+    """``serve`` columns: throughput, latency, program-level agreement, errors, integrity."""
+    out = [("programs/s", "latency p50/p90 s", "programs agree w/ radix [95% CI]",
+            "disconnected/refused/accepted bad/failed", "integrity")]
+    for s in result["modes"].values():
+        e, ci = s["errors"], s.get("program_agreement_ci95")
+        agree = "-" if ci is None else f"{s['program_agreement_with_radix']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        out.append((f"{s['programs_per_s']:.3f}",
+                    f"{_fmt(s['program_latency_p50_s'], '.2f')}/{_fmt(s['program_latency_p90_s'], '.2f')}", agree,
+                    f"{e['disconnected']}/{e['malformed_refused']}/{e['malformed_accepted']}/{e['program_failed']}",
+                    "ok" if not s["integrity_failures"] else f"{len(s['integrity_failures'])} failed"))
+    return out
 
 
 def _stop_columns(result: Dict[str, Any]) -> List[tuple]:
@@ -1447,7 +1661,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
 
 # ---- command line ------------------------------------------------------------------------------
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
-               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int}
+               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int,
+               "difficulty": str, "clients": int, "disconnect_share": float, "malformed_share": float}
 
 
 def add_bench_args(parser) -> None:

@@ -319,3 +319,28 @@ def test_vote_workload_stops_branches_and_reports_against_radix(radix_engine, tm
         kept = [i for i in range(6) if i not in run_l["vote"]["stopped"]]
         assert all(run_l["outputs"][i] == run_r["outputs"][i] for i in kept)  # same seeds, same samples
     assert "branches stopped (runs)" in (tmp_path / "bench_vote.md").read_text()
+
+
+def test_serve_workload_counts_programs_faults_and_integrity(radix_engine):
+    settings = BenchSettings(problems=1, warmup=0, repeats=1, seed=1000,
+                             params={"programs": 2, "clients": 2, "branches": 2, "max_tokens": 8,
+                                     "disconnect_share": 0.5, "malformed_share": 1.0})
+    result = bench.run_bench("serve", "radix,stop-lossless", settings, progress=False,
+                             engines={m: radix_engine for m in ("radix", "stop-lossless")})
+    for label in ("radix", "stop-lossless"):
+        m = result["modes"][label]
+        assert m["errors"] == {"disconnected": 1, "malformed_refused": 2, "malformed_accepted": 0,
+                               "program_failed": 0}
+        assert m["integrity_failures"] == [] and m["programs_per_s"] > 0
+        assert m["program_latency_p50_s"] <= m["program_latency_p90_s"]
+        run = result["runs"][label][0]
+        assert len(run["program_answers"]) == 2 and len(run["program_latency_s"]) == 2
+    assert result["modes"]["stop-lossless"]["program_agreement_with_radix"] == 1.0
+    radix_engine.check_integrity()
+
+
+@pytest.mark.parametrize("params, message", [({"clients": 0}, "clients must be a positive integer"),
+                                             ({"malformed_share": 1.5}, "malformed-share must be in [0, 1]")])
+def test_serve_parameters_are_checked(params, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        WORKLOADS["serve"].resolve(params)

@@ -361,6 +361,27 @@ def test_vote_stops_branches_through_sglangs_abort_api(servers, rksc):
     assert rksc.healthy()
 
 
+def test_serve_window_on_the_runtime_counts_faults_and_leaves_it_healthy(servers, rksc, hf):
+    # One window of the bench's serve workload through SGLang's HTTP API: programs with
+    # lossless branch stop and best-of-N verification, a client that goes away mid-stream,
+    # requests with bad sampling parameters (SGLang refuses them with a 4xx).
+    from rksc_sgl.bench import WORKLOADS
+    from rksc_sgl.cgee import AuditLog, CGEEConfig
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    serve = WORKLOADS["serve"]
+    params = serve.resolve({"programs": 2, "clients": 2, "branches": 3, "max_tokens": 8,
+                            "disconnect_share": 0.5, "malformed_share": 1.0})
+    item = serve.items(hf[1], params, seed=1000, count=1)[0]
+    outcome = serve.run(RuntimeBackend(servers["rksc"].url), item, params, CGEEConfig(), AuditLog(), stop="lossless")
+    assert outcome.extra["errors"] == {"disconnected": 1, "malformed_refused": 2, "malformed_accepted": 0,
+                                       "program_failed": 0}
+    assert outcome.extra["integrity_error"] is None and len(outcome.extra["program_answers"]) == 2
+    report = rksc.idle_integrity()
+    assert report["ok"], report
+    assert rksc.healthy()
+
+
 # ---- configurations that must fail, fast and cleanly -----------------------------------------
 def _launch_cli(capsys, *args: str):
     """``rksc-sgl launch-server ARGS`` in this process: (exit status, stderr)."""
