@@ -88,6 +88,8 @@ def hints_for(n: int) -> List[str]:
             for i in range(n)]
 
 
+NEXT_QUESTION = "\n\nQuestion:"
+"""Where a few-shot answer ends: the model goes on with the next question."""
 FEW_SHOT_HEADER = "Solve each math word problem. Reason step by step, then give the final answer.\n\n"
 
 
@@ -155,7 +157,7 @@ def _define_programs() -> None:
                         sample_temperature: float = 0.0, verify_config: Optional["CGEEConfig"] = None,
                         audit_log: Any = None,
                         extract: Callable[[str], Optional[str]] = extract_final,
-                        stop_rule: Optional[str] = None) -> Dict[str, Any]:
+                        stop_rule: Optional[str] = None, until_answer: bool = False) -> Dict[str, Any]:
         """One shared prompt, ``len(hints)`` branches with one approach hint each, exactly
         ``max_tokens`` new tokens per branch, then (with ``verify_config``) ``rksc_sgl.verify``.
 
@@ -169,8 +171,10 @@ def _define_programs() -> None:
         commit request; the engine sees exactly ``len(hints)`` requests); ``fork_commit=True``
         syncs before forking, so the prefix is always committed first (one extra request).
         With ``stop_rule``, ``rksc_sgl.vote`` stops branches once their vote is settled (the
-        verify step then sees the vote); every branch here decodes exactly ``max_tokens``, so
-        they all finish at the same step and none is ever stopped.
+        verify step then sees the vote). Every branch decodes exactly ``max_tokens``, so they
+        all finish at the same step and none is ever stopped, unless ``until_answer``: then a
+        branch ends where the few-shot format starts the next question (``\n\nQuestion:``),
+        or at ``max_tokens``.
         Returns ``{"completion_tokens": [...], "verify": VerifyResult or None, "vote": BranchVote
         or None}``; the branches' texts are gathered into ``s["answer"]`` by the join.
         """
@@ -184,8 +188,11 @@ def _define_programs() -> None:
             shared = prompt
         for f, hint in zip(forks, hints):
             f += shared + hint + "\n"
-            f += sgl.gen("answer", max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
-                         temperature=sample_temperature)
+            if until_answer:
+                f += sgl.gen("answer", max_tokens=max_tokens, stop=[NEXT_QUESTION], temperature=sample_temperature)
+            else:
+                f += sgl.gen("answer", max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
+                             temperature=sample_temperature)
         voted = vote(forks, "answer", rule=stop_rule, extract=extract) if stop_rule else None
         metas = [f.get_meta_info("answer") for f in forks]  # waits for every branch
         checked = None
@@ -612,7 +619,7 @@ class _HintedWorkload(Workload):
         state = program("hinted_branches").run(
             prompt=item.inputs["prompt"], hints=hints_for(params["branches"]), max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
-            audit_log=audit_log, stop_rule=stop, backend=engine)
+            audit_log=audit_log, stop_rule=stop, until_answer=bool(params.get("until_answer")), backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
             raise RuntimeError(f"workload {self.name!r}: the program failed: {ret!r}")
@@ -645,11 +652,19 @@ class PaperWorkload(_HintedWorkload):
 @register
 class CotWorkload(_HintedWorkload):
     name = "cot"
-    help = "self-consistency: the same few-shot prompt, 8 hinted branches x 256 new tokens, majority vote"
-    defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0}
+    help = ("self-consistency: the same few-shot prompt, 8 hinted branches x 256 new tokens, majority vote "
+            "(until_answer=1: a branch ends where it starts the next question, so branch stop can end the rest)")
+    defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0, "until_answer": 0}
+
+    def resolve(self, overrides):
+        params = super().resolve(overrides)
+        if params["until_answer"] not in (0, 1):
+            raise ValueError(f"until-answer must be 0 or 1, got {params['until_answer']!r}")
+        return params
 
     def targets(self):
-        return [NOT_SLOWER_THAN_RADIX]
+        return [NOT_SLOWER_THAN_RADIX, Target("rksc speedup over radix (issue 19: >= 1.3x)", _speedup("radix", "rksc"),
+                                              ">=", 1.3)]
 
 
 @register
@@ -1662,7 +1677,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
 # ---- command line ------------------------------------------------------------------------------
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
                "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int,
-               "difficulty": str, "clients": int, "disconnect_share": float, "malformed_share": float}
+               "difficulty": str, "until_answer": int, "clients": int, "disconnect_share": float, "malformed_share": float}
 
 
 def add_bench_args(parser) -> None:
