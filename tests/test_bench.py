@@ -50,6 +50,8 @@ def _bench_error(capsys, *args: str) -> str:
     (["--branches", "0"], "branches must be a positive integer"),
     (["--workload", "pressure", "--pool-fraction", "0"], "pool-fraction"),
     (["--workload", "paraphrase", "--branches", "99"], "wordings"),
+    (["--workload", "cot", "--until-answer", "2"], "until-answer must be 0 or 1"),
+    (["--workload", "vote", "--difficulty", "hardest"], "difficulty must be one of easy, medium"),
     (["--workload", "paraphrase", "--modes", "radix,stop-lossless"],
      "workload 'paraphrase' does not vote over forks, so mode(s) stop-lossless would stop nothing"),
 ])
