@@ -333,7 +333,10 @@ class Scheduler:
                 "or lower max_new_tokens"))
             return reserved, prefill_tokens
         alias = None
-        if req.logprob_start is None and req.namespace is None:  # scored prompts are computed exactly
+        # Scored prompts are computed exactly, and so is a prefill-only request (a fork's
+        # commit, cache_prefix): it exists to be cached, and a recipient caches nothing, so
+        # its branches would each miss the prefix and go through ASKS again.
+        if req.logprob_start is None and req.namespace is None and req.max_new_tokens > 0:
             alias = self.kv.match_alias(req.input_ids, cap, prefix, node)
             self.stats.key_tokens = self.kv.key_tokens
         reused = alias.reused_tokens if alias is not None else 0

@@ -417,6 +417,25 @@ def test_paraphrase_gets_semantic_hits_and_stays_explicit(engines):
     eng.check_integrity()
 
 
+def test_a_prefill_only_request_is_computed_exactly_and_cached(engines):
+    # A fork's commit (max_new_tokens 0) exists to be cached: ASKS leaves it exact, so the
+    # branches after it reuse the whole prompt exactly.
+    eng = engines("rksc-on", cache="rksc", asks={"enabled": True, "tau": 0.8, "recompute_fraction": 0.2})
+    assert eng.flush_cache()
+    donor_text, recipient_text = (
+        "Solve this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:",
+        "Answer this problem. Tom has 3 apples and buys 5 more. How many apples does Tom have? Answer:",
+    )
+    eng.generate_request(text=donor_text, sampling_params=GREEDY)
+    before = eng.stats()
+    eng.generate_request(text=recipient_text, sampling_params={"max_new_tokens": 0})
+    assert eng.stats().since(before).semantic_tokens == 0
+    ids = eng.encode(recipient_text)
+    assert len(eng.scheduler.call(lambda: eng.kv.match(ids, len(ids))[0])) == len(ids)
+    assert eng.flush_cache()
+    eng.check_integrity()
+
+
 def test_shifted_copies_equal_a_plain_prefill_at_layer_0(engines):
     """'Solve' is two tokens, 'Answer' one: the rest of the recipient's prompt is the
     donor's, one position earlier. Layer-0 keys and values depend only on the token and

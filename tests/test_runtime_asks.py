@@ -283,6 +283,21 @@ def test_exact_lookup_after_an_asks_request_never_returns_donor_kv(client, engin
     assert client.idle_integrity()["ok"]
 
 
+def test_a_prefill_only_request_is_computed_exactly_and_cached(client, engine):
+    # The frontend's commit before a fork (max_new_tokens 0) is never planned: it is cached
+    # exactly, so the branches after it reuse the whole prompt.
+    donor, recipient = (engine.encode(text) for text in PAIRS[1])
+    exact = next(i for i, (a, b) in enumerate(zip(donor, recipient)) if a != b)
+    client.flush_cache()
+    _generate(client, donor, {"max_new_tokens": 1, "temperature": 0})
+    before = _asks_counters(client)
+    _generate(client, recipient, {"max_new_tokens": 0})
+    assert _asks_counters(client)["recipients"] == before["recipients"]
+    again = _generate(client, recipient, return_logprob=True)
+    assert again["meta_info"]["cached_tokens"] > exact
+    assert client.idle_integrity()["ok"]
+
+
 def test_donor_stays_locked_while_its_recipient_runs(client, engine):
     donor, recipient = (engine.encode(text) for text in PAIRS[0])
     client.flush_cache()

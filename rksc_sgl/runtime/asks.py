@@ -261,7 +261,12 @@ class RuntimeASKSCache(RKSCRadixCache):
                                cache_protected_len=plan.exact_len)
 
     def _eligible(self, req) -> bool:
+        """Fresh plain text requests that decode. A prefill-only request (the frontend's
+        commit before a fork) is computed exactly: it exists to be cached, and a recipient
+        caches nothing, so its branches would each miss the prefix and go through ASKS again."""
         if not self.semantic_active or req.output_ids or req.kv.holds_kv or id(req.kv) in self.plans:
+            return False
+        if req.sampling_params.max_new_tokens == 0:
             return False
         plain = (req.extra_key, req.cache_salt, req.multimodal_inputs, getattr(req, "input_embeds", None),
                  getattr(req, "positional_embed_overrides", None), getattr(req, "lora_id", None))
