@@ -492,9 +492,11 @@ class Workload:
                              f"(it takes: {', '.join(self.defaults)})")
         params = dict(self.defaults)
         params.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes"):
+        for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes", "clients"):
             if key in params and (not isinstance(params[key], int) or params[key] < 1):
                 raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {params[key]!r}")
+        if "pool_fraction" in params and not 0.0 < params["pool_fraction"] <= 1.0:
+            raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
         if "temperature" in params and not params["temperature"] >= 0:
             raise ValueError(f"temperature must be >= 0, got {params['temperature']!r}")
         return params
@@ -594,6 +596,12 @@ class _GymWorkload(Workload):
     def items(self, tokenizer, params, seed, count):
         problems = load_problems(params["dataset"], count, seed, difficulty=params["difficulty"])
         return [Item(i, p) for i, p in enumerate(problems)]
+
+
+def branch_seed(seed: int, program: int, branches: int) -> int:
+    """The seed of program ``program``'s first branch (branch i: + i), distinct across the
+    run's programs and the same in every mode."""
+    return seed * 1000 + program * branches
 
 
 def _vote_record(voted) -> Optional[Dict[str, Any]]:
@@ -746,7 +754,7 @@ class VoteWorkload(_GymWorkload):
     votes = True
 
     def items(self, tokenizer, params, seed, count):
-        return [dataclasses.replace(item, inputs={"seed": seed * 1000 + item.index * params["branches"]})
+        return [dataclasses.replace(item, inputs={"seed": branch_seed(seed, item.index, params["branches"])})
                 for item in super().items(tokenizer, params, seed, count)]
 
     def run(self, engine, item, params, cgee, audit_log, stop=None):
@@ -759,7 +767,7 @@ class VoteWorkload(_GymWorkload):
         return Outcome(ret["answer"], ret["texts"], vote=_vote_record(ret["vote"]))
 
     def targets(self):
-        return [Target(f"stop-lossless voted answer agrees with radix", _mode_field("stop-lossless",
+        return [Target("stop-lossless voted answer agrees with radix", _mode_field("stop-lossless",
                                                                                  "agreement_with_radix"), ">=", 1.0)]
 
 
@@ -824,10 +832,6 @@ class ServeWorkload(_GymWorkload):
 
     def resolve(self, overrides):
         params = super().resolve(overrides)
-        if not isinstance(params["clients"], int) or params["clients"] < 1:
-            raise ValueError(f"clients must be a positive integer, got {params['clients']!r}")
-        if not 0.0 < params["pool_fraction"] <= 1.0:
-            raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
         for key in ("disconnect_share", "malformed_share"):
             if not 0.0 <= params[key] <= 1.0:
                 raise ValueError(f"{key.replace('_', '-')} must be in [0, 1], got {params[key]!r}")
@@ -840,7 +844,7 @@ class ServeWorkload(_GymWorkload):
         for i in range(count):
             group = problems[i * k:(i + 1) * k]
             out.append(Item(i, group[0], {
-                "problems": group, "seeds": [seed * 1000 + (i * k + j) * params["branches"] for j in range(k)],
+                "problems": group, "seeds": [branch_seed(seed, i * k + j, params["branches"]) for j in range(k)],
                 "prompt_tokens": max(len(tokenizer.encode(question_prompt(p.question))) for p in group)}))
         return out
 
@@ -874,10 +878,13 @@ class ServeWorkload(_GymWorkload):
                 return kind, j, None, time.perf_counter() - t0
             if kind == "malformed":
                 return kind, j, _malformed(engine, MALFORMED_PARAMS[j % len(MALFORMED_PARAMS)]), 0.0
-            state = program("seeded_vote").run(
-                question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
-                sample_temperature=params["temperature"], seed=seeds[j], stop_rule=stop,
-                verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
+            try:
+                state = program("seeded_vote").run(
+                    question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
+                    sample_temperature=params["temperature"], seed=seeds[j], stop_rule=stop,
+                    verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
+            except Exception as exc:  # a failed program is an error of its class, not the end of the run
+                return kind, j, exc, time.perf_counter() - t0
             return kind, j, state.ret_value, time.perf_counter() - t0
 
         with ThreadPoolExecutor(max_workers=params["clients"]) as pool:
@@ -889,6 +896,7 @@ class ServeWorkload(_GymWorkload):
         rets: Dict[int, Any] = {}
         latency: Dict[int, float] = {}
         errors = {"disconnected": 0, "malformed_refused": 0, "malformed_accepted": 0, "program_failed": 0}
+        failures: List[str] = []
         for kind, j, value, seconds in done:
             if kind == "disconnect":
                 errors["disconnected"] += 1
@@ -898,6 +906,7 @@ class ServeWorkload(_GymWorkload):
                 rets[j], latency[j] = value, seconds
             else:
                 errors["program_failed"] += 1
+                failures.append(f"program {j}: {value!r}")
         try:
             engine.check_integrity()
             integrity = None
@@ -908,7 +917,8 @@ class ServeWorkload(_GymWorkload):
         extra = {"programs": len(problems), "program_latency_s": [latency[j] for j in sorted(latency)],
                  "program_answers": answers,
                  "program_correct": [bool(a is not None and score(p, a) >= 1.0) for p, a in zip(problems, answers)],
-                 "errors": errors, "integrity_error": integrity, "branches_stopped_in_window": sum(stopped)}
+                 "errors": errors, "program_failures": failures, "integrity_error": integrity,
+                 "branches_stopped_in_window": sum(stopped)}
         outputs = [t for j in sorted(rets) for t in rets[j]["texts"]]
         return Outcome(answers[0], outputs, extra=extra)
 
@@ -930,12 +940,6 @@ class PressureWorkload(Workload):
     defaults = {"programs": 2, "branches": 4, "max_tokens": 32, "prompt_tokens": 600, "pool_fraction": 0.25,
                 "prefixes": 3, "temperature": 0.0}
     flush_between_problems = False
-
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
-        if not 0.0 < params["pool_fraction"] <= 1.0:
-            raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
-        return params
 
     def items(self, tokenizer, params, seed, count):
         # ``prefixes`` few-shot blocks (seeds seed, seed+1, ...); problem i uses block

@@ -10,10 +10,8 @@ name-based lookup is used instead.
 from __future__ import annotations
 
 import logging
-from typing import Optional
-
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from sglang.lang.chat_template import (ChatTemplate, chat_template_registry, get_chat_template,
                                        get_chat_template_by_model_path)

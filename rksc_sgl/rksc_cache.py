@@ -55,7 +55,6 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from .branch_stop import BRANCH_RID_PREFIX
-
 from .rsbcm import POLICY_NAME as RSBCM_POLICY
 from .rsbcm import RSBCMStrategy
 

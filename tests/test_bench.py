@@ -346,3 +346,14 @@ def test_serve_workload_counts_programs_faults_and_integrity(radix_engine):
 def test_serve_parameters_are_checked(params, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         WORKLOADS["serve"].resolve(params)
+
+
+def test_serve_counts_a_failed_program_as_its_error_class(radix_engine):
+    problems = [Problem(question="Calculate 1 + 1.", answer="2"), Problem(question="Calculate 2 + 2.", answer="4")]
+    ok = {"answer": "2", "texts": ["1 + 1 = 2"], "vote": None, "verify": None}
+    done = [("program", 0, ok, 1.0), ("program", 1, RuntimeError("boom"), 0.5), ("malformed", 0, True, 0.0)]
+    outcome = WORKLOADS["serve"]._outcome(radix_engine, problems, done)
+    assert outcome.extra["errors"] == {"disconnected": 0, "malformed_refused": 1, "malformed_accepted": 0,
+                                       "program_failed": 1}
+    assert outcome.extra["program_failures"] == ["program 1: RuntimeError('boom')"]
+    assert outcome.extra["program_answers"] == ["2", None] and outcome.extra["program_correct"] == [True, False]

@@ -10,6 +10,7 @@ tokens), and answers the few questions the program runner asks an engine: ``conf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import uuid
@@ -100,36 +101,44 @@ class RuntimeBackend(RuntimeEndpoint):
             self._stats.decode_tokens += meta_info.get("completion_tokens", 0)
 
     def generate(self, s, sampling_params):
-        refused = self.stream_controls.reason(s.sid)
+        refused = self._refused(s)
         if refused is not None:
-            self.stream_controls.take_seed(s.sid)
-            return "", stopped_meta_info(0, refused)
-        self._generating.sid = s.sid
-        try:
+            return "", refused
+        with self._posting(s):
             text, meta_info = super().generate(s, sampling_params)
-        finally:
-            self._generating.sid = None
-            self.stream_controls.finished(s.sid)
         self._count(meta_info)
         return text, meta_info
 
     def generate_stream(self, s, sampling_params):
-        refused = self.stream_controls.reason(s.sid)
+        refused = self._refused(s)
         if refused is not None:
-            self.stream_controls.take_seed(s.sid)
-            yield "", stopped_meta_info(0, refused)
+            yield "", refused
             return
         meta_info = None
+        with self._posting(s):
+            for chunk, meta_info in super().generate_stream(s, sampling_params):
+                self._generating.sid = None  # posted: a later request of this thread is not the gen
+                yield chunk, meta_info
+        if meta_info:
+            self._count(meta_info)
+
+    def _refused(self, s) -> Optional[Dict[str, Any]]:
+        """The ``meta_info`` of a gen a stopped stream does not post (its seed is dropped), or ``None``."""
+        reason = self.stream_controls.reason(s.sid)
+        if reason is None:
+            return None
+        self.stream_controls.take_seed(s.sid)
+        return stopped_meta_info(0, reason)
+
+    @contextlib.contextmanager
+    def _posting(self, s):
+        """While ``RuntimeEndpoint`` posts the stream's gen: :meth:`_add_images` names it."""
         self._generating.sid = s.sid
         try:
-            for chunk, meta_info in super().generate_stream(s, sampling_params):
-                self._generating.sid = None
-                yield chunk, meta_info
+            yield
         finally:
             self._generating.sid = None
             self.stream_controls.finished(s.sid)
-        if meta_info:
-            self._count(meta_info)
 
     def _add_images(self, s, data):
         """``RuntimeEndpoint``'s last step before it posts a ``/generate``: a frontend gen
