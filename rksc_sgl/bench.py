@@ -1378,7 +1378,7 @@ def _run_on_runtime(workload, modes, settings, params, progress):
         for mode in modes:
             bar.set_postfix_str(f"starting the {mode.label} server")
             with open(log_dir / f"{mode.label}.log", "w") as log, \
-                    mode_server(mode, settings, overrides, log) as (backend, command):
+                    mode_server(mode, settings, overrides, log, seeded=workload.votes) as (backend, command):
                 configs[mode.label] = {**server_config(backend, command), "server_log": str(log_dir / f"{mode.label}.log")}
                 for item in warm:
                     bar.set_postfix_str(f"warm-up {mode.label}")

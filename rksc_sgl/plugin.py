@@ -29,6 +29,9 @@ per-slot attention table (``rksc_sgl.runtime.attention_stats``), which the
 (``rksc-sgl launch-server`` adds it); without that hook the table stays empty and RSBCM
 ranks nodes by its proxies (``hit_count`` branches, depth) and recency.
 
+With ``RKSC_SEEDED_SAMPLING=1`` it adds two AFTER hooks that make SGLang honour each
+request's ``sampling_seed`` (``rksc_sgl.runtime.seeded_sampling``).
+
 Finally ``register`` adds an AFTER hook (SGLang's plugin ``HookRegistry``) on the
 scheduler's ``get_internal_state``, so ``/server_info`` carries an ``rksc`` entry per
 scheduler: the cache counters, the attention statistics and an idle integrity check
@@ -134,6 +137,19 @@ def _add_asks_hooks() -> None:
         register_hooks()
 
 
+def _add_seeded_sampling_hooks() -> None:
+    """The per-request seed hooks (``rksc_sgl.runtime.seeded_sampling``), only in processes
+    that have ``RKSC_SEEDED_SAMPLING`` on: otherwise SGLang samples as it always does."""
+    from rksc_sgl.runtime.seeded_sampling import register_hooks, seeded_sampling_from_env
+
+    try:
+        on = seeded_sampling_from_env()
+    except ValueError as exc:
+        raise ValueError(f"rksc plugin: {exc}") from None
+    if on:
+        register_hooks()
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend
     (and ``radix-stock``, SGLang's own ``RadixCache``, for comparisons).
@@ -147,6 +163,7 @@ def register() -> None:
     _add_eviction_policy_choice()
     _add_server_state_hook()
     _add_asks_hooks()
+    _add_seeded_sampling_hooks()
     for name, factory in ((BACKEND_NAME, rksc_cache_factory), (STOCK_BACKEND_NAME, stock_radix_cache_factory)):
         existing = get_radix_cache_factory(name)
         if existing is factory:

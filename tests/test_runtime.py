@@ -76,9 +76,9 @@ def servers(tmp_path_factory):
     started = {
         "stock": _server(tmp_path_factory, "stock", ["--max-total-tokens", "4096"], rksc_cache=False),
         "rksc": _server(tmp_path_factory, "rksc", [*readme_runtime_flags(), "--max-total-tokens", str(RKSC_POOL)]),
-        # The control: the same RSBCM, without the attention hook.
+        # The control: the same RSBCM, without the attention hook; it also honours sampling seeds.
         "no_stats": _server(tmp_path_factory, "no_stats", ["--max-total-tokens", str(RKSC_POOL)],
-                            attention_stats=False),
+                            attention_stats=False, seeded_sampling=True),
     }
     pids = {}
     try:
@@ -189,6 +189,25 @@ def test_plan_on_a_gpu_machine_with_sgl_kernel_adds_no_cpu_setting():
     assert plan.env == {}
     assert "--dtype" not in plan.argv and "--sleep-on-idle" not in plan.argv
     assert _value(plan.argv, "--radix-cache-backend") == "rksc"
+
+
+def test_plan_turns_seeded_sampling_on_and_checks_the_sampler():
+    plan = _plan(seeded_sampling=True)
+    assert plan.env["RKSC_SEEDED_SAMPLING"] == "1" and "--sampling-backend" not in plan.argv  # CPU: pytorch
+    gpu = plan_launch(["--model-path", "smollm2-135m"], cuda=True, sgl_kernel_installed=True, environ={},
+                      seeded_sampling=True)
+    assert _value(gpu.argv, "--sampling-backend") == "pytorch"
+    with pytest.raises(LaunchError, match="pytorch sampler; it cannot run with --sampling-backend flashinfer"):
+        _plan("--sampling-backend", "flashinfer", seeded_sampling=True)
+    assert "RKSC_SEEDED_SAMPLING" not in _plan().env
+    inherit = dict(cuda=False, sgl_kernel_installed=False)
+    inherited = plan_launch(["--model-path", "smollm2-135m"], environ={"RKSC_SEEDED_SAMPLING": "1"}, **inherit)
+    assert "RKSC_SEEDED_SAMPLING" not in inherited.env and any("from the environment" in a for a in inherited.added)
+    off = plan_launch(["--model-path", "smollm2-135m"], environ={"RKSC_SEEDED_SAMPLING": "1"},
+                      seeded_sampling=False, **inherit)
+    assert off.env["RKSC_SEEDED_SAMPLING"] == "0"
+    with pytest.raises(LaunchError, match="RKSC_SEEDED_SAMPLING='maybe': expected 1/on/true"):
+        plan_launch(["--model-path", "smollm2-135m"], environ={"RKSC_SEEDED_SAMPLING": "maybe"}, **inherit)
 
 
 # ---- exactness ---------------------------------------------------------------------------
@@ -382,6 +401,39 @@ def test_serve_window_on_the_runtime_counts_faults_and_leaves_it_healthy(servers
     assert rksc.healthy()
 
 
+# ---- per-request sampling seeds (--seeded-sampling on) -------------------------------------------
+def test_a_seeded_server_samples_a_seed_the_same_alone_and_in_any_batch(servers):
+    client = RuntimeClient(servers["no_stats"].url)
+    prompt = "Once upon a time"
+
+    def params(seed):
+        return {"max_new_tokens": 16, "temperature": 1.0, "sampling_seed": seed}
+
+    alone = client.generate(prompt, sampling_params=params(7))["output_ids"]
+    assert client.generate(prompt, sampling_params=params(7))["output_ids"] == alone
+    batch = client.generate([prompt, "The capital of France is", prompt],
+                            sampling_params=[params(9), params(3), params(7)])
+    assert batch[2]["output_ids"] == alone
+    assert batch[0]["output_ids"] != alone  # another seed, another sample
+    refused = requests.post(servers["no_stats"].url + "/generate", timeout=60, json={
+        "text": prompt, "sampling_params": {"max_new_tokens": 2, "temperature": 1.0, "min_p": 0.1}})
+    assert refused.status_code == 400 and "min_p > 0 cannot be sampled with per-request seeds" in refused.text
+    assert client.healthy()
+
+
+def test_seed_branches_reproduce_a_programs_branches_on_a_seeded_server(servers):
+    from branch_programs import seeded_branches
+
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    backend = RuntimeBackend(servers["no_stats"].url)
+    first = seeded_branches.run(prompt="A list of fruits:", seed=11, backend=backend).ret_value
+    again = seeded_branches.run(prompt="A list of fruits:", seed=11, backend=backend).ret_value
+    other = seeded_branches.run(prompt="A list of fruits:", seed=500, backend=backend).ret_value
+    assert first == again and len(set(first)) > 1  # each branch its own seed, each seed the same sample
+    assert other != first
+
+
 # ---- configurations that must fail, fast and cleanly -----------------------------------------
 def _launch_cli(capsys, *args: str):
     """``rksc-sgl launch-server ARGS`` in this process: (exit status, stderr)."""
@@ -496,7 +548,9 @@ def test_runtime_modes_map_to_sglang_flags():
     flags = {name: server_flags(MODES[name], settings, {"kv_pool_tokens": 777}, 1234)
              for name in ("none", "radix", "radix-stock", "rksc", "asks", "lfu")}
     assert "--disable-radix-cache" in flags["none"][0]
-    assert "--radix-cache-backend" not in flags["radix"][0] and flags["radix"][1] == {"rksc_cache": False}
+    assert "--radix-cache-backend" not in flags["radix"][0] and flags["radix"][1] == {"rksc_cache": False,
+                                                                                      "seeded_sampling": False}
+    assert server_flags(MODES["radix"], settings, {}, 1234, seeded=True)[1]["seeded_sampling"] is True
     assert _value(flags["radix-stock"][0], "--radix-cache-backend") == "radix-stock"
     assert _value(flags["rksc"][0], "--radix-eviction-policy") == "rsbcm" and flags["rksc"][1]["rksc_cache"]
     assert _value(flags["lfu"][0], "--radix-eviction-policy") == "lfu"

@@ -23,6 +23,10 @@ mode            SGLang flags
 ``stop-*``      SGLang's default cache; the client stops branches (``/abort_request``)
 ==============  ==================================================================
 
+A workload that seeds its branches (``vote``, ``serve``: ``Workload.votes``) runs every
+mode's server with ``--seeded-sampling on`` (``rksc_sgl.runtime.seeded_sampling``), so branch
+*i* of a program samples the same tokens in every mode, as on the engine.
+
 ASKS modes take the run's ``asks_tau``/``asks_recompute`` (or their own ``asks@TAU``); key
 layers above 0 (``asks@TAU:L<n>``) are refused: the runtime keys at layer 0 only.
 """
@@ -51,9 +55,10 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
 }
 
 
-def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[List[str], Dict[str, Any]]:
-    """``(SGLang argv, plan_launch keyword arguments)`` of ``mode``'s server; ``ValueError`` if
-    the runtime cannot run it."""
+def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
+                 seeded: bool = False) -> Tuple[List[str], Dict[str, Any]]:
+    """``(SGLang argv, plan_launch keyword arguments)`` of ``mode``'s server (``seeded``: honour
+    per-request sampling seeds); ``ValueError`` if the runtime cannot run it."""
     if mode.asks and (mode.key_layer if mode.key_layer is not None else settings.asks_key_layer):
         raise ValueError(f"mode {mode.label!r} keys ASKS above layer 0, which SGLang's runtime cannot "
                          "(layer 0 only); run it with --backend engine")
@@ -72,7 +77,7 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[
         argv += ["--device", settings.device]
     import shlex
 
-    plan_kwargs: Dict[str, Any] = {"rksc_cache": rksc}
+    plan_kwargs: Dict[str, Any] = {"rksc_cache": rksc, "seeded_sampling": seeded}
     if mode.asks:
         from ..rksc_cache import ASKSConfig
 
@@ -82,13 +87,13 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int) -> Tuple[
 
 
 @contextlib.contextmanager
-def mode_server(mode, settings, overrides: Dict[str, Any], log) -> Iterator[Any]:
+def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = False) -> Iterator[Any]:
     """``(backend, launch command)``: a started server for ``mode``, reached through a
     :class:`RuntimeBackend`, and the shell command it runs; the server ends on exit."""
     from .endpoint import RuntimeBackend
     from .launcher import RuntimeServer, free_port, plan_launch
 
-    argv, plan_kwargs = server_flags(mode, settings, overrides, free_port())
+    argv, plan_kwargs = server_flags(mode, settings, overrides, free_port(), seeded)
     plan = plan_launch(argv, **plan_kwargs)
     cores = "0" if settings.threads == 1 else f"0-{settings.threads - 1}"  # the scheduler's CPU threads
     plan = dataclasses.replace(plan, env={**plan.env, "SGLANG_CPU_OMP_THREADS_BIND": cores})
@@ -105,7 +110,7 @@ def mode_server(mode, settings, overrides: Dict[str, Any], log) -> Iterator[Any]
 def server_config(backend, launch_command: str) -> Dict[str, Optional[str]]:
     """What a run records about a mode's server."""
     state = backend.client.scheduler_state()
-    keys = ("radix_cache_backend", "radix_eviction_policy", "disable_radix_cache", "max_total_tokens", "dtype",
+    keys = ("radix_cache_backend", "sampling_backend", "radix_eviction_policy", "disable_radix_cache", "max_total_tokens", "dtype",
             "device", "attention_backend", "forward_hooks")
     return {"launch_command": launch_command,
             **{k: str(state.get(k)) for k in keys}}

@@ -164,8 +164,8 @@ class RuntimeBackend(RuntimeEndpoint):
         self.stream_controls.resume(sid)
 
     def seed_stream(self, sid: str, seed: int) -> None:
-        """The stream's next gen carries ``sampling_seed=seed`` (SGLang honours it with
-        ``--enable-deterministic-inference``)."""
+        """The stream's next gen carries ``sampling_seed=seed`` (SGLang honours it on a server
+        started with ``--seeded-sampling on``, or with ``--enable-deterministic-inference``)."""
         self.stream_controls.seed(sid, seed)
 
     def _generate_http_request(self, s, data):

@@ -11,6 +11,9 @@ added unless the user's flags say so      why
 ``--radix-cache-backend rksc``            the RKSC tree (``rksc_sgl.plugin``)
 ``--radix-eviction-policy rsbcm``         RSBCM eviction (only with the ``rksc`` backend)
 ``--forward-hooks [rksc_attention]``      RSBCM's attention statistics (only with ``rsbcm``)
+``RKSC_SEEDED_SAMPLING=1`` (asked for)    per-request ``sampling_seed`` honoured
+                                          (``rksc_sgl.runtime.seeded_sampling``); on a
+                                          GPU also ``--sampling-backend pytorch``
 CPU only: ``--dtype float32``             ``auto`` turns a float32 checkpoint into float16
 CPU only: ``--max-total-tokens 16384``    else the KV pool takes 72% of RAM
 CPU only: ``--sleep-on-idle``             else the idle scheduler spins a core
@@ -153,14 +156,15 @@ def _replace_flag(argv: List[str], flag: str, value: str) -> List[str]:
 
 
 def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_stats: bool = True,
-                asks=None, cuda: Optional[bool] = None,
+                asks=None, seeded_sampling: Optional[bool] = None, cuda: Optional[bool] = None,
                 sgl_kernel_installed: Optional[bool] = None, environ: Optional[Dict[str, str]] = None) -> LaunchPlan:
     """Validate SGLang arguments and add RKSC's and the CPU's defaults (see the module doc).
 
     ``rksc_cache=False`` adds no cache flag: SGLang's own cache choice, as its flags say
     (a stock server, for comparisons). ``asks`` (an ``ASKSConfig``): turn ASKS on in the
     ``rksc`` backend through ``RKSC_ASKS`` (an ``RKSC_ASKS`` already in the environment is
-    checked and kept when ``asks`` is None). ``cuda``/``sgl_kernel_installed``/``environ``
+    checked and kept when ``asks`` is None). ``seeded_sampling``: honour each request's
+    ``sampling_seed`` (``RKSC_SEEDED_SAMPLING``; None: as the environment says). ``cuda``/``sgl_kernel_installed``/``environ``
     default to this machine's. Raises :class:`LaunchError` (and SGLang's parser exits
     with status 2 on a bad flag).
     """
@@ -206,6 +210,7 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
         raise LaunchError(f"--radix-cache-backend {BACKEND_NAME} does not support --enable-hierarchical-cache "
                           "(it is a RadixCache: one device tier)")
     _plan_asks(asks, environ, env, added, backend, args, given, add)
+    _plan_seeded_sampling(seeded_sampling, environ, env, added, cuda, given, add)
     stride = 4
     if policy == EVICTION_POLICY_NAME:
         try:
@@ -272,6 +277,33 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
     shifted = {None: "float32 KV only", True: "on", False: "off"}[asks.shifted]
     added.append(f"{ENV_VAR}={env_value(asks)}  (ASKS: tau {asks.tau:g}, recompute {asks.recompute_fraction:g}, "
                  f"shifted reuse {shifted}{'; from the environment' if inherited else ''})")
+
+
+def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: Dict[str, str],
+                          added: List[str], cuda: bool, given, add) -> None:
+    """Put ``RKSC_SEEDED_SAMPLING`` in the environment the SGLang processes inherit and check
+    the sampling backend: the seeded path is SGLang's torch sampler."""
+    from .seeded_sampling import ENV_VAR, seeded_sampling_from_env
+
+    inherited = seeded is None
+    if inherited:
+        try:
+            seeded = seeded_sampling_from_env(environ)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+    if not seeded:
+        if not inherited and ENV_VAR in environ:
+            env[ENV_VAR] = "0"  # off as asked, whatever the launching shell says
+        return
+    sampler = getattr(given, "sampling_backend", None)
+    if sampler not in (None, "pytorch"):
+        raise LaunchError(f"seeded sampling runs in SGLang's pytorch sampler; it cannot run with "
+                          f"--sampling-backend {sampler}")
+    if cuda and sampler is None:
+        add("--sampling-backend", "pytorch", why="seeded sampling: SGLang's torch sampler takes per-row seeds")
+    if not inherited:
+        env[ENV_VAR] = "1"
+    added.append(f"{ENV_VAR}=1  (each request's sampling_seed honoured{'; from the environment' if inherited else ''})")
 
 
 def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int) -> None:
@@ -505,6 +537,10 @@ def launcher_parser() -> argparse.ArgumentParser:
     group.add_argument("--asks-shifted", choices=("auto", "on", "off"), default="auto",
                        help="ASKS: reuse identical donor tokens at another position as rotated copies "
                             "(auto: only with a float32 KV pool; default: auto)")
+    group.add_argument("--seeded-sampling", type=on_off, default=None,
+                       help="on: honour each request's sampling_seed (SGLang does only with "
+                            "--enable-deterministic-inference, which the CPU runtime cannot run); "
+                            "min_p must then be 0 (default: off, or as RKSC_SEEDED_SAMPLING says)")
     group.add_argument("--print-command", action="store_true",
                        help="print the SGLang command (environment included) and exit without starting it")
     return parser
@@ -533,7 +569,7 @@ def launch_server_main(argv: Sequence[str]) -> int:
         return 0
     try:
         plan = plan_launch(sglang_argv, rksc_cache=ours.rksc_cache, attention_stats=ours.attention_stats,
-                           asks=_asks_from_flags(ours))
+                           asks=_asks_from_flags(ours), seeded_sampling=ours.seeded_sampling)
     except (LaunchError, ValueError) as exc:
         print(f"rksc-sgl launch-server: error: {exc}", file=sys.stderr)
         return 2
