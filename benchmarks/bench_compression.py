@@ -23,6 +23,19 @@ excluded. ``--skip-throughput`` leaves out the pressured engines (half the run t
 sweeps that only look at agreement.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/bench_compression.py --problems 6
+
+``--fidelity`` measures continuation fidelity instead (``rksc_sgl.fidelity``, CASK's
+protocol): per trace (a few-shot ``gsm_symbolic`` prompt, ``--trace-tokens`` tokens sampled
+with full KV at ``--trace-temperature``, seed = the trace's seed), every method of
+``--methods`` at every budget of ``--fidelity-budgets`` replays the trace teacher-forced in
+one batch, and each step's next-token distribution is compared with the full-KV one: top-1
+and top-5 agreement, KL, NLL, first mismatch, KV kept; means over traces with 95% bootstrap
+intervals, R-KV minus each baseline paired over traces, and per method the smallest budget
+whose top-1 agreement reaches 0.95. ``recent`` and ``attention`` are the baselines; a method
+may carry variants (``rkv+window``: importance from the queries since the last compression;
+``+all``: redundancy over every layer).
+
+    python benchmarks/bench_compression.py --fidelity --traces 40 --seed 5000
 """
 
 from __future__ import annotations
@@ -162,8 +175,20 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-throughput", action="store_true",
                     help="no pressured engines: agreement and private KV only (throughput columns '-')")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--name", default="bench_compression")
+    ap.add_argument("--name", default=None, help="file name stem (default: bench_compression[_fidelity])")
+    fid = ap.add_argument_group("continuation fidelity (--fidelity)")
+    fid.add_argument("--fidelity", action="store_true", help="teacher-forced replay fidelity instead of answers")
+    fid.add_argument("--traces", type=int, default=40)
+    fid.add_argument("--trace-tokens", type=int, default=256)
+    fid.add_argument("--trace-temperature", type=float, default=0.7)
+    fid.add_argument("--methods", default="rkv,cask,recent,attention",
+                     help="comma-separated methods (variants: rkv+window, rkv+all, rkv+window+all)")
+    fid.add_argument("--fidelity-budgets", default="0.1,0.16,0.25,0.5")
+    fid.add_argument("--bootstrap", type=int, default=2000)
     args = ap.parse_args(argv)
+    if args.fidelity:
+        return fidelity_main(ap, args)
+    args.name = args.name or "bench_compression"
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if args.problems < 1 or args.branches < 1 or args.max_tokens < 2 or not args.budgets:
         ap.error("need --problems >= 1, --branches >= 1, --max-tokens >= 2 and at least one budget")
@@ -218,6 +243,113 @@ def main(argv=None) -> int:
                        else f"pool {roomy} slots (throughput: {pool})")
                     + f", 1 thread, {result['cpu']}")
     return 0
+
+
+# ---- continuation fidelity ---------------------------------------------------------------------
+def fidelity_main(ap, args) -> int:
+    from rksc_sgl import fidelity
+
+    specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [float(b) for b in args.fidelity_budgets.split(",") if b.strip()]
+    if args.traces < 2 or args.trace_tokens < 16 or not specs or not budgets:
+        ap.error("need --traces >= 2, --trace-tokens >= 16, a method and a budget")
+    try:
+        modes = fidelity.sweep_modes(specs, budgets, {"buffer": args.buffer, "min_tokens": args.min_tokens})
+    except ValueError as exc:
+        ap.error(str(exc))
+    torch.set_num_threads(1)
+    started = time.time()
+    eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
+                          kv_pool_tokens=(len(modes) + 2) * (args.prompt_tokens + args.trace_tokens + 64),
+                          max_running_requests=len(modes) + 1, compression=next(iter(modes.values())))
+    per_trace, traces = [], []
+    try:
+        for i in tqdm(range(args.traces), desc=f"fidelity: {len(modes)} replays per trace"):
+            seed = args.seed + i
+            prompt, _ = few_shot_problem(eng.tokenizer, args.prompt_tokens, seed)
+            ids = eng.encode(prompt)
+            trace, reference = fidelity.full_kv_trace(eng, ids, args.trace_tokens, args.trace_temperature, seed)
+            per_trace.append(fidelity.trace_fidelity(eng, ids, trace, reference, modes))
+            traces.append({"seed": seed, "prompt_tokens": len(ids), "text": eng.tokenizer.decode(trace)})
+            eng.flush_cache()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+    summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
+    result = {
+        "benchmark": "bench_compression --fidelity",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": vars(args), "modes": modes, "versions": versions(), "cpu": cpu_model(),
+        "method": "per trace: a few-shot gsm_symbolic prompt and trace_tokens tokens sampled with full KV (EOS "
+                  "ignored), every step's log-probs kept; then every mode (and a full-KV control) replays the "
+                  "trace teacher-forced in one batch, compared step by step with the full-KV distribution",
+        "summary": summary, "per_trace": per_trace, "traces": traces, "total_wall_s": time.time() - started,
+    }
+    name = args.name or "bench_compression_fidelity"
+    save_and_report(result, fidelity_table(summary), Path(args.out_dir), name, plot_fidelity,
+                    f"rksc_sgl decode-KV compression, continuation fidelity (teacher-forced replay): {args.model}, "
+                    f"{args.traces} traces x {args.trace_tokens} tokens, seeds {args.seed}..{args.seed + args.traces - 1}, "
+                    f"buffer {args.buffer}, min_tokens {args.min_tokens}, 1 thread, {result['cpu']}",
+                    markdown=fidelity_markdown(summary))
+    return 0
+
+
+def _ci(stat, spec=".3f") -> str:
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def _fidelity_rows(summary: Dict) -> List[tuple]:
+    rows = [("mode", "top-1 agreement [95% CI]", "top-5", "KL nats [95% CI]", "NLL (full)", "first mismatch",
+             "KV kept")]
+    for name, s in summary["modes"].items():
+        rows.append((name, _ci(s["top1"]), f"{s['top5']['mean']:.3f}", _ci(s["kl"]),
+                     f"{s['nll']['mean']:.3f} ({s['nll_full']['mean']:.3f})", f"{s['first_mismatch']['mean']:.1f}",
+                     f"{s['kv_kept']['mean']:.3f}"))
+    return rows
+
+
+def _paired_rows(summary: Dict) -> List[tuple]:
+    rows = [("paired over traces", "top-1 difference [95% CI]", "KL difference [95% CI]")]
+    for name, d in summary["paired"].items():
+        rows.append((name, _ci(d["top1"], "+.3f"), _ci(d["kl"], "+.3f")))
+    return rows
+
+
+def _smallest_line(summary: Dict) -> str:
+    return "smallest budget with mean top-1 >= {:g}: ".format(summary["top1_bar"]) + ", ".join(
+        f"{m} {'none of those run' if b is None else format(b, 'g')}" for m, b in summary["smallest_budget_top1"].items())
+
+
+def fidelity_table(summary: Dict) -> str:
+    return "\n\n".join([format_table(_fidelity_rows(summary)), format_table(_paired_rows(summary)),
+                         _smallest_line(summary)])
+
+
+def fidelity_markdown(summary: Dict) -> str:
+    from rksc_sgl.report import markdown_table
+
+    return "\n\n".join([markdown_table(_fidelity_rows(summary)), markdown_table(_paired_rows(summary)),
+                         _smallest_line(summary)]) + "\n"
+
+
+def plot_fidelity(result: Dict, path: Path) -> None:
+    plt = pyplot()
+    summary, specs = result["summary"], [m.strip() for m in result["config"]["methods"].split(",") if m.strip()]
+    budgets = sorted(float(b) for b in result["config"]["fidelity_budgets"].split(",") if b.strip())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, label in ((axes[0], "top1", "top-1 agreement with full KV"), (axes[1], "kl", "KL(full || compressed), nats")):
+        for spec in specs:
+            stats = [summary["modes"][f"{spec}@{b:g}"][metric] for b in budgets]
+            means = [s["mean"] for s in stats]
+            errs = [[m - s["ci95"][0] for m, s in zip(means, stats)], [s["ci95"][1] - m for m, s in zip(means, stats)]]
+            ax.errorbar(budgets, means, yerr=errs, marker="o", capsize=3, label=spec)
+        ax.set_xlabel("budget (share of decode KV kept)")
+        ax.set_title(label, fontsize=9)
+    axes[0].axhline(summary["top1_bar"], color="gray", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8)
+    c = result["config"]
+    save_figure(fig, path, f"continuation fidelity: {c['traces']} traces x {c['trace_tokens']} tokens, seeds from {c['seed']}")
 
 
 if __name__ == "__main__":

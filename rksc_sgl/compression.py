@@ -17,8 +17,12 @@ tokens it generated:
   every decode query's attention weights, averaged over heads, on every
   ``attention_layer_stride``-th layer), divided by the largest among the candidates.
   It is divided by the number of decode queries that came after the token (its age), so old
-  and new tokens compete fairly. Redundancy: the mean cosine similarity of the token's key to the other candidates' keys
-  (layer ``key_layer``, each KV head's keys normalised, similarities averaged over heads).
+  and new tokens compete fairly (``importance="cumulative"``, H2O's accumulation). With
+  ``importance="window"`` it is the mass received since the request's previous compression
+  instead, the last ``buffer`` or so queries: R-KV's observation window, where a token
+  counts for what the newest queries read. Redundancy: the mean cosine similarity of the token's key to the other candidates' keys
+  (layer ``key_layer``, each KV head's keys normalised, similarities averaged over heads;
+  ``redundancy_layers="all"``: averaged over every layer instead of one).
   One selection serves every layer and head (SGLang's pool is indexed per token), where
   R-KV selects per head.
 * **CASK-style** (``method="cask"``): the ``core`` share of the budget with the highest
@@ -31,6 +35,9 @@ tokens it generated:
   are the prompt, which is never dropped). The candidates come oldest first (the scheduler
   passes them in order of their original positions), so this keeps the last ``keep_count``.
   It tells whether R-KV's scoring does better than any cheap eviction at the same budget.
+* **Attention only** (``method="attention"``, a baseline): keep the candidates with the
+  highest importance, without the redundancy term (H2O's accumulated attention, as SnapKV
+  and H2O select), so the worth of R-KV's redundancy term is measured on its own.
 
 Kept tokens keep their positions (their keys were rotated when computed); the tokens
 after them continue at their true positions (``ReqKV.dropped``). A compressed request
@@ -48,7 +55,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-METHODS = ("rkv", "cask", "recent")
+METHODS = ("rkv", "cask", "recent", "attention")
+IMPORTANCE = ("cumulative", "window")
+REDUNDANCY_LAYERS = ("one", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +72,14 @@ class CompressionConfig:
     core: float = 0.5
     key_layer: Optional[int] = None  # None: the middle layer
     attention_layer_stride: int = 4
+    importance: str = "cumulative"
+    redundancy_layers: str = "one"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"compression method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name, choices in (("method", METHODS), ("importance", IMPORTANCE),
+                              ("redundancy_layers", REDUNDANCY_LAYERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"compression {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
         for name, low, high in (("budget", 0.0, 1.0), ("lam", 0.0, 1.0), ("core", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not low <= value <= high:
@@ -118,7 +131,8 @@ class Plan:
 
 
 def redundancy(keys: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity of each token's key to the others'; ``keys`` (n, heads, dim)."""
+    """Mean cosine similarity of each token's key to the others'; ``keys`` (n, heads, dim),
+    heads standing for (layer, head) pairs when several layers are stacked."""
     n = keys.shape[0]
     if n < 2:
         return torch.zeros(n)
@@ -137,6 +151,8 @@ def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor
         return Plan(list(range(n)))
     if config.method == "recent":
         return Plan(list(range(n - keep_count, n)))
+    if config.method == "attention":
+        return Plan(sorted(int(i) for i in torch.topk(importance.float(), keep_count).indices))
     imp = importance.float().clamp(min=0)
     top = float(imp.max()) if n else 0.0
     imp = imp / top if top > 0 else imp

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -289,6 +289,38 @@ class Engine(BaseBackend):
             if stream_id is not None:
                 self.stream_controls.finished(stream_id)
         return results if batch else results[0]
+
+    def replay(self, input_ids: Sequence[int], compressions: Sequence[Any],
+               observe: Callable[[int, Request, torch.Tensor], None], *, forced_ids: Optional[Sequence[int]] = None,
+               sampling_params: Optional[Dict[str, Any]] = None) -> List[Request]:
+        """Requests after ``input_ids`` whose every step is observed, one per entry of
+        ``compressions`` (a ``CompressionConfig``, a mapping of its fields, or None: full
+        KV, whatever the engine's ``compression``), submitted together so they decode as
+        one batch. With ``forced_ids`` each is teacher-forced: it emits exactly those
+        tokens while its compressor runs as it does in decoding; without, each samples
+        with ``sampling_params``. ``observe(i, req, logprobs)`` sees request ``i``'s
+        next-token log-probabilities before each token (on the scheduler thread: keep it
+        short). Returns the finished requests."""
+        from .compression import compression_config
+
+        ids = self._check_ids(input_ids)
+        configs = [compression_config(c) for c in compressions]
+        if any(c is not None for c in configs) and self.kv.slot_attention is None:
+            raise ValueError("compressed replays score tokens by attention: start the engine with compression=...")
+        forced = None
+        if forced_ids is not None:
+            if not 1 <= len(forced_ids) <= self.context_len - len(ids):
+                raise ValueError(f"a replay needs 1 to {self.context_len - len(ids)} forced tokens, "
+                                 f"got {len(forced_ids)}")
+            forced = self._check_ids(forced_ids)
+            sampling_params = {"max_new_tokens": len(forced), "temperature": 0, "ignore_eos": True}
+        pendings = [self._prepare(ids, sampling_params, False, -1, 0) for _ in configs]
+        for i, (pending, config) in enumerate(zip(pendings, configs)):
+            pending.req.compression, pending.req.forced_ids = config, forced
+            pending.req.observe = functools.partial(observe, i)
+        for pending in pendings:
+            self.scheduler.submit(pending.req)
+        return [pending.wait() for pending in pendings]
 
     def _refused(self, req: Request, reason: str, stream: bool):
         """The response of a request a stopped frontend stream did not run."""

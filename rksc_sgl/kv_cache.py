@@ -80,6 +80,7 @@ class ReqKV:
     dropped: int = 0  # decode tokens whose KV compression dropped (positions run on past the row)
     merged: dict = dataclasses.field(default_factory=dict)  # CASK: slot -> tokens it stands for
     kept_origins: List[int] = dataclasses.field(default_factory=list)  # original positions of compressed-kept tokens
+    attention_seen: dict = dataclasses.field(default_factory=dict)  # slot -> its mass at the last compression
 
 
 @dataclasses.dataclass

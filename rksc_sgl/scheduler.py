@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import torch
 
@@ -88,6 +88,8 @@ class Request:
     generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
     namespace: Optional[str] = None  # tree namespace (SGLang's ``extra_key``): matches only its own paths
     compression: Optional[CompressionConfig] = None  # compress its decode KV (rksc_sgl/compression.py)
+    forced_ids: Optional[Sequence[int]] = None  # teacher forcing: emits these tokens, whatever it would sample
+    observe: Optional[Callable] = None  # observe(req, logprobs) before each token is chosen (replays)
     created: float = dataclasses.field(default_factory=time.perf_counter)
     # filled in by the scheduler
     kv: Optional[ReqKV] = None
@@ -438,14 +440,30 @@ class Scheduler:
         # the run after them (contiguous, shifted by what was dropped).
         kept_before = len(kv.kept_origins)
         origins = kv.kept_origins + [r + kv.dropped for r in range(start + kept_before, end)]
-        age = torch.tensor([kv.kv_len + kv.dropped - o for o in origins], dtype=torch.float32)
         mass = self.kv.slot_attention[slots.to(self.kv.slot_attention.device)].float().cpu()
-        layer = cfg.key_layer if cfg.key_layer is not None else self.kv.layout.num_layers // 2
-        layer = min(layer, self.kv.layout.num_layers - 1)
-        keys = self.kv.kv_pool.get_key_buffer(layer)[slots.to(self.runner.device)].cpu()
-        chosen = compression_plan(cfg, mass / age.clamp(min=1.0), keys, cfg.target(decoded) - cfg.buffer)
+        if cfg.importance == "window":  # what the queries since the last compression read
+            importance = mass - torch.tensor([kv.attention_seen.get(s, 0.0) for s in slots.tolist()])
+        else:  # all it received, per query since it was made
+            age = torch.tensor([kv.kv_len + kv.dropped - o for o in origins], dtype=torch.float32)
+            importance = mass / age.clamp(min=1.0)
+        chosen = compression_plan(cfg, importance, self._compression_keys(cfg, slots), cfg.target(decoded) - cfg.buffer)
         kv.kept_origins = [origins[i] for i in sorted(chosen.keep)]
         self.stats.dropped_tokens += self.kv.compress(kv, start, end, chosen.keep, chosen.merges)
+        if cfg.importance == "window":
+            now = self.kv.row_slots(kv)[prompt:kv.kv_len]
+            seen = self.kv.slot_attention[now.to(self.kv.slot_attention.device)].float().cpu()
+            kv.attention_seen = dict(zip(now.tolist(), seen.tolist()))
+
+    def _compression_keys(self, cfg: CompressionConfig, slots: torch.Tensor) -> torch.Tensor:
+        """The candidates' keys the redundancy term compares: ``(n, heads, dim)`` of one
+        layer, or of every layer stacked along the head axis."""
+        num_layers = self.kv.layout.num_layers
+        if cfg.redundancy_layers == "all":
+            layers = range(num_layers)
+        else:
+            layers = [min(cfg.key_layer if cfg.key_layer is not None else num_layers // 2, num_layers - 1)]
+        index = slots.to(self.runner.device)
+        return torch.cat([self.kv.kv_pool.get_key_buffer(layer)[index].cpu() for layer in layers], dim=1)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         if req.grammar is not None:
@@ -459,8 +477,13 @@ class Scheduler:
             masked[list(req.stop_ids)] = float("-inf")
             if req.grammar is None or bool(torch.isfinite(masked).any()):
                 logits = masked
-        token = sample_token(logits, req.params, req.output_ids,
-                             self.generator if req.generator is None else req.generator)
+        if req.observe is not None:
+            req.observe(req, logprobs)
+        if req.forced_ids is not None:
+            token = req.forced_ids[len(req.output_ids)]
+        else:
+            token = sample_token(logits, req.params, req.output_ids,
+                                 self.generator if req.generator is None else req.generator)
         if req.grammar is not None and not req.grammar.accept(token):
             self._finish(req, error=RuntimeError(f"the grammar rejected sampled token {token}"))
             return

@@ -172,3 +172,127 @@ def test_full_budget_changes_nothing(compressing, radix_engine):
     assert eng.generate_request(text=PROMPT, sampling_params=params)["output_ids"] == \
         radix_engine.generate_request(text=PROMPT, sampling_params=params)["output_ids"]
     assert eng.stats().dropped_tokens == 0
+
+
+# ---- continuation fidelity: teacher-forced replay (rksc_sgl/fidelity.py) -----------------------
+def test_the_attention_baseline_keeps_the_most_attended_candidates():
+    importance = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.0])
+    keys = torch.zeros(5, 1, 2)  # all identical: the redundancy term would not separate them
+    assert plan(CompressionConfig(method="attention"), importance, keys, 2) == Plan([1, 3])
+    with pytest.raises(ValueError, match="compression importance 'soon'"):
+        CompressionConfig(importance="soon")
+    with pytest.raises(ValueError, match="compression redundancy_layers 'some'"):
+        CompressionConfig(redundancy_layers="some")
+
+
+def test_the_full_kv_trace_is_the_engines_own_sampled_generation(compressing, radix_engine):
+    from rksc_sgl.fidelity import full_kv_trace
+
+    eng = compressing(**SMALL)
+    ids = eng.encode(PROMPT)
+    trace, reference = full_kv_trace(eng, ids, 20, temperature=1.0, seed=3)
+    plain = radix_engine.generate_request(input_ids=ids, return_logprob=True, sampling_params={
+        "max_new_tokens": 20, "temperature": 1.0, "ignore_eos": True, "sampling_seed": 3})
+    assert trace == plain["output_ids"]  # full KV, not the engine's compression
+    logprobs = [lp for lp, _, _ in plain["meta_info"]["output_token_logprobs"]]
+    assert max(abs(float(reference[t, tok]) - lp) for t, (tok, lp) in enumerate(zip(trace, logprobs))) < 1e-4
+    eng.check_integrity()
+
+
+def test_replays_are_teacher_forced_and_the_full_control_is_exact(compressing):
+    from rksc_sgl.fidelity import full_kv_trace, trace_fidelity
+
+    eng = compressing(**SMALL)
+    ids = eng.encode(PROMPT)
+    steps = 40
+    trace, reference = full_kv_trace(eng, ids, steps, temperature=1.0, seed=5)
+    modes = {"recent": {**SMALL, "method": "recent"}, "rkv+window+all": {
+        **SMALL, "method": "rkv", "importance": "window", "redundancy_layers": "all"}}
+    seen = {}
+
+    def observe(i, req, logprobs):
+        seen.setdefault(i, []).append(len(req.output_ids))
+
+    reqs = eng.replay(ids, [None, modes["recent"]], observe, forced_ids=trace)
+    assert [r.output_ids for r in reqs] == [trace, trace]  # each emits the trace, whatever it would pick
+    assert seen[0] == seen[1] == list(range(steps))
+    result = trace_fidelity(eng, ids, trace, reference, modes)
+    full = result["full"]
+    assert full["top1"] == full["top5"] == 1.0 and full["kl"] < 1e-6 and full["first_mismatch"] == steps
+    assert abs(full["nll"] - full["nll_full"]) < 1e-4 and full["kv_kept"] == 1.0
+    for name in modes:
+        cfg = CompressionConfig(**modes[name])
+        assert result[name]["kv_kept"] <= (cfg.target(steps) + cfg.buffer + 1) / (steps - 1)
+        assert result[name]["kl"] > 0 and result[name]["steps"] == steps
+    eng.check_integrity()
+    with pytest.raises(ValueError, match="a replay needs 1 to"):
+        eng.replay(ids, [None], observe, forced_ids=[])
+
+
+def test_window_importance_counts_only_the_queries_since_the_last_compression(compressing, monkeypatch):
+    eng = compressing(**SMALL, importance="window")
+    calls = []
+    real = scheduler_module.compression_plan
+
+    def recording(config, importance, keys, keep_count):
+        calls.append(float(importance.sum()))
+        assert bool((importance >= -1e-6).all())
+        return real(config, importance, keys, keep_count)
+
+    monkeypatch.setattr(scheduler_module, "compression_plan", recording)
+    params = {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}
+    eng.generate_request(text=PROMPT, sampling_params=params)
+    assert len(calls) > 3
+    # Every decode query spreads a mass of 1 over all its keys (the prompt's too); between two
+    # compressions 1 + buffer queries run at most, so the candidates can have received no more.
+    assert all(total <= 1 + SMALL["buffer"] + 1e-3 for total in calls[1:])
+    eng.check_integrity()
+
+
+def test_fidelity_summary_pairs_traces_and_finds_the_smallest_budget():
+    from rksc_sgl.fidelity import METRICS, summarize, sweep_modes
+
+    modes = sweep_modes(["rkv", "recent"], [0.1, 0.5], {"buffer": 4, "min_tokens": 4})
+    assert list(modes) == ["rkv@0.1", "rkv@0.5", "recent@0.1", "recent@0.5"]
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        sweep_modes(["rkv+fast"], [0.1], {})
+
+    def row(top1):
+        return {**{m: 0.5 for m in METRICS}, "top1": top1, "nll_full": 1.0}
+
+    per_trace = [{"rkv@0.1": row(0.90), "rkv@0.5": row(0.97), "recent@0.1": row(0.80), "recent@0.5": row(0.99)},
+                 {"rkv@0.1": row(0.92), "rkv@0.5": row(0.96), "recent@0.1": row(0.84), "recent@0.5": row(0.97)}]
+    summary = summarize(per_trace, ["rkv", "recent"], [0.1, 0.5], samples=200)
+    assert summary["smallest_budget_top1"] == {"rkv": 0.5, "recent": 0.5}
+    diff = summary["paired"]["rkv@0.1 - recent@0.1"]["top1"]
+    assert abs(diff["mean"] - 0.09) < 1e-9 and 0.08 - 1e-9 <= diff["ci95"][0] <= diff["ci95"][1] <= 0.10 + 1e-9
+    assert summary["modes"]["rkv@0.5"]["top1"]["mean"] == pytest.approx(0.965)
+
+
+def test_the_fidelity_benchmark_writes_its_table(tmp_path):
+    import runpy
+    import sys
+
+    from rksc_sgl.config import default_cache_dir  # noqa: F401  (the model is packaged)
+
+    script = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py")
+    argv = [script, "--fidelity", "--traces", "2", "--trace-tokens", "24", "--prompt-tokens", "120",
+            "--methods", "rkv,recent", "--fidelity-budgets", "0.25", "--buffer", "4", "--min-tokens", "4",
+            "--bootstrap", "50", "--out-dir", str(tmp_path)]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = old
+    assert done.value.code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["bench_compression_fidelity.json", "bench_compression_fidelity.md",
+                     "bench_compression_fidelity.png"]
+    import json
+
+    result = json.loads((tmp_path / "bench_compression_fidelity.json").read_text())
+    assert set(result["summary"]["modes"]) == {"full", "rkv@0.25", "recent@0.25"}
+    assert result["summary"]["modes"]["full"]["top1"]["mean"] == 1.0
+    assert "rkv@0.25 - recent@0.25" in result["summary"]["paired"]
