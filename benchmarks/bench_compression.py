@@ -335,8 +335,8 @@ def fidelity_markdown(summary: Dict) -> str:
 
 def plot_fidelity(result: Dict, path: Path) -> None:
     plt = pyplot()
-    summary, specs = result["summary"], [m.strip() for m in result["config"]["methods"].split(",") if m.strip()]
-    budgets = sorted(float(b) for b in result["config"]["fidelity_budgets"].split(",") if b.strip())
+    summary = result["summary"]
+    specs, budgets = summary["specs"], summary["budgets"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric, label in ((axes[0], "top1", "top-1 agreement with full KV"), (axes[1], "kl", "KL(full || compressed), nats")):
         for spec in specs:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 from .config import DTYPES
 from .problems import (CHAIN_STOP, DIFFICULTY_LEVELS, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
                        majority_vote, question_prompt, score)
-from .report import cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
+from .report import bootstrap_mean_ci, cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from .cgee import AuditLog, CGEEConfig, VerifyResult
@@ -1150,8 +1150,6 @@ def paired_with_radix(records: List[Dict[str, Any]], reference: List[Dict[str, A
     mine = [r for r in records if r["repeat"] == 0]
     agree = sum(r["answer"] == ref[r["problem"]]["answer"] for r in mine)
     diffs = [float(r["correct"]) - float(ref[r["problem"]]["correct"]) for r in mine]
-    rng = random.Random(seed)
-    boot = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples)) if diffs else []
     decode = sum(r["decode_tokens"] for r in mine)
     programs = {}
     if mine and "program_answers" in mine[0]:
@@ -1161,7 +1159,7 @@ def paired_with_radix(records: List[Dict[str, Any]], reference: List[Dict[str, A
                     "program_agreement_ci95": list(wilson(same, len(pairs)))}
     return {**programs, "agreement_with_radix_ci95": list(wilson(agree, len(mine))),
             "accuracy_change_vs_radix": statistics.fmean(diffs) if diffs else None,
-            "accuracy_change_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]] if boot else None,
+            "accuracy_change_ci95": bootstrap_mean_ci(diffs, samples, seed) if diffs and samples else None,
             "fewer_decode_tokens_than_radix": (sum(ref[r["problem"]]["decode_tokens"] for r in mine) / decode
                                                if decode else None)}
 

@@ -101,13 +101,10 @@ def trace_fidelity(engine, prompt_ids: Sequence[int], trace_ids: Sequence[int], 
 
 def mean_ci(values: Sequence[float], samples: int = 2000, seed: int = 0) -> Dict[str, object]:
     """Mean over traces with a 95% percentile bootstrap interval (traces resampled)."""
-    import random
+    from .report import bootstrap_mean_ci
 
     values = list(values)
-    rng = random.Random(seed)
-    boot = sorted(math.fsum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
-    return {"mean": math.fsum(values) / len(values), "ci95": [boot[int(0.025 * samples)],
-                                                              boot[int(0.975 * samples) - 1]]}
+    return {"mean": math.fsum(values) / len(values), "ci95": bootstrap_mean_ci(values, samples, seed)}
 
 
 def paired_difference(a: List[float], b: List[float], samples: int = 2000, seed: int = 0) -> Dict[str, object]:
@@ -184,4 +181,4 @@ def summarize(per_trace: List[Dict[str, Dict[str, float]]], specs: Sequence[str]
         reached = [b for b in sorted(budgets) if modes[f"{spec}@{b:g}"]["top1"]["mean"] >= bar]
         smallest[spec] = reached[0] if reached else None
     return {"modes": modes, "paired": paired, "smallest_budget_top1": smallest, "top1_bar": bar,
-            "traces": len(per_trace)}
+            "traces": len(per_trace), "specs": list(specs), "budgets": sorted(budgets)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 def median(xs: Sequence[float]) -> float:
     """The median, ``nan`` for no values."""
     return statistics.median(xs) if len(xs) else float("nan")
+
+
+def bootstrap_mean_ci(values: Sequence[float], samples: int = 2000, seed: int = 0) -> List[float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (each resample draws
+    ``len(values)`` of them with replacement, ``random.Random(seed).choices``). For paired
+    data, pass the per-item differences."""
+    rng = random.Random(seed)
+    boot = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(samples))
+    return [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]]
 
 
 def cpu_model() -> str:
