@@ -415,6 +415,12 @@ def test_a_seeded_server_samples_a_seed_the_same_alone_and_in_any_batch(servers)
                             sampling_params=[params(9), params(3), params(7)])
     assert batch[2]["output_ids"] == alone
     assert batch[0]["output_ids"] != alone  # another seed, another sample
+    # A greedy and a top-p request in the batch: stock SGLang then sends every row through its
+    # sorted sampler, whose noise follows token ranks, not ids; the plugin keeps each row's draw.
+    mixed = client.generate([prompt, "The capital of France is", prompt, "Two plus two"],
+                            sampling_params=[params(7), {"max_new_tokens": 16, "temperature": 0},
+                                             params(9), {**params(3), "top_p": 0.8}])
+    assert mixed[0]["output_ids"] == alone and mixed[2]["output_ids"] == batch[0]["output_ids"]
     refused = requests.post(servers["no_stats"].url + "/generate", timeout=60, json={
         "text": prompt, "sampling_params": {"max_new_tokens": 2, "temperature": 1.0, "min_p": 0.1}})
     assert refused.status_code == 400 and "min_p > 0 cannot be sampled with per-request seeds" in refused.text

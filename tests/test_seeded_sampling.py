@@ -1,5 +1,8 @@
 """The runtime's per-request sampling seeds (``rksc_sgl.runtime.seeded_sampling``), no server."""
 
+import importlib.util
+import subprocess
+import sys
 import types
 
 import pytest
@@ -71,3 +74,60 @@ def test_min_p_is_refused_and_the_switch_reads_only_clear_values():
     assert ss.seeded_sampling_from_env({}) is False
     with pytest.raises(ValueError, match="expected 1/on/true or 0/off/false"):
         ss.seeded_sampling_from_env({ss.ENV_VAR: "2"})
+
+
+# A child process: importing SGLang's sampler needs the sgl_kernel stand-in on this machine, and
+# the stand-in changes sys.meta_path, which must not leak into the suite.
+SAMPLER_CHECK = """
+import json, os, torch
+from rksc_sgl.gpu_stack import install_sgl_kernel_standin
+install_sgl_kernel_standin()
+from rksc_sgl.runtime import seeded_sampling as ss
+ss.ensure_cpu_hash()
+from sglang.srt.layers import sampler
+from sglang.srt.sampling.sampling_params import TOP_K_ALL
+original = sampler.top_k_top_p_min_p_sampling_from_probs_torch
+torch.manual_seed(0)
+n = 12
+probs = torch.softmax(torch.randn(n, 300) * 2, dim=-1)
+seeds, positions = torch.arange(n) + 1000, torch.arange(n) + 30
+top_ks = torch.full((n,), TOP_K_ALL); top_ps = torch.ones(n); min_ps = torch.zeros(n)
+top_ks[8] = 1; top_ps[9] = 0.9; top_ks[10] = 20; top_ks[11] = 1   # two greedy rows, two truncating rows
+def hooked(p, k, t, m, s, pos):
+    return ss.sample_rows_alike(original, p, k, t, m, False, s, pos, max_top_k=None).tolist()
+def alone(i):  # the path SGLang takes for a batch of this one row
+    r = slice(i, i + 1)
+    if top_ks[i] <= 1:
+        return int(probs[i].argmax())
+    if top_ks[i] == TOP_K_ALL and top_ps[i] == 1.0:
+        return sampler.sampling_from_probs_torch(probs[r], seeds[r], positions[r]).tolist()[0]
+    return original(probs[r], top_ks[r], top_ps[r], min_ps[r], False, seeds[r], positions[r]).tolist()[0]
+order = [11, 3, 9, 0, 7, 10, 5, 8, 1, 6, 2, 4]  # the same rows in another order
+permuted = hooked(probs[order], top_ks[order], top_ps[order], min_ps[order], seeds[order], positions[order])
+print(json.dumps({
+    "mixed": hooked(probs, top_ks, top_ps, min_ps, seeds, positions),
+    "alone": [alone(i) for i in range(n)],
+    "permuted": [permuted[order.index(i)] for i in range(n)],
+    "untruncated_only": hooked(probs[:8], top_ks[:8], top_ps[:8], min_ps[:8], seeds[:8], positions[:8]),
+    "stock_mixed": original(probs, top_ks, top_ps, min_ps, False, seeds, positions).tolist(),
+    "unseeded_is_stock": original is not None and ss.sample_rows_alike(
+        lambda *a, **k: "stock", probs, top_ks, top_ps, min_ps, False, None, positions) == "stock",
+}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sgl_kernel") is not None, reason="a real sgl_kernel is installed")
+def test_a_seeded_row_samples_the_same_token_whatever_else_is_in_its_batch():
+    import json
+
+    out = subprocess.run([sys.executable, "-c", SAMPLER_CHECK], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # Each row, in a batch mixed with greedy and truncating rows, in any order, is the token the
+    # row samples in a batch of its own; rows that truncate nothing equal SGLang's untruncated path.
+    assert got["mixed"] == got["alone"] == got["permuted"]
+    assert got["untruncated_only"] == got["alone"][:8]
+    # Stock SGLang's sorted path, which every row takes once one row truncates, samples the
+    # untruncated rows differently from their own batch: what the hook removes.
+    assert got["stock_mixed"][:8] != got["alone"][:8]
+    assert got["unseeded_is_stock"]

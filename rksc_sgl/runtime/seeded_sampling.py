@@ -8,7 +8,7 @@ runtime does not have. ``rksc_sgl.vote``'s paired comparisons (``seed_branches``
 differ only where a branch was stopped) need the seeds honoured on these CPUs too.
 
 ``rksc-sgl launch-server --seeded-sampling on`` sets :data:`ENV_VAR` in the server's
-environment; every SGLang process inherits it, and the plugin then registers two hooks:
+environment; every SGLang process inherits it, and the plugin then registers three hooks:
 
 ==================================================  ===============================================
 hook (SGLang's plugin ``HookRegistry``)              what it does
@@ -18,10 +18,27 @@ batch`` (SGLang's placeholder for overrides)         (:func:`request_seed`) when
                                                      ``None``; SGLang's torch sampler then draws
                                                      every token as
                                                      ``argmax(logp + gumbel(hash(seed, position)))``
+AROUND ``sampler.top_k_top_p_min_p_sampling_      samples each row as its own parameters say,
+from_probs_torch`` (SGLang's sorted sampler)         whatever else is in the batch
+                                                     (:func:`sample_rows_alike`, below)
 AFTER ``SamplingParams.verify``                      refuses ``min_p > 0`` with a 400: SGLang's
                                                      seeded sampler does not renormalise under
                                                      min-p and would stop the scheduler
 ==================================================  ===============================================
+
+**Why the AROUND hook.** SGLang picks one sampling path per *batch*: when no row truncates
+(every ``top_k`` is "all", every ``top_p`` 1) it draws ``argmax(log p + g)`` with the noise
+``g`` hashed from each *token id*; as soon as one row truncates (a greedy request is
+``top_k = 1``, a verify turn, a ``top_p`` client) every row goes through the sorted sampler,
+whose noise is hashed from each token's *rank* after sorting. The same seed then samples a
+different token (195 of 200 rows in a direct check), so a branch's text depended on whether
+a greedy request shared its batch, and since SGLang's batch flags are sticky (``merge_batch``
+ORs them, ``filter_batch`` keeps them) on the whole batch history. On ``serve`` that made 102
+of 800 branches differ between two servers that sampled the same seeds (26 from the first
+token). The hook splits a seeded batch by row: greedy rows take the argmax (as an all-greedy
+batch does), rows that truncate nothing draw with token-id noise (as the untruncated path
+does), and only the rows that truncate go through SGLang's sorted sampler, among
+themselves. A row's token then depends on its own logits, seed, position and parameters.
 
 Every batch SGLang builds goes through ``from_schedule_batch``, so the seed tensor exists
 on every batch and SGLang's own ``filter_batch``/``merge_batch`` keep it row-aligned. A
@@ -49,6 +66,7 @@ from typing import Mapping, Optional
 
 ENV_VAR = "RKSC_SEEDED_SAMPLING"
 BATCH_TARGET = "sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.adjusted_from_schedule_batch"
+SORTED_SAMPLER_TARGET = "sglang.srt.layers.sampler.top_k_top_p_min_p_sampling_from_probs_torch"
 VERIFY_TARGET = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 MIN_P_REFUSAL = ("min_p > 0 cannot be sampled with per-request seeds on this server "
                  f"(rksc-sgl launch-server --seeded-sampling on, {ENV_VAR}=1): SGLang's seeded sampler "
@@ -89,6 +107,35 @@ def refuse_min_p(result, params, *args, **kwargs):
     if params.min_p > 0:
         raise ValueError(MIN_P_REFUSAL)
     return result
+
+
+def sample_rows_alike(original, probs, top_ks, top_ps, min_ps, need_min_p_sampling, sampling_seed,
+                      positions, *args, return_filtered_probs: bool = False, **kwargs):
+    """AROUND hook of SGLang's sorted sampler: in a seeded batch, each row drawn by its own
+    parameters (module docstring). Unseeded batches and the sampling-mask capture (which needs
+    the sorted tensors back) go to SGLang's function unchanged."""
+    if sampling_seed is None or return_filtered_probs or need_min_p_sampling:
+        return original(probs, top_ks, top_ps, min_ps, need_min_p_sampling, sampling_seed, positions,
+                        *args, return_filtered_probs=return_filtered_probs, **kwargs)
+    import torch
+    from sglang.srt.layers.sampler import multinomial_with_seed
+    from sglang.srt.sampling.sampling_params import TOP_K_ALL
+
+    tokens = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
+    greedy = top_ks <= 1
+    untruncated = ~greedy & (top_ks == TOP_K_ALL) & (top_ps >= 1.0)
+    truncated = ~(greedy | untruncated)
+    if greedy.any():
+        tokens[greedy] = probs[greedy].argmax(dim=-1).to(torch.int32)
+    if untruncated.any():
+        rows = untruncated
+        tokens[rows] = multinomial_with_seed(torch.log(probs[rows]), sampling_seed[rows],
+                                             positions[rows]).view(-1).to(torch.int32)
+    if truncated.any():
+        rows = truncated
+        tokens[rows] = original(probs[rows], top_ks[rows], top_ps[rows], min_ps[rows], False,
+                                sampling_seed[rows], positions[rows], *args, **kwargs).view(-1)
+    return tokens
 
 
 _MASK32 = 0xFFFFFFFF
@@ -148,11 +195,13 @@ def ensure_cpu_hash() -> bool:
 
 
 def register_hooks() -> None:
-    """Register both hooks with SGLang's plugin ``HookRegistry`` (once per process), and the
+    """Register the three hooks with SGLang's plugin ``HookRegistry`` (once per process), and the
     CPU hash where it is missing."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     ensure_cpu_hash()
-    for target, hook in ((BATCH_TARGET, seed_rows), (VERIFY_TARGET, refuse_min_p)):
+    for target, hook, kind in ((BATCH_TARGET, seed_rows, HookType.AFTER),
+                               (SORTED_SAMPLER_TARGET, sample_rows_alike, HookType.AROUND),
+                               (VERIFY_TARGET, refuse_min_p, HookType.AFTER)):
         if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
-            HookRegistry.register(target, hook, HookType.AFTER)
+            HookRegistry.register(target, hook, kind)
