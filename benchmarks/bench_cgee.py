@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.cgee import AuditLog, CGEEConfig  # noqa: E402
 from rksc_sgl.problems import load_problems, score  # noqa: E402
+from rksc_sgl.report import run_record  # noqa: E402
 from rksc_sgl.verifier import wilson_interval  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "programs"))
@@ -122,10 +121,9 @@ def main(argv=None) -> int:
         "audit_log": log.error_rate(),
     }
     result = {
+        **run_record("bench_cgee"),
         "what": "CGEE on best-of-N (8 branches), gated vs full verifier in the same calls",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": vars(args), "cgee": dataclasses.asdict(cfg),
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
         "summary": summary, "calls": calls, "total_wall_s": time.perf_counter() - started,
     }
     out_dir = Path(args.out_dir)

@@ -40,8 +40,6 @@ may carry variants (``rkv+window``: importance from the queries since the last c
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
 import warnings
 from pathlib import Path
@@ -57,7 +55,7 @@ import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.problems import majority_vote, score  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
-    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 
 def modes(args) -> Dict[str, dict]:
@@ -227,10 +225,8 @@ def main(argv=None) -> int:
     summary = [summarize(name, runs, results["full"], problems, pressured.get(name, []), pressured.get("full", []))
                for name, runs in results.items()]
     result = {
-        "benchmark": "bench_compression",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {**vars(args), "kv_pool_tokens_pressure": pool, "kv_pool_tokens_roomy": roomy}, "versions": versions(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+        **run_record("bench_compression"),
+        "config": {**vars(args), "kv_pool_tokens_pressure": pool, "kv_pool_tokens_roomy": roomy},
         "method": "one engine per mode, same problems and pool; per problem the branches are one batch after a "
                   "flush; private KV = peak KV working set minus the prompt; agreement per branch and of the "
                   "per-problem majority vote against the uncompressed run; problem 0 is a warm-up",
@@ -277,9 +273,8 @@ def fidelity_main(ap, args) -> int:
         eng.shutdown()
     summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
     result = {
-        "benchmark": "bench_compression --fidelity",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": vars(args), "modes": modes, "versions": versions(), "cpu": cpu_model(),
+        **run_record("bench_compression --fidelity"),
+        "config": vars(args), "modes": modes,
         "method": "per trace: a few-shot gsm_symbolic prompt and trace_tokens tokens sampled with full KV (EOS "
                   "ignored), every step's log-probs kept; then every mode (and a full-KV control) replays the "
                   "trace teacher-forced in one batch, compared step by step with the full-KV distribution",

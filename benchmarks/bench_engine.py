@@ -28,8 +28,6 @@ CPU, raw timings) and a PNG bar chart in ``--out-dir``.
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 import time
 import warnings
@@ -45,7 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt, hints_for, program  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
-    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 # The inputs and the program of (b)/(c) are rksc_sgl.bench's (its `paper` and `cot`
 # workloads use them too); the report helpers are rksc_sgl.report's.
@@ -253,12 +251,10 @@ def main(argv=None) -> int:
     try:
         tok = engines["none"].tokenizer
         result: Dict = {
-            "benchmark": "bench_engine",
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **run_record("bench_engine"),
             "config": {**vars(args), "hints": hints_for(args.branches),
                        "engine_config": {m: {k: str(v) for k, v in vars(e.config).items()} for m, e in engines.items()}},
-            "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(), "engine_num_threads": 1,
+            "engine_num_threads": 1,
             "hf_attn_implementation": getattr(engines["none"].hf_model.config, "_attn_implementation", None),
             "decode_method": "decode tok/s = (N-1) / (median t(N new tokens) - median t(1 new token)); "
                              "prefill and the first token cancel out. Engine side: cache='none' engine, "

@@ -23,9 +23,6 @@ Results: JSON (config, versions, CPU, raw timings) and a PNG bar chart in ``--ou
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import sys
 import time
 import warnings
@@ -42,7 +39,7 @@ import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt  # noqa: E402
 from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
-    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 TARGET_OVERHEAD = 0.15
 
@@ -165,11 +162,8 @@ def main(argv=None) -> int:
     try:
         base = build_prompt(eng.tokenizer, args.prompt_tokens, args.seed).rstrip() + "\nFinal answer (digits only):"
         result: Dict = {
-            "benchmark": "bench_grammar",
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **run_record("bench_grammar"),
             "config": {**vars(args), "engine_config": {k: str(v) for k, v in vars(eng.config).items()}},
-            "versions": {**versions(), "xgrammar": _version("xgrammar")},
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
             "method": "decode tok/s = B*(N-1) / (median t(N new tokens) - median t(1 new token)) for a batch of B "
                       "prompts in one generate_request; both modes greedy with min_new_tokens=max_new_tokens=N, "
                       "the constrained mode adds regex; cache='none', flushed before every run; mode order "
@@ -192,15 +186,6 @@ def main(argv=None) -> int:
                     f"{result['cpu']}, median of {args.repeats} (+1 warm-up), xgrammar {result['versions']['xgrammar']}; "
                     f"prompt ~{result['config']['actual_prompt_tokens']} tok")
     return 0
-
-
-def _version(pkg: str):
-    import importlib.metadata as md
-
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ of the joined tokens, what SGLang's runtime does today):
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +39,7 @@ from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.join import join_namespace, joined_tokens, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
 from rksc_sgl.report import (  # noqa: E402
-    benchmark_parser, cpu_model, format_table, median, pyplot, save_and_report, save_figure, versions)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 TAIL = "\nFinal answer:"
 
@@ -198,10 +196,8 @@ def main(argv=None) -> int:
     finally:
         eng.shutdown()
     result = {
-        "benchmark": "bench_join",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": vars(args), "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
+        **run_record("bench_join"),
+        "config": vars(args),
         "method": "per problem: branches generated once; before every timed run the cache is flushed and the "
                   "branches are committed (prefilled) again, so both modes start from the same cached KV; "
                   "a run is the join (KV: concatenate; text: nothing) plus one greedy post-join request; modes "

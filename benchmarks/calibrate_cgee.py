@@ -21,10 +21,8 @@ defaults of ``rksc_sgl.cgee.CGEEConfig`` are copied from it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import platform
 import sys
 import time
 import warnings
@@ -42,6 +40,7 @@ import rksc_sgl  # noqa: E402
 from rksc_sgl.cgee import CGEEConfig, choose, generation_confidence, skip_decision, verifier_prompt  # noqa: E402
 from rksc_sgl.problems import (CHAIN_STOP, SYSTEM_PROMPT, extract_answer, load_problems,  # noqa: E402
                                question_prompt, score)
+from rksc_sgl.report import run_record  # noqa: E402
 from rksc_sgl.verifier import ExitPolicy, simulate_exit  # noqa: E402
 
 
@@ -159,9 +158,9 @@ def main(argv=None) -> int:
         records = collect(engine, problems, args)
         found = search(records)
     result = {
+        **run_record("calibrate_cgee"),
         "what": "CGEE threshold calibration (offline replay of recorded full verifier passes)",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": vars(args), "python": platform.python_version(), "torch": torch.__version__,
+        "config": vars(args),
         "questions": [r["question"] for r in records],
         "grid": {**GRID_SKIP, **GRID_EXIT},
         **found,

@@ -41,11 +41,9 @@ Pieces, each small and registered by name:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.util
 import math
 import operator
-import os
 import random
 import shlex
 import statistics
@@ -58,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 from .config import DTYPES
 from .problems import (CHAIN_STOP, DIFFICULTY_LEVELS, SYSTEM_PROMPT, Problem, extract_answer, load_problems,
                        majority_vote, question_prompt, score)
-from .report import bootstrap_mean_ci, cpu_model, format_table, markdown_table, median, pyplot, save_and_report, save_figure, versions
+from .report import bootstrap_mean_ci, format_table, markdown_table, median, pyplot, run_record, save_and_report, save_figure
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from .cgee import AuditLog, CGEEConfig, VerifyResult
@@ -1255,15 +1253,12 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     else:
         timed = _run_on_engines(workload, modes, settings, params, engines, progress)
     runs, warm_runs, engine_configs, overrides, items = timed
-    import torch
-
     result = summarize(workload, modes, settings, params, items, runs)
+    result.update(run_record(
+        f"bench_{workload.name}" if settings.backend == "engine" else f"bench_runtime_{workload.name}",
+        command or command_line(workload.name, modes, settings)))
     result.update({
-        "benchmark": f"bench_{workload.name}" if settings.backend == "engine" else f"bench_runtime_{workload.name}",
-        "command": command or command_line(workload.name, modes, settings),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(), "engine_num_threads": settings.threads,
+        "engine_num_threads": settings.threads,
         "backend": settings.backend, "engine_configs": engine_configs, "engine_overrides": overrides,
         "warmup_wall_s": warm_runs, "total_wall_s": time.perf_counter() - started,
     })

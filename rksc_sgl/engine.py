@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 import queue
-import threading
 import time
 import uuid
 import warnings

@@ -3,6 +3,8 @@
 Used by ``rksc-sgl bench`` (:mod:`rksc_sgl.bench`) and the scripts in ``benchmarks/``:
 
 - :func:`cpu_model`, :func:`versions` -- what a result must name so it can be compared;
+- :func:`run_record` -- the fields every result file opens with: benchmark, command, commit,
+  date, versions and machine (``benchmarks/manifest.py`` indexes results by them);
 - :func:`median` -- the statistic every timing is summarised by;
 - :func:`format_table` (aligned text) and :func:`markdown_table` (GitHub markdown), from the
   same rows of cells;
@@ -12,10 +14,14 @@ Used by ``rksc-sgl bench`` (:mod:`rksc_sgl.bench`) and the scripts in ``benchmar
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,12 +62,49 @@ def versions() -> Dict[str, Optional[str]]:
 
     out: Dict[str, Optional[str]] = {"python": sys.version.split()[0], "torch": torch.__version__,
                                      "transformers": transformers.__version__}
-    for pkg in ("sglang", "rksc-sgl", "reasoning-gym", "matplotlib"):
+    for pkg in ("sglang", "rksc-sgl", "reasoning-gym", "matplotlib", "xgrammar"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def source_commit(folder: Optional[Path] = None) -> Optional[str]:
+    """The git commit of the checkout ``folder`` (default: this package's) is in, with
+    ``-dirty`` when tracked files differ from it; ``None`` outside a git checkout (a wheel)."""
+    folder = Path(folder or Path(__file__).resolve().parent)
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("-dirty" if dirty else "")
+
+
+def invoked_command() -> str:
+    """The command line this process was started with, as a user would retype it."""
+    script = Path(sys.argv[0])
+    head = [script.name] if script.name == "rksc-sgl" else ["python", sys.argv[0]]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+def run_record(benchmark: str, command: Optional[str] = None) -> Dict:
+    """What every result file records first: which benchmark, the command that reproduces
+    it (default: this process's), the source commit, the date, the versions and the machine."""
+    import torch
+
+    return {"benchmark": benchmark, "command": command or invoked_command(), "commit": source_commit(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_num_threads": torch.get_num_threads()}
 
 
 def format_table(rows: List[tuple]) -> str:

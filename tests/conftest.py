@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import gc
-import os
 import threading
 import warnings
 

@@ -273,8 +273,6 @@ def test_the_fidelity_benchmark_writes_its_table(tmp_path):
     import runpy
     import sys
 
-    from rksc_sgl.config import default_cache_dir  # noqa: F401  (the model is packaged)
-
     script = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py")
     argv = [script, "--fidelity", "--traces", "2", "--trace-tokens", "24", "--prompt-tokens", "120",
             "--methods", "rkv,recent", "--fidelity-budgets", "0.25", "--buffer", "4", "--min-tokens", "4",

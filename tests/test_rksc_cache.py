@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from array import array
 from pathlib import Path
 from unittest import mock

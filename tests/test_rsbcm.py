@@ -7,7 +7,6 @@ that timestamps are strictly increasing and orders are deterministic.
 from __future__ import annotations
 
 import random
-import time
 from array import array
 from unittest import mock
 
