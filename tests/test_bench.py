@@ -1,4 +1,4 @@
-"""``rksc-sgl bench`` (rksc_sgl/bench.py): inputs, statistics, report, and tiny real runs.
+"""``rksc-sgl bench`` (rksc_sgl/bench/): inputs, statistics, report, and tiny real runs.
 
 The runs use the session engines of conftest.py where a mode allows it, a few problems
 and a few tokens per branch (workload parameters are overridable for exactly this). No
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from rksc_sgl import bench, cli
-from rksc_sgl.bench import BenchSettings, Item, WORKLOADS, bootstrap_ratio_ci, parse_modes, ratio_of_medians
+from rksc_sgl.bench import BenchSettings, Item, WORKLOADS, parse_modes
+from rksc_sgl.bench import stats
+from rksc_sgl.bench.stats import bootstrap_ratio_ci, ratio_of_medians
 from rksc_sgl.problems import Problem
 
 TINY_PAPER = {"prompt_tokens": 96, "branches": 2, "max_tokens": 4}
@@ -142,8 +144,8 @@ def test_percentile_and_median_match_numpy():
     for n in (1, 2, 5, 10):
         xs = [rng.uniform(0, 10) for _ in range(n)]
         for q in (0, 2.5, 25, 50, 75, 97.5, 100):
-            assert bench.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-        assert bench.median(xs) == pytest.approx(float(np.median(xs)))
+            assert stats.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+        assert stats.median(xs) == pytest.approx(float(np.median(xs)))
 
 
 def test_bootstrap_ci_of_a_ratio_equals_a_direct_computation():
@@ -175,7 +177,7 @@ def test_cgee_error_count_uses_verify_calls():
     records = [{"problem": i, "repeat": 0, "time_s": 1.0, "wall_s": 1.0, "requests": 1, "prefill_tokens": 5,
                 "cached_tokens": 5, "semantic_tokens": 0, "recomputed_tokens": 0, "key_tokens": 0,
                 "decode_tokens": 1, "peak_kv_tokens": 9, "correct": True, "verify": c} for i, c in enumerate(calls)]
-    s = bench.summarize_mode(records, 4)
+    s = stats.summarize_mode(records, 4)
     assert (s["verify_calls"], s["verifier_passes_run"], s["verifier_passes_skipped"]) == (4, 2, 2)
     assert s["verifier_passes_exited_early"] == 1 and s["mean_exit_layer"] == pytest.approx(28.5)
     assert (s["cgee_errors"], s["cgee_compared_calls"], s["cgee_error_rate"]) == (1, 4, 0.25)

@@ -1,0 +1,120 @@
+"""``rksc-sgl bench``'s arguments, their validation, and the command itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+from ..config import DTYPES
+from .inputs import DEFAULT_OUT_DIR
+from .modes import BACKENDS, BenchSettings, MODES, Mode, parse_modes
+from .runner import run_bench
+from .tables import command_line, save
+from .workload import WORKLOADS, Workload, parse_workloads
+
+
+# ---- command line ------------------------------------------------------------------------------
+PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
+               "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int,
+               "difficulty": str, "until_answer": int, "clients": int, "disconnect_share": float, "malformed_share": float}
+
+
+def add_bench_args(parser) -> None:
+    """The flags of ``rksc-sgl bench`` (see :func:`bench_command`)."""
+    d = BenchSettings()
+    parser.add_argument("--workload", default="paper",
+                        help="comma-separated workloads: "
+                             + "; ".join(f"{w.name}: {w.help}" for w in WORKLOADS.values())
+                             + " (default: paper)")
+    parser.add_argument("--modes", default="none,radix,rksc",
+                        help="comma-separated modes: " + "; ".join(f"{m.name} ({m.help})" for m in MODES.values())
+                             + ". An ASKS mode takes its own tau as NAME@TAU and key layer as :L<layer>, e.g. "
+                               "asks@0.8 or asks@0.9:L4 (default: none,radix,rksc)")
+    parser.add_argument("--problems", type=int, default=d.problems, help=f"timed problems (default: {d.problems})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="reasoning-gym seed of the problems (default: 0)")
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help=f"timed runs of every problem per mode (default: {d.repeats})")
+    parser.add_argument("--warmup", type=int, default=d.warmup,
+                        help=f"warm-up problems per mode, not counted (default: {d.warmup})")
+    parser.add_argument("--model", default=d.model, help=f"model alias or local folder (default: {d.model})")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: 1)")
+    parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                        help="engine: every mode on an embedded engine in this process; runtime: every mode as a "
+                             "real SGLang server (launch_server), one after another (default: engine)")
+    parser.add_argument("--server-args", default=d.server_args, metavar="FLAGS",
+                        help="with --backend runtime: further SGLang flags for every mode's server, as one "
+                             "string (e.g. '--schedule-policy lpm')")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
+                        help=f"where the engines run (default: {d.device})")
+    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
+                        help="the engines' dtype (default: auto, float32 on the CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-pool-tokens", type=int, default=d.kv_pool_tokens,
+                        help=f"KV slots per engine (default: {d.kv_pool_tokens}; pressure sets its own)")
+    parser.add_argument("--asks-tau", type=float, default=d.asks_tau,
+                        help=f"ASKS threshold of the ASKS modes without @TAU (default: {d.asks_tau})")
+    parser.add_argument("--asks-recompute", type=float, default=d.asks_recompute,
+                        help=f"ASKS recompute fraction (default: {d.asks_recompute})")
+    parser.add_argument("--asks-key-layer", type=int, default=d.asks_key_layer,
+                        help="ASKS key layer of the ASKS modes without :L<layer> (0: token embeddings, free; "
+                             f"L: hidden states after L blocks, the recipient's span runs through them) "
+                             f"(default: {d.asks_key_layer})")
+    parser.add_argument("--audit-fraction", type=float, default=d.audit_fraction,
+                        help="share of gated verify calls that also run the full pass to count errors; its time "
+                             f"is left out (default: {d.audit_fraction})")
+    parser.add_argument("--bootstrap", type=int, default=d.bootstrap,
+                        help=f"bootstrap resamples of the speedup intervals (default: {d.bootstrap})")
+    group = parser.add_argument_group("workload parameters (default: the workload's own)")
+    for key, kind in PARAM_FLAGS.items():
+        takes = ", ".join(f"{w.name} {w.defaults[key]}" for w in WORKLOADS.values() if key in w.defaults)
+        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=None,
+                           help=f"defaults: {takes}")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"where bench_<workload>.json/.md/.png go (default: {DEFAULT_OUT_DIR})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args) -> BenchSettings:
+    return BenchSettings(problems=args.problems, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
+                         model=args.model, threads=args.threads, device=args.device, dtype=args.dtype,
+                         kv_pool_tokens=args.kv_pool_tokens,
+                         asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
+                         asks_key_layer=args.asks_key_layer,
+                         audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
+                         server_args=args.server_args,
+                         params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
+
+
+def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
+    """Every input checked before anything is loaded; ``ValueError`` says what is wrong."""
+    workloads = parse_workloads(args.workload)
+    modes = parse_modes(args.modes)
+    settings = settings_from_args(args)
+    for w in workloads:
+        w.resolve(settings.params)
+        stopping = [m.label for m in modes if m.name.startswith("stop-")]
+        if stopping and not w.votes:
+            raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "
+                             f"would stop nothing; they run with {', '.join(x.name for x in WORKLOADS.values() if x.votes)}")
+    if settings.backend == "runtime":
+        from ..runtime.bench_servers import server_flags
+
+        for mode in modes:
+            server_flags(mode, settings, {}, 0)
+    return workloads, modes, settings
+
+
+def bench_command(args, error: Callable[[str], None]) -> int:
+    """``rksc-sgl bench``: run each workload, write its report, print its table."""
+    try:
+        workloads, modes, settings = validate_args(args)
+    except ValueError as exc:
+        error(str(exc))
+        return 2
+    for workload in workloads:
+        params = {k: v for k, v in settings.params.items() if k in workload.defaults}
+        ws = dataclasses.replace(settings, params=params)
+        result = run_bench(workload, modes, ws, progress=not args.no_progress,
+                           command=command_line(workload.name, modes, ws))
+        save(result, Path(args.out_dir))
+    return 0

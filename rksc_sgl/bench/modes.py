@@ -1,0 +1,165 @@
+"""Cache modes (what each ``Engine``/server gets) and the run's settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional
+
+from ..config import DTYPES
+
+
+# ---- modes ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A cache mode: the engine it needs and whether the verify step uses CGEE's gates."""
+
+    name: str
+    cache: str
+    asks: bool = False
+    cgee: bool = False
+    rsbcm: bool = False
+    help: str = ""
+    tau: Optional[float] = None
+    """An ASKS threshold of this mode alone (``asks@0.9``); ``None``: the run's ``asks_tau``."""
+    eviction: Optional[str] = None
+    """Another of SGLang's eviction policies for the stock tree (``lfu``, ``slru``)."""
+    key_layer: Optional[int] = None
+    """An ASKS key layer of this mode alone (``asks@0.9:L4``); ``None``: the run's ``asks_key_layer``."""
+    stop: Optional[str] = None
+    """The branch-stop rule (``rksc_sgl.vote``) of the workloads that vote over forks."""
+
+    @property
+    def label(self) -> str:
+        label = self.name if self.tau is None else f"{self.name}@{self.tau:g}"
+        return label if self.key_layer is None else f"{label}:L{self.key_layer}"
+
+    def engine_kwargs(self, settings: "BenchSettings") -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"cache": self.cache}
+        if self.asks:
+            kwargs["asks"] = {"enabled": True, "tau": self.tau if self.tau is not None else settings.asks_tau,
+                              "recompute_fraction": settings.asks_recompute,
+                              "key_layer": self.key_layer if self.key_layer is not None else settings.asks_key_layer}
+        if self.rsbcm:
+            kwargs["eviction_policy"] = "rsbcm"
+        elif self.eviction:
+            kwargs["eviction_policy"] = self.eviction
+        return kwargs
+
+    def effective_tau(self, settings: "BenchSettings") -> Optional[float]:
+        if not self.asks:
+            return None
+        return self.tau if self.tau is not None else settings.asks_tau
+
+
+MODES: Dict[str, Mode] = {m.name: m for m in (
+    Mode("none", "none", help="no KV reuse between requests"),
+    Mode("radix", "radix", help="SGLang's stock RadixCache, LRU eviction (runtime: SGLang's default cache as "
+                                "a user gets it, UnifiedRadixCache)"),
+    Mode("radix-stock", "radix", help="SGLang's RadixCache class, LRU (the engine's radix; in the runtime "
+                                      "--radix-cache-backend radix-stock)"),
+    Mode("rksc", "rksc", asks=True, cgee=True, rsbcm=True, stop="lossless",
+         help="ASKS + CGEE + RSBCM, and lossless branch stop where a workload votes over forks"),
+    Mode("asks", "rksc", asks=True, help="RKSC cache with ASKS semantic reuse only (LRU)"),
+    Mode("cgee", "radix", cgee=True, help="stock radix cache, CGEE gates in the verify step"),
+    Mode("rsbcm", "rksc", rsbcm=True, help="RKSC cache, exact matching, RSBCM eviction"),
+    Mode("lfu", "radix", eviction="lfu", help="SGLang's stock RadixCache, LFU eviction (for pressure)"),
+    Mode("slru", "radix", eviction="slru", help="SGLang's stock RadixCache, SLRU eviction (for pressure)"),
+    *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix cache, branch stop by the {rule!r} rule "
+                                                   "(workloads that vote over forks)")
+      for rule in ("lossless", "beta", "window")),
+)}
+
+
+def parse_modes(text: str) -> List[Mode]:
+    """``"none,radix,rksc,asks@0.9,asks@0.9:L4"`` -> modes; ``ValueError`` naming what is wrong."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no modes given; choose from {', '.join(MODES)}")
+    modes: List[Mode] = []
+    for spec in names:
+        head, _, layer_text = spec.partition(":")
+        name, _, tau_text = head.partition("@")
+        if name not in MODES:
+            raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)} (ASKS modes take "
+                             "a threshold as NAME@TAU and a key layer as :L<layer>, e.g. asks@0.9:L4)")
+        mode = MODES[name]
+        if layer_text:
+            if not mode.asks:
+                raise ValueError(f"mode {name!r} does not use ASKS, so {spec!r} has no key layer to set")
+            if not (layer_text.startswith("L") and layer_text[1:].isdigit()):
+                raise ValueError(f"mode {spec!r}: the key layer is written :L<layer>, e.g. :L4")
+            mode = dataclasses.replace(mode, key_layer=int(layer_text[1:]))
+        if tau_text:
+            if not mode.asks:
+                raise ValueError(f"mode {name!r} does not use ASKS, so {spec!r} has no tau to set")
+            try:
+                tau = float(tau_text)
+            except ValueError:
+                raise ValueError(f"mode {spec!r}: tau {tau_text!r} is not a number") from None
+            if not math.isfinite(tau) or tau < -1.0:
+                raise ValueError(f"mode {spec!r}: tau must be a finite number >= -1")
+            mode = dataclasses.replace(mode, tau=tau)
+        if any(m.label == mode.label for m in modes):
+            raise ValueError(f"mode {mode.label!r} is given twice")
+        modes.append(mode)
+    return modes
+
+
+# ---- settings --------------------------------------------------------------------------------
+BACKENDS = ("engine", "runtime")
+
+@dataclasses.dataclass
+class BenchSettings:
+    """Everything a run depends on besides the workload and modes (all recorded in the JSON)."""
+
+    problems: int = 4
+    seed: int = 0
+    repeats: int = 1
+    warmup: int = 1
+    model: str = "smollm2-135m"
+    threads: int = 1
+    device: str = "cpu"
+    """Where the engines run (``cpu``, ``cuda``, ``auto``); CPU timings are the protocol's."""
+    dtype: str = "auto"
+    """The engines' dtype (``auto``: the engine's default, float32 on the CPU and bfloat16 on
+    CUDA); ``bfloat16`` on the CPU reproduces a GPU run's rounding where the CPU can."""
+    kv_pool_tokens: int = 16384
+    max_running_requests: int = 64
+    asks_tau: float = 0.95  # the ASKS defaults (ASKSConfig's, chosen from this benchmark;
+    asks_recompute: float = 0.5  # a test keeps them equal; literal here, since rksc_cache
+    asks_key_layer: int = 0  # imports SGLang)
+    audit_fraction: float = 1.0
+    bootstrap: int = 2000
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of the workload's parameters (``branches``, ``max_tokens``, ...)."""
+    backend: str = "engine"
+    """``engine``: every mode on an embedded engine in this process; ``runtime``: every mode as
+    a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after another."""
+    server_args: str = ""
+    """Further SGLang flags for every mode's server (``--backend runtime``), e.g.
+    ``--schedule-policy lpm``."""
+
+    def __post_init__(self) -> None:
+        for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.server_args and self.backend != "runtime":
+            raise ValueError("server-args are SGLang server flags: they need --backend runtime")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.asks_tau, (int, float)) and math.isfinite(self.asks_tau) and self.asks_tau >= -1):
+            raise ValueError(f"asks-tau must be a finite number >= -1, got {self.asks_tau!r}")
+        if not isinstance(self.asks_key_layer, int) or isinstance(self.asks_key_layer, bool) or self.asks_key_layer < 0:
+            raise ValueError(f"asks-key-layer must be an integer >= 0, got {self.asks_key_layer!r}")
+        if not 0.0 <= self.asks_recompute <= 1.0:
+            raise ValueError(f"asks-recompute must be in [0, 1], got {self.asks_recompute!r}")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit-fraction must be in [0, 1], got {self.audit_fraction!r}")

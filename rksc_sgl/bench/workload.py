@@ -1,0 +1,165 @@
+"""The workload interface, its registry, and the targets a workload checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+from ..problems import Problem
+
+if TYPE_CHECKING:  # imported where used: they import torch and SGLang
+    from ..cgee import AuditLog, CGEEConfig, VerifyResult
+
+
+# ---- workloads -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Item:
+    """One problem of a workload: what its program gets, and the answer to grade against."""
+
+    index: int
+    problem: Problem
+    inputs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one program run produced."""
+
+    answer: Optional[str]
+    outputs: List[str]
+    """The generated texts (one per branch, or per request), compared with ``radix``'s."""
+    verify: Optional[VerifyResult] = None
+    audit_s: float = 0.0
+    """Time of CGEE audit passes inside the run (left out of the mode's time)."""
+    vote: Optional[Dict[str, Any]] = None
+    """With a branch-stop rule: ``{"rule", "stopped", "settled_after"}`` of ``rksc_sgl.vote``."""
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Workload-specific fields of the run's record (``serve``: per-program latencies, answers, errors)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A pass/fail line of the report: ``value(result)`` compared with ``threshold``."""
+
+    name: str
+    value: Callable[[Dict[str, Any]], Optional[float]]
+    op: str  # ">=", ">" or "<="
+    threshold: float
+
+    def check(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        v = self.value(result)
+        compare = {">=": operator.ge, ">": operator.gt, "<=": operator.le}[self.op]
+        ok = None if v is None else compare(v, self.threshold)
+        return {"name": self.name, "value": v, "target": f"{self.op} {self.threshold:g}", "ok": ok}
+
+
+class Workload:
+    """A registered workload: its parameters, problems, program and targets."""
+
+    name = ""
+    help = ""
+    defaults: Dict[str, Any] = {}
+    has_verify = False
+    flush_between_problems = True
+    votes = False
+    """Whether its program votes over forks, so a mode's branch-stop rule applies."""
+
+    def resolve(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
+        """The workload's parameters with ``overrides`` applied (unknown names are an error)."""
+        unknown = sorted(k for k, v in overrides.items() if v is not None and k not in self.defaults)
+        if unknown:
+            raise ValueError(f"workload {self.name!r} has no parameter {', '.join(unknown)} "
+                             f"(it takes: {', '.join(self.defaults)})")
+        params = dict(self.defaults)
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes", "clients"):
+            if key in params and (not isinstance(params[key], int) or params[key] < 1):
+                raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {params[key]!r}")
+        if "pool_fraction" in params and not 0.0 < params["pool_fraction"] <= 1.0:
+            raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
+        if "temperature" in params and not params["temperature"] >= 0:
+            raise ValueError(f"temperature must be >= 0, got {params['temperature']!r}")
+        return params
+
+    def items(self, tokenizer, params: Dict[str, Any], seed: int, count: int) -> List[Item]:
+        raise NotImplementedError
+
+    def engine_overrides(self, tokenizer, params: Dict[str, Any], items: List[Item]) -> Dict[str, Any]:
+        """Engine settings this workload needs (e.g. a small KV pool for ``pressure``)."""
+        return {}
+
+    def run(self, engine, item: Item, params: Dict[str, Any], cgee: Optional[CGEEConfig],
+            audit_log: AuditLog, stop: Optional[str] = None) -> Outcome:
+        """One program run; ``stop``: the mode's branch-stop rule (only where ``votes``)."""
+        raise NotImplementedError
+
+    def targets(self) -> List[Target]:
+        return []
+
+
+WORKLOADS: Dict[str, Workload] = {}
+
+
+def register(cls):
+    """Class decorator: make a :class:`Workload` available by its ``name``."""
+    WORKLOADS[cls.name] = cls()
+    return cls
+
+
+def get_workload(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    return WORKLOADS[name]
+
+
+def parse_workloads(text: str) -> List[Workload]:
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no workload given; choose from {', '.join(WORKLOADS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a workload is given twice in {text!r}")
+    return [get_workload(n) for n in names]
+
+
+def _speedup(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    def value(result):
+        return result["speedups"].get(base, {}).get(mode, {}).get("ratio")
+    return value
+
+
+def _not_slower(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """The upper end of the speedup's interval: below 1 means slower beyond noise."""
+    def value(result):
+        s = result["speedups"].get(base, {}).get(mode)
+        return None if s is None else s["ci95"][1]
+    return value
+
+
+def _mode_field(mode: str, field: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    def value(result):
+        return result["modes"].get(mode, {}).get(field)
+    return value
+
+
+def _fewer_prefill(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """How many times fewer prompt tokens ``mode`` computed than ``base`` (run totals)."""
+    def value(result):
+        modes = result["modes"]
+        if base not in modes or mode not in modes or not modes[mode]["prefill_tokens_total"]:
+            return None
+        return modes[base]["prefill_tokens_total"] / modes[mode]["prefill_tokens_total"]
+    return value
+
+
+def _hit_rate_margin(mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """``mode``'s hit rate minus the best other mode's (>= 0: the highest, ties included)."""
+    def value(result):
+        modes = result["modes"]
+        others = [s["hit_rate"] for name, s in modes.items() if name != mode]
+        return None if mode not in modes or not others else modes[mode]["hit_rate"] - max(others)
+    return value
+
+
+NOT_SLOWER_THAN_RADIX = Target("rksc not slower than radix (upper 95% CI of radix/rksc)",
+                               _not_slower("radix", "rksc"), ">=", 1.0)
