@@ -35,13 +35,11 @@ warnings.simplefilter("ignore")
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from rksc_sgl.cgee import AuditLog, CGEEConfig  # noqa: E402
+from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig  # noqa: E402
 from rksc_sgl.problems import load_problems, score  # noqa: E402
-from rksc_sgl.report import run_record  # noqa: E402
-from rksc_sgl.verifier import wilson_interval  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "programs"))
-from best_of_n_cgee import best_of_n_cgee  # noqa: E402
+from rksc_sgl.bench.report import run_record  # noqa: E402
+from rksc_sgl.programs.best_of_n_cgee import best_of_n_cgee  # noqa: E402
+from rksc_sgl.rksc.verifier import wilson_interval  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ sweeps that only look at agreement.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/bench_compression.py --problems 6
 
-``--fidelity`` measures continuation fidelity instead (``rksc_sgl.fidelity``, CASK's
+``--fidelity`` measures continuation fidelity instead (``rksc_sgl.bench.fidelity``, CASK's
 protocol): per trace (a few-shot ``gsm_symbolic`` prompt, ``--trace-tokens`` tokens sampled
 with full KV at ``--trace-temperature``, seed = the trace's seed), every method of
 ``--methods`` at every budget of ``--fidelity-budgets`` replays the trace teacher-forced in
@@ -54,7 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.problems import majority_vote, score  # noqa: E402
-from rksc_sgl.report import (  # noqa: E402
+from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
 # ---- continuation fidelity ---------------------------------------------------------------------
 def fidelity_main(ap, args) -> int:
-    from rksc_sgl import fidelity
+    from rksc_sgl.bench import fidelity
 
     specs = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [float(b) for b in args.fidelity_budgets.split(",") if b.strip()]
@@ -322,7 +322,7 @@ def fidelity_table(summary: Dict) -> str:
 
 
 def fidelity_markdown(summary: Dict) -> str:
-    from rksc_sgl.report import markdown_table
+    from rksc_sgl.bench.report import markdown_table
 
     return "\n\n".join([markdown_table(_fidelity_rows(summary)), markdown_table(_paired_rows(summary)),
                          _smallest_line(summary)]) + "\n"

@@ -42,11 +42,11 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt, hints_for, program  # noqa: E402
-from rksc_sgl.report import (  # noqa: E402
+from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 # The inputs and the program of (b)/(c) are rksc_sgl.bench's (its `paper` and `cot`
-# workloads use them too); the report helpers are rksc_sgl.report's.
+# workloads use them too); the report helpers are rksc_sgl.bench.report's.
 
 
 # ---- (a) decode speed ---------------------------------------------------------------------

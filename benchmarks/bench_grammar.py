@@ -37,8 +37,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import build_prompt  # noqa: E402
-from rksc_sgl.grammar import GrammarCache, RequestGrammar  # noqa: E402
-from rksc_sgl.report import (  # noqa: E402
+from rksc_sgl.engine.grammar import GrammarCache, RequestGrammar  # noqa: E402
+from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 TARGET_OVERHEAD = 0.15

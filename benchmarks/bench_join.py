@@ -1,7 +1,7 @@
 """Joining forked branches by KV concatenation vs by text, on the embedded engine, one CPU thread.
 
 ``forks.join(mode="concate_and_append")`` on the engine concatenates the branches' cached KV
-(rksc_sgl/join.py): the prefix and the first branch are exact, later branches are moved to
+(rksc_sgl/kv/join.py): the prefix and the first branch are exact, later branches are moved to
 their positions but never attended to the branches before them. This measures, in one run
 and one process, what that buys and what it costs against joining by text (a plain prefill
 of the joined tokens, what SGLang's runtime does today):
@@ -36,9 +36,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
-from rksc_sgl.join import join_namespace, joined_tokens, split_segments  # noqa: E402
+from rksc_sgl.kv.join import join_namespace, joined_tokens, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
-from rksc_sgl.report import (  # noqa: E402
+from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 TAIL = "\nFinal answer:"

@@ -5,7 +5,7 @@ prompts), their extracted answers and generation confidences, and one *full* ver
 pass with a per-layer logit-lens trace. Every candidate setting is then replayed
 offline on these records (a skip decision needs only answers and confidences; an exit
 decision is a replay of the trace, exactly what the engine does -- see
-``rksc_sgl.verifier.simulate_exit``, checked against the engine in tests/test_cgee.py):
+``rksc_sgl.rksc.verifier.simulate_exit``, checked against the engine in tests/test_cgee.py):
 
 - decision = the chosen answer; an error is a call whose decision differs from the
   full pass's;
@@ -13,7 +13,7 @@ decision is a replay of the trace, exactly what the engine does -- see
 
 The chosen setting is the cheapest one with zero calibration errors (ties: more
 conservative thresholds). Written to ``benchmarks/results/calibrate_cgee.json``; the
-defaults of ``rksc_sgl.cgee.CGEEConfig`` are copied from it.
+defaults of ``rksc_sgl.rksc.cgee.CGEEConfig`` are copied from it.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/calibrate_cgee.py --problems 40 --seed 1000
 """
@@ -37,11 +37,11 @@ import sglang as sgl  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from rksc_sgl.cgee import CGEEConfig, choose, generation_confidence, skip_decision, verifier_prompt  # noqa: E402
+from rksc_sgl.rksc.cgee import CGEEConfig, choose, generation_confidence, skip_decision, verifier_prompt  # noqa: E402
 from rksc_sgl.problems import (CHAIN_STOP, SYSTEM_PROMPT, extract_answer, load_problems,  # noqa: E402
                                question_prompt, score)
-from rksc_sgl.report import run_record  # noqa: E402
-from rksc_sgl.verifier import ExitPolicy, simulate_exit  # noqa: E402
+from rksc_sgl.bench.report import run_record  # noqa: E402
+from rksc_sgl.rksc.verifier import ExitPolicy, simulate_exit  # noqa: E402
 
 
 @sgl.function

@@ -282,7 +282,7 @@ def runtime_model_dir() -> str:
 def packaged_model_folder() -> Path:
     """The packaged model converted to a Hugging Face folder (in the rksc-sgl cache)."""
     from rksc_sgl.config import default_cache_dir
-    from rksc_sgl.models import resolve_model_dir
+    from rksc_sgl.model.loading import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m", default_cache_dir())
 

@@ -4,13 +4,13 @@
     rksc-sgl run programs/self_consistency.py --cache radix -- --problems 3
 
 The question is asked once and the state forked N ways, so every branch shares the
-prompt's KV under ``--cache radix``. The program itself lives in ``rksc_sgl/demo.py``
+prompt's KV under ``--cache radix``. The program itself lives in ``rksc_sgl/programs/self_consistency.py``
 (it is also what ``rksc-sgl demo`` runs); this script is its command line.
 """
 
 import sys
 
-from rksc_sgl.demo import self_consistency, solve  # noqa: F401  (re-exported for importers)
+from rksc_sgl.programs.self_consistency import self_consistency, solve  # noqa: F401  (re-exported for importers)
 
 if __name__ == "__main__":
     from rksc_sgl.cli import program_main

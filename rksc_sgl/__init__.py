@@ -12,21 +12,21 @@ line answers ``--help`` at once.
 
 from importlib import import_module
 
-from .config import CACHE_MODES, EngineConfig
+from rksc_sgl.config import CACHE_MODES, EngineConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": ".engine",
-    "EngineStats": ".scheduler",
-    "KVCacheExhausted": ".kv_cache",
-    "ModelNotFoundError": ".models",
-    "UnsupportedModelError": ".models",
-    "verify": ".cgee",
-    "CGEEConfig": ".cgee",
-    "vote": ".branch_stop",
-    "seed_branches": ".branch_stop",
-    "BranchVote": ".branch_stop",
+    "Engine": ".engine.backend",
+    "EngineStats": ".engine.scheduler",
+    "KVCacheExhausted": ".kv.manager",
+    "ModelNotFoundError": ".model.loading",
+    "UnsupportedModelError": ".model.loading",
+    "verify": ".rksc.cgee",
+    "CGEEConfig": ".rksc.cgee",
+    "vote": ".rksc.branch_stop",
+    "seed_branches": ".rksc.branch_stop",
+    "BranchVote": ".rksc.branch_stop",
 }
 
 __all__ = ["CACHE_MODES", "EngineConfig", "__version__", *_LAZY]

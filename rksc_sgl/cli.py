@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .config import CACHE_MODES, EngineConfig
-from .problems import DATASETS, DEFAULT_DATASET, DIFFICULTY_LEVELS, Problem, Solution, load_problems, score
+from rksc_sgl.config import CACHE_MODES, EngineConfig
+from rksc_sgl.problems import DATASETS, DEFAULT_DATASET, DIFFICULTY_LEVELS, Problem, Solution, load_problems, score
 
 DEFAULT_MODEL = EngineConfig.model
 DEFAULT_CACHE = "radix"
@@ -108,7 +108,7 @@ def installed_engine():
     """The :class:`~rksc_sgl.Engine` installed as SGLang's default backend, if any."""
     from sglang.lang.global_config import global_config
 
-    from .engine import Engine
+    from rksc_sgl.engine.backend import Engine
 
     backend = getattr(global_config, "default_backend", None)
     return backend if isinstance(backend, Engine) else None
@@ -121,7 +121,7 @@ def engine_from_args(args: argparse.Namespace) -> Tuple[Any, bool]:
     """
     endpoint = getattr(args, "endpoint", None)
     if endpoint:
-        from .runtime.endpoint import RuntimeBackend
+        from rksc_sgl.runtime.endpoint import RuntimeBackend
 
         given = [f"--{name.replace('_', '-')}" for name in ENGINE_ONLY_FLAGS if getattr(args, name, None) is not None]
         if given:
@@ -131,7 +131,7 @@ def engine_from_args(args: argparse.Namespace) -> Tuple[Any, bool]:
     if engine is not None:
         _warn_ignored_flags(args, engine)
         return engine, False
-    from .engine import Engine
+    from rksc_sgl.engine.backend import Engine
 
     return Engine(**engine_kwargs(args)), True
 
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start SGLang's own server (launch_server) with the RKSC cache; takes SGLang's flags",
         description="See `rksc-sgl launch-server --help`.")
 
-    from .bench import add_bench_args
+    from rksc_sgl.bench import add_bench_args
 
     bench = sub.add_parser(
         "bench", help="compare cache modes (none, radix, rksc, ...) on reasoning workloads",
@@ -408,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch-server"]:
         # Every argument but the launcher's own is SGLang's: SGLang's parser reads them.
-        from .runtime.launcher import launch_server_main
+        from rksc_sgl.runtime.launcher import launch_server_main
 
         return launch_server_main(argv[1:])
     program_argv: List[str] = []
@@ -423,12 +423,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "run":
         return run_command(args, program_argv, parser)
     if args.command == "demo":
-        from .demo import solve
+        from rksc_sgl.programs.self_consistency import solve
 
         return run_program(solve, args, title="rksc-sgl demo: self-consistency with majority vote")
     if args.command == "serve":
-        from .engine import Engine
-        from .server import serve
+        from rksc_sgl.engine.backend import Engine
+        from rksc_sgl.serving.server import serve
 
         engine = Engine(**engine_kwargs(args))
         try:
@@ -440,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "patch":
         return patch_command(args)
     if args.command == "bench":
-        from .bench import bench_command
+        from rksc_sgl.bench import bench_command
 
         return bench_command(args, args.subparser.error)
     parser.error(f"unknown command {args.command!r}")
@@ -449,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def patch_command(args: argparse.Namespace) -> int:
     """``rksc-sgl patch --check|--apply``."""
-    from . import sglang_patches
+    from rksc_sgl.runtime import sglang_patches
 
     try:
         states = sglang_patches.apply() if args.apply else sglang_patches.status()
@@ -471,7 +471,7 @@ def run_command(args: argparse.Namespace, program_argv: Sequence[str], parser: a
     import sglang as sgl
     from sglang.lang.global_config import global_config
 
-    from .engine import Engine
+    from rksc_sgl.engine.backend import Engine
 
     engine = Engine(**engine_kwargs(args))
     previous = global_config.default_backend
@@ -544,7 +544,7 @@ def _short(text: str, width: int = 60) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from rksc_sgl import __version__
 
     return __version__
 

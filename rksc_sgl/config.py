@@ -50,14 +50,14 @@ class EngineConfig:
     prefix slots attend to that prefix together, reading it once per step (0 = off).
 
     ``eviction_policy``: SGLang's tree eviction policy by name (``lru``, ``lfu``, ``slru``,
-    ...) or ``rsbcm`` (``rksc_sgl.rsbcm``; needs ``cache="rksc"``; it turns on the
+    ...) or ``rsbcm`` (``rksc_sgl.rksc.rsbcm``; needs ``cache="rksc"``; it turns on the
     collection of decode attention per KV slot). ``eviction_policy_config``: the policy's
     keyword arguments.
 
     ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
     fields; default off). Enabling it with another cache mode is an error.
 
-    ``compression``: compression of each request's decode KV (``rksc_sgl.compression``:
+    ``compression``: compression of each request's decode KV (``rksc_sgl.rksc.compression``:
     a ``CompressionConfig`` or a mapping of its fields; default None, off).
 
     ``device``: ``auto`` picks ``cuda`` when torch sees a CUDA GPU, else ``cpu``.
@@ -92,7 +92,7 @@ class EngineConfig:
                 f"cache={self.cache!r} is not a known cache mode; choose one of {', '.join(CACHE_MODES)}"
             )
         object.__setattr__(self, "asks", _asks_config(self.asks))
-        from .compression import compression_config
+        from rksc_sgl.rksc.compression import compression_config
 
         object.__setattr__(self, "compression", compression_config(self.compression))
         if self.asks.enabled and self.cache != "rksc":
@@ -105,7 +105,7 @@ class EngineConfig:
                 raise ValueError(
                     f"eviction_policy='rsbcm' needs cache='rksc' (got cache={self.cache!r}): "
                     "the RSBCM policy is built by the RKSC tree cache")
-            from .rsbcm import RSBCMStrategy
+            from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
             try:
                 RSBCMStrategy(**dict(self.eviction_policy_config or {}))  # validates the settings
@@ -129,7 +129,7 @@ class EngineConfig:
     def _resolve_hardware(self) -> None:
         import torch
 
-        from .paged_attention import flashinfer_available
+        from rksc_sgl.model.attention import flashinfer_available
 
         device, dtype, backend = resolve_hardware(
             self.device, self.dtype, self.attention_backend,
@@ -181,7 +181,7 @@ def resolve_hardware(device: str, dtype: str, attention_backend: str, *, cuda_av
 
 
 def _asks_config(value):
-    from .rksc_cache import ASKSConfig  # imports sglang: only when an engine is configured
+    from rksc_sgl.rksc.tree_cache import ASKSConfig  # imports sglang: only when an engine is configured
 
     if value is None:
         return ASKSConfig()

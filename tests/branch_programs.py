@@ -2,7 +2,7 @@
 
 import sglang as sgl
 
-from rksc_sgl.branch_stop import vote
+from rksc_sgl.rksc.branch_stop import vote
 
 
 @sgl.function
@@ -20,7 +20,7 @@ def uneven_branches(s, prompt: str, long_tokens: int, rule: str = "lossless"):
 @sgl.function
 def uneven_branches_verified(s, prompt: str, long_tokens: int):
     """As :func:`uneven_branches`, then best-of-N verification that sees the vote."""
-    from rksc_sgl.cgee import verify
+    from rksc_sgl.rksc.cgee import verify
 
     s += prompt
     forks = s.fork(4)
@@ -33,7 +33,7 @@ def uneven_branches_verified(s, prompt: str, long_tokens: int):
 @sgl.function
 def seeded_branches(s, prompt: str, seed: int, n: int = 3):
     """``n`` sampled branches, branch i seeded with ``seed + i``."""
-    from rksc_sgl.branch_stop import seed_branches
+    from rksc_sgl.rksc.branch_stop import seed_branches
 
     s += prompt
     forks = s.fork(n)

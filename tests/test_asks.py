@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rksc_sgl.kv_cache import KVCacheManager, KVLayout
-from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache, align_tokens
+from rksc_sgl.kv.manager import KVCacheManager, KVLayout
+from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache, align_tokens
 
 VOCAB, DIM = 12, 8
 
@@ -304,7 +304,7 @@ _op = st.one_of(
 @given(ops=st.lists(_op, min_size=4, max_size=40), fraction=st.sampled_from([0.0, 0.3, 1.0]),
        tau=st.sampled_from([0.3, 0.8, 0.95]), shift=st.booleans())
 def test_random_workload_with_asks_keeps_integrity(ops, fraction, tau, shift):
-    from rksc_sgl.kv_cache import KVCacheExhausted
+    from rksc_sgl.kv.manager import KVCacheExhausted
 
     kv = _manager(pool=40, tau=tau, fraction=fraction, shift=shift)
     running = []  # (req, remaining decode tokens)

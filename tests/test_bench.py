@@ -94,7 +94,7 @@ def test_mode_table_maps_modes_to_engines():
 
 
 def test_bench_asks_defaults_are_the_engines():
-    from rksc_sgl.rksc_cache import ASKSConfig
+    from rksc_sgl.rksc.tree_cache import ASKSConfig
 
     settings, asks = BenchSettings(), ASKSConfig()
     assert (settings.asks_tau, settings.asks_recompute, settings.asks_key_layer) == (
@@ -223,11 +223,11 @@ def test_paper_run_writes_the_report(radix_engine, none_engine, tmp_path):
 
 
 def test_modes_build_their_own_engines_and_shut_them_down(monkeypatch, radix_engine):
-    import rksc_sgl.engine
+    import rksc_sgl.engine.backend
 
     built = []
 
-    class Recording(rksc_sgl.engine.Engine):
+    class Recording(rksc_sgl.engine.backend.Engine):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             built.append(self)
@@ -236,7 +236,7 @@ def test_modes_build_their_own_engines_and_shut_them_down(monkeypatch, radix_eng
             self.checked = True
             super().check_integrity(expect_idle)
 
-    monkeypatch.setattr(rksc_sgl.engine, "Engine", Recording)
+    monkeypatch.setattr(rksc_sgl.engine.backend, "Engine", Recording)
     settings = BenchSettings(problems=1, warmup=0, kv_pool_tokens=2048, max_running_requests=8, asks_tau=0.5,
                              bootstrap=20, params={"branches": 2, "max_tokens": 4})
     result = bench.run_bench("paraphrase", "radix,rksc", settings, progress=False, engines={"radix": radix_engine})

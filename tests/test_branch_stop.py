@@ -17,7 +17,7 @@ import time
 import pytest
 import sglang as sgl
 
-from rksc_sgl.branch_stop import STOP_RULES, BranchVote, beta_leader_probability, settle, vote
+from rksc_sgl.rksc.branch_stop import STOP_RULES, BranchVote, beta_leader_probability, settle, vote
 from rksc_sgl.problems import majority_vote
 
 from branch_programs import seeded_branches, uneven_branches, uneven_branches_verified

@@ -1,4 +1,4 @@
-"""Decode-KV compression (rksc_sgl/compression.py): selection, mechanics, invariants."""
+"""Decode-KV compression (rksc_sgl/rksc/compression.py): selection, mechanics, invariants."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rksc_sgl
-from rksc_sgl import scheduler as scheduler_module
-from rksc_sgl.compression import CompressionConfig, Plan, plan, redundancy
+from rksc_sgl.engine import scheduler as scheduler_module
+from rksc_sgl.rksc.compression import CompressionConfig, Plan, plan, redundancy
 
 PROMPT = "Question: Tom has 3 apples and buys 5 more, then gives 2 away. How many apples are left?\nAnswer:"
 SMALL = {"budget": 0.25, "buffer": 4, "min_tokens": 4}
@@ -174,7 +174,7 @@ def test_full_budget_changes_nothing(compressing, radix_engine):
     assert eng.stats().dropped_tokens == 0
 
 
-# ---- continuation fidelity: teacher-forced replay (rksc_sgl/fidelity.py) -----------------------
+# ---- continuation fidelity: teacher-forced replay (rksc_sgl/bench/fidelity.py) -----------------------
 def test_the_attention_baseline_keeps_the_most_attended_candidates():
     importance = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.0])
     keys = torch.zeros(5, 1, 2)  # all identical: the redundancy term would not separate them
@@ -186,7 +186,7 @@ def test_the_attention_baseline_keeps_the_most_attended_candidates():
 
 
 def test_the_full_kv_trace_is_the_engines_own_sampled_generation(compressing, radix_engine):
-    from rksc_sgl.fidelity import full_kv_trace
+    from rksc_sgl.bench.fidelity import full_kv_trace
 
     eng = compressing(**SMALL)
     ids = eng.encode(PROMPT)
@@ -200,7 +200,7 @@ def test_the_full_kv_trace_is_the_engines_own_sampled_generation(compressing, ra
 
 
 def test_replays_are_teacher_forced_and_the_full_control_is_exact(compressing):
-    from rksc_sgl.fidelity import full_kv_trace, trace_fidelity
+    from rksc_sgl.bench.fidelity import full_kv_trace, trace_fidelity
 
     eng = compressing(**SMALL)
     ids = eng.encode(PROMPT)
@@ -250,7 +250,7 @@ def test_window_importance_counts_only_the_queries_since_the_last_compression(co
 
 
 def test_fidelity_summary_pairs_traces_and_finds_the_smallest_budget():
-    from rksc_sgl.fidelity import METRICS, summarize, sweep_modes
+    from rksc_sgl.bench.fidelity import METRICS, summarize, sweep_modes
 
     modes = sweep_modes(["rkv", "recent"], [0.1, 0.5], {"buffer": 4, "min_tokens": 4})
     assert list(modes) == ["rkv@0.1", "rkv@0.5", "recent@0.1", "recent@0.5"]

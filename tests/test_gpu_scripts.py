@@ -26,7 +26,7 @@ def test_compare_counts_identical_outputs_and_the_first_difference():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(radix_engine, tmp_path_factory):
-    from rksc_sgl.models import resolve_model_dir
+    from rksc_sgl.model.loading import resolve_model_dir
 
     tokenizer_dir = resolve_model_dir("smollm2-135m", radix_engine.config.resolved_cache_dir)
     return gpu_checks.tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer_dir)

@@ -171,7 +171,7 @@ def test_bitmask_unpacking_matches_xgrammar(vocab):
     import torch
     import xgrammar as xgr
 
-    from rksc_sgl.grammar import apply_bitmask
+    from rksc_sgl.engine.grammar import apply_bitmask
 
     gen = torch.Generator().manual_seed(0)
     bitmask = torch.randint(-2**31, 2**31 - 1, (49152 // 32,), dtype=torch.int32, generator=gen)
@@ -270,7 +270,7 @@ def test_dtype_matches_sglang_runtime_endpoint():
     from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
     from sglang.lang.ir import SglSamplingParams
 
-    from rksc_sgl.grammar import apply_dtype
+    from rksc_sgl.engine.grammar import apply_dtype
 
     for dtype in (int, "int", float, "float", str, "str", bool, "bool"):
         ours, theirs = SglSamplingParams(dtype=dtype), SglSamplingParams(dtype=dtype)

@@ -1,4 +1,4 @@
-"""``join(mode="concate_and_append")`` by KV concatenation (rksc_sgl/join.py)."""
+"""``join(mode="concate_and_append")`` by KV concatenation (rksc_sgl/kv/join.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import sglang as sgl
 import torch
 
-from rksc_sgl.join import JoinRegistry, join_namespace, split_segments
+from rksc_sgl.kv.join import JoinRegistry, join_namespace, split_segments
 
 PREFIX = "Write one fact about each animal.\n"
 BRANCHES = ["- cats: They purr.", "- dogs: They bark loudly.", "- owls: Night birds."]
@@ -152,7 +152,7 @@ def test_registry_forgets_ended_executors():
     gate = threading.Event()
     worker = threading.Thread(target=gate.wait)
     worker.start()
-    from rksc_sgl.join import JoinedContext
+    from rksc_sgl.kv.join import JoinedContext
     registry.set_context("p1", JoinedContext("t", (1,), "ns"))
     registry.end("p1", worker)  # its worker still runs queued work: keep the context
     assert registry.context("p1") is not None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rksc_sgl
-from rksc_sgl.models import ModelNotFoundError, UnsupportedModelError
+from rksc_sgl.model.loading import ModelNotFoundError, UnsupportedModelError
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

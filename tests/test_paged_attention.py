@@ -18,8 +18,8 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from rksc_sgl.config import EngineConfig, resolve_hardware
-from rksc_sgl.model_runner import ForwardItem, ModelRunner, plan_attention
-from rksc_sgl.paged_attention import cascade_layout, merge_states, paged_batch
+from rksc_sgl.model.runner import ForwardItem, ModelRunner, plan_attention
+from rksc_sgl.model.attention import cascade_layout, merge_states, paged_batch
 
 
 def _never():

@@ -6,7 +6,7 @@ s.user():`` scopes), streaming with logprobs, regex and dtype generation, parall
 ``run_batch`` and a program that calls another ``@sgl.function``.
 
 Each program runs first on the embedded engine, with concrete checks of what it produced,
-then unchanged through ``sgl.RuntimeEndpoint`` against ``rksc_sgl.server`` on loopback.
+then unchanged through ``sgl.RuntimeEndpoint`` against ``rksc_sgl.serving.server`` on loopback.
 Both backends are the same engine (greedy, same model, same cache mode), so text,
 variables and chat messages must be identical. The endpoint gets the engine's own chat
 template (the one ``chat_template_for`` derives from the tokenizer), so chat programs build
@@ -31,8 +31,8 @@ from sglang.lang.global_config import global_config
 from sglang.lang.ir import REGEX_FLOAT, REGEX_INT, REGEX_STR
 from test_server import running_server
 
-from rksc_sgl.chat import chat_template_for
-from rksc_sgl.server import create_app
+from rksc_sgl.model.chat import chat_template_for
+from rksc_sgl.serving.server import create_app
 
 IPV4 = r"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 SELECT_CHOICES = ["True", "False", "Unknown"]
@@ -395,7 +395,7 @@ def test_run_batch(checked, use_backend):
     checked.check_integrity()
 
 
-# ---- the same programs through RuntimeEndpoint over rksc_sgl.server ------------------------------
+# ---- the same programs through RuntimeEndpoint over rksc_sgl.serving.server ------------------------------
 @pytest.fixture(scope="module")
 def endpoint(radix_engine):
     """A RuntimeEndpoint on a loopback server over the engine, with the engine's chat template."""

@@ -33,8 +33,8 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-from rksc_sgl import plugin
-from rksc_sgl.rksc_cache import ASKSConfig, RKSCCacheStats, RKSCRadixCache
+from rksc_sgl.runtime import plugin
+from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCCacheStats, RKSCRadixCache
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 40
@@ -374,7 +374,7 @@ def test_plugin_loads_in_a_fresh_process_and_serves_the_tree():
         "reinstall the package (pip install --no-deps -e .) so its entry points are current"
     )
     assert out["parsed"] == "rksc"
-    assert out["class"] == "rksc_sgl.rksc_cache.RKSCRadixCache"
+    assert out["class"] == "rksc_sgl.rksc.tree_cache.RKSCRadixCache"
     assert out["match"] == 3 and out["indices"] == [1, 2, 3]
     assert out["protected"] == 3
     assert out["evicted_locked"] == 3  # [4] and [7, 8]; the locked [1, 2, 3] stays

@@ -24,10 +24,10 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 import rksc_sgl
-from rksc_sgl import plugin
+from rksc_sgl.runtime import plugin
 from rksc_sgl.config import EngineConfig
-from rksc_sgl.rksc_cache import RKSCRadixCache
-from rksc_sgl.rsbcm import RSBCMStrategy
+from rksc_sgl.rksc.tree_cache import RKSCRadixCache
+from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
 POOL = 64
 NO_SIGNALS = {"w_attention": 0.0, "w_depth": 0.0, "w_branches": 0.0}

@@ -119,7 +119,7 @@ def hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rksc_sgl.config import default_cache_dir
-    from rksc_sgl.models import resolve_model_dir
+    from rksc_sgl.model.loading import resolve_model_dir
 
     folder = resolve_model_dir("smollm2-135m", default_cache_dir())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
@@ -385,7 +385,7 @@ def test_serve_window_on_the_runtime_counts_faults_and_leaves_it_healthy(servers
     # lossless branch stop and best-of-N verification, a client that goes away mid-stream,
     # requests with bad sampling parameters (SGLang refuses them with a 4xx).
     from rksc_sgl.bench import WORKLOADS
-    from rksc_sgl.cgee import AuditLog, CGEEConfig
+    from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig
     from rksc_sgl.runtime.endpoint import RuntimeBackend
 
     serve = WORKLOADS["serve"]
@@ -473,7 +473,7 @@ def test_unknown_model_is_refused_before_anything_starts(capsys):
 def test_a_scheduler_that_dies_ends_the_launch_and_leaves_no_process(tmp_path, tmp_path_factory):
     """Weights SGLang cannot read: the scheduler dies while loading; the launcher must not hang."""
     from rksc_sgl.config import default_cache_dir
-    from rksc_sgl.models import resolve_model_dir
+    from rksc_sgl.model.loading import resolve_model_dir
 
     folder = resolve_model_dir("smollm2-135m", default_cache_dir())
     broken = tmp_path / "broken-model"

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from rksc_sgl.rksc_cache import ASKSConfig, SemanticMatch
+from rksc_sgl.rksc.tree_cache import ASKSConfig, SemanticMatch
 from rksc_sgl.runtime.asks import (ENV_VAR, ASKSPlan, ASKSSettingsError, _subtract, asks_config_from_env,
                                    env_value, key_rotation)
 from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, free_port, plan_launch

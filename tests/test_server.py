@@ -19,7 +19,7 @@ import sglang as sgl
 import uvicorn
 from starlette.testclient import TestClient
 
-from rksc_sgl.server import create_app
+from rksc_sgl.serving.server import create_app
 
 CAP = 64
 BODY_LIMIT = 256 * 1024

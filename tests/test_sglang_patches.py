@@ -13,7 +13,7 @@ import sglang as sgl
 from sglang.lang.backend.base_backend import BaseBackend
 from sglang.lang.ir import SglSamplingParams
 
-from rksc_sgl import sglang_patches
+from rksc_sgl.runtime import sglang_patches
 
 INTERPRETER = "sglang/lang/interpreter.py"
 ENDPOINT = "sglang/lang/backend/runtime_endpoint.py"

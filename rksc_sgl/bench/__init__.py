@@ -61,13 +61,13 @@ module            holds
 from __future__ import annotations
 
 
-from . import gym_workloads, pressure, serve  # noqa: F401  (each registers its workloads)
-from .cli import add_bench_args, bench_command, validate_args
-from .inputs import PARAPHRASES, build_prompt, extract_final, few_shot_problem, hints_for, program
-from .modes import MODES, BenchSettings, Mode, parse_modes
-from .runner import run_bench, schedule
-from .tables import command_line, markdown_report, save
-from .workload import WORKLOADS, Item, Outcome, Target, Workload, get_workload, parse_workloads, register
+from rksc_sgl.bench import gym_workloads, pressure, serve  # noqa: F401  (each registers its workloads)
+from rksc_sgl.bench.cli import add_bench_args, bench_command, validate_args
+from rksc_sgl.bench.inputs import PARAPHRASES, build_prompt, extract_final, few_shot_problem, hints_for, program
+from rksc_sgl.bench.modes import MODES, BenchSettings, Mode, parse_modes
+from rksc_sgl.bench.runner import run_bench, schedule
+from rksc_sgl.bench.tables import command_line, markdown_report, save
+from rksc_sgl.bench.workload import WORKLOADS, Item, Outcome, Target, Workload, get_workload, parse_workloads, register
 
 __all__ = ["MODES", "PARAPHRASES", "WORKLOADS", "BenchSettings", "Item", "Mode", "Outcome", "Target", "Workload",
            "add_bench_args", "bench_command", "build_prompt", "command_line", "extract_final", "few_shot_problem",

@@ -6,12 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-from ..config import DTYPES
-from .inputs import DEFAULT_OUT_DIR
-from .modes import BACKENDS, BenchSettings, MODES, Mode, parse_modes
-from .runner import run_bench
-from .tables import command_line, save
-from .workload import WORKLOADS, Workload, parse_workloads
+from rksc_sgl.config import DTYPES
+from rksc_sgl.bench.inputs import DEFAULT_OUT_DIR
+from rksc_sgl.bench.modes import BACKENDS, BenchSettings, MODES, Mode, parse_modes
+from rksc_sgl.bench.runner import run_bench
+from rksc_sgl.bench.tables import command_line, save
+from rksc_sgl.bench.workload import WORKLOADS, Workload, parse_workloads
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
             raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "
                              f"would stop nothing; they run with {', '.join(x.name for x in WORKLOADS.values() if x.votes)}")
     if settings.backend == "runtime":
-        from ..runtime.bench_servers import server_flags
+        from rksc_sgl.runtime.bench_servers import server_flags
 
         for mode in modes:
             server_flags(mode, settings, {}, 0)

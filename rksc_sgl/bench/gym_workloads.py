@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from ..problems import DIFFICULTY_LEVELS, extract_answer, load_problems, majority_vote
-from .inputs import PARAPHRASES, _load_program, extract_final, few_shot_problem, hints_for, program
-from .workload import Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, _fewer_prefill, _mode_field, _speedup, register
+from rksc_sgl.problems import DIFFICULTY_LEVELS, extract_answer, load_problems, majority_vote
+from rksc_sgl.bench.inputs import PARAPHRASES, extract_final, few_shot_problem, hints_for, program
+from rksc_sgl.bench.workload import Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, _fewer_prefill, _mode_field, _speedup, register
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
-    from ..cgee import VerifyResult
+    from rksc_sgl.rksc.cgee import VerifyResult
 
 
 class _GymWorkload(Workload):
@@ -107,13 +107,14 @@ class CotWorkload(_HintedWorkload):
 @register
 class TreeOfThoughtWorkload(_GymWorkload):
     name = "tot"
-    help = ("tree of thought (programs/tree_of_thought.py): propose approaches, judge them with select, expand "
+    help = ("tree of thought (rksc_sgl/programs/tree_of_thought.py): propose approaches, judge them with select, expand "
             "the best (forks inside forks), vote")
     defaults = {"branches": 3, "keep": 2, "expand": 2, "max_tokens": 96, "temperature": 0.0,
                 "dataset": "basic_arithmetic", "difficulty": "easy"}
 
     def run(self, engine, item, params, cgee, audit_log, stop=None):
-        tot = _load_program("tree_of_thought")
+        from rksc_sgl.programs import tree_of_thought as tot
+
         state = tot.tree_of_thought.run(
             question=item.problem.question, num_branches=params["branches"], max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], keep=params["keep"], expand=params["expand"], backend=engine)

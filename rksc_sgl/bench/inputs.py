@@ -3,18 +3,14 @@ benchmark's SGLang programs and the repository programs it runs."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from ..problems import CHAIN_STOP, SYSTEM_PROMPT, Problem, extract_answer, load_problems, majority_vote, question_prompt
+from rksc_sgl.problems import CHAIN_STOP, SYSTEM_PROMPT, Problem, extract_answer, load_problems, majority_vote, question_prompt
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
-    from ..cgee import CGEEConfig
+    from rksc_sgl.rksc.cgee import CGEEConfig
 
 
-PROGRAMS_DIR = Path(__file__).resolve().parents[2] / "programs"
 DEFAULT_OUT_DIR = "benchmarks/results"
 WARMUP_SEED_OFFSET = 100_000
 """Warm-up problems come from seed ``seed + WARMUP_SEED_OFFSET``: never a timed problem."""
@@ -100,8 +96,8 @@ def program(name: str):
 def _define_programs() -> None:
     import sglang as sgl
 
-    from ..branch_stop import seed_branches, vote
-    from ..cgee import verify
+    from rksc_sgl.rksc.branch_stop import seed_branches, vote
+    from rksc_sgl.rksc.cgee import verify
 
     @sgl.function
     def hinted_branches(s, prompt: str, hints: List[str], max_tokens: int, fork_commit: bool = False,
@@ -208,19 +204,3 @@ PARAPHRASES = [
     "Compute this problem.",
     "Figure this out.",
 ]
-
-
-def _load_program(name: str):
-    """``programs/NAME.py`` of the repository as a module (loaded once)."""
-    key = f"rksc_sgl_bench_program_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = PROGRAMS_DIR / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"this workload runs {path}, which is not there (programs/ of the rksc-sgl "
-                                "repository; an installed wheel does not carry it)")
-    spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module

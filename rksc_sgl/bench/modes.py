@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional
 
-from ..config import DTYPES
+from rksc_sgl.config import DTYPES
 
 
 # ---- modes ---------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import List
 
-from ..problems import load_problems, majority_vote
-from .inputs import extract_final, few_shot_problem, hints_for, program
-from .workload import Item, Outcome, Target, Workload, _fewer_prefill, _hit_rate_margin, register
+from rksc_sgl.problems import load_problems, majority_vote
+from rksc_sgl.bench.inputs import extract_final, few_shot_problem, hints_for, program
+from rksc_sgl.bench.workload import Item, Outcome, Target, Workload, _fewer_prefill, _hit_rate_margin, register
 
 
 @register

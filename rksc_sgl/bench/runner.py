@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..problems import score
-from ..report import run_record
-from .inputs import WARMUP_SEED_OFFSET
-from .modes import BenchSettings, Mode, parse_modes
-from .stats import agreement, bootstrap_ratio_ci, paired_with_radix, ratio_of_medians, summarize_mode
-from .tables import command_line
-from .workload import Item, Workload, get_workload
+from rksc_sgl.problems import score
+from rksc_sgl.bench.report import run_record
+from rksc_sgl.bench.inputs import WARMUP_SEED_OFFSET
+from rksc_sgl.bench.modes import BenchSettings, Mode, parse_modes
+from rksc_sgl.bench.stats import agreement, bootstrap_ratio_ci, paired_with_radix, ratio_of_medians, summarize_mode
+from rksc_sgl.bench.tables import command_line
+from rksc_sgl.bench.workload import Item, Workload, get_workload
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
-    from ..cgee import AuditLog, CGEEConfig, VerifyResult
+    from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig, VerifyResult
 
 
 # ---- the runner ----------------------------------------------------------------------------------
@@ -84,8 +84,8 @@ def _tokenizer(model: str):
     """The tokenizer an engine of ``model`` would load (inputs are built before the engines)."""
     from transformers import AutoTokenizer
 
-    from ..config import default_cache_dir
-    from ..models import resolve_model_dir
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.model.loading import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(model, default_cache_dir()), local_files_only=True)
 
@@ -133,7 +133,7 @@ def _inputs(workload: Workload, settings: BenchSettings, params: Dict[str, Any],
 
 
 def _cgee_configs(modes: List[Mode], settings: BenchSettings):
-    from ..cgee import AuditLog, CGEEConfig
+    from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig
 
     cgee = {m.label: (CGEEConfig(audit_fraction=settings.audit_fraction) if m.cgee else CGEEConfig().full())
             for m in modes}
@@ -151,7 +151,7 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
     """Every mode on its own engine in this process, modes taking turns problem by problem."""
     import torch
 
-    from ..engine import Engine
+    from rksc_sgl.engine.backend import Engine
 
     given = dict(engines or {})
     unknown = sorted(set(given) - {m.label for m in modes})
@@ -215,7 +215,7 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
 def _run_on_runtime(workload, modes, settings, params, progress):
     """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after
     another, each serving the warm-up and all timed problems before the next starts."""
-    from ..runtime.bench_servers import mode_server, server_config, server_flags
+    from rksc_sgl.runtime.bench_servers import mode_server, server_config, server_flags
 
     for mode in modes:  # refuse what the runtime cannot run before any server starts
         server_flags(mode, settings, {}, 0)
@@ -264,7 +264,7 @@ def _attention_hook_cost(backend, runs: List[Dict[str, Any]], warm: List[float])
 def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, params: Dict[str, Any],
               items: List[Item], runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     """Statistics of the runs: per mode, speedups against ``none`` and ``radix``, targets."""
-    from ..cgee import CGEEConfig
+    from rksc_sgl.rksc.cgee import CGEEConfig
 
     n = len(items)
     summary = {m.label: summarize_mode(runs[m.label], n) for m in modes}

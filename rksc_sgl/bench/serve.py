@@ -6,15 +6,15 @@ import random
 import time
 from typing import Any, Dict, List, Tuple
 
-from ..problems import load_problems, question_prompt, score
-from .gym_workloads import MALFORMED_PARAMS, _GymWorkload, branch_seed
-from .inputs import program
-from .workload import Item, Outcome, Target, _mode_field, _speedup, register
+from rksc_sgl.problems import load_problems, question_prompt, score
+from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, _GymWorkload, branch_seed
+from rksc_sgl.bench.inputs import program
+from rksc_sgl.bench.workload import Item, Outcome, Target, _mode_field, _speedup, register
 
 
 def _is_engine(backend) -> bool:
     """The embedded engine (else SGLang's runtime, through ``RuntimeBackend``)."""
-    from ..engine import Engine
+    from rksc_sgl.engine.backend import Engine
 
     return isinstance(backend, Engine)
 

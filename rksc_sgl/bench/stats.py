@@ -7,7 +7,7 @@ import random
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..report import bootstrap_mean_ci, median
+from rksc_sgl.bench.report import bootstrap_mean_ci, median
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def bootstrap_ratio_ci(base: Sequence[float], other: Sequence[float], samples: i
 
 
 def wilson(k: int, n: int) -> Tuple[float, float]:
-    from ..verifier import wilson_interval
+    from rksc_sgl.rksc.verifier import wilson_interval
 
     return wilson_interval(k, n)
 

@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from ..report import format_table, markdown_table, pyplot, save_and_report, save_figure
-from .modes import BenchSettings, Mode
+from rksc_sgl.bench.report import format_table, markdown_table, pyplot, save_and_report, save_figure
+from rksc_sgl.bench.modes import BenchSettings, Mode
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import dataclasses
 import operator
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from ..problems import Problem
+from rksc_sgl.problems import Problem
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
-    from ..cgee import AuditLog, CGEEConfig, VerifyResult
+    from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig, VerifyResult
 
 
 # ---- workloads -------------------------------------------------------------------------------

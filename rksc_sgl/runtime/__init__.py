@@ -6,7 +6,12 @@
   statistics in the scheduler process.
 - ``server_state``: the ``rksc`` entry of ``/server_info`` (counters, idle integrity check).
 - ``cpu_site``: a ``sitecustomize`` for SGLang's processes on machines without ``sgl_kernel``.
-
-The plugin entry point itself is ``rksc_sgl.plugin:register`` (``pyproject.toml``).
+- ``plugin``: the entry point SGLang calls in every process it starts
+  (``rksc_sgl.runtime.plugin:register`` in ``pyproject.toml``): the ``rksc`` cache backend,
+  the ``rsbcm`` policy, and the hooks below.
+- ``asks``, ``seeded_sampling``: ASKS and per-request seeds as SGLang hooks.
+- ``endpoint``, ``client``: the frontend backend and HTTP client for a running server.
+- ``bench_servers``: each ``rksc-sgl bench`` mode as a server.
+- ``sglang_patches``: the fixes to SGLang's frontend in ``patches/`` (``rksc-sgl patches``).
 Nothing here imports SGLang's server modules at import time.
 """

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache, SemanticMatch
+from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache, SemanticMatch
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ Who owns what, in one scheduler process::
                          reaches the pool through its allocator) find the same table
     RKSCRadixCache       ranks evictable nodes with RSBCM, reading the table
 
-Mass per slot follows the embedded engine's rule (``rksc_sgl.rsbcm``): on every
+Mass per slot follows the embedded engine's rule (``rksc_sgl.rksc.rsbcm``): on every
 ``layer_stride``-th layer, a query's weights (mean over heads) are divided by the number
 of sampled layers and added to its keys' slots, so one query adds a total mass of 1. The
 queries counted are each decode token and, in an extend (prefill) pass, each request's last

@@ -18,9 +18,9 @@ from typing import Any, Dict, Optional
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
-from ..branch_stop import BRANCH_RID_PREFIX, StreamControls, stopped_meta_info
-from ..chat import server_chat_template
-from .client import RuntimeClient
+from rksc_sgl.rksc.branch_stop import BRANCH_RID_PREFIX, StreamControls, stopped_meta_info
+from rksc_sgl.model.chat import server_chat_template
+from rksc_sgl.runtime.client import RuntimeClient
 
 __all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
 
@@ -72,7 +72,7 @@ class RuntimeBackend(RuntimeEndpoint):
     """``sgl.RuntimeEndpoint`` plus request counting, ``config``, ``stats`` and ``check_integrity``.
 
     Unless ``chat_template_name`` is given, chat prompts use the model's own template
-    (:func:`rksc_sgl.chat.server_chat_template`), so a program prompts the runtime exactly
+    (:func:`rksc_sgl.model.chat.server_chat_template`), so a program prompts the runtime exactly
     as it prompts the embedded engine."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, chat_template_name: Optional[str] = None,

@@ -8,7 +8,7 @@ not say:
 =======================================  =============================================
 added unless the user's flags say so      why
 =======================================  =============================================
-``--radix-cache-backend rksc``            the RKSC tree (``rksc_sgl.plugin``)
+``--radix-cache-backend rksc``            the RKSC tree (``rksc_sgl.runtime.plugin``)
 ``--radix-eviction-policy rsbcm``         RSBCM eviction (only with the ``rksc`` backend)
 ``--forward-hooks [rksc_attention]``      RSBCM's attention statistics (only with ``rsbcm``)
 ``RKSC_SEEDED_SAMPLING=1`` (asked for)    per-request ``sampling_seed`` honoured
@@ -53,7 +53,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Deque, Dict, Iterator, List, Optional, Sequence
 
-from ..config import default_cache_dir
+from rksc_sgl.config import default_cache_dir
 
 __all__ = ["LaunchError", "LaunchPlan", "RuntimeServer", "free_port", "plan_launch", "launch_server_main",
            "CPU_MAX_TOTAL_TOKENS", "running_server"]
@@ -99,7 +99,7 @@ class LaunchPlan:
 
 # ---- planning ---------------------------------------------------------------------------
 def _sglang_parser() -> argparse.ArgumentParser:
-    from rksc_sgl.plugin import register
+    from rksc_sgl.runtime.plugin import register
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Only CUDA ... support AWQ" and the like, at import
@@ -130,7 +130,7 @@ def _cuda_available() -> bool:
 
 
 def _resolve_model(model_path: str) -> str:
-    from ..models import ModelNotFoundError, resolve_model_dir
+    from rksc_sgl.model.loading import ModelNotFoundError, resolve_model_dir
 
     try:
         return str(resolve_model_dir(model_path, default_cache_dir()))
@@ -168,8 +168,8 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
     default to this machine's. Raises :class:`LaunchError` (and SGLang's parser exits
     with status 2 on a bad flag).
     """
-    from ..plugin import BACKEND_NAME, EVICTION_POLICY_NAME
-    from ..rsbcm import RSBCMStrategy
+    from rksc_sgl.runtime.plugin import BACKEND_NAME, EVICTION_POLICY_NAME
+    from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
     parser = _sglang_parser()
     given = _explicit(parser, user_argv)
@@ -247,8 +247,8 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
                given, add) -> None:
     """Check the ASKS settings (from ``asks`` or an inherited ``RKSC_ASKS``) against the
     server's flags and put them in the environment the schedulers inherit."""
-    from ..plugin import BACKEND_NAME
-    from .asks import ENV_VAR, ASKSSettingsError, asks_config_from_env, asks_unsupported, env_value
+    from rksc_sgl.runtime.plugin import BACKEND_NAME
+    from rksc_sgl.runtime.asks import ENV_VAR, ASKSSettingsError, asks_config_from_env, asks_unsupported, env_value
 
     if asks is None:
         try:
@@ -283,7 +283,7 @@ def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: 
                           added: List[str], cuda: bool, given, add) -> None:
     """Put ``RKSC_SEEDED_SAMPLING`` in the environment the SGLang processes inherit and check
     the sampling backend: the seeded path is SGLang's torch sampler."""
-    from .seeded_sampling import ENV_VAR, seeded_sampling_from_env
+    from rksc_sgl.runtime.seeded_sampling import ENV_VAR, seeded_sampling_from_env
 
     inherited = seeded is None
     if inherited:
@@ -307,7 +307,7 @@ def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: 
 
 
 def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int) -> None:
-    from .attention_stats import HOOK_FACTORY, hook_spec
+    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, hook_spec
 
     hooks = list(user_hooks or [])
     if any(h.get("hook_factory") == HOOK_FACTORY for h in hooks if isinstance(h, dict)):
@@ -513,7 +513,7 @@ def running_server(user_argv: Sequence[str], *, startup_timeout: float = DEFAULT
 # ---- the command --------------------------------------------------------------------------
 def launcher_parser() -> argparse.ArgumentParser:
     """rksc-sgl's own flags of ``launch-server`` (everything else is SGLang's)."""
-    from ..cli import on_off
+    from rksc_sgl.cli import on_off
 
     parser = argparse.ArgumentParser(
         prog="rksc-sgl launch-server", add_help=False,
@@ -548,7 +548,7 @@ def launcher_parser() -> argparse.ArgumentParser:
 
 def _asks_from_flags(ours: argparse.Namespace):
     """The ``ASKSConfig`` of ``--asks-*`` (``None`` without ``--asks-tau``: the environment's)."""
-    from ..rksc_cache import ASKSConfig
+    from rksc_sgl.rksc.tree_cache import ASKSConfig
 
     if ours.asks_tau is None:
         if ours.asks_recompute is not None or ours.asks_shifted != "auto":

@@ -32,7 +32,7 @@ INTERNAL_STATE_TARGET = (
 
 def add_rksc_state(result, controller, *args, **kwargs):
     """AFTER hook of ``get_internal_state``: add the ``rksc`` entry when the tree is RKSC's."""
-    from rksc_sgl.rksc_cache import RKSCRadixCache
+    from rksc_sgl.rksc.tree_cache import RKSCRadixCache
 
     scheduler = controller.scheduler
     tree = getattr(scheduler, "tree_cache", None)

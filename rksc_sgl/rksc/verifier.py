@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model_runner import ForwardItem
+from rksc_sgl.model.runner import ForwardItem
 
 YES_WORDS = ("Yes", "yes")
 NO_WORDS = ("No", "no")

@@ -30,17 +30,17 @@ with warnings.catch_warnings():
     from sglang.lang.interpreter import StreamExecutor
     from sglang.lang.ir import SglSamplingParams
 
-from .branch_stop import STOPPED_MESSAGE, StreamControls, stopped_meta_info
-from .chat import chat_template_for
-from .config import EngineConfig
-from .grammar import GrammarCache, apply_dtype
-from .join import JoinedContext, JoinRegistry, join_namespace, joined_tokens, split_segments
-from .kv_cache import KVCacheExhausted, KVCacheManager
-from .model_runner import ForwardItem, ModelRunner
-from .models import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
-from .rksc_cache import RKSCRadixCache
-from .sampling import parse_sampling_params
-from .scheduler import EngineStats, Request, Scheduler
+from rksc_sgl.rksc.branch_stop import STOPPED_MESSAGE, StreamControls, stopped_meta_info
+from rksc_sgl.model.chat import chat_template_for
+from rksc_sgl.config import EngineConfig
+from rksc_sgl.engine.grammar import GrammarCache, apply_dtype
+from rksc_sgl.kv.join import JoinedContext, JoinRegistry, join_namespace, joined_tokens, split_segments
+from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager
+from rksc_sgl.model.runner import ForwardItem, ModelRunner
+from rksc_sgl.model.loading import TORCH_DTYPES, load_model_and_tokenizer, resolve_model_dir
+from rksc_sgl.rksc.tree_cache import RKSCRadixCache
+from rksc_sgl.engine.sampling import parse_sampling_params
+from rksc_sgl.engine.scheduler import EngineStats, Request, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Engine(BaseBackend):
         self.config = config if config is not None else EngineConfig(model=model, cache=cache, **kwargs)
         cfg = self.config
         self.is_chat_model = False
-        # join(mode="concate_and_append") concatenates the branches' cached KV (rksc_sgl/join.py);
+        # join(mode="concate_and_append") concatenates the branches' cached KV (rksc_sgl/kv/join.py);
         # without a prefix cache there is no branch KV to concatenate: SGLang joins by text.
         self.support_concate_and_append = self.config.cache != "none"
         self.joins = JoinRegistry()
@@ -196,16 +196,16 @@ class Engine(BaseBackend):
     def flush_cache(self) -> bool:
         return self.scheduler.call(self.kv.flush)
 
-    # ---- CGEE: the YES/NO verifier pass with layer exit (see rksc_sgl/verifier.py) -----------
+    # ---- CGEE: the YES/NO verifier pass with layer exit (see rksc_sgl/rksc/verifier.py) -----------
     def verify_yes_no(self, prompts: Sequence[str], policy=None, trace: bool = False):
         """Score "Yes" vs "No" as the next token of each prompt, in one batched pass on the
         scheduler thread (never racing a step), reusing cached prefixes read-only.
 
-        ``policy`` (:class:`~rksc_sgl.verifier.ExitPolicy`) lets prompts leave at an
+        ``policy`` (:class:`~rksc_sgl.rksc.verifier.ExitPolicy`) lets prompts leave at an
         intermediate layer; ``None`` or ``enabled=False`` runs every layer (the full pass).
-        Returns one :class:`~rksc_sgl.verifier.YesNoScore` per prompt.
+        Returns one :class:`~rksc_sgl.rksc.verifier.YesNoScore` per prompt.
         """
-        from .verifier import ExitPolicy, LayerExitVerifier, verdict_token_ids
+        from rksc_sgl.rksc.verifier import ExitPolicy, LayerExitVerifier, verdict_token_ids
 
         if getattr(self, "_yes_no_verifier", None) is None:
             yes, no = verdict_token_ids(self.tokenizer)
@@ -300,7 +300,7 @@ class Engine(BaseBackend):
         with ``sampling_params``. ``observe(i, req, logprobs)`` sees request ``i``'s
         next-token log-probabilities before each token (on the scheduler thread: keep it
         short). Returns the finished requests."""
-        from .compression import compression_config
+        from rksc_sgl.rksc.compression import compression_config
 
         ids = self._check_ids(input_ids)
         configs = [compression_config(c) for c in compressions]
@@ -499,7 +499,7 @@ class Engine(BaseBackend):
 
     def concatenate_and_append(self, src_rids: List[str], dst_rid: str) -> None:
         """``join(mode="concate_and_append")``: give the parent the concatenation of the
-        branches' KV (see rksc_sgl/join.py for what is exact). Falls back to a text join,
+        branches' KV (see rksc_sgl/kv/join.py for what is exact). Falls back to a text join,
         silently correct, when the branches' KV cannot be used."""
         branches = [self.joins.branch(rid) for rid in src_rids]
         if any(b is None for b in branches) or len({b[0] for b in branches}) != 1:

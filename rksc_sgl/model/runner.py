@@ -26,8 +26,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVLayout
-from .paged_attention import FlashInferAttention, cascade_layout
+from rksc_sgl.kv.manager import KVLayout
+from rksc_sgl.model.attention import FlashInferAttention, cascade_layout
 
 ROTATABLE_ROPE = ("default", "linear", "llama3")  # rotary embeddings whose rotations compose
 

@@ -27,10 +27,12 @@ class PatchStatus:
 
 
 def patch_dir() -> Path:
-    """The repository's ``patches/`` folder (next to the package in a checkout)."""
-    folder = Path(__file__).resolve().parent.parent / "patches"
+    """The patches: ``rksc_sgl/patches`` (package data of a wheel; in a checkout, a link to the
+    repository's ``patches/``)."""
+    folder = Path(__file__).resolve().parents[1] / "patches"
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} not found: the SGLang patches ship with the rksc-sgl repository")
+        raise FileNotFoundError(f"{folder} not found: the SGLang patches ship as rksc_sgl/patches in the package "
+                                "(a link to patches/ in a checkout)")
     return folder
 
 

@@ -61,7 +61,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .gpu_stack import explain_missing_sgl_kernel
+from rksc_sgl.gpu_stack import explain_missing_sgl_kernel
 
 with warnings.catch_warnings(), explain_missing_sgl_kernel():
     warnings.simplefilter("ignore")

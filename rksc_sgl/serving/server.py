@@ -75,7 +75,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .kv_cache import KVCacheExhausted
+from rksc_sgl.kv.manager import KVCacheExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def create_app(engine, api_key: Optional[str] = None, max_request_bytes: int = D
         info["stats"] = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)
         info["max_new_tokens_cap"] = max_new_tokens_cap
         info["max_request_bytes"] = max_request_bytes
-        from . import __version__
+        from rksc_sgl import __version__
         info["version"] = __version__
         return _json(info)
 

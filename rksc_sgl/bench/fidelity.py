@@ -101,7 +101,7 @@ def trace_fidelity(engine, prompt_ids: Sequence[int], trace_ids: Sequence[int], 
 
 def mean_ci(values: Sequence[float], samples: int = 2000, seed: int = 0) -> Dict[str, object]:
     """Mean over traces with a 95% percentile bootstrap interval (traces resampled)."""
-    from .report import bootstrap_mean_ci
+    from rksc_sgl.bench.report import bootstrap_mean_ci
 
     values = list(values)
     return {"mean": math.fsum(values) / len(values), "ci95": bootstrap_mean_ci(values, samples, seed)}
@@ -140,7 +140,7 @@ def mode_config(spec: str, budget: float, base: Dict[str, object]) -> Dict[str, 
 
 def sweep_modes(specs: Sequence[str], budgets: Sequence[float], base: Dict[str, object]) -> Dict[str, dict]:
     """``{"rkv@0.1": config, ...}``: every method spec at every budget (configs validated here)."""
-    from .compression import compression_config
+    from rksc_sgl.rksc.compression import compression_config
 
     modes = {}
     for spec in specs:

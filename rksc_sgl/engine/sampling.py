@@ -10,7 +10,7 @@ import torch
 
 from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
 
-from .grammar import normalize_grammar_fields
+from rksc_sgl.engine.grammar import normalize_grammar_fields
 
 
 def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: int) -> SamplingParams:

@@ -12,7 +12,7 @@ matching, splitting, locking and eviction are SGLang's own code. What it adds:
   when a node is split. ``match_semantic`` is the semantic continuation of an exact match
   (see its docstring); it never changes the tree. Semantic aliases are the caller's to
   hold: donor slots are never stored under another request's tokens.
-* Eviction policy ``rsbcm`` (``rksc_sgl.rsbcm.RSBCMStrategy``), which SGLang's
+* Eviction policy ``rsbcm`` (``rksc_sgl.rksc.rsbcm.RSBCMStrategy``), which SGLang's
   ``get_eviction_strategy`` does not know: with ``params.eviction_policy == "rsbcm"`` the
   cache builds it from ``params.eviction_policy_config`` itself. Every other policy is
   SGLang's.
@@ -24,7 +24,7 @@ indices, same insert results, same eviction order and the same slots freed
 (``tests/test_rksc_cache.py`` checks this property against the stock class).
 
 The same class serves the embedded engine (``KVCacheManager(tree_cache_class=...)``) and
-the SGLang runtime (``--radix-cache-backend rksc``, see ``rksc_sgl.plugin``).
+the SGLang runtime (``--radix-cache-backend rksc``, see ``rksc_sgl.runtime.plugin``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .gpu_stack import explain_missing_sgl_kernel
+from rksc_sgl.gpu_stack import explain_missing_sgl_kernel
 
 with warnings.catch_warnings(), explain_missing_sgl_kernel():
     warnings.simplefilter("ignore")
@@ -54,9 +54,9 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-from .branch_stop import BRANCH_RID_PREFIX
-from .rsbcm import POLICY_NAME as RSBCM_POLICY
-from .rsbcm import RSBCMStrategy
+from rksc_sgl.rksc.branch_stop import BRANCH_RID_PREFIX
+from rksc_sgl.rksc.rsbcm import POLICY_NAME as RSBCM_POLICY
+from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
 __all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache", "SemanticMatch"]
 

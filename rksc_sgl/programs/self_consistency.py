@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 
 import sglang as sgl
 
-from .problems import CHAIN_STOP, SYSTEM_PROMPT, Problem, Solution, extract_answer, majority_vote, question_prompt
+from rksc_sgl.problems import CHAIN_STOP, SYSTEM_PROMPT, Problem, Solution, extract_answer, majority_vote, question_prompt
 
 
 @sgl.function
@@ -45,7 +45,7 @@ def solve(problem: Problem, num_branches: int = 4, max_tokens: int = 96, sample_
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import program_main
+    from rksc_sgl.cli import program_main
 
     return program_main(solve, description=__doc__, argv=argv, title="self-consistency",
                         problems=3, branches=4, max_tokens=96)

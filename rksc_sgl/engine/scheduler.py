@@ -23,12 +23,12 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import torch
 
-from .compression import CompressionConfig
-from .compression import plan as compression_plan
-from .grammar import RequestGrammar
-from .kv_cache import KVCacheExhausted, KVCacheManager, ReqKV
-from .model_runner import ForwardItem, ModelRunner
-from .sampling import matched_stop_regex, sample_token, stop_regex_window, top_logprobs
+from rksc_sgl.rksc.compression import CompressionConfig
+from rksc_sgl.rksc.compression import plan as compression_plan
+from rksc_sgl.engine.grammar import RequestGrammar
+from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager, ReqKV
+from rksc_sgl.model.runner import ForwardItem, ModelRunner
+from rksc_sgl.engine.sampling import matched_stop_regex, sample_token, stop_regex_window, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Request:
     grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
     generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
     namespace: Optional[str] = None  # tree namespace (SGLang's ``extra_key``): matches only its own paths
-    compression: Optional[CompressionConfig] = None  # compress its decode KV (rksc_sgl/compression.py)
+    compression: Optional[CompressionConfig] = None  # compress its decode KV (rksc_sgl/rksc/compression.py)
     forced_ids: Optional[Sequence[int]] = None  # teacher forcing: emits these tokens, whatever it would sample
     observe: Optional[Callable] = None  # observe(req, logprobs) before each token is chosen (replays)
     created: float = dataclasses.field(default_factory=time.perf_counter)
@@ -425,7 +425,7 @@ class Scheduler:
 
     def _compress(self, req: Request) -> None:
         """Drop (or consolidate) decode KV of ``req`` down to its budget when it is over
-        budget plus buffer (see rksc_sgl/compression.py)."""
+        budget plus buffer (see rksc_sgl/rksc/compression.py)."""
         cfg, kv = req.compression, req.kv
         if kv.alias is not None:
             return  # (an ASKS alias row keeps its own layout; it is not compressed)

@@ -22,7 +22,7 @@ Each branch's answer is extracted from its ``answer`` variable
    conversation continued with ``verify_prompt`` as a user turn, the next token scored
    "Yes" vs "No", all branches in one batch -- stops per branch once its logit-lens
    verdict has been stable and low-entropy for ``exit_window`` layers
-   (:mod:`rksc_sgl.verifier`). On other backends (``sgl.RuntimeEndpoint``) the full
+   (:mod:`rksc_sgl.rksc.verifier`). On other backends (``sgl.RuntimeEndpoint``) the full
    verifier runs as ``sgl.select`` over ("Yes", "No") on a copy of each branch.
 
 With a verifier pass, the answer is chosen by ``selection``: ``"weighted_vote"``
@@ -49,8 +49,8 @@ import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .problems import extract_answer
-from .verifier import ExitPolicy, wilson_interval
+from rksc_sgl.problems import extract_answer
+from rksc_sgl.rksc.verifier import ExitPolicy, wilson_interval
 
 SELECTIONS = ("weighted_vote", "max_yes")
 DEFAULT_VERIFY_PROMPT = "Is this solution correct? Answer Yes or No."
@@ -265,7 +265,7 @@ def verify(forks, answer: str = "answer", question: Optional[str] = None, *,
     generated the variable ``answer``. ``question`` is only used when ``verify_prompt``
     contains ``{question}``. Keyword ``overrides`` replace fields of ``config``.
 
-    ``branch_vote``: the :class:`rksc_sgl.branch_stop.BranchVote` of ``rksc_sgl.vote`` on
+    ``branch_vote``: the :class:`rksc_sgl.rksc.branch_stop.BranchVote` of ``rksc_sgl.vote`` on
     the same forks. Its stopped branches hold partial text: they are neither voted nor
     verified (their answer, confidence and score are ``None``); ``gates["stopped"]`` lists
     them and ``gates["vote"]`` carries the vote (rule, answer, branches finished when it

@@ -33,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from .gpu_stack import explain_missing_sgl_kernel
+from rksc_sgl.gpu_stack import explain_missing_sgl_kernel
 
 with warnings.catch_warnings(), explain_missing_sgl_kernel():
     # sglang's quantization modules warn at import that they need CUDA; irrelevant here.
@@ -48,7 +48,7 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-from .join import joined_tokens
+from rksc_sgl.kv.join import joined_tokens
 
 
 class KVCacheExhausted(RuntimeError):
@@ -410,7 +410,7 @@ class KVCacheManager:
         self.allocator.free(slots[req.protected_len : result.prefix_len])
         return result.prefix_len
 
-    # ---- decode KV compression (rksc_sgl/compression.py) -----------------------------------
+    # ---- decode KV compression (rksc_sgl/rksc/compression.py) -----------------------------------
     def compress(self, req: ReqKV, start: int, end: int, keep: List[int], merges=()) -> int:
         """Keep only ``keep`` (indices into row positions ``start .. end - 1``) of those
         positions, consolidating each ``(dropped, kept)`` pair of ``merges`` first (keys and

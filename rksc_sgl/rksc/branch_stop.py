@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
-from .problems import extract_answer, majority_vote
+from rksc_sgl.problems import extract_answer, majority_vote
 
 __all__ = ["BRANCH_RID_PREFIX", "STOP_RULES", "BranchStopper", "BranchVote", "StopRule", "StreamControls",
            "seed_branches", "settle", "vote"]

@@ -10,7 +10,7 @@ up in the registry this plugin fills. A monkeypatch in the launching process wou
 reach the spawned schedulers; the entry point does. ``pyproject.toml`` declares it::
 
     [project.entry-points."sglang.srt.plugins"]
-    rksc = "rksc_sgl.plugin:register"
+    rksc = "rksc_sgl.runtime.plugin:register"
 
 If ``SGLANG_PLUGINS`` is set (a comma-separated allow-list), it must name ``rksc``.
 
@@ -55,13 +55,13 @@ embedded engine's ``radix``): the runtime's default is ``UnifiedRadixCache``, so
 with the stock class need a name for it."""
 
 EVICTION_POLICY_NAME = "rsbcm"
-"""The ``--radix-eviction-policy`` value of RSBCM (``rksc_sgl.rsbcm``); only the ``rksc``
+"""The ``--radix-eviction-policy`` value of RSBCM (``rksc_sgl.rksc.rsbcm``); only the ``rksc``
 backend builds it (SGLang's own caches reject the name)."""
 
 
 def rksc_cache_factory(ctx):
     """Build the RKSC tree cache from SGLang's ``TreeCacheBuildContext``."""
-    from rksc_sgl.rksc_cache import ASKSConfig, RKSCRadixCache
+    from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache
 
     unsupported = []
     if ctx.is_hybrid_swa:
