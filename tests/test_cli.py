@@ -190,19 +190,21 @@ def test_best_of_n_cgee_gate_flags_reach_verify(checked, use_backend, capsys):
     """--exit-gate / --audit-fraction become the CGEEConfig that verify runs with."""
     use_backend(checked)
     program = _load_program("best_of_n_cgee")
+    import rksc_sgl
+
     seen = []
-    real_verify = program.rksc_sgl.verify
+    real_verify = rksc_sgl.verify  # what the program (rksc_sgl/programs/best_of_n_cgee.py) calls
 
     def spy(forks, **kwargs):
         seen.append(kwargs["config"])
         return real_verify(forks, **kwargs)
 
-    program.rksc_sgl.verify = spy
+    rksc_sgl.verify = spy
     try:
         argv = TINY + ["--cache", "radix", "--exit-gate", "on", "--audit-fraction", "0.5", "--skip-gate", "off"]
         assert cli.program_main(program.solve, argv=argv, options=program.cli_options()) == 0
     finally:
-        program.rksc_sgl.verify = real_verify
+        rksc_sgl.verify = real_verify
     assert len(seen) == 1
     assert (seen[0].exit_gate, seen[0].audit_fraction, seen[0].skip_gate) == (True, 0.5, False)
     assert "verified, mean exit layer" in capsys.readouterr().out
