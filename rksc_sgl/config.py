@@ -10,12 +10,54 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
-CACHE_MODES = ("none", "radix", "rksc")
-"""``none``: no KV reuse between requests. ``radix``: SGLang's stock ``RadixCache``.
-``rksc``: ``RKSCRadixCache`` (a ``RadixCache`` subclass); with ``asks`` active it also
-reuses KV of semantically similar spans (ASKS), else it matches exactly like ``radix``."""
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """A cache mode: what the engine builds for it and what it can host.
+
+    ``prefix_cache``: finished requests stay in a radix tree and later requests reuse their
+    exact prefixes (off: SGLang's tree with ``disable=True``, every prompt computed).
+    ``rksc_tree``: the tree is ``RKSCRadixCache`` (``rksc_sgl.rksc.tree_cache``): stock
+    matching plus semantic keys, so it can host ASKS and the ``rsbcm`` eviction policy, and
+    it counts what it did. Modes are registered by name (:func:`register_cache`).
+    """
+
+    name: str
+    prefix_cache: bool
+    rksc_tree: bool
+    help: str
+
+
+CACHE_SPECS: Dict[str, CacheSpec] = {}
+
+
+def register_cache(spec: CacheSpec) -> CacheSpec:
+    """Add a cache mode to :data:`CACHE_SPECS` (its name must be new)."""
+    if spec.name in CACHE_SPECS:
+        raise ValueError(f"cache mode {spec.name!r} is already registered")
+    CACHE_SPECS[spec.name] = spec
+    return spec
+
+
+register_cache(CacheSpec("none", prefix_cache=False, rksc_tree=False,
+                         help="no KV reuse between requests"))
+register_cache(CacheSpec("radix", prefix_cache=True, rksc_tree=False,
+                         help="SGLang's stock RadixCache: exact prefix reuse"))
+register_cache(CacheSpec("rksc", prefix_cache=True, rksc_tree=True,
+                         help="RKSCRadixCache: matches exactly like radix; hosts ASKS and RSBCM"))
+
+CACHE_MODES = tuple(CACHE_SPECS)
+"""The registered cache modes' names, for choices and messages."""
+
+
+def cache_spec(name: str) -> CacheSpec:
+    """The registered mode ``name``; ``ValueError`` that lists the modes otherwise."""
+    try:
+        return CACHE_SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"cache={name!r} is not a known cache mode; choose one of {', '.join(CACHE_SPECS)}") \
+            from None
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,21 +129,18 @@ class EngineConfig:
     compression: Any = None
 
     def __post_init__(self) -> None:
-        if self.cache not in CACHE_MODES:
-            raise ValueError(
-                f"cache={self.cache!r} is not a known cache mode; choose one of {', '.join(CACHE_MODES)}"
-            )
+        spec = cache_spec(self.cache)
         object.__setattr__(self, "asks", _asks_config(self.asks))
         from rksc_sgl.rksc.compression import compression_config
 
         object.__setattr__(self, "compression", compression_config(self.compression))
-        if self.asks.enabled and self.cache != "rksc":
+        if self.asks.enabled and not spec.rksc_tree:
             raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc'")
         if not isinstance(self.eviction_policy, str):
             raise ValueError(f"eviction_policy must be a string, got {self.eviction_policy!r}")
         object.__setattr__(self, "eviction_policy", self.eviction_policy.lower())
         if self.eviction_policy == "rsbcm":
-            if self.cache != "rksc":
+            if not spec.rksc_tree:
                 raise ValueError(
                     f"eviction_policy='rsbcm' needs cache='rksc' (got cache={self.cache!r}): "
                     "the RSBCM policy is built by the RKSC tree cache")
@@ -138,6 +177,22 @@ class EngineConfig:
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "attention_backend", backend)
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        return CACHE_SPECS[self.cache]
+
+    @property
+    def needs_attention_stats(self) -> bool:
+        """Whether decode attention per KV slot is collected: RSBCM evicts by it, compression
+        scores tokens by it."""
+        return (self.eviction_policy == "rsbcm" and self.cache_spec.prefix_cache) or self.compression is not None
+
+    @property
+    def needs_slot_features(self) -> bool:
+        """Whether every computed slot's hidden state at the ASKS key layer is kept (ASKS keyed
+        above layer 0)."""
+        return self.asks.active and self.asks.key_layer > 0
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -57,6 +57,27 @@ def test_none_mode_frees_everything():
     assert mgr.allocator.available_size() == 64
 
 
+def test_scratch_slots_come_back_even_when_the_forward_fails():
+    mgr = _manager(pool=16)
+    req, _ = _run_request(mgr, [1, 2, 3, 4], [5])
+    mgr.release(req)  # 5 tokens cached, unlocked: evictable
+    with mgr.scratch(14) as slots:  # needs eviction: 11 free + 5 cached
+        assert len(slots) == 14 and mgr.allocator.available_size() == 2
+        mgr.check_integrity()  # borrowed slots are accounted for
+        with pytest.raises(AssertionError, match="scratch borrowings still open"):
+            mgr.check_integrity(expect_idle=True)
+    assert mgr.allocator.available_size() + mgr.tree.total_size() == 16
+    with pytest.raises(RuntimeError, match="forward failed"):
+        with mgr.scratch(3):
+            raise RuntimeError("forward failed")
+    mgr.check_integrity(expect_idle=True)
+    assert mgr.allocator.available_size() + mgr.tree.total_size() == 16
+    with pytest.raises(KVCacheExhausted):
+        with mgr.scratch(17):
+            pass
+    mgr.check_integrity(expect_idle=True)
+
+
 def test_eviction_makes_room_lru_order():
     mgr = _manager(pool=16)
     for base in (10, 20):

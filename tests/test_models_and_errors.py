@@ -75,6 +75,24 @@ def test_bad_engine_config(kwargs, message):
         rksc_sgl.EngineConfig(**kwargs)
 
 
+def test_cache_modes_are_registered_specs_that_say_what_an_engine_builds():
+    from rksc_sgl.config import CACHE_MODES, CACHE_SPECS, CacheSpec, register_cache
+
+    assert CACHE_MODES == tuple(CACHE_SPECS) == ("none", "radix", "rksc")
+    assert [(s.prefix_cache, s.rksc_tree) for s in CACHE_SPECS.values()] == [(False, False), (True, False),
+                                                                            (True, True)]
+    with pytest.raises(ValueError, match="already registered"):
+        register_cache(CacheSpec("radix", prefix_cache=True, rksc_tree=False, help="again"))
+    with pytest.raises(ValueError, match="ASKS needs cache='rksc'"):
+        rksc_sgl.EngineConfig(cache="radix", asks={"enabled": True})
+    cfg = rksc_sgl.EngineConfig
+    assert not cfg(cache="radix").needs_attention_stats and not cfg(cache="rksc").needs_attention_stats
+    assert cfg(cache="rksc", eviction_policy="rsbcm").needs_attention_stats
+    assert cfg(cache="radix", compression={"method": "rkv", "budget": 0.5}).needs_attention_stats
+    assert not cfg(cache="rksc", asks={"enabled": True}).needs_slot_features
+    assert cfg(cache="rksc", asks={"enabled": True, "key_layer": 4}).needs_slot_features
+
+
 @pytest.mark.parametrize("params, message", [
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),

@@ -62,7 +62,7 @@ class Engine(BaseBackend):
         self.is_chat_model = False
         # join(mode="concate_and_append") concatenates the branches' cached KV (rksc_sgl/kv/join.py);
         # without a prefix cache there is no branch KV to concatenate: SGLang joins by text.
-        self.support_concate_and_append = self.config.cache != "none"
+        self.support_concate_and_append = cfg.cache_spec.prefix_cache
         self.joins = JoinRegistry()
         self.model_dir = resolve_model_dir(cfg.model, cfg.resolved_cache_dir)
         self.hf_model, self.tokenizer = load_model_and_tokenizer(self.model_dir, TORCH_DTYPES[cfg.dtype])
@@ -78,11 +78,11 @@ class Engine(BaseBackend):
             pool_tokens=cfg.kv_pool_tokens,
             max_requests=cfg.max_running_requests,
             max_context_len=self.context_len,
-            enable_prefix_cache=cfg.cache != "none",
+            enable_prefix_cache=cfg.cache_spec.prefix_cache,
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
             device=cfg.device,
-            attention_stats=cfg.compression is not None,  # compression scores tokens by attention
+            attention_stats=cfg.needs_attention_stats,
             **self._tree_cache_kwargs(),
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
@@ -114,7 +114,7 @@ class Engine(BaseBackend):
     def _tree_cache_kwargs(self) -> Dict[str, Any]:
         """``cache="rksc"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
         cfg = self.config
-        if cfg.cache != "rksc":
+        if not cfg.cache_spec.rksc_tree:
             return {}
         asks = cfg.asks
         asks.check_key_layer(self.hf_model.config.num_hidden_layers)
@@ -128,7 +128,7 @@ class Engine(BaseBackend):
             return embed(ids).float().cpu()
 
         slot_features = None
-        if asks.active and asks.key_layer > 0:
+        if cfg.needs_slot_features:
             # Each slot's hidden state at the key layer, stored by the forward that computes
             # the slot's KV: the node keys (see _wire_asks_layer).
             slot_features = torch.zeros((cfg.kv_pool_tokens + 1, self.hf_model.config.hidden_size),
@@ -150,14 +150,11 @@ class Engine(BaseBackend):
 
         def span_features(prefix_slots: torch.Tensor, span_ids: List[int]) -> Optional[torch.Tensor]:
             try:
-                scratch = kv.alloc(len(span_ids))
+                with kv.scratch(len(span_ids)) as scratch:
+                    item = ForwardItem(list(span_ids), len(prefix_slots), torch.cat([prefix_slots, scratch]))
+                    return runner.hidden_at([item], layer).float()
             except KVCacheExhausted:
                 return None  # no room to key the span now: this request matches exactly
-            try:
-                item = ForwardItem(list(span_ids), len(prefix_slots), torch.cat([prefix_slots, scratch]))
-                return runner.hidden_at([item], layer).float()
-            finally:
-                kv.allocator.free(scratch)
 
         kv.span_features = span_features
 

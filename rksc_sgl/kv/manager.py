@@ -4,8 +4,9 @@ The pool owns the tensors (``MHATokenToKVPool``), one allocator hands out and ta
 every slot (``TokenToKVPoolAllocator``), each running request owns one row of
 ``ReqToTokenPool`` that lists its slots, and the tree cache holds slot indices only.
 A request's row is ``[tree-owned prefix (locked) | slots the request owns]``; the split
-point is ``protected_len``. Every slot is always in exactly one of three places: the
-allocator's free list, a tree node, or the owned part of a running request's row.
+point is ``protected_len``. Every slot is always in exactly one of four places: the
+allocator's free list, a tree node, the owned part of a running request's row, or a
+forward's scratch (``scratch``: borrowed for one pass whose KV nothing keeps).
 ``check_integrity`` asserts exactly that.
 
 Semantic aliases (ASKS, ``cache="rksc"``): a request may read a *donor* node's slots for
@@ -26,10 +27,11 @@ unlock), with plain token lists instead of SGLang's ``Req`` objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from array import array
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -171,6 +173,7 @@ class KVCacheManager:
             )
         )
         self.active: dict[int, ReqKV] = {}
+        self.borrowed: List[torch.Tensor] = []  # scratch slots of a forward in progress (``scratch``)
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
         # ASKS above layer 0: (prefix slots, span ids) -> span features at the key layer.
         self.span_features: Optional[Callable] = None
@@ -294,6 +297,19 @@ class KVCacheManager:
         if self.slot_attention is not None:
             self.slot_attention[slots] = 0.0  # slots are reused: drop the previous owner's mass
         return slots
+
+    @contextlib.contextmanager
+    def scratch(self, num_tokens: int) -> Iterator[torch.Tensor]:
+        """Slots borrowed for one forward whose KV nothing keeps (the verifier's pass, ASKS
+        span keys): allocated like any (evicting if needed, ``KVCacheExhausted`` if even that
+        is not enough) and back with the allocator on exit, whatever happens."""
+        slots = self.alloc(num_tokens)
+        self.borrowed.append(slots)
+        try:
+            yield slots
+        finally:
+            self.borrowed.remove(slots)
+            self.allocator.free(slots)
 
     def extend(self, req: ReqKV, new_token_ids: List[int]) -> torch.Tensor:
         """Reserve slots for ``new_token_ids`` at the end of the request's row.
@@ -538,13 +554,14 @@ class KVCacheManager:
         return values
 
     def check_integrity(self, expect_idle: bool = False) -> None:
-        """Every slot is free, tree-held or request-owned, exactly once; locks balance.
+        """Every slot is free, tree-held, request-owned or borrowed as scratch, exactly once;
+        locks balance.
 
         Raises ``AssertionError`` with the counts when the accounting is off.
         """
         free = [self.allocator.free_pages, self.allocator.release_pages]
         tree = self.tree_slot_indices()
-        owned = [self.owned_slots(r) for r in self.active.values()]
+        owned = [self.owned_slots(r) for r in self.active.values()] + list(self.borrowed)
         for r in self.active.values():
             if r.alias is not None:
                 self._check_alias(r)
@@ -552,7 +569,7 @@ class KVCacheManager:
         n_free = sum(len(t) for t in free)
         n_tree = sum(len(t) for t in tree)
         n_owned = sum(len(t) for t in owned)
-        summary = f"free={n_free} tree={n_tree} requests={n_owned} total={self.pool_tokens}"
+        summary = f"free={n_free} tree={n_tree} requests+scratch={n_owned} total={self.pool_tokens}"
         assert n_free + n_tree + n_owned == self.pool_tokens, f"slot count mismatch: {summary}"
         expected = torch.arange(1, self.pool_tokens + 1, dtype=torch.int64)
         assert torch.equal(torch.sort(all_slots).values, expected), f"slot held twice or lost: {summary}"
@@ -560,6 +577,7 @@ class KVCacheManager:
         locked = self._locked_nodes()
         if expect_idle:
             assert not self.active, f"{len(self.active)} requests still hold KV"
+            assert not self.borrowed, f"{len(self.borrowed)} scratch borrowings still open"
             assert not locked, f"{len(locked)} tree nodes still locked when idle"
             assert self.tree.protected_size() == 0, f"protected_size={self.tree.protected_size()} when idle"
             assert self.req_to_token_pool.available_size() == self.req_to_token_pool.size, "request row leaked"

@@ -150,21 +150,17 @@ class ModelRunner:
         blocks run (their KV is written to the items' slots like any forward)."""
         return self._run(items, layer)[0]
 
+    def start(self, items: List[ForwardItem]) -> "LayerPass":
+        """A forward over ``items`` that runs one block at a time (:class:`LayerPass`): what
+        :meth:`forward` and :meth:`hidden_at` run to their end, and what the verifier's
+        layer-by-layer exit stops early."""
+        return LayerPass(self, items)
+
     def _run(self, items: List[ForwardItem], stop: int) -> torch.Tensor:
-        dev = self.device
-        ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
-        positions = torch.cat([it.new_positions() + it.rope_offset for it in items]).to(dev)
-        new_slots = torch.cat([it.new_slots() for it in items]).to(dev)
-        hidden = self.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
-        cos, sin = self.rotary_emb(hidden, positions[None])
-        plan = self.prepare(items)
-        for layer_id, layer in enumerate(self.layers[:stop]):
-            if self.slot_features is not None and layer_id == self.feature_layer:
-                self.slot_features[new_slots] = hidden[0].float()
-            hidden = self._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
-        if self.slot_features is not None and self.feature_layer == stop == len(self.layers):
-            self.slot_features[new_slots] = hidden[0].float()
-        return hidden
+        layer_pass = self.start(items)
+        while layer_pass.layers_run < stop:
+            layer_pass.run_block()
+        return layer_pass.hidden
 
     @property
     def can_rotate_keys(self) -> bool:
@@ -408,3 +404,55 @@ def pool_index(slots: torch.Tensor):
     if n and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots[1:] - slots[:-1] == 1).all()):
         return slice(int(slots[0]), int(slots[0]) + n)
     return slots
+
+
+class LayerPass:
+    """One forward of a ragged batch, a decoder block at a time.
+
+    Each block writes the new tokens' KV into the pool, as :meth:`ModelRunner.forward` does
+    (which is this pass run to the end). ``keep`` drops items between blocks: the verifier's
+    layer exit stops items whose verdict is settled and runs the rest further. ``hidden``
+    is (1, new tokens of the kept items, hidden size); ``last_rows`` indexes each kept
+    item's last token in it.
+    """
+
+    def __init__(self, runner: ModelRunner, items: List[ForwardItem]):
+        self.runner = runner
+        dev = runner.device
+        ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
+        positions = torch.cat([it.new_positions() + it.rope_offset for it in items]).to(dev)
+        self.hidden = runner.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
+        self.cos, self.sin = runner.rotary_emb(self.hidden, positions[None])
+        self.layers_run = 0
+        self._use(items)
+
+    def _use(self, items: List[ForwardItem]) -> None:
+        self.items = items
+        self.new_slots = torch.cat([it.new_slots() for it in items]).to(self.runner.device)
+        self.plan = self.runner.prepare(items)
+        ends = torch.cumsum(torch.tensor([len(it.token_ids) for it in items]), 0)
+        self.last_rows = ends - 1  # ragged, no padding
+
+    def run_block(self) -> torch.Tensor:
+        """Run the next block; the hidden states after it."""
+        runner, layer_id = self.runner, self.layers_run
+        features = runner.slot_features
+        if features is not None and layer_id == runner.feature_layer:
+            features[self.new_slots] = self.hidden[0].float()
+        self.hidden = runner._layer(layer_id, runner.layers[layer_id], self.hidden, self.cos, self.sin, self.plan,
+                                    self.new_slots)
+        self.layers_run += 1
+        if features is not None and runner.feature_layer == self.layers_run == len(runner.layers):
+            features[self.new_slots] = self.hidden[0].float()
+        return self.hidden
+
+    def keep(self, indices: List[int]) -> None:
+        """Go on with the items at ``indices`` (positions in :attr:`items`) only."""
+        bounds, off = [], 0
+        for it in self.items:
+            bounds.append((off, off + len(it.token_ids)))
+            off += len(it.token_ids)
+        rows = torch.cat([torch.arange(*bounds[j]) for j in indices])
+        self.hidden = self.hidden[:, rows]
+        self.cos, self.sin = self.cos[:, rows], self.sin[:, rows]
+        self._use([self.items[j] for j in indices])

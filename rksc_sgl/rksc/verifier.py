@@ -23,6 +23,7 @@ assistant prefix; a side's logit is the logsumexp of its words' logits, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import List, Optional, Sequence
@@ -124,27 +125,21 @@ class LayerExitVerifier:
     @torch.inference_mode()
     def score(self, prompts: List[List[int]], policy: ExitPolicy, trace: bool = False) -> List[YesNoScore]:
         kv = self.kv
-        locks, temp = [], []
-        try:
+        with contextlib.ExitStack() as held:  # scratch slots freed, then the locks released
             matched = []
             for ids in prompts:
                 if not ids:
                     raise ValueError("empty verifier prompt")
                 prefix, node = kv.match(ids, len(ids) - 1)  # at least one token is computed
-                locks.append(kv.tree.lock(node))  # before any alloc can evict it
+                lock = kv.tree.lock(node)  # before any alloc can evict it
+                held.callback(kv.tree.unlock, lock)
                 matched.append(prefix)
             items = []
             for ids, prefix in zip(prompts, matched):
                 new = ids[len(prefix):]
-                slots = kv.alloc(len(new))
-                temp.append(slots)
+                slots = held.enter_context(kv.scratch(len(new)))
                 items.append(ForwardItem(list(new), len(prefix), torch.cat([prefix.to(torch.int64), slots])))
             return self._forward(items, policy, trace)
-        finally:
-            for slots in temp:
-                kv.allocator.free(slots)
-            for lock in locks:
-                kv.tree.unlock(lock)
 
     def _forward(self, items: List[ForwardItem], policy: ExitPolicy, trace: bool) -> List[YesNoScore]:
         runner = self.runner
@@ -154,28 +149,13 @@ class LayerExitVerifier:
         history = [[] for _ in items]  # (argmax, entropy) per layer
         active = list(range(len(items)))
 
-        def layout(idx):
-            its = [items[i] for i in idx]
-            dev = runner.device
-            ids = torch.tensor([t for it in its for t in it.token_ids], dtype=torch.long, device=dev)
-            pos = torch.cat([torch.arange(it.start, it.start + len(it.token_ids)) for it in its]).to(dev)
-            slots = torch.cat([it.slots[it.start:] for it in its]).to(dev)
-            lasts, off = [], 0
-            for it in its:
-                off += len(it.token_ids)
-                lasts.append(off - 1)  # the last real token of each item (ragged, no padding)
-            return its, ids, pos, slots, torch.tensor(lasts)
-
-        its, ids, pos, new_slots, lasts = layout(active)
-        hidden = runner.embed_tokens(ids)[None]
-        cos, sin = runner.rotary_emb(hidden, pos[None])
-        plan = runner.prepare(its)
+        layer_pass = runner.start(items)
         watch = policy.enabled or trace
-        for layer_id, layer in enumerate(runner.layers):
-            hidden = runner._layer(layer_id, layer, hidden, cos, sin, plan, new_slots)
-            run = layer_id + 1
+        while True:
+            hidden = layer_pass.run_block()
+            run = layer_pass.layers_run
             if run == L:
-                p = self.lens(hidden[0, lasts])
+                p = self.lens(hidden[0, layer_pass.last_rows])
                 for j, i in enumerate(active):
                     if trace:
                         traces[i].append((float(p[j]), float(binary_entropy_bits(p[j]))))
@@ -183,7 +163,7 @@ class LayerExitVerifier:
                 break
             if not watch:
                 continue
-            p = self.lens(hidden[0, lasts])
+            p = self.lens(hidden[0, layer_pass.last_rows])
             ent = binary_entropy_bits(p)
             leaving = []
             for j, i in enumerate(active):
@@ -197,17 +177,8 @@ class LayerExitVerifier:
                 keep = [j for j in range(len(active)) if j not in leaving]
                 if not keep:
                     break
-                # Rows of the remaining items' tokens, in order.
-                bounds, off = [], 0
-                for it in its:
-                    bounds.append((off, off + len(it.token_ids)))
-                    off += len(it.token_ids)
-                rows = torch.cat([torch.arange(*bounds[j]) for j in keep])
-                hidden = hidden[:, rows]
                 active = [active[j] for j in keep]
-                its, ids, pos, new_slots, lasts = layout(active)
-                cos, sin = cos[:, rows], sin[:, rows]
-                plan = runner.prepare(its)
+                layer_pass.keep(keep)
         for i, (res, it) in enumerate(zip(results, items)):
             res.new_tokens = len(it.token_ids)
             res.cached_tokens = it.start
