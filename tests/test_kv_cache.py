@@ -61,6 +61,10 @@ def test_scratch_slots_come_back_even_when_the_forward_fails():
     mgr = _manager(pool=16)
     req, _ = _run_request(mgr, [1, 2, 3, 4], [5])
     mgr.release(req)  # 5 tokens cached, unlocked: evictable
+    with mgr.scratch(2) as first, mgr.scratch(3) as second:  # borrowings of other sizes, nested
+        assert len(mgr.borrowed) == 2 and len(first) == 2 and len(second) == 3
+        mgr.check_integrity()
+    assert not mgr.borrowed
     with mgr.scratch(14) as slots:  # needs eviction: 11 free + 5 cached
         assert len(slots) == 14 and mgr.allocator.available_size() == 2
         mgr.check_integrity()  # borrowed slots are accounted for

@@ -308,7 +308,7 @@ class KVCacheManager:
         try:
             yield slots
         finally:
-            self.borrowed.remove(slots)
+            self.borrowed = [b for b in self.borrowed if b is not slots]  # by identity: tensors compare elementwise
             self.allocator.free(slots)
 
     def extend(self, req: ReqKV, new_token_ids: List[int]) -> torch.Tensor:
