@@ -28,10 +28,11 @@ import argparse
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from rksc_sgl.bench.report import git_output
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,14 +43,6 @@ SCRIPT_OF = {"bench_engine": "bench_engine.py", "bench_grammar": "bench_grammar.
              "bench_compression": "bench_compression.py", "bench_compression --fidelity": "bench_compression.py",
              "bench_cgee": "bench_cgee.py", "calibrate_cgee": "calibrate_cgee.py", "gpu_checks": "gpu_checks.py"}
 NOT_ARGUMENTS = {"out", "out_dir", "name"}  # where the run wrote, which the manifest's paths already say
-
-
-def git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def result_files() -> List[Path]:
@@ -150,7 +143,7 @@ def entry(json_path: Path, files: List[Path]) -> Dict[str, Any]:
         command, command_source = rebuilt_command(benchmark, data), "rebuilt from the recorded arguments"
     commit, commit_source = data.get("commit"), "recorded by the run"
     if not commit:
-        commit = git("log", "--diff-filter=A", "--format=%H", "-1", "--", str(json_path))
+        commit = git_output(ROOT, "log", "--diff-filter=A", "--format=%H", "-1", "--", str(json_path)) or None
         commit_source = "committed in (the run's own commit was not recorded then)"
     rels = [p.relative_to(RESULTS).as_posix() for p in sorted(files)]
     folder = json_path.parent.relative_to(RESULTS).as_posix()

@@ -1,6 +1,7 @@
 """The package works from an installed wheel: nothing it needs lives only in the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,9 +26,21 @@ print(json.dumps({
 """
 
 
+def _source_copy(dst: Path) -> Path:
+    """What the build reads, copied (links kept), so that setuptools' build/ is not written
+    into the checkout."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "rksc_sgl", dst / "rksc_sgl", symlinks=True, ignore=ignore)
+    shutil.copytree(ROOT / "patches", dst / "patches")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dst / name)
+    return dst
+
+
 def test_a_wheel_carries_the_programs_and_patches_and_runs_outside_the_checkout(tmp_path):
+    source = _source_copy(tmp_path / "source")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("rksc_sgl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -70,22 +70,23 @@ def versions() -> Dict[str, Optional[str]]:
     return out
 
 
+def git_output(folder: Path, *args: str) -> Optional[str]:
+    """``git -C folder ARGS``'s output, stripped; ``None`` when git fails or is missing."""
+    try:
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def source_commit(folder: Optional[Path] = None) -> Optional[str]:
     """The git commit of the checkout ``folder`` (default: this package's) is in, with
     ``-dirty`` when tracked files differ from it; ``None`` outside a git checkout (a wheel)."""
     folder = Path(folder or Path(__file__).resolve().parent)
-
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
+    head = git_output(folder, "rev-parse", "HEAD")
     if not head:
         return None
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git_output(folder, "status", "--porcelain", "--untracked-files=no")
     return head + ("-dirty" if dirty else "")
 
 

@@ -430,8 +430,9 @@ class LayerPass:
         self.items = items
         self.new_slots = torch.cat([it.new_slots() for it in items]).to(self.runner.device)
         self.plan = self.runner.prepare(items)
-        ends = torch.cumsum(torch.tensor([len(it.token_ids) for it in items]), 0)
-        self.last_rows = ends - 1  # ragged, no padding
+        self._lengths = torch.tensor([len(it.token_ids) for it in items])
+        self._ends = torch.cumsum(self._lengths, 0)
+        self.last_rows = self._ends - 1  # ragged, no padding
 
     def run_block(self) -> torch.Tensor:
         """Run the next block; the hidden states after it."""
@@ -448,11 +449,8 @@ class LayerPass:
 
     def keep(self, indices: List[int]) -> None:
         """Go on with the items at ``indices`` (positions in :attr:`items`) only."""
-        bounds, off = [], 0
-        for it in self.items:
-            bounds.append((off, off + len(it.token_ids)))
-            off += len(it.token_ids)
-        rows = torch.cat([torch.arange(*bounds[j]) for j in indices])
+        starts = self._ends - self._lengths
+        rows = torch.cat([torch.arange(int(starts[j]), int(self._ends[j])) for j in indices])
         self.hidden = self.hidden[:, rows]
         self.cos, self.sin = self.cos[:, rows], self.sin[:, rows]
         self._use([self.items[j] for j in indices])

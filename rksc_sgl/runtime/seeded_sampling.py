@@ -118,7 +118,7 @@ def sample_rows_alike(original, probs, top_ks, top_ps, min_ps, need_min_p_sampli
         return original(probs, top_ks, top_ps, min_ps, need_min_p_sampling, sampling_seed, positions,
                         *args, return_filtered_probs=return_filtered_probs, **kwargs)
     import torch
-    from sglang.srt.layers.sampler import multinomial_with_seed
+    from sglang.srt.layers.sampler import sampling_from_probs_torch
     from sglang.srt.sampling.sampling_params import TOP_K_ALL
 
     tokens = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
@@ -127,10 +127,9 @@ def sample_rows_alike(original, probs, top_ks, top_ps, min_ps, need_min_p_sampli
     truncated = ~(greedy | untruncated)
     if greedy.any():
         tokens[greedy] = probs[greedy].argmax(dim=-1).to(torch.int32)
-    if untruncated.any():
+    if untruncated.any():  # SGLang's own untruncated draw, on these rows
         rows = untruncated
-        tokens[rows] = multinomial_with_seed(torch.log(probs[rows]), sampling_seed[rows],
-                                             positions[rows]).view(-1).to(torch.int32)
+        tokens[rows] = sampling_from_probs_torch(probs[rows], sampling_seed[rows], positions[rows])
     if truncated.any():
         rows = truncated
         tokens[rows] = original(probs[rows], top_ks[rows], top_ps[rows], min_ps[rows], False,
