@@ -36,7 +36,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
-from rksc_sgl.kv.join import join_namespace, joined_tokens, split_segments  # noqa: E402
+from rksc_sgl.kv.join import concatenate, join_namespace, joined_tokens, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
 from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
@@ -65,7 +65,7 @@ def run_mode(eng, mode: str, prefix_ids, segments, tail_ids, new_tokens: int) ->
     key = None
     if mode == "kv":
         key = join_namespace(prefix_ids, segments)
-        if not eng.scheduler.call(lambda: eng.kv.concatenate(prefix_ids, segments, eng.runner.rotate_keys, key)):
+        if not eng.scheduler.call(lambda: concatenate(eng.kv, prefix_ids, segments, eng.runner.rotate_keys, key)):
             raise RuntimeError("the branches' KV was not cached")
     out = eng.generate_request(input_ids=tokens, sampling_params=params, extra_key=key,
                                return_logprob=True, top_logprobs_num=1)

@@ -18,7 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rksc_sgl.kv.manager import KVCacheManager, KVLayout
+from rksc_sgl.kv.manager import KVCacheManager
+from rksc_sgl.kv.records import KVLayout
 from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache, align_tokens
 
 VOCAB, DIM = 12, 8
@@ -51,8 +52,8 @@ def _manager(pool=48, tau=0.5, fraction=0.0, enabled=True, rows=6, shift=True) -
         KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32),
         pool_tokens=pool, max_requests=rows, max_context_len=64, enable_prefix_cache=True,
         tree_cache_class=functools.partial(RKSCRadixCache, asks=asks, token_features=_features),
+        rotate_keys=_toy_rotate if shift else None,
     )
-    kv.rotate_keys = _toy_rotate if shift else None
     return kv
 
 
@@ -81,10 +82,10 @@ def _check_tree_kv_exact(kv: KVCacheManager) -> None:
             stack.append((child, tokens))
 
 
-def _admit(kv: KVCacheManager, ids):
+def _admit(kv: KVCacheManager, ids, span_features=None):
     cap = len(ids) - 1
     prefix, node = kv.match(ids, cap)
-    alias = kv.match_alias(ids, cap, prefix, node)
+    alias = kv.match_alias(ids, cap, prefix, node, span_features=span_features)
     req = kv.open(ids, prefix, node, alias)
     return req, alias
 
@@ -209,8 +210,8 @@ def test_recompute_above_layer_0_picks_the_most_deviating_tokens():
         pool_tokens=48, max_requests=6, max_context_len=64, enable_prefix_cache=True,
         tree_cache_class=functools.partial(RKSCRadixCache, asks=asks, token_features=_features,
                                            slot_features=slot_features),
+        rotate_keys=_toy_rotate,
     )
-    kv.rotate_keys = _toy_rotate
     donor_ids = [1, 2, 3, 10, 4, 5, 6, 7]
     donor, _ = _admit(kv, donor_ids)
     slots = kv.extend(donor, donor_ids)
@@ -221,8 +222,7 @@ def test_recompute_above_layer_0_picks_the_most_deviating_tokens():
     recipient_ids = [1, 2, 3, 11, 4, 5, 6, 7, 9]
     span_state = TABLE[torch.tensor(recipient_ids[3:8])].clone()
     span_state[3] = -span_state[3]  # token 6: its state moved most in the new context
-    kv.span_features = lambda prefix_slots, ids: span_state[: len(ids)]
-    req, alias = _admit(kv, recipient_ids)
+    req, alias = _admit(kv, recipient_ids, span_features=lambda prefix_slots, ids: span_state[: len(ids)])
     assert alias is not None and alias.donor_offsets == [None, 1, 2, 3, 4]
     assert alias.recompute == [0, 3]  # the differing token, then the most deviating one (not 1)
     kv.release(req)
@@ -561,7 +561,7 @@ def test_key_layer_above_zero_keys_from_hidden_states(engines):
     torch.testing.assert_close(node.asks_key, expected, atol=2e-4, rtol=1e-3)
     recipient = eng.encode(recipient_text)
     empty = torch.empty((0,), dtype=torch.int64)
-    span = eng.scheduler.call(lambda: eng.kv.span_features(empty, recipient))
+    span = eng.scheduler.call(lambda: eng.scheduler.span_features(empty, recipient))
     torch.testing.assert_close(span, hidden(recipient), atol=2e-3, rtol=1e-3)
     eng.check_integrity()  # the scratch slots went back
 

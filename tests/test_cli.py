@@ -13,7 +13,7 @@ import pytest
 
 from rksc_sgl import cli
 from rksc_sgl.problems import load_problems
-from rksc_sgl.engine.scheduler import EngineStats
+from rksc_sgl.engine.request import EngineStats
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "programs"

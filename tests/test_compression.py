@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rksc_sgl
-from rksc_sgl.engine import scheduler as scheduler_module
+from rksc_sgl.rksc import compression as compression_module
 from rksc_sgl.rksc.compression import CompressionConfig, Plan, plan, redundancy
 
 PROMPT = "Question: Tom has 3 apples and buys 5 more, then gives 2 away. How many apples are left?\nAnswer:"
@@ -124,7 +124,7 @@ def _reference(model, prompt_ids, steps, config):
 
 def test_compressed_decoding_equals_transformers_with_the_same_entries_dropped(compressing, monkeypatch):
     eng = compressing(**SMALL)
-    monkeypatch.setattr(scheduler_module, "compression_plan", _keep_evens)
+    monkeypatch.setattr(compression_module, "plan", _keep_evens)
     steps = 24
     before = eng.stats()
     out = eng.generate_request(text=PROMPT, sampling_params={"max_new_tokens": steps, "temperature": 0,
@@ -232,14 +232,14 @@ def test_replays_are_teacher_forced_and_the_full_control_is_exact(compressing):
 def test_window_importance_counts_only_the_queries_since_the_last_compression(compressing, monkeypatch):
     eng = compressing(**SMALL, importance="window")
     calls = []
-    real = scheduler_module.compression_plan
+    real = compression_module.plan
 
     def recording(config, importance, keys, keep_count):
         calls.append(float(importance.sum()))
         assert bool((importance >= -1e-6).all())
         return real(config, importance, keys, keep_count)
 
-    monkeypatch.setattr(scheduler_module, "compression_plan", recording)
+    monkeypatch.setattr(compression_module, "plan", recording)
     params = {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}
     eng.generate_request(text=PROMPT, sampling_params=params)
     assert len(calls) > 3

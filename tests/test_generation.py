@@ -161,7 +161,8 @@ def test_shared_prefix_decode_equals_per_branch_attention(radix_engine):
 
 
 def test_attention_plan_groups_branches_by_shared_slots():
-    from rksc_sgl.model.runner import ForwardItem, plan_attention
+    from rksc_sgl.model.attention_plan import plan_attention
+    from rksc_sgl.model.runner import ForwardItem
 
     shared = torch.arange(1, 101)
     a = ForwardItem([5], 101, torch.cat([shared, torch.tensor([200, 201])]))

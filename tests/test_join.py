@@ -6,7 +6,7 @@ import pytest
 import sglang as sgl
 import torch
 
-from rksc_sgl.kv.join import JoinRegistry, join_namespace, split_segments
+from rksc_sgl.kv.join import JoinRegistry, concatenate, join_namespace, split_segments
 
 PREFIX = "Write one fact about each animal.\n"
 BRANCHES = ["- cats: They purr.", "- dogs: They bark loudly.", "- owls: Night birds."]
@@ -36,7 +36,7 @@ def _joined(engine, prefix, branches):
     prefix_ids, segments = split_segments(engine.encode, prefix, branches)
     namespace = join_namespace(prefix_ids, segments)
     built = engine.scheduler.call(
-        lambda: engine.kv.concatenate(prefix_ids, segments, engine.runner.rotate_keys, namespace))
+        lambda: concatenate(engine.kv, prefix_ids, segments, engine.runner.rotate_keys, namespace))
     assert built
     return prefix_ids, segments, namespace
 
@@ -113,7 +113,7 @@ def test_join_falls_back_when_branch_kv_is_gone(checked):
     prefix_ids, segments = split_segments(checked.encode, "Gone.\n", ["- a: one.", "- b: two."])
     checked.flush_cache()
     built = checked.scheduler.call(
-        lambda: checked.kv.concatenate(prefix_ids, segments, checked.runner.rotate_keys, "ns"))
+        lambda: concatenate(checked.kv, prefix_ids, segments, checked.runner.rotate_keys, "ns"))
     assert built is False
 
 

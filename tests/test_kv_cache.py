@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rksc_sgl
-from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager, KVLayout
+from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager
+from rksc_sgl.kv.records import KVLayout
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32)
 

@@ -16,7 +16,9 @@ import requests
 from starlette.testclient import TestClient
 from test_server import running_server
 
-from rksc_sgl.serving.server import OPENAI_MAX_N, create_app, render_chat
+from rksc_sgl.serving.checks import OPENAI_MAX_N
+from rksc_sgl.serving.served import render_chat
+from rksc_sgl.serving.server import create_app
 
 CAP = 64
 BODY_LIMIT = 256 * 1024

@@ -18,7 +18,8 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from rksc_sgl.config import EngineConfig, resolve_hardware
-from rksc_sgl.model.runner import ForwardItem, ModelRunner, plan_attention
+from rksc_sgl.model.attention_plan import plan_attention
+from rksc_sgl.model.runner import ForwardItem, ModelRunner
 from rksc_sgl.model.attention import cascade_layout, merge_states, paged_batch
 
 

@@ -175,10 +175,10 @@ class _Flaky:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate_request(self, **kwargs):
-        if kwargs.get("text") == "boom":
+    def handle(self, request):
+        if request.text == "boom":
             raise RuntimeError("kaboom")
-        return self._engine.generate_request(**kwargs)
+        return self._engine.handle(request)
 
 
 def test_an_exception_fails_only_its_request(radix_engine):

@@ -13,115 +13,22 @@ released exactly once (``_finish``).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, List, Optional
 
 import torch
 
-from rksc_sgl.rksc.compression import CompressionConfig
-from rksc_sgl.rksc.compression import plan as compression_plan
-from rksc_sgl.engine.grammar import RequestGrammar
-from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager, ReqKV
+from rksc_sgl.rksc.compression import compress_decode_kv
+from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager
 from rksc_sgl.model.runner import ForwardItem, ModelRunner
+from rksc_sgl.engine.request import EngineStats, Request
 from rksc_sgl.engine.sampling import matched_stop_regex, sample_token, stop_regex_window, top_logprobs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Counters over the engine's lifetime; subtract two snapshots for one program.
-
-    ``cached_tokens``: prompt tokens served by exact prefix matches. ASKS (``cache="rksc"``):
-    ``semantic_tokens`` prompt tokens served from a donor's KV (an identical token of a
-    similar span, read in place or copied to a shifted position), ``recomputed_tokens``
-    span tokens computed instead (also in ``prefill_tokens``),
-    ``key_tokens`` tokens run through the key layer to look donors up (the key cost).
-    """
-
-    requests: int = 0
-    prefill_tokens: int = 0
-    cached_tokens: int = 0
-    semantic_tokens: int = 0
-    recomputed_tokens: int = 0
-    key_tokens: int = 0
-    decode_tokens: int = 0
-    forward_passes: int = 0
-    dropped_tokens: int = 0  # decode tokens whose KV compression dropped or consolidated
-    peak_kv_tokens: int = 0
-    busy_time_s: float = 0.0
-
-    def snapshot(self) -> "EngineStats":
-        return dataclasses.replace(self)
-
-    def since(self, earlier: "EngineStats") -> "EngineStats":
-        """Counters accumulated after ``earlier``. The peak is this snapshot's: the peak of
-        the window opened by ``Engine.stats(reset_peak=True)``."""
-        out = EngineStats()
-        for f in dataclasses.fields(self):
-            now, before = getattr(self, f.name), getattr(earlier, f.name)
-            setattr(out, f.name, now if f.name == "peak_kv_tokens" else now - before)
-        return out
-
-    def as_dict(self) -> Dict[str, float]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class Request:
-    """One generation request as the scheduler sees it."""
-
-    rid: str
-    input_ids: List[int]
-    params: object  # sglang SamplingParams, validated and normalized
-    stop_ids: frozenset
-    logprob_start: Optional[int] = None  # first prompt position whose logprob is wanted
-    top_logprobs_num: int = 0
-    want_logprobs: bool = False
-    on_event: Optional[Callable] = None  # called from the scheduler thread
-    grammar: Optional[RequestGrammar] = None  # this request's own matcher (constrained decoding)
-    generator: Optional[torch.Generator] = None  # its own RNG (sampling_seed); None: the shared one
-    namespace: Optional[str] = None  # tree namespace (SGLang's ``extra_key``): matches only its own paths
-    compression: Optional[CompressionConfig] = None  # compress its decode KV (rksc_sgl/rksc/compression.py)
-    forced_ids: Optional[Sequence[int]] = None  # teacher forcing: emits these tokens, whatever it would sample
-    observe: Optional[Callable] = None  # observe(req, logprobs) before each token is chosen (replays)
-    created: float = dataclasses.field(default_factory=time.perf_counter)
-    # filled in by the scheduler
-    kv: Optional[ReqKV] = None
-    cached_tokens: int = 0
-    semantic_tokens: int = 0  # prompt tokens read from a semantic alias (ASKS)
-    output_ids: List[int] = dataclasses.field(default_factory=list)
-    output_logprobs: List[float] = dataclasses.field(default_factory=list)
-    output_top_logprobs: List[list] = dataclasses.field(default_factory=list)
-    input_logprobs: List[Optional[float]] = dataclasses.field(default_factory=list)
-    input_top_logprobs: List[list] = dataclasses.field(default_factory=list)
-    finish_reason: Optional[dict] = None
-    cancelled: bool = False
-    cancel_message: str = "cancelled"  # the abort message its finish reason carries
-    cancel_caches_output: bool = True  # cancelled: its decode KV goes into the tree (False: freed)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.params.max_new_tokens
-
-    @property
-    def decode_kv_cap(self) -> int:
-        """The most decode KV it can hold at once (less than ``max_new_tokens`` when compressed)."""
-        if self.compression is None:
-            return self.max_new_tokens
-        return self.compression.private_cap(self.max_new_tokens)
-
-    def remaining_reservation(self) -> int:
-        """Slots this request may still allocate (upper bound)."""
-        if self.kv is None:
-            return len(self.input_ids) + self.decode_kv_cap
-        held = max(self.kv.kv_len - len(self.input_ids), 0)
-        return max(self.decode_kv_cap - held, 0)
 
 
 class Scheduler:
@@ -139,6 +46,7 @@ class Scheduler:
         text_of: Callable[[Request], str],
         tail_text_of: Callable[[Request, int], str],
         num_threads: Optional[int] = None,
+        span_features: Optional[Callable] = None,
     ):
         self.runner = runner
         self.kv = kv
@@ -149,6 +57,7 @@ class Scheduler:
         self.text_of = text_of  # the output so far, as the response will show it
         self.tail_text_of = tail_text_of  # the last n output tokens decoded as they are (stop regexes)
         self.num_threads = num_threads
+        self.span_features = span_features  # ASKS above layer 0: keys a recipient's span (SpanKeys)
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = EngineStats()
         self.incoming: "queue.Queue[Optional[Request]]" = queue.Queue()
@@ -339,7 +248,7 @@ class Scheduler:
         # commit, cache_prefix): it exists to be cached, and a recipient caches nothing, so
         # its branches would each miss the prefix and go through ASKS again.
         if req.logprob_start is None and req.namespace is None and req.max_new_tokens > 0:
-            alias = self.kv.match_alias(req.input_ids, cap, prefix, node)
+            alias = self.kv.match_alias(req.input_ids, cap, prefix, node, span_features=self.span_features)
             self.stats.key_tokens = self.kv.key_tokens
         reused = alias.reused_tokens if alias is not None else 0
         need -= alias.shared_tokens if alias is not None else 0  # (shifted copies take new slots)
@@ -426,44 +335,7 @@ class Scheduler:
     def _compress(self, req: Request) -> None:
         """Drop (or consolidate) decode KV of ``req`` down to its budget when it is over
         budget plus buffer (see rksc_sgl/rksc/compression.py)."""
-        cfg, kv = req.compression, req.kv
-        if kv.alias is not None:
-            return  # (an ASKS alias row keeps its own layout; it is not compressed)
-        prompt = len(req.input_ids)
-        kept = kv.kv_len - prompt
-        decoded = kept + kv.dropped
-        if not cfg.needs_compression(kept, decoded):
-            return
-        start, end = prompt, kv.kv_len - cfg.buffer
-        slots = self.kv.row_slots(kv)[start:end]
-        # Original positions of the candidates: the ones kept by earlier compressions, then
-        # the run after them (contiguous, shifted by what was dropped).
-        kept_before = len(kv.kept_origins)
-        origins = kv.kept_origins + [r + kv.dropped for r in range(start + kept_before, end)]
-        mass = self.kv.slot_attention[slots.to(self.kv.slot_attention.device)].float().cpu()
-        if cfg.importance == "window":  # what the queries since the last compression read
-            importance = mass - torch.tensor([kv.attention_seen.get(s, 0.0) for s in slots.tolist()])
-        else:  # all it received, per query since it was made
-            age = torch.tensor([kv.kv_len + kv.dropped - o for o in origins], dtype=torch.float32)
-            importance = mass / age.clamp(min=1.0)
-        chosen = compression_plan(cfg, importance, self._compression_keys(cfg, slots), cfg.target(decoded) - cfg.buffer)
-        kv.kept_origins = [origins[i] for i in sorted(chosen.keep)]
-        self.stats.dropped_tokens += self.kv.compress(kv, start, end, chosen.keep, chosen.merges)
-        if cfg.importance == "window":
-            now = self.kv.row_slots(kv)[prompt:kv.kv_len]
-            seen = self.kv.slot_attention[now.to(self.kv.slot_attention.device)].float().cpu()
-            kv.attention_seen = dict(zip(now.tolist(), seen.tolist()))
-
-    def _compression_keys(self, cfg: CompressionConfig, slots: torch.Tensor) -> torch.Tensor:
-        """The candidates' keys the redundancy term compares: ``(n, heads, dim)`` of one
-        layer, or of every layer stacked along the head axis."""
-        num_layers = self.kv.layout.num_layers
-        if cfg.redundancy_layers == "all":
-            layers = range(num_layers)
-        else:
-            layers = [min(cfg.key_layer if cfg.key_layer is not None else num_layers // 2, num_layers - 1)]
-        index = slots.to(self.runner.device)
-        return torch.cat([self.kv.kv_pool.get_key_buffer(layer)[index].cpu() for layer in layers], dim=1)
+        self.stats.dropped_tokens += compress_decode_kv(self.kv, req.kv, len(req.input_ids), req.compression)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         if req.grammar is not None:

@@ -3,8 +3,12 @@
 ==============  ==============================================================================
 module          holds
 ==============  ==============================================================================
+``records``     the KV layout, a request's row state (``ReqKV``), an ASKS alias
 ``manager``     :class:`KVCacheManager`: pool + allocator + request rows + the tree cache
-                (every slot free, in the tree, or owned by one running request)
-``join``        ``concate_and_append``: a request over the concatenated KV of branches
+                (match, open, extend, commit, checkpoint, release; scratch slots)
+``integrity``   the invariant: every slot free, in the tree, owned by one running request
+                or borrowed as scratch, exactly once; locks balance
+``compaction``  decode-KV compression applied to a row (kept slots move down, dropped freed)
+``join``        ``concate_and_append``: the concatenated KV of a fork's branches
 ==============  ==============================================================================
 """

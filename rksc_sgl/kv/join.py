@@ -4,7 +4,7 @@ SGLang's interpreter joins this way when the backend says ``support_concate_and_
 it commits every branch (``commit_lazy_operations``), appends the branch texts to the
 parent's text, and calls ``backend.concatenate_and_append(branch sids, parent sid)``.
 The engine then builds the KV of ``prefix + branch 1 + branch 2 + ...`` from the branches'
-cached KV (``KVCacheManager.concatenate``) instead of prefilling the branch texts again,
+cached KV (``concatenate``) instead of prefilling the branch texts again,
 and the parent's later requests read it.
 
 What is exact and what is approximate:
@@ -33,7 +33,20 @@ import collections
 import dataclasses
 import hashlib
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from rksc_sgl.gpu_stack import explain_missing_sgl_kernel
+from rksc_sgl.kv.records import radix_key
+
+with warnings.catch_warnings(), explain_missing_sgl_kernel():
+    warnings.simplefilter("ignore")
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+
+if TYPE_CHECKING:
+    from rksc_sgl.kv.manager import KVCacheManager
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +84,58 @@ def split_segments(encode: Callable[[str], List[int]], prefix_text: str,
             return None
         segments.append(ids[len(prefix_ids) :])
     return prefix_ids, segments
+
+
+def concatenate(kv: "KVCacheManager", prefix_ids: List[int], segments: List[List[int]], rotate_keys: Callable,
+                namespace: str) -> bool:
+    """Build the KV of ``prefix + segments[0] + segments[1] + ...`` from cached KV.
+
+    Each ``prefix + segment`` must be cached exactly (the branches of a fork, committed
+    before the join). Their KV is copied into new slots, laid out one segment after
+    the other, and inserted into the tree under ``namespace`` only, so no plain lookup
+    can ever return it. The prefix and the first segment are copied as they are (their
+    KV is exactly a plain prefill's); every later segment's keys are rotated by its new
+    offset (``rotate_keys(keys, delta)``), so positions are right, but its tokens never
+    attended to the segments before it: that part is approximate (parallel encoding).
+
+    Returns False (nothing changed) when a branch's KV is no longer cached.
+    """
+    tokens = joined_tokens(prefix_ids, segments)
+    if len(kv.match(tokens, len(tokens), namespace)[0]) == len(tokens):
+        return True  # built before (the same join ran again)
+    n_prefix = len(prefix_ids)
+    locks, sources, deltas = [], [], []
+    try:
+        offset = 0
+        for i, seg in enumerate(segments):
+            ids = list(prefix_ids) + list(seg)
+            slots, node = kv.match(ids, len(ids))
+            if len(slots) < len(ids):
+                return False
+            locks.append(kv.tree.lock(node))
+            if i == 0:
+                sources.append(slots[:n_prefix])
+                deltas.append(0)
+            sources.append(slots[n_prefix:])
+            deltas.append(offset)
+            offset += len(seg)
+        src = torch.cat(sources).to(torch.int64)
+        dst = kv.alloc(len(tokens))  # may evict, but never the locked branches
+        pos = 0
+        for part, delta in zip(sources, deltas):
+            kv.copy_kv(src[pos : pos + len(part)], dst[pos : pos + len(part)], delta, rotate_keys)
+            pos += len(part)
+        if kv.slot_attention is not None:
+            kv.slot_attention[dst] = kv.slot_attention[src]
+        slot_features = getattr(kv.tree, "slot_features", None)
+        if slot_features is not None:  # (approximate for later segments, like their KV)
+            slot_features[dst.to(slot_features.device)] = slot_features[src.to(slot_features.device)]
+        result = kv.tree.insert(InsertParams(key=radix_key(tokens, namespace), value=dst.clone()))
+        kv.allocator.free(dst[: result.prefix_len])  # the namespace held that part already
+        return True
+    finally:
+        for lock in locks:
+            kv.tree.unlock(lock)
 
 
 class JoinRegistry:

@@ -28,10 +28,8 @@ unlock), with plain token lists instead of SGLang's ``Req`` objects.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
-from array import array
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import torch
 
@@ -48,82 +46,10 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     )
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+    from sglang.srt.mem_cache.radix_cache import RadixCache
 
-from rksc_sgl.kv.join import joined_tokens
-
-
-class KVCacheExhausted(RuntimeError):
-    """The KV pool cannot hold what a request needs, even after evicting everything."""
-
-
-@dataclasses.dataclass(frozen=True)
-class KVLayout:
-    """Shape of the per-layer KV the model writes (from the model config)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass
-class ReqKV:
-    """The KV state of one request: its row and how much of it the tree owns."""
-
-    row: int
-    token_ids: List[int]
-    kv_len: int = 0
-    protected_len: int = 0
-    lock: Any = None
-    alias: Optional["Alias"] = None
-    pending: int = 0  # slots extended past kv_len whose KV is not committed yet
-    namespace: Optional[str] = None  # the tree namespace (``extra_key``) it matches and inserts in
-    dropped: int = 0  # decode tokens whose KV compression dropped (positions run on past the row)
-    merged: dict = dataclasses.field(default_factory=dict)  # CASK: slot -> tokens it stands for
-    kept_origins: List[int] = dataclasses.field(default_factory=list)  # original positions of compressed-kept tokens
-    attention_seen: dict = dataclasses.field(default_factory=dict)  # slot -> its mass at the last compression
-
-
-@dataclasses.dataclass
-class Alias:
-    """A request's read-only use of a donor node's slots for row positions
-    ``start .. start + length - 1`` (except ``recompute``: absolute positions the request
-    computes into its own slots). ``lock`` holds the donor node while the request runs."""
-
-    start: int
-    length: int
-    recompute: List[int]
-    similarity: float
-    lock: Any = None
-    allocated: bool = False  # recompute, copy and tail slots allocated (the prefill's extend ran)
-    positions: List[int] = dataclasses.field(default_factory=list)  # what the prefill computes
-    # (row position, donor slot, delta): aligned tokens at another position than in the
-    # donor; their KV is copied into owned slots, keys rotated by delta positions.
-    copies: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-    @property
-    def copied(self) -> List[int]:
-        return [pos for pos, _, _ in self.copies]
-
-    def shared_positions(self) -> List[int]:
-        """Span positions that read the donor's own slot in place."""
-        own = set(self.recompute) | set(self.copied)
-        return [p for p in range(self.start, self.end) if p not in own]
-
-    @property
-    def reused_tokens(self) -> int:
-        return self.length - len(self.recompute)
-
-
-def _radix_key(token_ids, namespace: Optional[str] = None) -> RadixKey:
-    """SGLang's tree key; ``namespace`` is its ``extra_key``: paths under different
-    namespaces never match each other (used for joined fork KV, see ``concatenate``)."""
-    return RadixKey(array("q", token_ids), extra_key=namespace)
+from rksc_sgl.kv.integrity import check_integrity, tree_slot_indices
+from rksc_sgl.kv.records import Alias, KVCacheExhausted, KVLayout, ReqKV, radix_key
 
 
 class KVCacheManager:
@@ -141,6 +67,7 @@ class KVCacheManager:
         tree_cache_class: type = RadixCache,
         device: str = "cpu",
         attention_stats: bool = False,
+        rotate_keys: Optional[Callable] = None,
     ):
         # Only the KV tensors live on ``device``; rows, slot indices and the tree stay on
         # the host, where the scheduler reads them every step.
@@ -175,11 +102,9 @@ class KVCacheManager:
         self.active: dict[int, ReqKV] = {}
         self.borrowed: List[torch.Tensor] = []  # scratch slots of a forward in progress (``scratch``)
         self.key_tokens = 0  # tokens keyed by match_alias (the recipients' key cost)
-        # ASKS above layer 0: (prefix slots, span ids) -> span features at the key layer.
-        self.span_features: Optional[Callable] = None
         # (keys, delta) -> keys moved delta positions (RoPE). With it, ASKS may reuse an
         # aligned donor token at a shifted position (copied, rotated); without, it computes it.
-        self.rotate_keys: Optional[Callable] = None
+        self.rotate_keys = rotate_keys
         # Attention mass each slot's key received (index = slot; slot 0 is padding), for
         # RSBCM eviction and for decode-KV compression (``attention_stats``). Filled by the
         # model runner on decode steps, reset when a slot is allocated again. None: no
@@ -204,29 +129,30 @@ class KVCacheManager:
         """Longest cached prefix of ``token_ids[:max_len]`` in ``namespace``: (slot indices, tree node)."""
         if max_len <= 0:
             return torch.empty((0,), dtype=torch.int64), self.tree.root_node
-        result = self.tree.match_prefix(MatchPrefixParams(key=_radix_key(token_ids[:max_len], namespace)))
+        result = self.tree.match_prefix(MatchPrefixParams(key=radix_key(token_ids[:max_len], namespace)))
         node = result.last_device_node
         return self.tree.path_device_indices(node), node
 
-    def match_alias(self, token_ids: List[int], max_len: int, prefix_slots: torch.Tensor, node):
+    def match_alias(self, token_ids: List[int], max_len: int, prefix_slots: torch.Tensor, node,
+                    span_features: Optional[Callable] = None):
         """The semantic continuation of an exact match (ASKS), or None.
 
         ``prefix_slots`` and ``node`` are what ``match`` returned. Only an ``RKSCRadixCache``
         with ASKS active returns anything; pass the result to ``open``. With a
-        ``span_features`` function (key layer above 0), the recipient's span is run through
-        the first layers over its exact prefix to key it (``span_features(prefix_slots,
-        span_ids)``); the prefix stays locked meanwhile.
+        ``span_features`` function (key layer above 0, ``rksc_sgl.rksc.span_keys``), the
+        recipient's span is run through the first layers over its exact prefix to key it
+        (``span_features(prefix_slots, span_ids)``); the prefix stays locked meanwhile.
         """
         prefix_len = len(prefix_slots)
         if prefix_len >= max_len or not getattr(self.tree, "semantic_active", False):
             return None
         span = token_ids[prefix_len:max_len]
         features = None
-        if self.span_features is not None:
+        if span_features is not None:
             def features(n: int) -> torch.Tensor:
                 lock = self.tree.lock(node)
                 try:
-                    return self.span_features(prefix_slots, span[:n])
+                    return span_features(prefix_slots, span[:n])
                 finally:
                     self.tree.unlock(lock)
         before = self.tree.stats.key_tokens
@@ -330,7 +256,7 @@ class KVCacheManager:
             for delta in sorted({d for _, _, d in alias.copies}):
                 group = [k for k, (_, _, d) in enumerate(alias.copies) if d == delta]
                 src = torch.tensor([alias.copies[k][1] for k in group], dtype=torch.int64)
-                self._copy_kv(src, copies[group], delta, self.rotate_keys)
+                self.copy_kv(src, copies[group], delta, self.rotate_keys)
             alias.positions = positions
             alias.allocated = True
             return computed
@@ -360,7 +286,7 @@ class KVCacheManager:
         if self.tree.disable or req.kv_len == req.protected_len or req.alias is not None:
             return
         self._insert(req, self.row_slots(req))
-        key = _radix_key(req.token_ids[: req.kv_len], req.namespace)
+        key = radix_key(req.token_ids[: req.kv_len], req.namespace)
         node = self.tree.match_prefix(MatchPrefixParams(key=key)).last_device_node
         tree_slots = self.tree.path_device_indices(node)
         assert len(tree_slots) == req.kv_len, (len(tree_slots), req.kv_len)
@@ -419,107 +345,14 @@ class KVCacheManager:
     def _insert(self, req: ReqKV, slots: torch.Tensor) -> int:
         """Insert the row into the tree and free our copies of tokens it already held."""
         result = self.tree.insert(
-            InsertParams(key=_radix_key(req.token_ids[: req.kv_len], req.namespace), value=slots.clone())
+            InsertParams(key=radix_key(req.token_ids[: req.kv_len], req.namespace), value=slots.clone())
         )
         # [0, protected_len) are the tree's own slots (locked, identical); the tokens in
         # [protected_len, prefix_len) were computed again by this request: free our copies.
         self.allocator.free(slots[req.protected_len : result.prefix_len])
         return result.prefix_len
 
-    # ---- decode KV compression (rksc_sgl/rksc/compression.py) -----------------------------------
-    def compress(self, req: ReqKV, start: int, end: int, keep: List[int], merges=()) -> int:
-        """Keep only ``keep`` (indices into row positions ``start .. end - 1``) of those
-        positions, consolidating each ``(dropped, kept)`` pair of ``merges`` first (keys and
-        values averaged, weighted by the tokens each slot stands for). Positions from
-        ``end`` on move down; the dropped slots are freed. Returns the number dropped."""
-        assert req.protected_len <= start <= end <= req.kv_len and not req.pending
-        row = self.req_to_token_pool.req_to_token[req.row]
-        slots = row[start:end].to(torch.int64)
-        if merges:
-            self._consolidate(req, slots, merges)
-        keep_index = torch.tensor(sorted(keep), dtype=torch.int64)
-        dropped_mask = torch.ones(len(slots), dtype=torch.bool)
-        dropped_mask[keep_index] = False
-        gone = slots[dropped_mask]
-        if not len(gone):
-            return 0
-        for slot in gone.tolist():
-            req.merged.pop(slot, None)
-        moved = torch.cat([slots[keep_index], row[end : req.kv_len].to(torch.int64)])
-        row[start : start + len(moved)] = moved.to(row.dtype)
-        drop_positions = set((start + torch.nonzero(dropped_mask).flatten()).tolist())
-        req.token_ids[: req.kv_len] = [t for p, t in enumerate(req.token_ids[: req.kv_len]) if p not in drop_positions]
-        req.kv_len -= len(gone)
-        req.dropped += len(gone)
-        self.allocator.free(gone)
-        return len(gone)
-
-    def _consolidate(self, req: ReqKV, slots: torch.Tensor, merges) -> None:
-        for dropped, kept in merges:
-            src, dst = int(slots[dropped]), int(slots[kept])
-            w_src, w_dst = req.merged.get(src, 1.0), req.merged.get(dst, 1.0)
-            total = w_src + w_dst
-            for layer in range(self.layout.num_layers):
-                for buf in (self.kv_pool.get_key_buffer(layer), self.kv_pool.get_value_buffer(layer)):
-                    mixed = (buf[dst].float() * w_dst + buf[src].float() * w_src) / total
-                    buf[dst] = mixed.to(buf.dtype)
-            req.merged[dst] = total
-            if self.slot_attention is not None:
-                self.slot_attention[dst] += self.slot_attention[src]
-
-    # ---- fork join by KV concatenation (parallel encoding) ------------------------------
-    def concatenate(self, prefix_ids: List[int], segments: List[List[int]], rotate_keys: Callable,
-                    namespace: str) -> bool:
-        """Build the KV of ``prefix + segments[0] + segments[1] + ...`` from cached KV.
-
-        Each ``prefix + segment`` must be cached exactly (the branches of a fork, committed
-        before the join). Their KV is copied into new slots, laid out one segment after
-        the other, and inserted into the tree under ``namespace`` only, so no plain lookup
-        can ever return it. The prefix and the first segment are copied as they are (their
-        KV is exactly a plain prefill's); every later segment's keys are rotated by its new
-        offset (``rotate_keys(keys, delta)``), so positions are right, but its tokens never
-        attended to the segments before it: that part is approximate (parallel encoding).
-
-        Returns False (nothing changed) when a branch's KV is no longer cached.
-        """
-        tokens = joined_tokens(prefix_ids, segments)
-        if len(self.match(tokens, len(tokens), namespace)[0]) == len(tokens):
-            return True  # built before (the same join ran again)
-        n_prefix = len(prefix_ids)
-        locks, sources, deltas = [], [], []
-        try:
-            offset = 0
-            for i, seg in enumerate(segments):
-                ids = list(prefix_ids) + list(seg)
-                slots, node = self.match(ids, len(ids))
-                if len(slots) < len(ids):
-                    return False
-                locks.append(self.tree.lock(node))
-                if i == 0:
-                    sources.append(slots[:n_prefix])
-                    deltas.append(0)
-                sources.append(slots[n_prefix:])
-                deltas.append(offset)
-                offset += len(seg)
-            src = torch.cat(sources).to(torch.int64)
-            dst = self.alloc(len(tokens))  # may evict, but never the locked branches
-            pos = 0
-            for part, delta in zip(sources, deltas):
-                self._copy_kv(src[pos : pos + len(part)], dst[pos : pos + len(part)], delta, rotate_keys)
-                pos += len(part)
-            if self.slot_attention is not None:
-                self.slot_attention[dst] = self.slot_attention[src]
-            slot_features = getattr(self.tree, "slot_features", None)
-            if slot_features is not None:  # (approximate for later segments, like their KV)
-                slot_features[dst.to(slot_features.device)] = slot_features[src.to(slot_features.device)]
-            result = self.tree.insert(InsertParams(key=_radix_key(tokens, namespace), value=dst.clone()))
-            self.allocator.free(dst[: result.prefix_len])  # the namespace held that part already
-            return True
-        finally:
-            for lock in locks:
-                self.tree.unlock(lock)
-
-    def _copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int, rotate_keys: Callable) -> None:
+    def copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int, rotate_keys: Callable) -> None:
         if not len(src):
             return
         device = self.kv_pool.get_key_buffer(0).device
@@ -544,79 +377,10 @@ class KVCacheManager:
 
     # ---- invariants -----------------------------------------------------------------
     def tree_slot_indices(self) -> List[torch.Tensor]:
-        values = []
-        stack = list(self.tree.root_node.children.values())
-        while stack:
-            node = stack.pop()
-            if node.value is not None:
-                values.append(node.value)
-            stack.extend(node.children.values())
-        return values
+        """The slot tensors of every tree node."""
+        return tree_slot_indices(self.tree)
 
     def check_integrity(self, expect_idle: bool = False) -> None:
         """Every slot is free, tree-held, request-owned or borrowed as scratch, exactly once;
-        locks balance.
-
-        Raises ``AssertionError`` with the counts when the accounting is off.
-        """
-        free = [self.allocator.free_pages, self.allocator.release_pages]
-        tree = self.tree_slot_indices()
-        owned = [self.owned_slots(r) for r in self.active.values()] + list(self.borrowed)
-        for r in self.active.values():
-            if r.alias is not None:
-                self._check_alias(r)
-        all_slots = torch.cat([t.to(torch.int64) for t in free + tree + owned] or [torch.empty(0, dtype=torch.int64)])
-        n_free = sum(len(t) for t in free)
-        n_tree = sum(len(t) for t in tree)
-        n_owned = sum(len(t) for t in owned)
-        summary = f"free={n_free} tree={n_tree} requests+scratch={n_owned} total={self.pool_tokens}"
-        assert n_free + n_tree + n_owned == self.pool_tokens, f"slot count mismatch: {summary}"
-        expected = torch.arange(1, self.pool_tokens + 1, dtype=torch.int64)
-        assert torch.equal(torch.sort(all_slots).values, expected), f"slot held twice or lost: {summary}"
-        assert n_tree == self.tree.total_size(), f"tree size {self.tree.total_size()} != {n_tree}"
-        locked = self._locked_nodes()
-        if expect_idle:
-            assert not self.active, f"{len(self.active)} requests still hold KV"
-            assert not self.borrowed, f"{len(self.borrowed)} scratch borrowings still open"
-            assert not locked, f"{len(locked)} tree nodes still locked when idle"
-            assert self.tree.protected_size() == 0, f"protected_size={self.tree.protected_size()} when idle"
-            assert self.req_to_token_pool.available_size() == self.req_to_token_pool.size, "request row leaked"
-        if not self.tree.disable:
-            assert self.tree.evictable_size() + self.tree.protected_size() == n_tree, (
-                f"evictable {self.tree.evictable_size()} + protected {self.tree.protected_size()} != tree {n_tree}"
-            )
-
-    def _check_alias(self, req: ReqKV) -> None:
-        """An alias reads tree slots in place only where the donor token is at the same
-        position (the donor's own slot there), donor locked; copies are owned."""
-        alias = req.alias
-        assert alias.lock is not None and alias.lock.node.lock_ref > 0, "alias donor not locked"
-        assert req.protected_len == alias.start, "a request with an alias moved its tree prefix"
-        donor_path = self.tree.path_device_indices(alias.lock.node)
-        row = self.req_to_token_pool.req_to_token[req.row].to(torch.int64)
-        shared = alias.shared_positions()
-        assert not shared or len(donor_path) > shared[-1], "alias donor shorter than its span"
-        assert torch.equal(row[shared], donor_path[shared]), "alias row slots are not the donor's"
-        donor_tokens = self._path_tokens(alias.lock.node)
-        assert all(donor_tokens[p] == req.token_ids[p] for p in shared), "alias reuses a different token's KV"
-        for pos, slot, delta in alias.copies:
-            assert int(donor_path[pos - delta]) == slot, "alias copies from outside its donor"
-            assert donor_tokens[pos - delta] == req.token_ids[pos], "alias copies a different token's KV"
-        assert torch.equal(row[: alias.start], donor_path[: alias.start]), "alias prefix is not the donor's path"
-
-    def _path_tokens(self, node) -> List[int]:
-        """The token ids from the root to ``node`` (``path_device_indices``'s twin for keys)."""
-        parts = []
-        while node is not self.tree.root_node:
-            parts.append(list(node.key.token_ids))
-            node = node.parent
-        return [t for part in reversed(parts) for t in part]
-
-    def _locked_nodes(self) -> list:
-        locked, stack = [], list(self.tree.root_node.children.values())
-        while stack:
-            node = stack.pop()
-            if node.lock_ref:
-                locked.append(node)
-            stack.extend(node.children.values())
-        return locked
+        locks balance (``rksc_sgl.kv.integrity``). Raises ``AssertionError`` with the counts."""
+        check_integrity(self, expect_idle)

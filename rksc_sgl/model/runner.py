@@ -26,10 +26,37 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from rksc_sgl.kv.manager import KVLayout
+from rksc_sgl.kv.records import KVLayout
 from rksc_sgl.model.attention import FlashInferAttention, cascade_layout
+from rksc_sgl.model.attention_plan import AttentionPlan, plan_attention
+from rksc_sgl.model.rope import KeyRotation
 
-ROTATABLE_ROPE = ("default", "linear", "llama3")  # rotary embeddings whose rotations compose
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionStats:
+    """Collect decode attention mass per KV slot (RSBCM eviction, decode-KV compression).
+
+    On every ``layer_stride``-th layer (0, k, 2k, ...) each decode query's attention weights
+    over its keys, averaged over heads and divided by the number of sampled layers, are
+    added to ``mass[slot]``: one decode token adds a total mass of 1. The weights are
+    computed beside the attention output, which is unchanged.
+    """
+
+    mass: torch.Tensor
+    layer_stride: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_stride", max(1, int(self.layer_stride)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCapture:
+    """ASKS keys above layer 0: every forward stores each new token's hidden state at
+    ``layer`` (the input of block ``layer``; 0 = embeddings) in ``table[slot]``, beside its KV."""
+
+    table: torch.Tensor
+    layer: int
 
 
 @dataclasses.dataclass
@@ -74,7 +101,8 @@ class ForwardItem:
 class ModelRunner:
     """Owns the model weights and computes logits for ragged batches of new tokens."""
 
-    def __init__(self, model, kv_pool, shared_prefix_min_tokens: int = 64, attention_backend: str = "torch"):
+    def __init__(self, model, kv_pool, shared_prefix_min_tokens: int = 64, attention_backend: str = "torch",
+                 attention_stats: Optional["AttentionStats"] = None, feature_capture: Optional["FeatureCapture"] = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.shared_prefix_min_tokens = shared_prefix_min_tokens
@@ -88,7 +116,7 @@ class ModelRunner:
         self.lm_head = model.lm_head
         modeling = sys.modules[type(self.layers[0].self_attn).__module__]
         self.apply_rotary = modeling.apply_rotary_pos_emb
-        self.rotate_half = modeling.rotate_half  # what apply_rotary uses; rotate_keys too
+        self.rotate_keys = KeyRotation(model)  # (keys, delta) -> keys moved delta positions (ASKS, joins)
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.num_heads = self.config.num_attention_heads
@@ -99,24 +127,12 @@ class ModelRunner:
         if attention_backend == "flashinfer":
             self.flashinfer = FlashInferAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.scaling,
                                                   kv_pool.dtype, self.device)
-        # ASKS slot features (off unless ``capture_features`` is called).
-        self.slot_features: Optional[torch.Tensor] = None
-        self.feature_layer = 0
-        # RSBCM attention statistics (off unless ``collect_attention`` is called).
-        self.slot_attention: Optional[torch.Tensor] = None
-        self.attention_layer_stride = 1
-        self._layer_mass = 0.0
-
-    def collect_attention(self, slot_attention: Optional[torch.Tensor], layer_stride: int = 1) -> None:
-        """Accumulate decode attention mass per KV slot into ``slot_attention`` (None: off).
-
-        On every ``layer_stride``-th layer (0, k, 2k, ...) each decode query's attention
-        weights over its keys, averaged over heads and divided by the number of sampled
-        layers, are added to the keys' slots: one decode token adds a total mass of 1.
-        The weights are computed beside the attention output, which is unchanged.
-        """
-        self.slot_attention = slot_attention
-        self.attention_layer_stride = max(1, int(layer_stride))
+        # ASKS slot features (FeatureCapture): each new token's hidden state at one layer.
+        self.slot_features = feature_capture.table if feature_capture is not None else None
+        self.feature_layer = feature_capture.layer if feature_capture is not None else 0
+        # RSBCM / compression attention statistics (AttentionStats): decode attention mass per slot.
+        self.slot_attention = attention_stats.mass if attention_stats is not None else None
+        self.attention_layer_stride = attention_stats.layer_stride if attention_stats is not None else 1
         self._layer_mass = 1.0 / len(range(0, len(self.layers), self.attention_layer_stride))
 
     @staticmethod
@@ -129,13 +145,6 @@ class ModelRunner:
             head_dim=attn.head_dim,
             dtype=next(model.parameters()).dtype,
         )
-
-    def capture_features(self, slot_features: Optional[torch.Tensor], layer: int) -> None:
-        """ASKS keys above layer 0: every forward stores each new token's hidden state at
-        ``layer`` (the input of block ``layer``; 0 = embeddings) in ``slot_features`` at
-        the token's KV slot, beside its KV. None: off."""
-        self.slot_features = slot_features
-        self.feature_layer = layer
 
     @torch.inference_mode()
     def forward(self, items: List[ForwardItem]) -> List[torch.Tensor]:
@@ -165,24 +174,7 @@ class ModelRunner:
     @property
     def can_rotate_keys(self) -> bool:
         """Whether ``rotate_keys`` works for this model's rotary embedding."""
-        return getattr(self.rotary_emb, "rope_type", "default") in ROTATABLE_ROPE
-
-    @torch.inference_mode()
-    def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """Move cached keys ``delta`` positions later: RoPE by ``delta`` on top of the
-        rotation they have. Rotations compose (R(p + d) = R(d) R(p)) for the rotary
-        embeddings whose frequencies do not depend on the sequence (default, linear,
-        llama3 scaling), so this equals computing the key at its new position.
-        ``keys`` is the pool layout (n, kv_heads, head_dim); computed in float32."""
-        if not self.can_rotate_keys:
-            raise NotImplementedError("moving cached keys needs position-independent RoPE, not "
-                                      f"{getattr(self.rotary_emb, 'rope_type', 'default')!r}")
-        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
-        cos, sin = self.rotary_emb(probe, torch.tensor([[delta]], device=self.device))
-        scale = float(getattr(self.rotary_emb, "attention_scaling", 1.0))
-        cos, sin = cos[0] / scale, sin[0] / scale  # (1, head_dim); the first rotation was scaled already
-        k = keys.float()
-        return k * cos + self.rotate_half(k) * sin
+        return self.rotate_keys.supported
 
     def prepare(self, items: List[ForwardItem]) -> "AttentionPlan":
         """The attention plan of one forward over ``items`` (and FlashInfer's page tables)."""
@@ -316,94 +308,6 @@ class ModelRunner:
             return [hidden.new_zeros((0, self.lm_head.out_features)) for _ in items]
         logits = self.lm_head(hidden[torch.tensor(picks, device=hidden.device)]).float().cpu()
         return list(torch.split(logits, counts))
-
-
-@dataclasses.dataclass
-class SharedPrefixGroup:
-    """Decode items (one new token each) whose rows start with the same slots."""
-
-    offsets: torch.Tensor  # positions of their queries in the batch
-    members: List[tuple]  # (query offset, ForwardItem)
-    shared_len: int  # how many leading slots of their rows they share
-    prefix_index: object  # slice or (P,) slot tensor
-    suffix_slots: torch.Tensor  # (m, S) padded with slot 0
-    suffix_mask: torch.Tensor  # (m, S) True where a real key is
-
-
-@dataclasses.dataclass
-class AttentionPlan:
-    singles: List[tuple]  # (query offset, ForwardItem, pool index) attended one by one
-    groups: List[SharedPrefixGroup]
-
-
-def plan_attention(items: List[ForwardItem], min_shared: int, device=None) -> AttentionPlan:
-    """Group decode items by a shared slot prefix of at least ``min_shared`` tokens.
-
-    Branches of a fork reference the same prefix slots in their rows, so comparing slot
-    indices finds them; a group's prefix is then read once per layer for all of them.
-    Everything else (prefills, lone requests) is attended one item at a time with SDPA,
-    which keeps single streams bit-identical to ``transformers``. Index tensors are put on
-    ``device`` (the pool's); the items keep their host copies.
-    """
-    offsets, offset = [], 0
-    for it in items:
-        offsets.append(offset)
-        offset += len(it.token_ids)
-    by_first: dict = {}
-    singles = []
-    for off, it in zip(offsets, items):
-        if len(it.token_ids) == 1 and min_shared and len(it.slots) > min_shared:
-            by_first.setdefault(int(it.slots[0]), []).append((off, it))
-        else:
-            singles.append((off, it))
-    groups = []
-    for members in by_first.values():
-        shared = _common_prefix_len([it.slots for _, it in members])
-        if len(members) < 2 or shared < min_shared:
-            singles.extend(members)
-            continue
-        groups.append(_group(members, shared, device))
-    return AttentionPlan([(off, it, _to(pool_index(it.slots), device)) for off, it in singles], groups)
-
-
-def _to(index, device):
-    return index if device is None or isinstance(index, slice) else index.to(device)
-
-
-def _common_prefix_len(rows: List[torch.Tensor]) -> int:
-    n = min(len(r) for r in rows) - 1  # every branch keeps its own newest token
-    first = rows[0][:n]
-    same = torch.ones(n, dtype=torch.bool)
-    for row in rows[1:]:
-        same &= row[:n] == first
-    return int(torch.cumprod(same.to(torch.int64), 0).sum()) if n > 0 else 0
-
-
-def _group(members, shared: int, device=None) -> SharedPrefixGroup:
-    suffixes = [it.slots[shared:] for _, it in members]
-    width = max(len(x) for x in suffixes)
-    suffix_slots = torch.zeros((len(members), width), dtype=torch.int64)
-    suffix_mask = torch.zeros((len(members), width), dtype=torch.bool)
-    for i, x in enumerate(suffixes):
-        suffix_slots[i, : len(x)] = x
-        suffix_mask[i, : len(x)] = True
-    return SharedPrefixGroup(
-        offsets=_to(torch.tensor([off for off, _ in members]), device),
-        members=list(members),
-        shared_len=shared,
-        prefix_index=_to(pool_index(members[0][1].slots[:shared]), device),
-        suffix_slots=_to(suffix_slots, device),
-        suffix_mask=_to(suffix_mask[None, None], device),
-    )
-
-
-def pool_index(slots: torch.Tensor):
-    """Index for ``buf[...]``: a slice (a view, no copy) when the slots are one
-    contiguous run, as a prefix allocated in one piece is; else the slot tensor."""
-    n = len(slots)
-    if n and int(slots[-1]) - int(slots[0]) == n - 1 and bool((slots[1:] - slots[:-1] == 1).all()):
-        return slice(int(slots[0]), int(slots[0]) + n)
-    return slots
 
 
 class LayerPass:

@@ -51,9 +51,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
+
+from rksc_sgl.kv.compaction import compress
+
+if TYPE_CHECKING:
+    from rksc_sgl.kv.manager import KVCacheManager
+    from rksc_sgl.kv.records import ReqKV
 
 METHODS = ("rkv", "cask", "recent", "attention")
 IMPORTANCE = ("cumulative", "window")
@@ -181,3 +187,48 @@ def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor
             nearest = sim.argmax(dim=1)
             merges = [(d, scratch[int(j)]) for d, j in zip(dropped, nearest)]
     return Plan(keep, merges)
+
+
+def compress_decode_kv(kv: "KVCacheManager", req: "ReqKV", prompt_len: int, cfg: CompressionConfig) -> int:
+    """Compress one request's decode KV (row positions from ``prompt_len`` on, less the
+    last ``buffer``) down to its budget when it is over budget plus buffer: importance
+    from the attention mass each slot received, redundancy from its keys, then
+    ``rksc_sgl.kv.compaction.compress``. Returns the number of tokens dropped or merged."""
+    if req.alias is not None:
+        return 0  # (an ASKS alias row keeps its own layout; it is not compressed)
+    kept = req.kv_len - prompt_len
+    decoded = kept + req.dropped
+    if not cfg.needs_compression(kept, decoded):
+        return 0
+    start, end = prompt_len, req.kv_len - cfg.buffer
+    slots = kv.row_slots(req)[start:end]
+    # Original positions of the candidates: the ones kept by earlier compressions, then
+    # the run after them (contiguous, shifted by what was dropped).
+    kept_before = len(req.kept_origins)
+    origins = req.kept_origins + [r + req.dropped for r in range(start + kept_before, end)]
+    mass = kv.slot_attention[slots.to(kv.slot_attention.device)].float().cpu()
+    if cfg.importance == "window":  # what the queries since the last compression read
+        importance = mass - torch.tensor([req.attention_seen.get(s, 0.0) for s in slots.tolist()])
+    else:  # all it received, per query since it was made
+        age = torch.tensor([req.kv_len + req.dropped - o for o in origins], dtype=torch.float32)
+        importance = mass / age.clamp(min=1.0)
+    chosen = plan(cfg, importance, _candidate_keys(kv, cfg, slots), cfg.target(decoded) - cfg.buffer)
+    req.kept_origins = [origins[i] for i in sorted(chosen.keep)]
+    dropped = compress(kv, req, start, end, chosen.keep, chosen.merges)
+    if cfg.importance == "window":
+        now = kv.row_slots(req)[prompt_len:req.kv_len]
+        seen = kv.slot_attention[now.to(kv.slot_attention.device)].float().cpu()
+        req.attention_seen = dict(zip(now.tolist(), seen.tolist()))
+    return dropped
+
+
+def _candidate_keys(kv: "KVCacheManager", cfg: CompressionConfig, slots: torch.Tensor) -> torch.Tensor:
+    """The candidates' keys the redundancy term compares: ``(n, heads, dim)`` of one
+    layer, or of every layer stacked along the head axis."""
+    num_layers = kv.layout.num_layers
+    if cfg.redundancy_layers == "all":
+        layers = range(num_layers)
+    else:
+        layers = [min(cfg.key_layer if cfg.key_layer is not None else num_layers // 2, num_layers - 1)]
+    index = slots.to(kv.kv_pool.get_key_buffer(0).device)
+    return torch.cat([kv.kv_pool.get_key_buffer(layer)[index].cpu() for layer in layers], dim=1)

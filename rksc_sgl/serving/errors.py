@@ -24,24 +24,24 @@ class HTTPError(Exception):
         self.message = message
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     # orjson (as SGLang's ORJSONResponse): tuples -> lists, NaN/inf -> null.
     return orjson.dumps(obj, default=str, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(_json_bytes(obj), status_code=status, media_type="application/json")
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(json_bytes(obj), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
+def error_response(status: int, message: str) -> Response:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return _json({"error": {"message": message, "type": kind, "code": status}}, status)
+    return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
-def _exception_response(e: BaseException) -> Response:
+def exception_response(e: BaseException) -> Response:
     if isinstance(e, KVCacheExhausted):
-        return _error(503, str(e))
+        return error_response(503, str(e))
     if isinstance(e, (ValueError, NotImplementedError)):
-        return _error(400, str(e))
+        return error_response(400, str(e))
     logger.exception("request failed")
-    return _error(500, f"internal error: {type(e).__name__}: {e}")
+    return error_response(500, f"internal error: {type(e).__name__}: {e}")

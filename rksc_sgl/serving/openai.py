@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from rksc_sgl.engine.request_input import GenerateRequest
 
 
 # ---- OpenAI responses --------------------------------------------------------------------------
@@ -13,7 +16,7 @@ def _finish_reason(reason: Optional[Dict[str, Any]]) -> Optional[str]:
     return reason.get("type") if reason.get("type") in ("stop", "length") else str(reason.get("type"))
 
 
-class _Choice:
+class Choice:
     """One choice's progress through its engine responses (one final response, or a stream of
     growing ones): the text and the token logprobs not yet sent.
 
@@ -21,7 +24,7 @@ class _Choice:
     token (which ends the request) is never sent: OpenAI leaves it out of ``logprobs``.
     """
 
-    def __init__(self, job: "_Job", index: int, tokenizer):
+    def __init__(self, job: "OpenAIJob", index: int, tokenizer):
         self.index = index
         self.prompt_kind, self.prompt = job.prompts[index // job.n]
         self.echo = job.echo
@@ -106,8 +109,8 @@ def _chat_logprobs(entries: List[tuple]) -> Dict[str, Any]:
 
 
 @dataclasses.dataclass
-class _Job:
-    """One OpenAI request, turned into native ``/generate`` bodies, and its response shapes."""
+class OpenAIJob:
+    """One OpenAI request, turned into engine requests, and its response shapes."""
 
     chat: bool
     id: str
@@ -119,7 +122,7 @@ class _Job:
     logprobs: Optional[int]  # top-k per token; None: no logprobs
     echo: bool
     prompts: List[Tuple[str, Any]]
-    bodies: List[Dict[str, Any]]  # one engine batch, or one body per streamed choice
+    bodies: List["GenerateRequest"]  # one engine batch, or one request per streamed choice
 
     def _envelope(self, choices: list, chunk: bool) -> Dict[str, Any]:
         if self.chat:
@@ -128,7 +131,7 @@ class _Job:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, state: _Choice, text: str, entries: List[tuple], finish: Optional[str],
+    def _choice(self, state: Choice, text: str, entries: List[tuple], finish: Optional[str],
                 chunk: bool) -> Dict[str, Any]:
         index = state.index % self.n if self.chat else state.index
         if self.logprobs is None:
@@ -143,12 +146,12 @@ class _Job:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
 
-    def _usage(self, states: List[_Choice]) -> Dict[str, int]:
+    def _usage(self, states: List[Choice]) -> Dict[str, int]:
         prompt = sum(s.prompt_tokens for s in states[:: self.n])  # each prompt counts once
         completion = sum(s.completion_tokens for s in states)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def response(self, states: List[_Choice], outs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def response(self, states: List[Choice], outs: List[Dict[str, Any]]) -> Dict[str, Any]:
         choices = [self._choice(state, *state.advance(out), chunk=False) for state, out in zip(states, outs)]
         return {**self._envelope(choices, chunk=False), "usage": self._usage(states)}
 
@@ -158,13 +161,13 @@ class _Job:
             chunk["usage"] = None
         return chunk
 
-    def head(self, states: List[_Choice]) -> List[Dict[str, Any]]:
+    def head(self, states: List[Choice]) -> List[Dict[str, Any]]:
         if not self.chat:
             return []
         return [self._chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}]) for s in states]
 
-    def render_chunk(self, states: List[_Choice]) -> Callable[[int, Dict[str, Any]], List[Dict[str, Any]]]:
+    def render_chunk(self, states: List[Choice]) -> Callable[[int, Dict[str, Any]], List[Dict[str, Any]]]:
         def render(i: int, out: Dict[str, Any]) -> List[Dict[str, Any]]:
             text, entries, finish = states[i].advance(out)
             if not text and not entries and finish is None:
@@ -172,7 +175,7 @@ class _Job:
             return [self._chunk([self._choice(states[i], text, entries, finish, chunk=True)])]
         return render
 
-    def tail(self, states: List[_Choice]) -> List[Dict[str, Any]]:
+    def tail(self, states: List[Choice]) -> List[Dict[str, Any]]:
         if not self.include_usage:
             return []
         return [{**self._envelope([], chunk=True), "usage": self._usage(states)}]

@@ -7,10 +7,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from .errors import _exception_response, _json_bytes
+from .errors import exception_response, json_bytes
 
 
-def _stream_response(streams: List["_ClosableStream"], render, head=(), tail=None) -> StreamingResponse:
+def stream_response(streams: List["ClosableStream"], render, head=(), tail=None) -> StreamingResponse:
     return _EngineStreamResponse(streams, _sse(streams, render, head, tail), media_type="text/event-stream")
 
 
@@ -18,7 +18,7 @@ class _EngineStreamResponse(StreamingResponse):
     """Closes the engine streams however the response ends: finished, client gone (the send
     raises), or cancelled (starlette's disconnect listener)."""
 
-    def __init__(self, streams: List["_ClosableStream"], content, **kwargs):
+    def __init__(self, streams: List["ClosableStream"], content, **kwargs):
         super().__init__(content, **kwargs)
         self._streams = streams
 
@@ -33,7 +33,7 @@ class _EngineStreamResponse(StreamingResponse):
 _NOT_FETCHED = object()
 
 
-class _ClosableStream:
+class ClosableStream:
     """The engine's stream iterator, advanced in worker threads and closable from any thread.
 
     ``next`` and ``close`` hold one lock, so a close that arrives while a worker waits for
@@ -80,10 +80,10 @@ class _ClosableStream:
 
 
 def _data(obj: Any) -> bytes:
-    return b"data: " + _json_bytes(obj) + b"\n\n"
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
-async def _sse(streams: List[_ClosableStream], render: Callable[[int, Dict[str, Any]], List[Any]],
+async def _sse(streams: List[ClosableStream], render: Callable[[int, Dict[str, Any]], List[Any]],
                head: Iterable[Any] = (), tail: Optional[Callable[[], List[Any]]] = None):
     """SGLang's (and OpenAI's) stream format: ``data: {json}`` events, then ``data: [DONE]``.
 
@@ -100,7 +100,7 @@ async def _sse(streams: List[_ClosableStream], render: Callable[[int, Dict[str, 
                 try:
                     out = await run_in_threadpool(streams[i].next)
                 except Exception as e:  # noqa: BLE001 - reported in-stream, as SGLang does
-                    yield b"data: " + _exception_response(e).body + b"\n\n"
+                    yield b"data: " + exception_response(e).body + b"\n\n"
                     failed = True
                     break
                 if out is None:
