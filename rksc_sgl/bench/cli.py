@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable, List, Tuple
 
 from rksc_sgl.config import DTYPES
-from rksc_sgl.bench.inputs import DEFAULT_OUT_DIR
 from rksc_sgl.bench.modes import BACKENDS, BenchSettings, MODES, Mode, parse_modes
 from rksc_sgl.bench.runner import run_bench
 from rksc_sgl.bench.tables import command_line, save
 from rksc_sgl.bench.workload import WORKLOADS, Workload, parse_workloads
+
+DEFAULT_OUT_DIR = "benchmarks/results"
 
 
 # ---- command line ------------------------------------------------------------------------------

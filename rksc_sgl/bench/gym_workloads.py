@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from rksc_sgl.problems import DIFFICULTY_LEVELS, extract_answer, load_problems, majority_vote
 from rksc_sgl.bench.inputs import PARAPHRASES, extract_final, few_shot_problem, hints_for, program
-from rksc_sgl.bench.workload import Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, _fewer_prefill, _mode_field, _speedup, register
+from rksc_sgl.bench.workload import Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, fewer_prefill, mode_field, speedup, register
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from rksc_sgl.rksc.cgee import VerifyResult
 
 
-class _GymWorkload(Workload):
+class GymWorkload(Workload):
     """A workload over plain reasoning-gym problems (``dataset``/``difficulty`` parameters)."""
 
     def resolve(self, overrides):
@@ -79,10 +79,10 @@ class PaperWorkload(_HintedWorkload):
     has_verify = True
 
     def targets(self):
-        return [Target("rksc speedup over none", _speedup("none", "rksc"), ">=", 3.0),
-                Target("rksc speedup over radix", _speedup("radix", "rksc"), ">=", 1.66),
-                Target("rksc answer agreement with radix", _mode_field("rksc", "agreement_with_radix"), ">=", 0.99),
-                Target("rksc CGEE error rate (per verify call)", _mode_field("rksc", "cgee_error_rate"), "<=",
+        return [Target("rksc speedup over none", speedup("none", "rksc"), ">=", 3.0),
+                Target("rksc speedup over radix", speedup("radix", "rksc"), ">=", 1.66),
+                Target("rksc answer agreement with radix", mode_field("rksc", "agreement_with_radix"), ">=", 0.99),
+                Target("rksc CGEE error rate (per verify call)", mode_field("rksc", "cgee_error_rate"), "<=",
                        0.0037)]
 
 
@@ -100,12 +100,12 @@ class CotWorkload(_HintedWorkload):
         return params
 
     def targets(self):
-        return [NOT_SLOWER_THAN_RADIX, Target("rksc speedup over radix (issue 19: >= 1.3x)", _speedup("radix", "rksc"),
+        return [NOT_SLOWER_THAN_RADIX, Target("rksc speedup over radix (issue 19: >= 1.3x)", speedup("radix", "rksc"),
                                               ">=", 1.3)]
 
 
 @register
-class TreeOfThoughtWorkload(_GymWorkload):
+class TreeOfThoughtWorkload(GymWorkload):
     name = "tot"
     help = ("tree of thought (rksc_sgl/programs/tree_of_thought.py): propose approaches, judge them with select, expand "
             "the best (forks inside forks), vote")
@@ -130,7 +130,7 @@ class TreeOfThoughtWorkload(_GymWorkload):
 
 
 @register
-class ParaphraseWorkload(_GymWorkload):
+class ParaphraseWorkload(GymWorkload):
     name = "paraphrase"
     help = ("ASKS: each problem asked under several paraphrased instructions, one after another on a warm cache "
             "(the first wording is the donor), greedy, each followed (restate=1) by a verifier prompt that "
@@ -165,13 +165,13 @@ class ParaphraseWorkload(_GymWorkload):
 
     def targets(self):
         # The bar the ASKS defaults are chosen by (run it on held-out seeds).
-        return [Target("asks answer agreement with radix", _mode_field("asks", "agreement_with_radix"), ">=", 0.99),
-                Target("asks: x fewer prefill tokens than radix (run totals)", _fewer_prefill("radix", "asks"),
+        return [Target("asks answer agreement with radix", mode_field("asks", "agreement_with_radix"), ">=", 0.99),
+                Target("asks: x fewer prefill tokens than radix (run totals)", fewer_prefill("radix", "asks"),
                        ">", 1.0)]
 
 
 @register
-class VoteWorkload(_GymWorkload):
+class VoteWorkload(GymWorkload):
     name = "vote"
     help = ("self-consistency with branch stop: `branches` sampled chains of thought per problem (branch i of "
             "problem k seeded seed*1000 + k*branches + i, the same in every mode), each ending at its first "
@@ -197,7 +197,7 @@ class VoteWorkload(_GymWorkload):
         return Outcome(ret["answer"], ret["texts"], vote=_vote_record(ret["vote"]))
 
     def targets(self):
-        return [Target("stop-lossless voted answer agrees with radix", _mode_field("stop-lossless",
+        return [Target("stop-lossless voted answer agrees with radix", mode_field("stop-lossless",
                                                                                  "agreement_with_radix"), ">=", 1.0)]
 
 

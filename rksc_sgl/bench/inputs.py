@@ -11,11 +11,6 @@ if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from rksc_sgl.rksc.cgee import CGEEConfig
 
 
-DEFAULT_OUT_DIR = "benchmarks/results"
-WARMUP_SEED_OFFSET = 100_000
-"""Warm-up problems come from seed ``seed + WARMUP_SEED_OFFSET``: never a timed problem."""
-
-
 # ---- inputs (shared with benchmarks/bench_engine.py) -------------------------------------------
 HINTS = [
     "Approach: set up an equation for the unknown and solve it.",

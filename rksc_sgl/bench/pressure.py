@@ -6,7 +6,7 @@ from typing import List
 
 from rksc_sgl.problems import load_problems, majority_vote
 from rksc_sgl.bench.inputs import extract_final, few_shot_problem, hints_for, program
-from rksc_sgl.bench.workload import Item, Outcome, Target, Workload, _fewer_prefill, _hit_rate_margin, register
+from rksc_sgl.bench.workload import Item, Outcome, Target, Workload, fewer_prefill, hit_rate_margin, register
 
 
 @register
@@ -75,6 +75,6 @@ class PressureWorkload(Workload):
 
     def targets(self):
         # The targets, stated for a pool of 25% of the working set.
-        return [Target("rsbcm hit rate minus the best other mode's", _hit_rate_margin("rsbcm"), ">=", 0.0),
+        return [Target("rsbcm hit rate minus the best other mode's", hit_rate_margin("rsbcm"), ">=", 0.0),
                 Target("rsbcm: x fewer prefill tokens than LRU (radix; run totals; at pool 25%)",
-                       _fewer_prefill("radix", "rsbcm"), ">=", 1.2)]
+                       fewer_prefill("radix", "rsbcm"), ">=", 1.2)]

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from rksc_sgl.problems import score
 from rksc_sgl.bench.report import run_record
-from rksc_sgl.bench.inputs import WARMUP_SEED_OFFSET
 from rksc_sgl.bench.modes import BenchSettings, Mode, parse_modes
 from rksc_sgl.bench.stats import agreement, bootstrap_ratio_ci, paired_with_radix, ratio_of_medians, summarize_mode
 from rksc_sgl.bench.tables import command_line
 from rksc_sgl.bench.workload import Item, Workload, get_workload
+
+WARMUP_SEED_OFFSET = 100_000
+"""Warm-up problems come from seed ``seed + WARMUP_SEED_OFFSET``: never a timed problem."""
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
     from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig, VerifyResult

@@ -7,9 +7,9 @@ import time
 from typing import Any, Dict, List, Tuple
 
 from rksc_sgl.problems import load_problems, question_prompt, score
-from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, _GymWorkload, branch_seed
+from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, GymWorkload, branch_seed
 from rksc_sgl.bench.inputs import program
-from rksc_sgl.bench.workload import Item, Outcome, Target, _mode_field, _speedup, register
+from rksc_sgl.bench.workload import Item, Outcome, Target, mode_field, speedup, register
 
 
 def _is_engine(backend) -> bool:
@@ -53,7 +53,7 @@ def _malformed(backend, params: Dict[str, Any]) -> bool:
 
 
 @register
-class ServeWorkload(_GymWorkload):
+class ServeWorkload(GymWorkload):
     name = "serve"
     help = ("serving: each problem is a window of `programs` multi-branch programs (self-consistency and "
             "best-of-N with a verifier, alternating; seeded branches) that `clients` closed-loop clients run "
@@ -160,8 +160,8 @@ class ServeWorkload(_GymWorkload):
         return Outcome(answers[0], outputs, extra=extra)
 
     def targets(self):
-        return [Target("rksc programs per second over radix's (pressured pool)", _speedup("radix", "rksc"), ">=",
+        return [Target("rksc programs per second over radix's (pressured pool)", speedup("radix", "rksc"), ">=",
                        1.66),
-                Target("rksc programs' voted answers agreeing with radix's", _mode_field("rksc",
+                Target("rksc programs' voted answers agreeing with radix's", mode_field("rksc",
                                                                                    "program_agreement_with_radix"),
                        ">=", 0.97)]

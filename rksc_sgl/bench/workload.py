@@ -122,7 +122,7 @@ def parse_workloads(text: str) -> List[Workload]:
     return [get_workload(n) for n in names]
 
 
-def _speedup(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+def speedup(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
     def value(result):
         return result["speedups"].get(base, {}).get(mode, {}).get("ratio")
     return value
@@ -136,13 +136,13 @@ def _not_slower(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[flo
     return value
 
 
-def _mode_field(mode: str, field: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+def mode_field(mode: str, field: str) -> Callable[[Dict[str, Any]], Optional[float]]:
     def value(result):
         return result["modes"].get(mode, {}).get(field)
     return value
 
 
-def _fewer_prefill(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+def fewer_prefill(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
     """How many times fewer prompt tokens ``mode`` computed than ``base`` (run totals)."""
     def value(result):
         modes = result["modes"]
@@ -152,7 +152,7 @@ def _fewer_prefill(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[
     return value
 
 
-def _hit_rate_margin(mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+def hit_rate_margin(mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
     """``mode``'s hit rate minus the best other mode's (>= 0: the highest, ties included)."""
     def value(result):
         modes = result["modes"]
