@@ -1,9 +1,9 @@
-"""Request parsing (SGLang's own ``SamplingParams``) and per-request token sampling."""
+"""Request parsing (SGLang's own ``SamplingParams``), per-request token sampling, and when a request finishes."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
 import msgspec.structs
 import torch
@@ -11,6 +11,9 @@ import torch
 from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
 
 from rksc_sgl.engine.grammar import normalize_grammar_fields
+
+if TYPE_CHECKING:
+    from rksc_sgl.engine.request import Request
 
 
 def parse_sampling_params(raw: Mapping[str, Any] | None, tokenizer, vocab_size: int) -> SamplingParams:
@@ -151,3 +154,33 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> List[tuple]:
 
 def as_dict(params: SamplingParams) -> Dict[str, Any]:
     return msgspec.structs.asdict(params)
+
+
+def finish_reason(req: "Request", token: int, text_of: Callable[["Request"], str],
+                  tail_text_of: Callable[["Request", int], str]) -> Optional[dict]:
+    """Why ``req`` finishes after ``token``, in SGLang's shape, or None: its grammar ended,
+    a stop token or string or regex matched (once ``min_new_tokens`` are out), or it
+    reached ``max_new_tokens``. ``text_of`` decodes the output as the response shows it,
+    ``tail_text_of(req, n)`` its last ``n`` tokens as they are (for stop regexes)."""
+    params = req.params
+    n = len(req.output_ids)
+    if req.grammar is not None and req.grammar.terminated:
+        # The grammar accepted EOS and allows nothing more: finish as SGLang does.
+        return {"type": "stop", "matched": token}
+    if n >= params.min_new_tokens:
+        if token in req.stop_ids:
+            return {"type": "stop", "matched": token}
+        if params.stop_strs:
+            text = text_of(req)
+            tail = text[-(max(len(s) for s in params.stop_strs) + 32):]
+            for stop in params.stop_strs:
+                if stop in tail:
+                    return {"type": "stop", "matched": stop}
+        if params.stop_regex_strs:
+            # As SGLang: search the decoded last few tokens (Req.tail_str), name the pattern.
+            pattern = matched_stop_regex(params, tail_text_of(req, min(stop_regex_window(params), n)))
+            if pattern is not None:
+                return {"type": "stop", "matched": pattern}
+    if n >= params.max_new_tokens:
+        return {"type": "length", "length": params.max_new_tokens}
+    return None

@@ -26,7 +26,7 @@ from rksc_sgl.rksc.compression import compress_decode_kv
 from rksc_sgl.kv.manager import KVCacheExhausted, KVCacheManager
 from rksc_sgl.model.runner import ForwardItem, ModelRunner
 from rksc_sgl.engine.request import EngineStats, Request
-from rksc_sgl.engine.sampling import matched_stop_regex, sample_token, stop_regex_window, top_logprobs
+from rksc_sgl.engine.sampling import finish_reason, sample_token, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -328,14 +328,9 @@ class Scheduler:
         for req, item, req_logits in zip(batch, items, logits):
             self.kv.commit(req.kv, item.token_ids)
             self.stats.decode_tokens += 1
-            if req.compression is not None:
-                self._compress(req)
+            if req.compression is not None:  # over its budget: drop or merge decode KV (rksc/compression.py)
+                self.stats.dropped_tokens += compress_decode_kv(self.kv, req.kv, len(req.input_ids), req.compression)
             self._append_token(req, req_logits[-1])
-
-    def _compress(self, req: Request) -> None:
-        """Drop (or consolidate) decode KV of ``req`` down to its budget when it is over
-        budget plus buffer (see rksc_sgl/rksc/compression.py)."""
-        self.stats.dropped_tokens += compress_decode_kv(self.kv, req.kv, len(req.input_ids), req.compression)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         if req.grammar is not None:
@@ -363,35 +358,11 @@ class Scheduler:
         req.output_logprobs.append(float(logprobs[token]))
         if req.want_logprobs and req.top_logprobs_num:
             req.output_top_logprobs.append(top_logprobs(logprobs, req.top_logprobs_num))
-        reason = self._finish_reason(req, token)
+        reason = finish_reason(req, token, self.text_of, self.tail_text_of)
         if reason is not None:
             self._finish(req, reason=reason)
         elif req.on_event is not None:
             req.on_event(req, False)
-
-    def _finish_reason(self, req: Request, token: int) -> Optional[dict]:
-        params = req.params
-        n = len(req.output_ids)
-        if req.grammar is not None and req.grammar.terminated:
-            # The grammar accepted EOS and allows nothing more: finish as SGLang does.
-            return {"type": "stop", "matched": token}
-        if n >= params.min_new_tokens:
-            if token in req.stop_ids:
-                return {"type": "stop", "matched": token}
-            if params.stop_strs:
-                text = self.text_of(req)
-                tail = text[-(max(len(s) for s in params.stop_strs) + 32):]
-                for stop in params.stop_strs:
-                    if stop in tail:
-                        return {"type": "stop", "matched": stop}
-            if params.stop_regex_strs:
-                # As SGLang: search the decoded last few tokens (Req.tail_str), name the pattern.
-                pattern = matched_stop_regex(params, self.tail_text_of(req, min(stop_regex_window(params), n)))
-                if pattern is not None:
-                    return {"type": "stop", "matched": pattern}
-        if n >= params.max_new_tokens:
-            return {"type": "length", "length": params.max_new_tokens}
-        return None
 
     # ---- completion -----------------------------------------------------------------
     def _finish(self, req: Request, reason: Optional[dict] = None, error: Optional[BaseException] = None,
