@@ -13,7 +13,7 @@ import sys
 from rksc_sgl.programs.self_consistency import self_consistency, solve  # noqa: F401  (re-exported for importers)
 
 if __name__ == "__main__":
-    from rksc_sgl.cli import program_main
+    from rksc_sgl.program_runner import program_main
 
     sys.exit(program_main(solve, description=__doc__, title="self-consistency",
                           problems=3, branches=4, max_tokens=96, temperature=0.7))

@@ -1,332 +1,32 @@
-"""Command line: ``rksc-sgl run PROGRAM.py``, ``demo``, ``serve``, ``launch-server``, ``patch``, ``bench``, and the helpers programs share.
+"""The ``rksc-sgl`` command: ``run PROGRAM.py``, ``demo``, ``serve``, ``launch-server``, ``patch``,
+``bench``. Each subcommand parses here and hands over to the package that does the work:
 
-Every reasoning program under ``programs/`` is a plain script; the argument parsing,
-engine construction, problem loop and statistics printing they have in common live
-here, once:
-
-- :func:`add_engine_args` / :func:`engine_from_args` -- ``--cache/--model/--kv-pool-tokens/
-  --threads`` and the engine they describe. If ``rksc-sgl run`` already installed an
-  :class:`~rksc_sgl.Engine` as SGLang's default backend, that engine is used instead.
-- :func:`add_program_args` -- ``--problems/--seed/--branches/--max-tokens/...``.
-- :func:`run_problems` -- solve each problem (tqdm progress), print answers, accuracy, stats.
-- :func:`program_main` -- all of the above for a program's ``solve`` function.
+==================  ===================================================================
+command             runs
+==================  ===================================================================
+``run``             the program as ``__main__`` on an engine installed as SGLang's default
+``demo``            :func:`rksc_sgl.program_runner.run_program` of self-consistency
+``serve``           :func:`rksc_sgl.serving.server.serve` over an embedded engine
+``launch-server``   :func:`rksc_sgl.runtime.launcher.launch_server_main` (SGLang's own server)
+``patch``           :mod:`rksc_sgl.runtime.sglang_patches`
+``bench``           :func:`rksc_sgl.bench.bench_command`
+==================  ===================================================================
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import runpy
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
-from rksc_sgl.config import CACHE_MODES, EngineConfig
-from rksc_sgl.problems import DATASETS, DEFAULT_DATASET, DIFFICULTY_LEVELS, Problem, Solution, load_problems, score
-
-DEFAULT_MODEL = EngineConfig.model
-DEFAULT_CACHE = "radix"
-DEFAULT_THREADS = 1
-
-SolveFn = Callable[..., Solution]
+from rksc_sgl.arg_types import positive_int
+from rksc_sgl.engine_flags import add_engine_args, engine_kwargs
+from rksc_sgl.program_runner import add_program_args, print_stats, run_program
 
 
-# ---- engine arguments and construction ------------------------------------------------
-def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Engine flags. Their defaults are ``None`` so that an explicit flag can be told
-    apart from a default when an already-installed engine is reused."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--endpoint", metavar="URL", default=None,
-                       help="run on a running SGLang server (rksc-sgl launch-server, python -m "
-                            "sglang.launch_server, rksc-sgl serve) instead of an embedded engine; "
-                            "the engine flags below then do not apply")
-    group.add_argument("--cache", choices=CACHE_MODES, default=None,
-                       help=f"KV cache mode (default: {DEFAULT_CACHE})")
-    group.add_argument("--model", default=None,
-                       help=f"packaged model alias or local Hugging Face folder (default: {DEFAULT_MODEL})")
-    group.add_argument("--kv-pool-tokens", type=_positive_int, default=None,
-                       help=f"KV slots in the token pool (default: {EngineConfig.kv_pool_tokens})")
-    group.add_argument("--max-running", type=_positive_int, default=None,
-                       help=f"largest decode batch (default: {EngineConfig.max_running_requests})")
-    group.add_argument("--threads", type=_positive_int, default=None,
-                       help=f"torch CPU threads of the engine (default: {DEFAULT_THREADS})")
-    group.add_argument("--engine-seed", type=int, default=None,
-                       help="sampling seed of the engine (default: 0)")
-    group.add_argument("--asks-tau", type=float, default=None,
-                       help="turn ASKS on (needs --cache rksc): reuse KV of cached spans whose "
-                            "key has cosine similarity >= this threshold")
-    group.add_argument("--asks-recompute", type=float, default=None,
-                       help="ASKS: fraction of the aligned (reusable) tokens of a span to compute anyway "
-                            "(default: 0.5)")
-    group.add_argument("--asks-key-layer", type=int, default=None,
-                       help="ASKS: layer of the semantic keys (0: token embeddings, free; L: hidden states "
-                            "after L blocks, stored per slot at prefill; default: 0)")
-    group.add_argument("--kv-compression", choices=("rkv", "cask", "recent"), default=None,
-                       help="compress each request's decode KV (R-KV scoring, the CASK-style core/scratch "
-                            "variant, or the newest-tokens baseline 'recent'); the prompt stays exact and shared")
-    group.add_argument("--kv-budget", type=fraction, default=None,
-                       help="share of decoded tokens whose KV is kept with --kv-compression (default: 0.16)")
-    return parser
-
-
-ENGINE_ONLY_FLAGS = ("cache", "model", "kv_pool_tokens", "max_running", "threads", "engine_seed", "asks_tau",
-                     "asks_recompute", "asks_key_layer", "kv_compression", "kv_budget")
-"""Engine flags a server given with ``--endpoint`` does not take from the program."""
-
-
-def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """Keyword arguments of ``Engine(...)`` from the parsed engine flags."""
-    kwargs: Dict[str, Any] = {
-        "model": getattr(args, "model", None) or DEFAULT_MODEL,
-        "cache": getattr(args, "cache", None) or DEFAULT_CACHE,
-        "num_threads": getattr(args, "threads", None) or DEFAULT_THREADS,
-    }
-    for flag, field in (("kv_pool_tokens", "kv_pool_tokens"), ("max_running", "max_running_requests"),
-                        ("engine_seed", "seed")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            kwargs[field] = value
-    tau = getattr(args, "asks_tau", None)
-    recompute = getattr(args, "asks_recompute", None)
-    layer = getattr(args, "asks_key_layer", None)
-    if tau is not None or recompute is not None or layer is not None:
-        kwargs["asks"] = {"enabled": tau is not None, **({"tau": tau} if tau is not None else {}),
-                          **({"recompute_fraction": recompute} if recompute is not None else {}),
-                          **({"key_layer": layer} if layer is not None else {})}
-    method = getattr(args, "kv_compression", None)
-    budget = getattr(args, "kv_budget", None)
-    if budget is not None and method is None:
-        raise ValueError("--kv-budget needs --kv-compression rkv|cask")
-    if method is not None:
-        kwargs["compression"] = {"method": method, **({"budget": budget} if budget is not None else {})}
-    return kwargs
-
-
-def installed_engine():
-    """The :class:`~rksc_sgl.Engine` installed as SGLang's default backend, if any."""
-    from sglang.lang.global_config import global_config
-
-    from rksc_sgl.engine.backend import Engine
-
-    backend = getattr(global_config, "default_backend", None)
-    return backend if isinstance(backend, Engine) else None
-
-
-def engine_from_args(args: argparse.Namespace) -> Tuple[Any, bool]:
-    """``(engine, owned)``: the installed default engine (``owned=False``), or a new one.
-
-    A new engine is the caller's to shut down (:func:`program_engine` does that).
-    """
-    endpoint = getattr(args, "endpoint", None)
-    if endpoint:
-        from rksc_sgl.runtime.endpoint import RuntimeBackend
-
-        given = [f"--{name.replace('_', '-')}" for name in ENGINE_ONLY_FLAGS if getattr(args, name, None) is not None]
-        if given:
-            print(f"note: --endpoint {endpoint}: the server decides; ignoring {', '.join(given)}", file=sys.stderr)
-        return RuntimeBackend(endpoint), True
-    engine = installed_engine()
-    if engine is not None:
-        _warn_ignored_flags(args, engine)
-        return engine, False
-    from rksc_sgl.engine.backend import Engine
-
-    return Engine(**engine_kwargs(args)), True
-
-
-@contextlib.contextmanager
-def program_engine(args: argparse.Namespace) -> Iterator[Any]:
-    """The engine a program runs on, installed as SGLang's default backend meanwhile.
-
-    An engine built here is integrity-checked and shut down afterwards, and the previous
-    default backend restored; an engine installed by ``rksc-sgl run`` is left alone.
-    """
-    import sglang as sgl
-    from sglang.lang.global_config import global_config
-
-    engine, owned = engine_from_args(args)
-    if not owned:
-        yield engine
-        return
-    previous = global_config.default_backend
-    sgl.set_default_backend(engine)
-    try:
-        yield engine
-        engine.check_integrity()
-    finally:
-        sgl.set_default_backend(previous)
-        engine.shutdown()
-
-
-def _warn_ignored_flags(args: argparse.Namespace, engine) -> None:
-    cfg = engine.config
-    actual = {"cache": cfg.cache, "model": cfg.model, "kv_pool_tokens": cfg.kv_pool_tokens,
-              "max_running": cfg.max_running_requests, "threads": cfg.num_threads, "engine_seed": cfg.seed,
-              "asks_tau": cfg.asks.tau if cfg.asks.enabled else None,
-              "asks_recompute": cfg.asks.recompute_fraction, "asks_key_layer": cfg.asks.key_layer}
-    ignored = [f"--{flag.replace('_', '-')}" for flag, value in actual.items()
-               if getattr(args, flag, None) is not None and getattr(args, flag) != value]
-    if ignored:
-        print(f"note: using the engine installed by `rksc-sgl run` (cache={cfg.cache}, model={cfg.model}); "
-              f"ignoring {', '.join(ignored)}", file=sys.stderr)
-
-
-# ---- program arguments ------------------------------------------------------------------
-def add_program_args(parser: argparse.ArgumentParser, *, problems: int = 3, branches: int = 4,
-                     max_tokens: int = 96, temperature: float = 0.7) -> argparse.ArgumentParser:
-    """The flags every reasoning program takes, with the program's own defaults."""
-    group = parser.add_argument_group("program")
-    group.add_argument("--problems", type=_positive_int, default=problems,
-                       help=f"number of problems (default: {problems})")
-    group.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default: 0)")
-    group.add_argument("--dataset", default=DEFAULT_DATASET,
-                       help=f"reasoning-gym dataset (tested: {', '.join(DATASETS)}; default: {DEFAULT_DATASET})")
-    group.add_argument("--difficulty", choices=DIFFICULTY_LEVELS, default="easy",
-                       help="difficulty preset of the dataset (default: easy)")
-    group.add_argument("--branches", type=_positive_int, default=branches,
-                       help=f"branches per problem (default: {branches})")
-    group.add_argument("--max-tokens", type=_positive_int, default=max_tokens,
-                       help=f"max new tokens per generation (default: {max_tokens})")
-    group.add_argument("--temperature", type=float, default=temperature,
-                       help=f"sampling temperature of the branches (default: {temperature})")
-    return parser
-
-
-def solve_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """Keyword arguments every program's ``solve(problem, **kwargs)`` accepts."""
-    return {"num_branches": args.branches, "max_tokens": args.max_tokens,
-            "sample_temperature": args.temperature}
-
-
-def program_parser(description: Optional[str], **defaults: Any) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_program_args(parser, **defaults)
-    add_engine_args(parser)
-    return parser
-
-
-# ---- running programs over problems -------------------------------------------------------
-def run_problems(solve: SolveFn, problems: Sequence[Problem], engine, *, out=None,
-                 **kwargs: Any) -> Dict[str, Any]:
-    """Solve each problem on ``engine``; print per-problem answers, accuracy and stats.
-
-    Returns ``{"solutions", "scores", "accuracy", "stats", "wall_s", "per_problem_s"}``.
-    """
-    from tqdm import tqdm
-
-    out = out or sys.stdout
-    before = engine.stats(reset_peak=True)
-    started = time.perf_counter()
-    solutions: List[Solution] = []
-    scores: List[float] = []
-    per_problem: List[float] = []
-    with tqdm(problems, desc="problems", unit="problem", file=sys.stderr, dynamic_ncols=True) as bar:
-        for problem in bar:
-            t0 = time.perf_counter()
-            solution = solve(problem, backend=engine, **kwargs)
-            per_problem.append(time.perf_counter() - t0)
-            solutions.append(solution)
-            scores.append(score(problem, solution.answer))
-            bar.write(format_solution(problem, solution, scores[-1]), file=out)
-    wall = time.perf_counter() - started
-    engine.check_integrity()
-    stats = engine.stats().since(before)
-    accuracy = sum(scores) / len(scores) if scores else 0.0
-    correct = sum(1 for s in scores if s >= 1.0)
-    print(f"accuracy: {accuracy:.3f} ({correct}/{len(scores)} correct)", file=out)
-    print_stats(stats, wall, out=out, per_problem=per_problem, cache=engine.config.cache)
-    return {"solutions": solutions, "scores": scores, "accuracy": accuracy, "stats": stats,
-            "wall_s": wall, "per_problem_s": per_problem}
-
-
-def format_solution(problem: Problem, solution: Solution, grade: float) -> str:
-    mark = "ok" if grade >= 1.0 else "wrong"
-    candidates = ", ".join("-" if c is None else c for c in solution.candidates)
-    line = (f"[{problem.index}] {_short(problem.question)}  reference={problem.answer}  "
-            f"answer={solution.answer}  [{mark}]  branches=[{candidates}]")
-    return f"{line}  ({solution.detail})" if solution.detail else line
-
-
-def format_stats(stats, wall_s: float, per_problem: Optional[Sequence[float]] = None,
-                 cache: Optional[str] = None) -> str:
-    """Engine (or, with ``--endpoint``, server) statistics as aligned ``name: value`` lines.
-
-    A server's statistics have only the counters its answers carry; the rows of the
-    others are left out.
-    """
-    prompt = stats.prefill_tokens + stats.cached_tokens
-    hit = stats.cached_tokens / prompt if prompt else 0.0
-    engine = hasattr(stats, "forward_passes")
-    rows = [
-        ("requests", f"{stats.requests}"),
-        ("prefill tokens computed", f"{stats.prefill_tokens}"),
-        ("tokens served from cache", f"{stats.cached_tokens} ({hit:.1%} of prompt tokens)"),
-        *([("semantic (ASKS) tokens", f"{stats.semantic_tokens} reused, {stats.recomputed_tokens} "
-                                       f"recomputed, {stats.key_tokens} keyed")]
-          if engine and (stats.semantic_tokens or stats.key_tokens) else []),
-        ("decode tokens", f"{stats.decode_tokens}"),
-        *([("forward passes", f"{stats.forward_passes}"), ("peak KV tokens", f"{stats.peak_kv_tokens}"),
-           ("engine busy time", f"{stats.busy_time_s:.2f} s")] if engine else []),
-        ("wall time", f"{wall_s:.2f} s"),
-    ]
-    if per_problem:
-        rows.append(("per problem (median)", f"{statistics.median(per_problem):.2f} s "
-                                             f"(min {min(per_problem):.2f}, max {max(per_problem):.2f})"))
-    title = ("engine" if engine else "server") + " statistics" + (f" (cache={cache})" if cache else "") + ":"
-    return "\n".join([title] + [f"  {name + ':':<26}{value}" for name, value in rows])
-
-
-def print_stats(stats, wall_s: float, *, out=None, per_problem: Optional[Sequence[float]] = None,
-                cache: Optional[str] = None) -> None:
-    print(format_stats(stats, wall_s, per_problem, cache), file=out or sys.stdout, flush=True)
-
-
-def run_program(solve: SolveFn, args: argparse.Namespace, title: str = "",
-                extra: Optional[Dict[str, Any]] = None) -> int:
-    """Load the problems the flags describe and run ``solve`` over them (see :func:`run_problems`).
-
-    ``extra`` are further keyword arguments of ``solve`` (a program's own options).
-    """
-    try:
-        problems = load_problems(args.dataset, args.problems, args.seed, difficulty=args.difficulty)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    kwargs = {**solve_kwargs(args), **(extra or {})}
-    with program_engine(args) as engine:
-        settings = " ".join(f"{k}={v}" for k, v in kwargs.items())
-        plural = "s" if len(problems) != 1 else ""
-        print(f"{title + ': ' if title else ''}{len(problems)} {args.dataset} problem{plural} "
-              f"(seed {args.seed}, {args.difficulty}); model={engine.config.model} cache={engine.config.cache} "
-              f"{settings}", flush=True)
-        run_problems(solve, problems, engine, **kwargs)
-    return 0
-
-
-def program_main(solve: SolveFn, description: Optional[str] = None, argv: Optional[Sequence[str]] = None,
-                 title: str = "", options: Optional[Dict[str, Tuple[type, Any, str]]] = None,
-                 **defaults: Any) -> int:
-    """Entry point of a reasoning program script: parse its flags, then :func:`run_program`.
-
-    ``defaults`` are the program's own defaults of :func:`add_program_args`; ``options``
-    maps further ``solve`` keyword arguments to ``(type, default, help)``, each becoming a
-    flag (``keep`` -> ``--keep``).
-    """
-    parser = program_parser(description, **defaults)
-    options = options or {}
-    if options:
-        group = parser.add_argument_group("options of this program")
-        for name, (kind, default, help_text) in options.items():
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
-                               help=f"{help_text} (default: {default})")
-    args = parser.parse_args(argv)
-    return run_program(solve, args, title, extra={name: getattr(args, name) for name in options})
-
-
-# ---- the rksc-sgl command ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rksc-sgl",
@@ -376,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "so unmodified programs can use sgl.RuntimeEndpoint(URL).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_positive_int, default=30000, help="port (default: 30000)")
+    serve.add_argument("--port", type=positive_int, default=30000, help="port (default: 30000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
-    serve.add_argument("--max-request-bytes", type=_positive_int, default=4 * 1024 * 1024,
+    serve.add_argument("--max-request-bytes", type=positive_int, default=4 * 1024 * 1024,
                        help="largest request body accepted (default: 4 MiB)")
-    serve.add_argument("--max-new-tokens-cap", type=_positive_int, default=4096,
+    serve.add_argument("--max-new-tokens-cap", type=positive_int, default=4096,
                        help="largest max_new_tokens a request may ask for (default: 4096)")
     add_engine_args(serve)
     serve.set_defaults(subparser=serve)
@@ -505,42 +205,6 @@ def _exit_code(code: Any) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
-
-
-def on_off(text: str) -> bool:
-    """An argparse type for switches that default on or off: ``on``/``off`` (or yes/no, 1/0)."""
-    value = str(text).strip().lower()
-    if value in ("on", "yes", "true", "1"):
-        return True
-    if value in ("off", "no", "false", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-
-
-def fraction(text: str) -> float:
-    """An argparse type for a share: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _short(text: str, width: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _version() -> str:

@@ -236,7 +236,7 @@ def resolve_hardware(device: str, dtype: str, attention_backend: str, *, cuda_av
 
 
 def _asks_config(value):
-    from rksc_sgl.rksc.tree_cache import ASKSConfig  # imports sglang: only when an engine is configured
+    from rksc_sgl.rksc.asks_config import ASKSConfig  # (config stays a leaf: imported where used)
 
     if value is None:
         return ASKSConfig()

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from rksc_sgl.kv.manager import KVCacheManager
 from rksc_sgl.kv.records import KVLayout
-from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache, align_tokens
+from rksc_sgl.rksc.asks_config import ASKSConfig
+from rksc_sgl.rksc.semantic_match import align_tokens
+from rksc_sgl.rksc.tree_cache import RKSCRadixCache
 
 VOCAB, DIM = 12, 8
 

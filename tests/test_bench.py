@@ -94,7 +94,7 @@ def test_mode_table_maps_modes_to_engines():
 
 
 def test_bench_asks_defaults_are_the_engines():
-    from rksc_sgl.rksc.tree_cache import ASKSConfig
+    from rksc_sgl.rksc.asks_config import ASKSConfig
 
     settings, asks = BenchSettings(), ASKSConfig()
     assert (settings.asks_tau, settings.asks_recompute, settings.asks_key_layer) == (

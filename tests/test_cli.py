@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rksc_sgl import cli
+from rksc_sgl import arg_types, cli, engine_flags, program_runner
 from rksc_sgl.problems import load_problems
 from rksc_sgl.engine.request import EngineStats
 
@@ -72,9 +72,9 @@ def test_run_directory_is_not_a_program(tmp_path, capsys):
 
 
 def test_engine_kwargs_defaults_and_flags():
-    parser = cli.add_engine_args(argparse.ArgumentParser())
-    assert cli.engine_kwargs(parser.parse_args([])) == {"model": "smollm2-135m", "cache": "radix", "num_threads": 1}
-    got = cli.engine_kwargs(parser.parse_args(["--cache", "none", "--kv-pool-tokens", "2048", "--threads", "2",
+    parser = engine_flags.add_engine_args(argparse.ArgumentParser())
+    assert engine_flags.engine_kwargs(parser.parse_args([])) == {"model": "smollm2-135m", "cache": "radix", "num_threads": 1}
+    got = engine_flags.engine_kwargs(parser.parse_args(["--cache", "none", "--kv-pool-tokens", "2048", "--threads", "2",
                                                "--max-running", "8", "--engine-seed", "5"]))
     assert got == {"model": "smollm2-135m", "cache": "none", "num_threads": 2, "kv_pool_tokens": 2048,
                    "max_running_requests": 8, "seed": 5}
@@ -87,7 +87,7 @@ def test_engine_kwargs_defaults_and_flags():
 def test_format_stats_names_every_counter():
     stats = EngineStats(requests=3, prefill_tokens=30, cached_tokens=90, decode_tokens=12, forward_passes=7,
                         peak_kv_tokens=140, busy_time_s=1.5)
-    text = cli.format_stats(stats, 2.0, per_problem=[1.0, 3.0], cache="radix")
+    text = program_runner.format_stats(stats, 2.0, per_problem=[1.0, 3.0], cache="radix")
     for needle in ("prefill tokens computed:  30", "tokens served from cache: 90 (75.0% of prompt tokens)",
                    "decode tokens:", "peak KV tokens:", "wall time:", "2.00 s", "cache=radix", "median"):
         assert needle in text
@@ -98,7 +98,7 @@ def test_best_of_n_program_end_to_end(checked, use_backend, capsys):
     """programs/best_of_n.py's command line, reusing the engine installed as default backend."""
     use_backend(checked)
     program = _load_program("best_of_n")
-    assert cli.program_main(program.solve, argv=TINY + ["--cache", "radix"]) == 0
+    assert program_runner.program_main(program.solve, argv=TINY + ["--cache", "radix"]) == 0
     out = capsys.readouterr().out
     assert "accuracy:" in out and "reference=" in out and "verdicts" in out
     for needle in ("prefill tokens computed:", "tokens served from cache:", "decode tokens:", "peak KV tokens:",
@@ -162,7 +162,7 @@ def test_rksc_sgl_run_program_end_to_end():
 def test_asks_flags_build_the_asks_config():
     import argparse
 
-    from rksc_sgl.cli import add_engine_args, engine_kwargs
+    from rksc_sgl.engine_flags import add_engine_args, engine_kwargs
 
     parser = add_engine_args(argparse.ArgumentParser())
     kwargs = engine_kwargs(parser.parse_args(["--cache", "rksc", "--asks-tau", "0.9", "--asks-recompute", "0.25"]))
@@ -179,9 +179,9 @@ def test_asks_flags_build_the_asks_config():
 
 
 def test_on_off_and_fraction_flags():
-    assert [cli.on_off(v) for v in ("on", "OFF", "yes", "0")] == [True, False, True, False]
-    assert cli.fraction("0.25") == 0.25
-    for bad, kind in (("maybe", cli.on_off), ("1.5", cli.fraction), ("x", cli.fraction)):
+    assert [arg_types.on_off(v) for v in ("on", "OFF", "yes", "0")] == [True, False, True, False]
+    assert arg_types.fraction("0.25") == 0.25
+    for bad, kind in (("maybe", arg_types.on_off), ("1.5", arg_types.fraction), ("x", arg_types.fraction)):
         with pytest.raises(argparse.ArgumentTypeError):
             kind(bad)
 
@@ -202,7 +202,7 @@ def test_best_of_n_cgee_gate_flags_reach_verify(checked, use_backend, capsys):
     rksc_sgl.verify = spy
     try:
         argv = TINY + ["--cache", "radix", "--exit-gate", "on", "--audit-fraction", "0.5", "--skip-gate", "off"]
-        assert cli.program_main(program.solve, argv=argv, options=program.cli_options()) == 0
+        assert program_runner.program_main(program.solve, argv=argv, options=program.cli_options()) == 0
     finally:
         rksc_sgl.verify = real_verify
     assert len(seen) == 1

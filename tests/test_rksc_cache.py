@@ -34,7 +34,8 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from rksc_sgl.runtime import plugin
-from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCCacheStats, RKSCRadixCache
+from rksc_sgl.rksc.asks_config import ASKSConfig
+from rksc_sgl.rksc.tree_cache import RKSCCacheStats, RKSCRadixCache
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 40

@@ -23,7 +23,8 @@ import sglang as sgl
 import torch
 
 from rksc_sgl.runtime.client import RuntimeClient
-from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, free_port, plan_launch
+from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
+from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RKSC_POOL = 1536

@@ -16,10 +16,12 @@ import time
 import pytest
 import torch
 
-from rksc_sgl.rksc.tree_cache import ASKSConfig, SemanticMatch
-from rksc_sgl.runtime.asks import (ENV_VAR, ASKSPlan, ASKSSettingsError, _subtract, asks_config_from_env,
-                                   env_value, key_rotation)
-from rksc_sgl.runtime.launcher import LaunchError, RuntimeServer, free_port, plan_launch
+from rksc_sgl.rksc.asks_config import ASKSConfig
+from rksc_sgl.rksc.semantic_match import SemanticMatch
+from rksc_sgl.runtime.asks_plan import ASKSPlan, key_rotation, subtract_positions
+from rksc_sgl.runtime.asks_settings import ENV_VAR, ASKSSettingsError, asks_config_from_env, env_value
+from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
+from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 
 TAU, RECOMPUTE = 0.8, 0.2
 STARTUP_TIMEOUT_S = 300
@@ -59,9 +61,9 @@ def test_plan_whose_reuse_all_comes_first_is_one_round():
 
 
 def test_subtract_leaves_the_reused_positions_out_of_what_is_freed():
-    assert _subtract([(10, 20)], [11, 12, 15, 19]) == [(10, 11), (13, 15), (16, 19)]
-    assert _subtract([(10, 12), (20, 22)], [10, 11, 21]) == [(20, 21)]
-    assert _subtract([(0, 5)], []) == [(0, 5)]
+    assert subtract_positions([(10, 20)], [11, 12, 15, 19]) == [(10, 11), (13, 15), (16, 19)]
+    assert subtract_positions([(10, 12), (20, 22)], [10, 11, 21]) == [(20, 21)]
+    assert subtract_positions([(0, 5)], []) == [(0, 5)]
 
 
 # ---- settings and the launch plan ------------------------------------------------------------------

@@ -72,10 +72,14 @@ class Engine(FrontendBackend):
         self.grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
         self.responses = Responses(self.tokenizer)
         rotation = KeyRotation(self.hf_model)
-        # ASKS above layer 0: each slot's hidden state at the key layer, stored by the
-        # forward that computes the slot's KV (the node keys).
-        slot_features = (torch.zeros((cfg.kv_pool_tokens + 1, hf_config.hidden_size), dtype=torch.float32,
-                                     device=cfg.device) if cfg.needs_slot_features else None)
+        # Per-slot tables the runner fills beside the KV and the tree reads (index = slot):
+        # decode attention mass (RSBCM eviction, compression), and the hidden state at the
+        # ASKS key layer (node keys above layer 0).
+        slots = cfg.kv_pool_tokens + 1
+        slot_attention = (torch.zeros(slots, dtype=torch.float32, device=cfg.device)
+                          if cfg.needs_attention_stats else None)
+        slot_features = (torch.zeros((slots, hf_config.hidden_size), dtype=torch.float32, device=cfg.device)
+                         if cfg.needs_slot_features else None)
         self.kv = KVCacheManager(
             ModelRunner.layout_of(self.hf_model),
             pool_tokens=cfg.kv_pool_tokens,
@@ -85,10 +89,11 @@ class Engine(FrontendBackend):
             eviction_policy=cfg.eviction_policy,
             eviction_policy_config=cfg.eviction_policy_config,
             device=cfg.device,
-            attention_stats=cfg.needs_attention_stats,
+            slot_attention=slot_attention,
+            slot_features=slot_features,
             # ASKS: shifted donor tokens too, their keys rotated to the new position
             rotate_keys=rotation if rotation.supported and cfg.asks.reuses_shifted(cfg.dtype) else None,
-            **self._tree_cache_kwargs(slot_features),
+            **self._tree_cache_kwargs(slot_features, slot_attention),
         )
         self.runner = ModelRunner(self.hf_model, self.kv.kv_pool, cfg.shared_prefix_min_tokens,
                                   attention_backend=cfg.attention_backend,
@@ -114,7 +119,8 @@ class Engine(FrontendBackend):
             req, message=f"{STOPPED_MESSAGE}: {reason}", cache_output=False))
         self._yes_no_verifier = None  # built on the first verify_yes_no
 
-    def _tree_cache_kwargs(self, slot_features: Optional[torch.Tensor]) -> Dict[str, Any]:
+    def _tree_cache_kwargs(self, slot_features: Optional[torch.Tensor],
+                           slot_attention: Optional[torch.Tensor]) -> Dict[str, Any]:
         """``cache="rksc"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
         cfg = self.config
         if not cfg.cache_spec.rksc_tree:
@@ -131,7 +137,7 @@ class Engine(FrontendBackend):
             return embed(ids).float().cpu()
 
         return {"tree_cache_class": functools.partial(RKSCRadixCache, asks=asks, token_features=token_features,
-                                                      slot_features=slot_features)}
+                                                      slot_features=slot_features, slot_attention=slot_attention)}
 
     def _attention_stats(self) -> Optional[AttentionStats]:
         """RSBCM eviction or compression: the runner adds decode attention to the KV

@@ -127,7 +127,7 @@ def concatenate(kv: "KVCacheManager", prefix_ids: List[int], segments: List[List
             pos += len(part)
         if kv.slot_attention is not None:
             kv.slot_attention[dst] = kv.slot_attention[src]
-        slot_features = getattr(kv.tree, "slot_features", None)
+        slot_features = kv.slot_features
         if slot_features is not None:  # (approximate for later segments, like their KV)
             slot_features[dst.to(slot_features.device)] = slot_features[src.to(slot_features.device)]
         result = kv.tree.insert(InsertParams(key=radix_key(tokens, namespace), value=dst.clone()))

@@ -49,7 +49,7 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from rksc_sgl.kv.integrity import check_integrity, tree_slot_indices
-from rksc_sgl.kv.records import Alias, KVCacheExhausted, KVLayout, ReqKV, radix_key
+from rksc_sgl.kv.records import Alias, KVCacheExhausted, KVLayout, ReqKV, SemanticTree, radix_key
 
 
 class KVCacheManager:
@@ -66,7 +66,8 @@ class KVCacheManager:
         eviction_policy_config: Optional[dict] = None,
         tree_cache_class: type = RadixCache,
         device: str = "cpu",
-        attention_stats: bool = False,
+        slot_attention: Optional[torch.Tensor] = None,
+        slot_features: Optional[torch.Tensor] = None,
         rotate_keys: Optional[Callable] = None,
     ):
         # Only the KV tensors live on ``device``; rows, slot indices and the tree stay on
@@ -105,16 +106,13 @@ class KVCacheManager:
         # (keys, delta) -> keys moved delta positions (RoPE). With it, ASKS may reuse an
         # aligned donor token at a shifted position (copied, rotated); without, it computes it.
         self.rotate_keys = rotate_keys
-        # Attention mass each slot's key received (index = slot; slot 0 is padding), for
-        # RSBCM eviction and for decode-KV compression (``attention_stats``). Filled by the
-        # model runner on decode steps, reset when a slot is allocated again. None: no
-        # collection.
-        self.slot_attention: Optional[torch.Tensor] = None
-        rsbcm = eviction_policy.lower() == "rsbcm" and not self.tree.disable
-        if rsbcm or attention_stats:
-            self.slot_attention = torch.zeros(pool_tokens + 1, dtype=torch.float32, device=device)
-        if rsbcm:
-            self.tree.eviction_strategy.attach(self.slot_attention)
+        # Per-slot tables (index = slot; slot 0 is padding), owned by whoever built the
+        # engine and shared with the runner that fills them and the tree that reads them:
+        # the attention mass each slot's key received (RSBCM eviction, decode-KV
+        # compression; reset when a slot is allocated again), and each slot's hidden state
+        # at the ASKS key layer. None: not collected.
+        self.slot_attention = slot_attention
+        self.slot_features = slot_features
 
     # ---- capacity -------------------------------------------------------------------
     def available_tokens(self) -> int:
@@ -144,18 +142,19 @@ class KVCacheManager:
         (``span_features(prefix_slots, span_ids)``); the prefix stays locked meanwhile.
         """
         prefix_len = len(prefix_slots)
-        if prefix_len >= max_len or not getattr(self.tree, "semantic_active", False):
+        if prefix_len >= max_len or not (isinstance(self.tree, SemanticTree) and self.tree.semantic_active):
             return None
         span = token_ids[prefix_len:max_len]
-        features = None
-        if span_features is not None:
-            def features(n: int) -> torch.Tensor:
-                lock = self.tree.lock(node)
-                try:
-                    return span_features(prefix_slots, span[:n])
-                finally:
-                    self.tree.unlock(lock)
+
+        def locked_span_features(n: int) -> torch.Tensor:
+            lock = self.tree.lock(node)
+            try:
+                return span_features(prefix_slots, span[:n])
+            finally:
+                self.tree.unlock(lock)
+
         before = self.tree.stats.key_tokens
+        features = locked_span_features if span_features is not None else None
         match = self.tree.match_semantic(span, node, prefix_len, recipient_features=features,
                                          shift=self.rotate_keys is not None)
         self.key_tokens += self.tree.stats.key_tokens - before

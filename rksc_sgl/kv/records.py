@@ -8,6 +8,7 @@ positions read donor slots in place, hold rotated copies, or are recomputed
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import warnings
 from array import array
@@ -20,6 +21,22 @@ from rksc_sgl.gpu_stack import explain_missing_sgl_kernel
 with warnings.catch_warnings(), explain_missing_sgl_kernel():
     warnings.simplefilter("ignore")  # sglang's quantization modules warn at import without CUDA
     from sglang.srt.mem_cache.radix_cache import RadixKey
+
+
+class SemanticTree(abc.ABC):
+    """A tree cache that can continue an exact match semantically (ASKS); the KV manager
+    asks only such a tree for continuations (``rksc_sgl.rksc.tree_cache.RKSCRadixCache`` is
+    one, SGLang's ``RadixCache`` is not)."""
+
+    @property
+    @abc.abstractmethod
+    def semantic_active(self) -> bool:
+        """Whether a continuation can be found now (ASKS on, the tree enabled)."""
+
+    @abc.abstractmethod
+    def match_semantic(self, token_ids, node, start: int, recipient_features=None, shift: bool = True,
+                       count: bool = True):
+        """The best semantic continuation of ``node`` for ``token_ids``, or None."""
 
 
 class KVCacheExhausted(RuntimeError):

@@ -56,7 +56,7 @@ def solve(problem: Problem, num_branches: int = 8, max_tokens: int = 96, sample_
 
 def cli_options() -> dict:
     """This program's own flags: the CGEE gates (``program_main``'s ``options``)."""
-    from rksc_sgl.cli import fraction, on_off
+    from rksc_sgl.arg_types import fraction, on_off
 
     defaults = CGEEConfig()
     return {

@@ -45,7 +45,7 @@ def solve(problem: Problem, num_branches: int = 4, max_tokens: int = 96, sample_
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from rksc_sgl.cli import program_main
+    from rksc_sgl.program_runner import program_main
 
     return program_main(solve, description=__doc__, argv=argv, title="self-consistency",
                         problems=3, branches=4, max_tokens=96)

@@ -3,8 +3,8 @@
 ``RKSCRadixCache`` is a narrow subclass of SGLang's stock ``RadixCache``: the tree, its
 matching, splitting, locking and eviction are SGLang's own code. What it adds:
 
-* ``ASKSConfig``: the settings of ASKS (Attention-Similarity KV Sharing), validated once.
-  ASKS is off by default. An *active* config (``enabled=True`` and ``tau <= 1``) needs a
+* ``ASKSConfig`` (``rksc_sgl.rksc.asks_config``): the settings of ASKS (Attention-Similarity
+  KV Sharing), validated once. ASKS is off by default. An *active* config (``enabled=True`` and ``tau <= 1``) needs a
   ``token_features`` function (token ids -> per-token features at the key layer; the
   embedded engine passes the model's token embeddings, ``key_layer=0``).
 * Semantic keys: with ASKS active every node carries ``asks_key``, the L2-normalised mean
@@ -30,9 +30,7 @@ the SGLang runtime (``--radix-cache-backend rksc``, see ``rksc_sgl.runtime.plugi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import numbers
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -54,11 +52,14 @@ with warnings.catch_warnings(), explain_missing_sgl_kernel():
     from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
+from rksc_sgl.kv.records import SemanticTree
+from rksc_sgl.rksc.asks_config import ASKSConfig
 from rksc_sgl.rksc.branch_stop import BRANCH_RID_PREFIX
+from rksc_sgl.rksc.semantic_match import SemanticMatch, align_tokens
 from rksc_sgl.rksc.rsbcm import POLICY_NAME as RSBCM_POLICY
 from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
-__all__ = ["ASKSConfig", "RKSCCacheStats", "RKSCRadixCache", "SemanticMatch"]
+__all__ = ["RKSCCacheStats", "RKSCRadixCache"]
 
 TokenFeatures = Callable[[Sequence[int]], torch.Tensor]
 """Token ids -> (n, hidden) float features at the key layer (layer 0: token embeddings)."""
@@ -72,81 +73,6 @@ def is_stopped_branch(req) -> bool:
     frontend gen (``rksc-branch-...``): a branch ``rksc_sgl.vote`` stopped."""
     return (isinstance(req.finished_reason, FINISH_ABORT) and isinstance(req.rid, str)
             and req.rid.startswith(BRANCH_RID_PREFIX))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class ASKSConfig:
-    """Settings of ASKS semantic prefix matching.
-
-    ``enabled``: turn ASKS on (default off: exact token matching only).
-    ``tau``: cosine-similarity threshold a cached node's hidden-state key must reach
-    for its KV to be reused for a non-identical span; a value above 1 can never be
-    reached, so ASKS is then off even when ``enabled``.
-    ``key_layer``: the layer whose hidden states form the semantic key (0: token
-    embeddings, free; a shallow layer costs a partial forward pass).
-    ``recompute_fraction``: share of the aligned (reusable) span tokens whose KV is
-    computed anyway (those that deviate most at the key layer; at layer 0 those closest
-    after a differing token), in [0, 1]; tokens with no identical donor token are always
-    computed.
-    ``shifted``: also reuse identical donor tokens that sit at another position (copied,
-    keys RoPE-rotated). ``None`` (default): only where the KV pool is float32. In bfloat16
-    the rotated copies changed 2 to 5 in 100 answers of the paraphrase benchmark (95 to
-    98/100 on the CPU, 76/80 on an H100); computing them instead kept 97 to 100/100 over
-    five seeds (README, "ASKS in bfloat16").
-    """
-
-    enabled: bool = False
-    tau: float = 0.95
-    key_layer: int = 0
-    recompute_fraction: float = 0.5  # (the default setting: see the README's held-out runs)
-    shifted: Optional[bool] = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"ASKSConfig.enabled must be True or False, got {self.enabled!r}")
-        if not _is_real(self.tau) or not math.isfinite(self.tau):
-            raise ValueError(f"ASKSConfig.tau must be a finite number, got {self.tau!r}")
-        if self.tau < -1.0:
-            raise ValueError(
-                f"ASKSConfig.tau={self.tau!r} is below -1, the smallest cosine similarity; "
-                "use a threshold in [-1, 1] (or above 1 to never match)"
-            )
-        if not isinstance(self.key_layer, numbers.Integral) or isinstance(self.key_layer, bool):
-            raise ValueError(f"ASKSConfig.key_layer must be an integer, got {self.key_layer!r}")
-        if self.key_layer < 0:
-            raise ValueError(
-                f"ASKSConfig.key_layer must be >= 0 (0 = token embeddings), got {self.key_layer}"
-            )
-        if not _is_real(self.recompute_fraction) or not 0.0 <= self.recompute_fraction <= 1.0:
-            raise ValueError(
-                f"ASKSConfig.recompute_fraction must be a number in [0, 1], got {self.recompute_fraction!r}"
-            )
-        if self.shifted is not None and not isinstance(self.shifted, bool):
-            raise ValueError(f"ASKSConfig.shifted must be True, False or None (float32 only), got {self.shifted!r}")
-
-    @property
-    def active(self) -> bool:
-        """True when ASKS can match anything: enabled and ``tau`` reachable (<= 1)."""
-        return self.enabled and self.tau <= 1.0
-
-    def reuses_shifted(self, dtype: str) -> bool:
-        """Whether donor tokens at another position are reused, for a KV pool of ``dtype``."""
-        return self.shifted if self.shifted is not None else dtype == "float32"
-
-    def check_key_layer(self, num_layers: int) -> None:
-        """Raise ``ValueError`` if ``key_layer`` does not exist in a model of ``num_layers``.
-
-        Layer 0 is the embedding output; ``num_layers`` is the last block's output.
-        """
-        if self.key_layer > num_layers:
-            raise ValueError(
-                f"ASKSConfig.key_layer={self.key_layer} but the model has {num_layers} layers "
-                f"(valid key layers: 0..{num_layers})"
-            )
 
 
 @dataclasses.dataclass
@@ -180,7 +106,7 @@ class RKSCCacheStats:
         return dataclasses.asdict(self)
 
 
-class RKSCRadixCache(RadixCache):
+class RKSCRadixCache(RadixCache, SemanticTree):
     """SGLang's ``RadixCache`` with RKSC's configuration and statistics.
 
     ``RKSCRadixCache(params)`` takes the same ``CacheInitParams`` as ``RadixCache``;
@@ -194,10 +120,15 @@ class RKSCRadixCache(RadixCache):
     keys then come from the slots; the recipient's features come from the caller of
     ``match_semantic`` (its span must pass through the key layer). Without it (the SGLang
     runtime), keys are ``token_features`` of the node's token ids.
+
+    ``slot_attention`` (keyword only, with ``rsbcm`` eviction): the per-slot decode attention
+    mass RSBCM ranks leaves by (the engine's table; SGLang's runtime attaches its own after
+    building the cache).
     """
 
     def __init__(self, params: CacheInitParams, *, asks: Optional[ASKSConfig] = None,
-                 token_features: Optional[TokenFeatures] = None, slot_features: Optional[torch.Tensor] = None):
+                 token_features: Optional[TokenFeatures] = None, slot_features: Optional[torch.Tensor] = None,
+                 slot_attention: Optional[torch.Tensor] = None):
         if asks is None:
             asks = ASKSConfig()
         if not isinstance(asks, ASKSConfig):
@@ -222,6 +153,7 @@ class RKSCRadixCache(RadixCache):
         if rsbcm:
             self.eviction_policy = RSBCM_POLICY
             self.eviction_strategy = strategy
+            strategy.attach(slot_attention)
 
     @property
     def semantic_active(self) -> bool:
@@ -274,9 +206,8 @@ class RKSCRadixCache(RadixCache):
         return new_node
 
     def evict(self, params: EvictParams) -> EvictResult:
-        begin = getattr(self.eviction_strategy, "begin_evict", None)
-        if begin is not None and not self.disable:
-            begin(self.evictable_leaves)  # RSBCM: the attention reference of this eviction
+        if isinstance(self.eviction_strategy, RSBCMStrategy) and not self.disable:
+            self.eviction_strategy.begin_evict(self.evictable_leaves)  # the attention reference of this eviction
         result = super().evict(params)
         self.stats.evicted_tokens += result.num_tokens_evicted
         return result
@@ -443,52 +374,3 @@ class RKSCRadixCache(RadixCache):
         # Deviations are rounded so that float noise between equal features stays a tie.
         order = sorted(aligned, key=lambda i: (-round(deviation.get(i, 0.0), 6), since_change[i], i))
         return sorted(unaligned + order[:max(count, 0)])
-
-
-def align_tokens(donor_ids: List[int], recipient_ids: List[int], shift: bool = True) -> List[Optional[int]]:
-    """For each recipient token, the offset of the identical donor token it is aligned
-    with, or None: ``difflib.SequenceMatcher``'s matching blocks (longest first, in order,
-    no junk heuristic). ``shift=False`` keeps only pairs at the same offset."""
-    if not shift:
-        return [i if i < len(donor_ids) and donor_ids[i] == token else None for i, token in enumerate(recipient_ids)]
-    matcher = difflib.SequenceMatcher(None, donor_ids, recipient_ids, autojunk=False)
-    offsets: List[Optional[int]] = [None] * len(recipient_ids)
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            offsets[block.b + k] = block.a + k
-    return offsets
-
-
-@dataclasses.dataclass
-class SemanticMatch:
-    """A semantic alias for the recipient's positions ``start .. start + length - 1``.
-
-    ``donor_offsets[i]``: the offset in the donor node of the identical token whose KV
-    serves span offset ``i`` (None: not aligned, computed). ``recompute``: the span
-    offsets the recipient computes itself (every unaligned one, plus the selective
-    recompute). ``slots[i]``: the donor's KV slot for offset ``i`` (-1 where unaligned;
-    tree-owned: valid while ``node`` is locked). A reused offset whose donor token sits at
-    another offset is *shifted*: its KV must be copied with rotated keys."""
-
-    node: TreeNode
-    start: int
-    length: int
-    similarity: float
-    slots: torch.Tensor
-    recompute: List[int]
-    donor_offsets: List[Optional[int]]
-
-    @property
-    def reused_tokens(self) -> int:
-        """Span tokens whose KV comes from the donor (read in place or copied)."""
-        return self.length - len(self.recompute)
-
-    def shifted(self) -> List[int]:
-        """Reused span offsets whose donor token sits at another offset (copied, rotated)."""
-        skip = set(self.recompute)
-        return [i for i, j in enumerate(self.donor_offsets) if j is not None and j != i and i not in skip]
-
-    @property
-    def shared_tokens(self) -> int:
-        """Reused span tokens read in place from the donor's slots (no new slot)."""
-        return self.reused_tokens - len(self.shifted())

@@ -1,7 +1,10 @@
 """rksc-sgl inside SGLang's own server runtime (``launch_server``).
 
-- ``launcher``: ``rksc-sgl launch-server`` -- SGLang's server with the RKSC cache selected,
-  CPU set-up where there is no GPU, a bounded start-up, the whole process group ended.
+- ``launcher``: the ``rksc-sgl launch-server`` command line.
+- ``launch_plan``: SGLang's flags checked by SGLang's parser, then the RKSC cache selected and
+  the CPU set-up added where there is no GPU.
+- ``server_process``: a planned server as one process group: bounded start-up, watched,
+  the whole group ended.
 - ``attention_stats``: the ``--forward-hooks`` factory that gives RSBCM real attention
   statistics in the scheduler process.
 - ``server_state``: the ``rksc`` entry of ``/server_info`` (counters, idle integrity check).

@@ -41,194 +41,23 @@ matched, a pass SGLang's scheduler has no place for.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import functools
-import json
 import logging
-import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache, SemanticMatch
+from rksc_sgl.rksc.asks_config import ASKSConfig
+from rksc_sgl.rksc.tree_cache import RKSCRadixCache
+from rksc_sgl.runtime.asks_plan import ASKSPlan, key_rotation, subtract_positions
+from rksc_sgl.runtime.asks_settings import ENV_VAR, asks_unsupported
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "RKSC_ASKS"
-"""Environment variable with the runtime's ASKS settings (a JSON object of ``ASKSConfig``
-fields, e.g. ``{"tau": 0.95, "recompute_fraction": 0.5}``); SGLang's scheduler processes
-inherit it. Unset or empty: ASKS off."""
-
-SETTINGS = ("enabled", "tau", "recompute_fraction", "shifted", "key_layer")
 PENDING_ATTR = "rksc_asks_pending"  # the plan of a waiting request's latest match (a Req attribute)
 ROUND_OPEN_ATTR = "rksc_asks_round_open"  # a PrefillAdder attribute: a recipient's round is in this batch
 ADD_ONE_REQ_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 ADD_CHUNKED_REQ_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
-ROTATABLE_ROPE = ("RotaryEmbedding", "Llama3RotaryEmbedding")
-
-
-class ASKSSettingsError(ValueError):
-    """The ``RKSC_ASKS`` settings are malformed or not supported in the runtime."""
-
-
-def asks_config_from_env(environ: Mapping[str, str] = os.environ) -> ASKSConfig:
-    """The runtime's ASKS configuration from ``RKSC_ASKS`` (off when unset or empty)."""
-    raw = environ.get(ENV_VAR, "").strip()
-    if not raw:
-        return ASKSConfig()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object such as "
-                                f"'{{\"tau\": 0.95, \"recompute_fraction\": 0.5}}', got {raw!r} ({exc})") from None
-    if not isinstance(data, dict):
-        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object of ASKS settings, got {raw!r}")
-    unknown = sorted(set(data) - set(SETTINGS))
-    if unknown:
-        raise ASKSSettingsError(f"{ENV_VAR}: unknown setting(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(SETTINGS)}")
-    data.setdefault("enabled", True)
-    try:
-        config = ASKSConfig(**data)
-    except ValueError as exc:
-        raise ASKSSettingsError(f"{ENV_VAR}: {exc}") from None
-    if config.key_layer != 0:
-        raise ASKSSettingsError(
-            f"{ENV_VAR}: key_layer={config.key_layer} is not supported in SGLang's runtime (key layer 0 only): "
-            "a deeper key needs the recipient's span run through the first layers before its prefix "
-            "match, a pass SGLang's scheduler has no place for; use the embedded engine for key_layer > 0")
-    return config
-
-
-def asks_unsupported(*, tp_size: int, page_size: Optional[int], chunked_prefill_size: Optional[int],
-                     speculative_algorithm: Optional[str]) -> List[str]:
-    """What of a server's configuration ASKS cannot run with (empty: nothing). Checked by the
-    launcher before anything starts and by the scheduler's cache factory (the plain SGLang
-    command); ``chunked_prefill_size=None``: not set (the launcher then adds one)."""
-    problems = []
-    if page_size not in (None, 1):
-        problems.append(f"ASKS needs --page-size 1 (donor and computed tokens interleave), got {page_size}")
-    if chunked_prefill_size is not None and chunked_prefill_size <= 0:
-        problems.append("ASKS needs chunked prefill (a recipient's rounds are its chunks); "
-                        f"drop --chunked-prefill-size {chunked_prefill_size}")
-    if tp_size != 1:
-        problems.append(f"ASKS needs --tp-size 1 (its keys read the token embeddings), got {tp_size}")
-    if speculative_algorithm:
-        problems.append(f"ASKS does not support --speculative-algorithm {speculative_algorithm}")
-    return problems
-
-
-def env_value(config: ASKSConfig) -> str:
-    """The ``RKSC_ASKS`` value that gives ``config``."""
-    return json.dumps({name: getattr(config, name) for name in SETTINGS if name != "key_layer"})
-
-
-# ---- the plan of one recipient ---------------------------------------------------------------
-@dataclasses.dataclass
-class ASKSPlan:
-    """One recipient's use of a donor: which row positions reuse what, and its rounds.
-
-    ``in_place``: row position -> the donor's own slot (an identical token at the same
-    offset). ``copies``: row position -> (donor slot, delta), an identical token ``delta``
-    positions earlier in the donor, copied with its keys rotated. Every other position from
-    ``exact_len`` on is computed. ``copy_slots``: the plan's copies made so far (position ->
-    slot). ``lock``: the donor node's tree lock while the recipient runs.
-    """
-
-    match: SemanticMatch
-    exact_len: int
-    in_place: Dict[int, int]
-    copies: Dict[int, Tuple[int, int]]
-    copy_slots: Dict[int, int] = dataclasses.field(default_factory=dict)
-    lock: Any = None
-    kv: Any = None  # the admitted request's ReqKvInfo (kept alive while registered)
-
-    @classmethod
-    def build(cls, match: SemanticMatch, exact_len: int, shift: bool) -> "ASKSPlan":
-        computed = set(match.recompute)
-        in_place, copies = {}, {}
-        for offset, donor_offset in enumerate(match.donor_offsets):
-            if donor_offset is None or offset in computed:
-                continue
-            slot = int(match.slots[offset])
-            if donor_offset == offset:
-                in_place[exact_len + offset] = slot
-            elif shift:
-                copies[exact_len + offset] = (slot, offset - donor_offset)
-        return cls(match=match, exact_len=exact_len, in_place=in_place, copies=copies)
-
-    @functools.cached_property
-    def reused(self) -> List[int]:
-        """Row positions served from the donor, ascending (``in_place``/``copies`` never change)."""
-        return sorted([*self.in_place, *self.copies])
-
-    @property
-    def reused_tokens(self) -> int:
-        return len(self.in_place) + len(self.copies)
-
-    def next_computed(self, position: int) -> int:
-        """The first computed row position at or after ``position``."""
-        while position in self.in_place or position in self.copies:
-            position += 1
-        return position
-
-    def run_end(self, start: int) -> Optional[int]:
-        """Where the computed run from ``start`` ends (the next reused position), or
-        ``None`` when it runs to the end of the prompt (the last round)."""
-        k = bisect.bisect_right(self.reused, start)
-        return self.reused[k] if k < len(self.reused) else None
-
-    @property
-    def rounds(self) -> int:
-        """Prefill passes the recipient takes: one per computed run."""
-        count, position = 0, self.next_computed(self.exact_len)
-        while True:
-            count += 1
-            end = self.run_end(position)
-            if end is None:
-                return count
-            position = self.next_computed(end)
-
-
-# ---- key rotation for shifted copies -------------------------------------------------------------
-def key_rotation(rotary_emb) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
-    """``rotate(keys, delta)``: keys (n, heads, head_dim) moved ``delta`` positions later,
-    for SGLang's position-independent rotary embeddings; ``None`` for others (shifted donor
-    tokens are then computed). Rotations compose, R(p + d) = R(d) R(p)."""
-    if type(rotary_emb).__name__ not in ROTATABLE_ROPE:
-        return None
-    inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).float().cpu()  # (rotary_dim / 2,)
-    rotary_dim, neox = int(rotary_emb.rotary_dim), bool(rotary_emb.is_neox_style)
-
-    def rotate(keys: torch.Tensor, delta: int) -> torch.Tensor:
-        angle = inv_freq.to(keys.device) * float(delta)
-        cos, sin = angle.cos(), angle.sin()
-        k = keys.float()
-        rot, rest = k[..., :rotary_dim], k[..., rotary_dim:]
-        if neox:
-            x1, x2 = rot.chunk(2, dim=-1)
-            rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-        return torch.cat([rot, rest], dim=-1)
-
-    return rotate
-
-
-def _subtract(ranges: List[Tuple[int, int]], positions: List[int]) -> List[Tuple[int, int]]:
-    """Ascending half-open ``ranges`` without the sorted ``positions``."""
-    out = []
-    for start, end in ranges:
-        cursor = start
-        for position in positions[bisect.bisect_left(positions, start):bisect.bisect_left(positions, end)]:
-            if position > cursor:
-                out.append((cursor, position))
-            cursor = position + 1
-        if cursor < end:
-            out.append((cursor, end))
-    return out
 
 
 # ---- the cache ------------------------------------------------------------------------------------------
@@ -356,7 +185,7 @@ class RuntimeASKSCache(RKSCRadixCache):
     def free_kv_row(self, kv, ranges):
         plan = self.plans.get(id(kv))
         if plan is not None:
-            ranges = _subtract(list(ranges), plan.reused)  # the donor's slots, and the plan's copies
+            ranges = subtract_positions(list(ranges), plan.reused)  # the donor's slots, and the plan's copies
         if ranges:
             super().free_kv_row(kv, ranges)
 

@@ -79,7 +79,7 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
 
     plan_kwargs: Dict[str, Any] = {"rksc_cache": rksc, "seeded_sampling": seeded}
     if mode.asks:
-        from rksc_sgl.rksc.tree_cache import ASKSConfig
+        from rksc_sgl.rksc.asks_config import ASKSConfig
 
         plan_kwargs["asks"] = ASKSConfig(enabled=True, tau=mode.effective_tau(settings),
                                          recompute_fraction=settings.asks_recompute)
@@ -91,7 +91,8 @@ def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = F
     """``(backend, launch command)``: a started server for ``mode``, reached through a
     :class:`RuntimeBackend`, and the shell command it runs; the server ends on exit."""
     from rksc_sgl.runtime.endpoint import RuntimeBackend
-    from rksc_sgl.runtime.launcher import RuntimeServer, free_port, plan_launch
+    from rksc_sgl.runtime.launch_plan import plan_launch
+    from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 
     argv, plan_kwargs = server_flags(mode, settings, overrides, free_port(), seeded)
     plan = plan_launch(argv, **plan_kwargs)

@@ -61,7 +61,8 @@ backend builds it (SGLang's own caches reject the name)."""
 
 def rksc_cache_factory(ctx):
     """Build the RKSC tree cache from SGLang's ``TreeCacheBuildContext``."""
-    from rksc_sgl.rksc.tree_cache import ASKSConfig, RKSCRadixCache
+    from rksc_sgl.rksc.asks_config import ASKSConfig
+    from rksc_sgl.rksc.tree_cache import RKSCRadixCache
 
     unsupported = []
     if ctx.is_hybrid_swa:
@@ -76,7 +77,8 @@ def rksc_cache_factory(ctx):
             f"and does not support {', '.join(unsupported)}; omit --radix-cache-backend to use "
             "SGLang's default cache"
         )
-    from rksc_sgl.runtime.asks import asks_config_from_env, build_cache
+    from rksc_sgl.runtime.asks import build_cache
+    from rksc_sgl.runtime.asks_settings import asks_config_from_env
 
     asks = asks_config_from_env()
     if asks.active and not ctx.disable_radix_cache:
@@ -131,7 +133,8 @@ def _add_asks_hooks() -> None:
     a server without ASKS runs SGLang's scheduler untouched."""
     import os
 
-    from rksc_sgl.runtime.asks import ENV_VAR, register_hooks
+    from rksc_sgl.runtime.asks import register_hooks
+    from rksc_sgl.runtime.asks_settings import ENV_VAR
 
     if os.environ.get(ENV_VAR, "").strip():
         register_hooks()

@@ -5,7 +5,7 @@ level although, on a CPU without AMX, every layer a Llama-family model uses fall
 torch code and no ``sgl_kernel`` function is called. Every process SGLang spawns inherits
 ``PYTHONPATH``, so this module runs first in each of them and installs the import-only
 stand-in (``rksc_sgl.gpu_stack.install_sgl_kernel_standin``), which does nothing where
-the real ``sgl_kernel`` is installed. ``rksc_sgl.runtime.launcher`` puts this folder on
+the real ``sgl_kernel`` is installed. ``rksc_sgl.runtime.launch_plan`` puts this folder on
 the path only when ``sgl_kernel`` is missing.
 
 A ``sitecustomize`` found later on ``sys.path`` (a distribution's own) still runs.

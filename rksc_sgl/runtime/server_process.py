@@ -1,0 +1,218 @@
+"""SGLang's server as one process group, started and ended safely.
+
+:class:`RuntimeServer` runs a :class:`~rksc_sgl.runtime.launch_plan.LaunchPlan`: the server is a new process group; start-up is
+bounded (``startup_timeout``) and watched (the launcher process, and every ``sglang::*``
+process it spawned, must stay alive until ``/health`` answers 200); :meth:`RuntimeServer.stop`
+ends the whole group (SIGTERM, then SIGKILL) and reaps every process that left it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import IO, Any, Deque, Dict, Iterator, Optional, Sequence
+
+from rksc_sgl.runtime.launch_plan import LaunchError, LaunchPlan, plan_launch
+
+__all__ = ["RuntimeServer", "free_port", "running_server", "DEFAULT_STARTUP_TIMEOUT_S"]
+
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+SGLANG_PROCESS_PREFIX = "sglang::"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (for servers started on an ephemeral port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+class RuntimeServer:
+    """One SGLang server process group: start it, wait for it, watch it, end it.
+
+    ``log``: where the server's output goes (a text stream; default: this process's
+    stdout). The last lines are kept for error messages either way.
+    """
+
+    def __init__(self, plan: LaunchPlan, *, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+                 log: Optional[IO[str]] = None):
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0, got {startup_timeout}")
+        self.plan = plan
+        self.startup_timeout = startup_timeout
+        self.log = log
+        self.process: Optional[subprocess.Popen] = None
+        self.tail: Deque[str] = collections.deque(maxlen=60)
+        self._reader: Optional[threading.Thread] = None
+        self._watched: Dict[int, str] = {}
+
+    @property
+    def url(self) -> str:
+        return self.plan.url
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> "RuntimeServer":
+        """Launch and wait until ready (stopping everything if it does not get there)."""
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> "RuntimeServer":
+        """Start the process group without waiting (then :meth:`wait_ready`, or :meth:`stop`)."""
+        if self.process is not None:
+            raise RuntimeError("server already started")
+        if not _port_free(self.plan.host, self.plan.port):
+            raise LaunchError(f"port {self.plan.port} on {self.plan.host} is already in use "
+                              "(pass --port to choose another)")
+        self.process = subprocess.Popen(
+            self.plan.command(), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, name="sglang-output", daemon=True)
+        self._reader.start()
+        return self
+
+    def _pump(self) -> None:
+        out = self.log or sys.stdout
+        for line in self.process.stdout:
+            self.tail.append(line.rstrip("\n"))
+            with contextlib.suppress(ValueError, OSError):
+                out.write(line)
+                out.flush()
+
+    def wait_ready(self) -> None:
+        """Until ``/health`` answers 200; :class:`LaunchError` if a process dies or time runs out."""
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            problem = self.problem()
+            if problem:
+                raise LaunchError(f"SGLang server failed during start-up: {problem}\n{self.last_lines()}")
+            if self.healthy(timeout=2.0):
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"SGLang server not ready after {self.startup_timeout:.0f} s "
+                                  f"(--startup-timeout)\n{self.last_lines()}")
+            time.sleep(0.5)
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def problem(self) -> Optional[str]:
+        """Why the server is broken (the launcher exited, an ``sglang::`` process died), or ``None``."""
+        import psutil
+
+        if self.process is None:
+            return "not started"
+        code = self.process.poll()
+        if code is not None:
+            return f"the launcher process exited with status {code}"
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    name = child.name()
+                    if name.startswith(SGLANG_PROCESS_PREFIX) and child.status() != psutil.STATUS_ZOMBIE:
+                        self._watched.setdefault(child.pid, name)
+        except psutil.NoSuchProcess:
+            return "the launcher process is gone"
+        for pid, name in list(self._watched.items()):
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                return f"the {name} process (pid {pid}) died"
+        return None
+
+    def last_lines(self, n: int = 25) -> str:
+        lines = list(self.tail)[-n:]
+        return "last server output:\n  " + "\n  ".join(lines) if lines else "(no server output)"
+
+    # -- stop ----------------------------------------------------------------------------
+    def stop(self, timeout: float = 20.0) -> Optional[int]:
+        """End every process of the server (idempotent); returns the launcher's exit status."""
+        import psutil
+
+        if self.process is None:
+            return None
+        procs = []
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(self.process.pid)
+            procs = [parent, *parent.children(recursive=True)]
+        procs += [p for pid in self._watched if (p := _process(pid)) is not None]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        code = self.process.wait(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+    def wait(self, poll_s: float = 1.0) -> str:
+        """Block while the server is healthy; return why it stopped."""
+        while True:
+            problem = self.problem()
+            if problem:
+                return problem
+            time.sleep(poll_s)
+
+    def __enter__(self) -> "RuntimeServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+@contextlib.contextmanager
+def running_server(user_argv: Sequence[str], *, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+                   log: Optional[IO[str]] = None, **plan_kwargs: Any) -> Iterator[RuntimeServer]:
+    """``with running_server([...sglang args]) as server:`` -- planned, started, always ended."""
+    server = RuntimeServer(plan_launch(user_argv, **plan_kwargs), startup_timeout=startup_timeout, log=log)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
