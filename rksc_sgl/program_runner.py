@@ -107,7 +107,9 @@ def format_stats(stats, wall_s: float, per_problem: Optional[Sequence[float]] = 
     """
     prompt = stats.prefill_tokens + stats.cached_tokens
     hit = stats.cached_tokens / prompt if prompt else 0.0
-    engine = hasattr(stats, "forward_passes")
+    from rksc_sgl.engine.request import EngineStats
+
+    engine = isinstance(stats, EngineStats)
     rows = [
         ("requests", f"{stats.requests}"),
         ("prefill tokens computed", f"{stats.prefill_tokens}"),

@@ -47,10 +47,20 @@ import random
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 from rksc_sgl.problems import extract_answer
 from rksc_sgl.rksc.verifier import ExitPolicy, wilson_interval
+
+
+@runtime_checkable
+class LayerExitBackend(Protocol):
+    """A backend that runs CGEE's verifier pass itself, layer by layer with gate 2's exit (the
+    embedded engine, ``rksc_sgl.rksc.verifier``). Any other backend (SGLang's
+    ``RuntimeEndpoint``) verifies with a YES/NO ``select``, every layer run."""
+
+    def verify_yes_no(self, prompts: Sequence[str], policy: Optional[ExitPolicy] = None,
+                      trace: bool = False) -> list: ...
 
 SELECTIONS = ("weighted_vote", "max_yes")
 DEFAULT_VERIFY_PROMPT = "Is this solution correct? Answer Yes or No."
@@ -315,7 +325,7 @@ def _verify(states, answer: str, question: Optional[str], config: CGEEConfig,
     gates: Dict[str, Any] = {"skip_gate": config.skip_gate, "exit_gate": config.exit_gate,
                              "vote_share": gate1["vote_share"], "top_confidence": gate1["confidence"],
                              "skipped": gate1["skip"], "num_layers": None, "layers_run": None,
-                             "mean_exit_layer": None, "exit_available": hasattr(backend, "verify_yes_no"),
+                             "mean_exit_layer": None, "exit_available": isinstance(backend, LayerExitBackend),
                              "verifier_new_tokens": 0, "verifier_cached_tokens": 0,
                              "audited": False, "audit_agrees": None}
     scores: List[Optional[float]] = [None] * len(states)
@@ -369,7 +379,7 @@ def verifier_prompt(state, config: CGEEConfig, question: Optional[str]) -> str:
 
 def _verifier_pass(states, backend, config: CGEEConfig, question, exit_gate: bool) -> tuple:
     prompts = [verifier_prompt(s, config, question) for s in states]
-    if hasattr(backend, "verify_yes_no"):
+    if isinstance(backend, LayerExitBackend):
         policy = config.exit_policy() if exit_gate else ExitPolicy(enabled=False)
         results = backend.verify_yes_no(prompts, policy=policy)
         layers = [r.layers_run for r in results]

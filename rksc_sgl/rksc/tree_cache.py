@@ -156,6 +156,13 @@ class RKSCRadixCache(RadixCache, SemanticTree):
             strategy.attach(slot_attention)
 
     @property
+    def slot_attention(self) -> Optional[torch.Tensor]:
+        """RSBCM's per-slot attention table (``None`` under another policy, or before the
+        runtime plugin attaches the pool's); whoever writes new KV into a slot zeroes it."""
+        strategy = self.eviction_strategy
+        return strategy.slot_attention if isinstance(strategy, RSBCMStrategy) else None
+
+    @property
     def semantic_active(self) -> bool:
         """True when semantic matching can happen (ASKS active and the tree enabled)."""
         return self.asks.active and not self.disable

@@ -47,16 +47,16 @@ def add_rksc_state(result, controller, *args, **kwargs):
 
 
 def rksc_state(scheduler, tree) -> Dict[str, Any]:
+    from rksc_sgl.runtime.asks import RuntimeASKSCache
     from rksc_sgl.runtime.attention_stats import slot_attention_of
 
     pool = tree.token_to_kv_pool_allocator.get_kvcache()
-    table = getattr(tree.eviction_strategy, "slot_attention", None)
     return {
         "backend": "rksc",
         "eviction_policy": tree.eviction_policy,
         "cache": tree.stats.as_dict(),
-        "attention": slot_attention_of(pool).as_dict() if table is not None else None,
-        "asks": tree.asks_state() if hasattr(tree, "asks_state") else None,
+        "attention": slot_attention_of(pool).as_dict() if tree.slot_attention is not None else None,
+        "asks": tree.asks_state() if isinstance(tree, RuntimeASKSCache) else None,
         "integrity": integrity(scheduler, tree),
     }
 
@@ -89,7 +89,9 @@ def integrity(scheduler, tree) -> Dict[str, Any]:
     total = scheduler.max_total_num_tokens
     if locked:
         problems.append(f"{locked} tree nodes still locked while idle")
-    plans = getattr(tree, "plans", None)
+    from rksc_sgl.runtime.asks import RuntimeASKSCache
+
+    plans = tree.plans if isinstance(tree, RuntimeASKSCache) else None
     if plans:
         problems.append(f"{len(plans)} ASKS recipients still registered while idle")
     if tree.protected_size():
