@@ -37,7 +37,8 @@ import sglang as sgl  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import rksc_sgl  # noqa: E402
-from rksc_sgl.rksc.cgee import CGEEConfig, choose, generation_confidence, skip_decision, verifier_prompt  # noqa: E402
+from rksc_sgl.rksc.cgee import CGEEConfig, verifier_prompt  # noqa: E402
+from rksc_sgl.rksc.cgee_decisions import choose, generation_confidence, skip_decision  # noqa: E402
 from rksc_sgl.problems import (CHAIN_STOP, SYSTEM_PROMPT, extract_answer, load_problems,  # noqa: E402
                                question_prompt, score)
 from rksc_sgl.bench.report import run_record  # noqa: E402

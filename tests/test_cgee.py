@@ -8,8 +8,8 @@ import pytest
 import sglang as sgl
 import torch
 
-from rksc_sgl.rksc.cgee import (AuditLog, CGEEConfig, choose, cut_at_eos, generation_confidence, skip_decision,
-                           verifier_prompt, verify)
+from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig, verifier_prompt, verify
+from rksc_sgl.rksc.cgee_decisions import choose, cut_at_eos, generation_confidence, skip_decision
 from rksc_sgl.rksc.verifier import ExitPolicy, binary_entropy_bits, should_exit, simulate_exit, wilson_interval
 
 # ---- gate 1 and the pure pieces (no model) -------------------------------------------------------

@@ -109,6 +109,7 @@ def parse_modes(text: str) -> List[Mode]:
 # ---- settings --------------------------------------------------------------------------------
 BACKENDS = ("engine", "runtime")
 
+
 @dataclasses.dataclass
 class BenchSettings:
     """Everything a run depends on besides the workload and modes (all recorded in the JSON)."""

@@ -11,7 +11,8 @@ module              holds
 ``rsbcm``           the ``rsbcm`` eviction strategy (attention-weighted, depth priority)
 ``compression``     decode-KV compression of reasoning traces (R-KV, CASK-style, baselines)
                     and the step that applies it to a request's row
-``cgee``            :func:`verify`: best-of-N with confidence-gated early exit
+``cgee``            :func:`verify`: best-of-N with confidence-gated early exit, and its audit
+``cgee_decisions``  CGEE's model-free decisions: confidence, vote, gate 1, the choice
 ``verifier``        the verifier's YES/NO pass and its layer-exit policy
 ``branch_stop``     :func:`vote`: stop a fork's branches once the vote is settled
 ==================  ==========================================================================

@@ -21,6 +21,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from rksc_sgl.rksc.branch_stop import BRANCH_RID_PREFIX, StreamControls, stopped_meta_info
 from rksc_sgl.model.chat import server_chat_template
 from rksc_sgl.runtime.client import RuntimeClient
+from rksc_sgl.runtime.plugin import BACKEND_NAME
 
 __all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
 
@@ -60,6 +61,11 @@ class RuntimeInfo:
     cache: str
     """``none`` (radix cache disabled), the ``--radix-cache-backend`` name, or ``default``."""
     eviction_policy: str
+
+    @property
+    def rksc_tree(self) -> bool:
+        """The server's tree is the RKSC cache (it reports ASKS counters and an idle check)."""
+        return self.cache == BACKEND_NAME
 
 
 class _CurrentStream(threading.local):
@@ -178,7 +184,7 @@ class RuntimeBackend(RuntimeEndpoint):
     def stats(self, reset_peak: bool = False) -> RuntimeStats:
         with self._lock:
             stats = dataclasses.replace(self._stats)
-        if self.config.cache == "rksc":  # the tree's ASKS counters
+        if self.config.rksc_tree:  # the tree's ASKS counters
             cache = (self.client.rksc_state() or {}).get("cache") or {}
             stats.semantic_tokens = cache.get("semantic_hit_tokens", 0)
             stats.recomputed_tokens = cache.get("recomputed_tokens", 0)
@@ -197,7 +203,7 @@ class RuntimeBackend(RuntimeEndpoint):
         """The server is healthy and, with the ``rksc`` tree, its idle integrity check passes."""
         if not self.client.healthy():
             raise RuntimeError(f"server {self.base_url} is not healthy")
-        if self.config.cache == "rksc":
+        if self.config.rksc_tree:
             report = self.client.idle_integrity()
             if report["checked"] and not report["ok"]:
                 raise RuntimeError(f"rksc tree integrity check failed: {report['problems']}")
