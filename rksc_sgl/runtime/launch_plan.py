@@ -1,4 +1,4 @@
-"""``rksc-sgl launch-server``: SGLang's own server with the RKSC cache, started and ended safely.
+"""What ``rksc-sgl launch-server`` runs: SGLang's command line, checked, plus RKSC's and the CPU's defaults.
 
 The command line is SGLang's (``python -m sglang.launch_server ...``): every argument is
 parsed by SGLang's own parser, in this process, before anything starts, so a typo or a bad
