@@ -17,7 +17,7 @@ from rksc_sgl.arg_types import fraction, positive_int
 from rksc_sgl.config import CACHE_MODES, EngineConfig
 
 DEFAULT_MODEL = EngineConfig.model
-DEFAULT_CACHE = "radix"
+DEFAULT_CACHE = EngineConfig.cache
 DEFAULT_THREADS = 1
 
 
