@@ -152,7 +152,9 @@ def _warn_ignored_flags(args: argparse.Namespace, engine) -> None:
     actual = {"cache": cfg.cache, "model": cfg.model, "kv_pool_tokens": cfg.kv_pool_tokens,
               "max_running": cfg.max_running_requests, "threads": cfg.num_threads, "engine_seed": cfg.seed,
               "asks_tau": cfg.asks.tau if cfg.asks.enabled else None,
-              "asks_recompute": cfg.asks.recompute_fraction, "asks_key_layer": cfg.asks.key_layer}
+              "asks_recompute": cfg.asks.recompute_fraction, "asks_key_layer": cfg.asks.key_layer,
+              "kv_compression": cfg.compression.method if cfg.compression is not None else None,
+              "kv_budget": cfg.compression.budget if cfg.compression is not None else None}
     ignored = [f"--{flag.replace('_', '-')}" for flag, value in actual.items()
                if getattr(args, flag, None) is not None and getattr(args, flag) != value]
     if ignored:

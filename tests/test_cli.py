@@ -84,6 +84,33 @@ def test_engine_kwargs_defaults_and_flags():
         parser.parse_args(["--cache", "bogus"])
 
 
+def test_installed_engine_reused_and_each_differing_flag_named(monkeypatch, capsys):
+    """A program under ``rksc-sgl run`` reuses its engine; every engine flag the program was
+    given that differs from that engine (the compression flags too) is named in one note."""
+    from types import SimpleNamespace
+
+    from rksc_sgl.config import EngineConfig
+
+    installed = SimpleNamespace(config=EngineConfig(cache="rksc", num_threads=1,
+                                                   compression={"method": "rkv", "budget": 0.2}))
+    monkeypatch.setattr(engine_flags, "installed_engine", lambda: installed)
+    parser = engine_flags.add_engine_args(argparse.ArgumentParser())
+
+    same = parser.parse_args(["--cache", "rksc", "--kv-compression", "rkv", "--kv-budget", "0.2"])
+    assert engine_flags.engine_from_args(same) == (installed, False)
+    assert capsys.readouterr().err == ""
+
+    differing = parser.parse_args(["--cache", "radix", "--kv-compression", "cask", "--kv-budget", "0.5",
+                                   "--threads", "1"])
+    assert engine_flags.engine_from_args(differing) == (installed, False)
+    err = capsys.readouterr().err
+    assert "ignoring --cache, --kv-compression, --kv-budget\n" in err
+
+    installed.config = EngineConfig(cache="radix")
+    assert engine_flags.engine_from_args(parser.parse_args(["--kv-compression", "recent"])) == (installed, False)
+    assert "ignoring --kv-compression\n" in capsys.readouterr().err
+
+
 def test_format_stats_names_every_counter():
     stats = EngineStats(requests=3, prefill_tokens=30, cached_tokens=90, decode_tokens=12, forward_passes=7,
                         peak_kv_tokens=140, busy_time_s=1.5)
