@@ -23,6 +23,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from rksc_sgl.runtime.attention_stats import slot_attention_of
+
 logger = logging.getLogger(__name__)
 
 INTERNAL_STATE_TARGET = (
@@ -31,33 +33,38 @@ INTERNAL_STATE_TARGET = (
 
 
 def add_rksc_state(result, controller, *args, **kwargs):
-    """AFTER hook of ``get_internal_state``: add the ``rksc`` entry when the tree is RKSC's."""
+    """AFTER hook of ``get_internal_state``: add the ``rksc`` entry when the tree is RKSC's.
+
+    The cache classes are imported here, when a scheduler answers ``/server_info``, not when
+    the plugin registers the hook: that happens in every SGLang process.
+    """
     from rksc_sgl.rksc.tree_cache import RKSCRadixCache
+    from rksc_sgl.runtime.asks import RuntimeASKSCache
 
     scheduler = controller.scheduler
     tree = getattr(scheduler, "tree_cache", None)
     if not isinstance(tree, RKSCRadixCache):
         return result
+    asks_tree = tree if isinstance(tree, RuntimeASKSCache) else None
     try:
-        result.internal_state["rksc"] = rksc_state(scheduler, tree)
+        result.internal_state["rksc"] = rksc_state(scheduler, tree, asks_tree)
     except Exception as exc:  # never break /server_info
         logger.exception("rksc state failed")
         result.internal_state["rksc"] = {"error": repr(exc)}
     return result
 
 
-def rksc_state(scheduler, tree) -> Dict[str, Any]:
-    from rksc_sgl.runtime.asks import RuntimeASKSCache
-    from rksc_sgl.runtime.attention_stats import slot_attention_of
-
+def rksc_state(scheduler, tree, asks_tree=None) -> Dict[str, Any]:
+    """The ``rksc`` entry of an RKSC tree; ``asks_tree`` is the same tree when it is a
+    ``RuntimeASKSCache`` (ASKS on), else None."""
     pool = tree.token_to_kv_pool_allocator.get_kvcache()
     return {
         "backend": "rksc",
         "eviction_policy": tree.eviction_policy,
         "cache": tree.stats.as_dict(),
         "attention": slot_attention_of(pool).as_dict() if tree.slot_attention is not None else None,
-        "asks": tree.asks_state() if isinstance(tree, RuntimeASKSCache) else None,
-        "integrity": integrity(scheduler, tree),
+        "asks": asks_tree.asks_state() if asks_tree is not None else None,
+        "integrity": integrity(scheduler, tree, asks_tree),
     }
 
 
@@ -67,7 +74,7 @@ def _idle(scheduler) -> bool:
             and getattr(scheduler, "chunked_req", None) is None)
 
 
-def integrity(scheduler, tree) -> Dict[str, Any]:
+def integrity(scheduler, tree, asks_tree=None) -> Dict[str, Any]:
     """Slot and lock invariants of an idle scheduler's tree (``checked: false`` when busy)."""
     if not _idle(scheduler):
         return {"checked": False, "ok": None, "problems": []}
@@ -89,9 +96,7 @@ def integrity(scheduler, tree) -> Dict[str, Any]:
     total = scheduler.max_total_num_tokens
     if locked:
         problems.append(f"{locked} tree nodes still locked while idle")
-    from rksc_sgl.runtime.asks import RuntimeASKSCache
-
-    plans = tree.plans if isinstance(tree, RuntimeASKSCache) else None
+    plans = asks_tree.plans if asks_tree is not None else None
     if plans:
         problems.append(f"{len(plans)} ASKS recipients still registered while idle")
     if tree.protected_size():
