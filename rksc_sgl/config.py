@@ -47,8 +47,9 @@ register_cache(CacheSpec("radix", prefix_cache=True, rksc_tree=False,
 register_cache(CacheSpec("rksc", prefix_cache=True, rksc_tree=True,
                          help="RKSCRadixCache: matches exactly like radix; hosts ASKS and RSBCM"))
 
-CACHE_MODES = tuple(CACHE_SPECS)
-"""The registered cache modes' names, for choices and messages."""
+CACHE_MODES = CACHE_SPECS.keys()
+"""The registered cache modes' names, for choices and messages: a live view of the
+registry, so a mode registered after this import is a ``--cache`` choice too."""
 
 
 def cache_spec(name: str) -> CacheSpec:

@@ -78,7 +78,7 @@ def test_bad_engine_config(kwargs, message):
 def test_cache_modes_are_registered_specs_that_say_what_an_engine_builds():
     from rksc_sgl.config import CACHE_MODES, CACHE_SPECS, CacheSpec, register_cache
 
-    assert CACHE_MODES == tuple(CACHE_SPECS) == ("none", "radix", "rksc")
+    assert tuple(CACHE_MODES) == tuple(CACHE_SPECS) == ("none", "radix", "rksc")
     assert [(s.prefix_cache, s.rksc_tree) for s in CACHE_SPECS.values()] == [(False, False), (True, False),
                                                                             (True, True)]
     with pytest.raises(ValueError, match="already registered"):
@@ -91,6 +91,22 @@ def test_cache_modes_are_registered_specs_that_say_what_an_engine_builds():
     assert cfg(cache="radix", compression={"method": "rkv", "budget": 0.5}).needs_attention_stats
     assert not cfg(cache="rksc", asks={"enabled": True}).needs_slot_features
     assert cfg(cache="rksc", asks={"enabled": True, "key_layer": 4}).needs_slot_features
+
+
+def test_a_cache_mode_registered_later_is_a_cache_choice(monkeypatch):
+    """``CACHE_MODES`` reads the registry when asked, not when imported."""
+    import argparse
+
+    from rksc_sgl import engine_flags
+    from rksc_sgl.config import CACHE_MODES, CACHE_SPECS, CacheSpec
+
+    parser = engine_flags.add_engine_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cache", "late"])
+    monkeypatch.setitem(CACHE_SPECS, "late", CacheSpec("late", prefix_cache=True, rksc_tree=False, help="test"))
+    assert "late" in CACHE_MODES
+    assert parser.parse_args(["--cache", "late"]).cache == "late"
+    assert rksc_sgl.EngineConfig(cache="late").cache_spec.name == "late"
 
 
 @pytest.mark.parametrize("params, message", [
