@@ -46,7 +46,11 @@ from rksc_sgl.bench.report import (  # noqa: E402
     benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
 
 # The inputs and the program of (b)/(c) are rksc_sgl.bench's (its `paper` and `cot`
-# workloads use them too); the report helpers are rksc_sgl.bench.report's.
+# workloads use them too); the report helpers are rksc_sgl.bench.report's. (b)/(c) keep
+# their own 15-line loop, close to `rksc-sgl bench --workload paper|cot --modes none,radix`
+# (which also interleaves the modes and flushes between problems), because they time the
+# fork alone (no verify step, no vote), insist on exactly --short/--long-tokens per branch,
+# and report next to (a) in one table and JSON: the one `make bench` prints and the README cites.
 
 
 # ---- (a) decode speed ---------------------------------------------------------------------
