@@ -5,6 +5,7 @@
   the CPU set-up added where there is no GPU.
 - ``server_process``: a planned server as one process group: bounded start-up, watched,
   the whole group ended.
+- ``lifeline``: runs the server so that its group also ends when the starting process does.
 - ``attention_stats``: the ``--forward-hooks`` factory that gives RSBCM real attention
   statistics in the scheduler process.
 - ``server_state``: the ``rksc`` entry of ``/server_info`` (counters, idle integrity check).

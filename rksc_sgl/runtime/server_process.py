@@ -4,6 +4,10 @@
 bounded (``startup_timeout``) and watched (the launcher process, and every ``sglang::*``
 process it spawned, must stay alive until ``/health`` answers 200); :meth:`RuntimeServer.stop`
 ends the whole group (SIGTERM, then SIGKILL) and reaps every process that left it.
+
+The group is also ended when this process ends without calling :meth:`RuntimeServer.stop`
+(killed, or a ``finally`` that never ran): the server runs under
+:mod:`rksc_sgl.runtime.lifeline`, whose stdin is a pipe only this process holds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import urllib.request
 from typing import IO, Any, Deque, Dict, Iterator, Optional, Sequence
 
 from rksc_sgl.runtime.launch_plan import LaunchError, LaunchPlan, plan_launch
+from rksc_sgl.runtime.lifeline import lifeline_command
 
 __all__ = ["RuntimeServer", "free_port", "running_server", "DEFAULT_STARTUP_TIMEOUT_S"]
 
@@ -88,7 +93,7 @@ class RuntimeServer:
             raise LaunchError(f"port {self.plan.port} on {self.plan.host} is already in use "
                               "(pass --port to choose another)")
         self.process = subprocess.Popen(
-            self.plan.command(), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
+            lifeline_command(self.plan.command()), env={**os.environ, **self.plan.env}, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True)
         self._reader = threading.Thread(target=self._pump, name="sglang-output", daemon=True)
@@ -163,15 +168,18 @@ class RuntimeServer:
             return None
         procs = []
         with contextlib.suppress(psutil.Error):
-            parent = psutil.Process(self.process.pid)
-            procs = [parent, *parent.children(recursive=True)]
+            procs = psutil.Process(self.process.pid).children(recursive=True)
         procs += [p for pid in self._watched if (p := _process(pid)) is not None]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGTERM)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
+        # The lifeline (self.process) outlives its command by a moment and passes on its status;
+        # it is waited for by Popen only, since psutil's wait would reap it and lose the status.
         _, alive = psutil.wait_procs(procs, timeout=timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         for proc in alive:
@@ -179,6 +187,8 @@ class RuntimeServer:
                 proc.kill()
         psutil.wait_procs(alive, timeout=5)
         code = self.process.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # the lifeline's pipe: nothing is left for it to end
         if self._reader is not None:
             self._reader.join(timeout=5)
         return code
