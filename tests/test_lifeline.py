@@ -17,6 +17,7 @@ import pytest
 from rksc_sgl.runtime.launch_plan import LaunchPlan
 from rksc_sgl.runtime.lifeline import lifeline_command
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from processes import alive
 
 WAIT_S = 30.0
 
@@ -54,24 +55,12 @@ time.sleep(600)
 """
 
 
-def _alive(pids):
-    """The pids that still name a running (not zombie) process."""
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _wait_gone(pids, timeout=WAIT_S):
     """The pids still alive after up to ``timeout`` seconds (empty once all have ended)."""
     deadline = time.monotonic() + timeout
-    while _alive(pids) and time.monotonic() < deadline:
+    while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _alive(pids)
+    return alive(pids)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -84,7 +73,7 @@ def test_an_owner_that_dies_takes_its_server_group_with_it(sig):
         pids = json.loads(line)
         assert len(pids) == 3, f"lifeline, fake server and its child expected, got {pids}"
         time.sleep(0.5)
-        assert _alive(pids) == pids, "the server ended before its owner did"
+        assert alive(pids) == pids, "the server ended before its owner did"
         owner.send_signal(sig)  # no finally, no stop(): the kernel closes the owner's pipe
         owner.wait(timeout=WAIT_S)
         assert not _wait_gone(pids), "server processes outlived their owner"
@@ -112,7 +101,7 @@ def test_stop_ends_the_group_and_the_pipe():
         server.log.close()
     assert code == 128 + signal.SIGTERM  # the fake server's status, passed on by the lifeline
     assert server.process.stdin.closed
-    assert not _alive(pids)  # stop() has reaped them all before returning
+    assert not alive(pids)  # stop() has reaped them all before returning
 
 
 def test_the_command_exit_status_passes_through():

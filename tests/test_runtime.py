@@ -25,6 +25,7 @@ import torch
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from processes import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 RKSC_POOL = 1536
@@ -62,14 +63,8 @@ def _all_pids(server: RuntimeServer) -> set:
 
 
 def _assert_gone(pids: set) -> None:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    assert not alive, f"server processes left running: {alive}"
+    left = alive(pids)
+    assert not left, f"server processes left running: {left}"
 
 
 @pytest.fixture(scope="module")
