@@ -261,6 +261,19 @@ def test_a_given_engine_must_match_its_mode(radix_engine):
                         engines={"rksc": radix_engine})
 
 
+def test_the_record_names_the_commit_the_run_started_from(monkeypatch, radix_engine):
+    """A run records its commit at its end; a checkout that moved on meanwhile must not be named."""
+    from rksc_sgl.bench import report, runner
+
+    monkeypatch.setattr(runner, "source_commit", lambda: "c0ffee-at-start")
+    monkeypatch.setattr(report, "source_commit", lambda: "moved-on-during-the-run")
+    result = bench.run_bench("paper", "radix", BenchSettings(problems=1, warmup=0, params=TINY_PAPER),
+                             progress=False, engines={"radix": radix_engine})
+    assert result["commit"] == "c0ffee-at-start"
+    assert report.run_record("bench_x")["commit"] == "moved-on-during-the-run"  # no commit given: now's
+    radix_engine.check_integrity()
+
+
 def test_tot_and_pressure_workloads_run(radix_engine):
     settings = BenchSettings(problems=1, warmup=0, bootstrap=20,
                              params={"branches": 2, "keep": 1, "expand": 2, "max_tokens": 6})

@@ -97,12 +97,15 @@ def invoked_command() -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
-def run_record(benchmark: str, command: Optional[str] = None) -> Dict:
+def run_record(benchmark: str, command: Optional[str] = None, commit: Optional[str] = None) -> Dict:
     """What every result file records first: which benchmark, the command that reproduces
-    it (default: this process's), the source commit, the date, the versions and the machine."""
+    it (default: this process's), the source commit, the date, the versions and the machine.
+
+    ``commit``: :func:`source_commit` taken when the run started, for a record written at its
+    end (the checkout may have moved on meanwhile); default: the commit now."""
     import torch
 
-    return {"benchmark": benchmark, "command": command or invoked_command(), "commit": source_commit(),
+    return {"benchmark": benchmark, "command": command or invoked_command(), "commit": commit or source_commit(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_num_threads": torch.get_num_threads()}
