@@ -37,7 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import rksc_sgl  # noqa: E402
 from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig  # noqa: E402
 from rksc_sgl.problems import load_problems, score  # noqa: E402
-from rksc_sgl.bench.report import run_record  # noqa: E402
+from rksc_sgl.bench.report import run_record, source_commit  # noqa: E402
 from rksc_sgl.programs.best_of_n_cgee import best_of_n_cgee  # noqa: E402
 from rksc_sgl.rksc.verifier import wilson_interval  # noqa: E402
 
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     cfg = CGEEConfig(audit_fraction=1.0)
     log = AuditLog(warmup=args.warmup)
     # Seeds are disjoint, but easy presets have few distinct questions: drop repeats of
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         "audit_log": log.error_rate(),
     }
     result = {
-        **run_record("bench_cgee"),
+        **run_record("bench_cgee", commit=run_commit),
         "what": "CGEE on best-of-N (8 branches), gated vs full verifier in the same calls",
         "config": vars(args), "cgee": dataclasses.asdict(cfg),
         "summary": summary, "calls": calls, "total_wall_s": time.perf_counter() - started,

@@ -55,7 +55,7 @@ import rksc_sgl  # noqa: E402
 from rksc_sgl.bench import extract_final, few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.problems import majority_vote, score  # noqa: E402
 from rksc_sgl.bench.report import (  # noqa: E402
-    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure, source_commit)
 
 
 def modes(args) -> Dict[str, dict]:
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     started = time.time()
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     probe = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, kv_pool_tokens=1024)
     tokenizer = probe.tokenizer
     probe.shutdown()
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     summary = [summarize(name, runs, results["full"], problems, pressured.get(name, []), pressured.get("full", []))
                for name, runs in results.items()]
     result = {
-        **run_record("bench_compression"),
+        **run_record("bench_compression", commit=run_commit),
         "config": {**vars(args), "kv_pool_tokens_pressure": pool, "kv_pool_tokens_roomy": roomy},
         "method": "one engine per mode, same problems and pool; per problem the branches are one batch after a "
                   "flush; private KV = peak KV working set minus the prompt; agreement per branch and of the "
@@ -255,6 +256,7 @@ def fidelity_main(ap, args) -> int:
         ap.error(str(exc))
     torch.set_num_threads(1)
     started = time.time()
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
                           kv_pool_tokens=(len(modes) + 2) * (args.prompt_tokens + args.trace_tokens + 64),
                           max_running_requests=len(modes) + 1, compression=next(iter(modes.values())))
@@ -273,7 +275,7 @@ def fidelity_main(ap, args) -> int:
         eng.shutdown()
     summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
     result = {
-        **run_record("bench_compression --fidelity"),
+        **run_record("bench_compression --fidelity", commit=run_commit),
         "config": vars(args), "modes": modes,
         "method": "per trace: a few-shot gsm_symbolic prompt and trace_tokens tokens sampled with full KV (EOS "
                   "ignored), every step's log-probs kept; then every mode (and a full-KV control) replays the "

@@ -39,7 +39,7 @@ from rksc_sgl.bench import few_shot_problem, hints_for  # noqa: E402
 from rksc_sgl.kv.join import concatenate, join_namespace, joined_tokens, split_segments  # noqa: E402
 from rksc_sgl.problems import extract_answer  # noqa: E402
 from rksc_sgl.bench.report import (  # noqa: E402
-    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure)
+    benchmark_parser, format_table, median, pyplot, run_record, save_and_report, save_figure, source_commit)
 
 TAIL = "\nFinal answer:"
 
@@ -188,6 +188,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     started = time.time()
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
                           max_running_requests=max(16, args.branches))
     try:
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     finally:
         eng.shutdown()
     result = {
-        **run_record("bench_join"),
+        **run_record("bench_join", commit=run_commit),
         "config": vars(args),
         "method": "per problem: branches generated once; before every timed run the cache is flushed and the "
                   "branches are committed (prefilled) again, so both modes start from the same cached KV; "

@@ -41,7 +41,7 @@ from rksc_sgl.rksc.cgee import CGEEConfig, verifier_prompt  # noqa: E402
 from rksc_sgl.rksc.cgee_decisions import choose, generation_confidence, skip_decision  # noqa: E402
 from rksc_sgl.problems import (CHAIN_STOP, SYSTEM_PROMPT, extract_answer, load_problems,  # noqa: E402
                                question_prompt, score)
-from rksc_sgl.bench.report import run_record  # noqa: E402
+from rksc_sgl.bench.report import run_record, source_commit  # noqa: E402
 from rksc_sgl.rksc.verifier import ExitPolicy, simulate_exit  # noqa: E402
 
 
@@ -153,13 +153,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     problems = load_problems(args.dataset, count=args.problems, seed=args.seed, difficulty=args.difficulty)
     with rksc_sgl.Engine(model="smollm2-135m", cache="radix", num_threads=args.threads,
                          kv_pool_tokens=16384, max_running_requests=16) as engine:
         records = collect(engine, problems, args)
         found = search(records)
     result = {
-        **run_record("calibrate_cgee"),
+        **run_record("calibrate_cgee", commit=run_commit),
         "what": "CGEE threshold calibration (offline replay of recorded full verifier passes)",
         "config": vars(args),
         "questions": [r["question"] for r in records],

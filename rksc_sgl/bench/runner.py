@@ -107,7 +107,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     modes = parse_modes(modes) if isinstance(modes, str) else list(modes)
     params = workload.resolve(settings.params)
     started = time.perf_counter()
-    commit = source_commit()  # the code this run imports; the record is written at its end
+    run_commit = source_commit()  # the code this run imports; the record is written at its end
     if settings.backend == "runtime":
         if engines:
             raise ValueError("engines cannot be given with backend='runtime' (each mode is a server started here)")
@@ -118,7 +118,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     result = summarize(workload, modes, settings, params, items, runs)
     result.update(run_record(
         f"bench_{workload.name}" if settings.backend == "engine" else f"bench_runtime_{workload.name}",
-        command or command_line(workload.name, modes, settings), commit=commit))
+        command or command_line(workload.name, modes, settings), commit=run_commit))
     result.update({
         "engine_num_threads": settings.threads,
         "backend": settings.backend, "engine_configs": engine_configs, "engine_overrides": overrides,
