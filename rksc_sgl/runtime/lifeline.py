@@ -5,9 +5,10 @@ reads its own stdin, the read end of a pipe whose write end only the owner holds
 closes that end when the owner exits, however it exits (SIGKILL included), and the read
 returns EOF; the lifeline then ends every process of the group (SIGTERM, then SIGKILL after
 ``--grace`` seconds or as soon as ``CMD`` has exited, itself included). Otherwise it exits
-with ``CMD``'s status (``128 + N`` for signal N). Without it, an owner killed before its ``finally`` runs (a ``kill`` of
-``rksc-sgl bench``, a CI timeout) leaves ``launch_server`` and its scheduler running with
-nobody to stop them.
+with ``CMD``'s status (``128 + N`` for signal N).
+
+Without it, an owner killed before its ``finally`` runs (a ``kill`` of ``rksc-sgl bench``, a
+CI timeout) leaves ``launch_server`` and its scheduler running with nobody to stop them.
 
 Why a pipe and not ``PR_SET_PDEATHSIG``: that signal follows the *thread* that forked the
 child, so a server started from a short-lived thread would die with the thread.
