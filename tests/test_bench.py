@@ -262,7 +262,7 @@ def test_a_given_engine_must_match_its_mode(radix_engine):
 
 
 def test_the_record_names_the_commit_the_run_started_from(monkeypatch, radix_engine):
-    """A run records its commit at its end; a checkout that moved on meanwhile must not be named."""
+    """The record is written at the run's end; a commit checked out meanwhile must not be named."""
     from rksc_sgl.bench import report, runner
 
     monkeypatch.setattr(runner, "source_commit", lambda: "c0ffee-at-start")

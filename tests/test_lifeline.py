@@ -35,22 +35,24 @@ def fake_plan() -> FakePlan:
     return FakePlan(argv=[], env={}, host="127.0.0.1", port=free_port(), added=[])
 
 
+def server_pids(server: RuntimeServer) -> list:
+    """The lifeline, the fake server and its child, once all three run."""
+    deadline = time.monotonic() + WAIT_S
+    while len(tree := psutil.Process(server.process.pid).children(recursive=True)) < 2:
+        assert time.monotonic() < deadline, "the fake server did not start its child"
+        time.sleep(0.05)
+    return [server.process.pid, *[p.pid for p in tree]]
+
+
 # The owner: launches the fake server, reports every pid of it, then waits to be killed.
 OWNER = f"""
 import json, sys, time
-import psutil
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from test_lifeline import fake_plan
+from test_lifeline import fake_plan, server_pids
 from rksc_sgl.runtime.server_process import RuntimeServer
 
 server = RuntimeServer(fake_plan()).launch()
-deadline = time.monotonic() + {WAIT_S}
-while time.monotonic() < deadline:
-    tree = psutil.Process(server.process.pid).children(recursive=True)
-    if len(tree) >= 2:
-        break
-    time.sleep(0.05)
-print(json.dumps([server.process.pid, *[p.pid for p in tree]]), flush=True)
+print(json.dumps(server_pids(server)), flush=True)
 time.sleep(600)
 """
 
@@ -91,11 +93,7 @@ def test_an_owner_that_dies_takes_its_server_group_with_it(sig):
 def test_stop_ends_the_group_and_the_pipe():
     server = RuntimeServer(fake_plan(), log=open(os.devnull, "w")).launch()
     try:
-        deadline = time.monotonic() + WAIT_S
-        while len(psutil.Process(server.process.pid).children(recursive=True)) < 2:
-            assert time.monotonic() < deadline, "the fake server did not start its child"
-            time.sleep(0.05)
-        pids = [server.process.pid, *[p.pid for p in psutil.Process(server.process.pid).children(recursive=True)]]
+        pids = server_pids(server)
     finally:
         code = server.stop()
         server.log.close()
