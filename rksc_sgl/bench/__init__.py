@@ -20,7 +20,7 @@ Pieces, each small and registered by name:
   mode is instead a real SGLang server (``rksc_sgl.runtime.bench_servers``: ``none`` =
   ``--disable-radix-cache``, ``radix`` = SGLang's default cache, ``radix-stock`` = its
   ``RadixCache`` class, ``rksc``/``rsbcm`` = the ``rksc`` backend with RSBCM and its
-  attention hook), started, used for every problem and ended before the next mode's. Warm-up problems run first on
+  attention hook), all started before any is timed (idle ones sleep) and ended at the end. Warm-up problems run first on
   every mode and are dropped. Then for each problem and repeat every mode runs once, in an
   order that rotates, so drift on a shared machine hits all modes alike. Caches are flushed
   before every program (reuse happens inside a program) unless the workload says otherwise.

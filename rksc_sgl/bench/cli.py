@@ -42,7 +42,7 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: 1)")
     parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
                         help="engine: every mode on an embedded engine in this process; runtime: every mode as a "
-                             "real SGLang server (launch_server), one after another (default: engine)")
+                             "real SGLang server (launch_server), all started at once and taking turns (default: engine)")
     parser.add_argument("--server-args", default=d.server_args, metavar="FLAGS",
                         help="with --backend runtime: further SGLang flags for every mode's server, as one "
                              "string (e.g. '--schedule-policy lpm')")

@@ -136,7 +136,7 @@ class BenchSettings:
     """Overrides of the workload's parameters (``branches``, ``max_tokens``, ...)."""
     backend: str = "engine"
     """``engine``: every mode on an embedded engine in this process; ``runtime``: every mode as
-    a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after another."""
+    a real SGLang server (``rksc_sgl.runtime.bench_servers``); either way the modes take turns."""
     server_args: str = ""
     """Further SGLang flags for every mode's server (``--backend runtime``), e.g.
     ``--schedule-policy lpm``."""

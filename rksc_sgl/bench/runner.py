@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -181,31 +182,8 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
                       "max_running_requests": settings.max_running_requests, "seed": settings.seed,
                       **overrides, **mode.engine_kwargs(settings)}
             owned[mode.label] = used[mode.label] = Engine(model=settings.model, **kwargs)
-        cgee, audits = _cgee_configs(modes, settings)
-        runs: Dict[str, List[Dict[str, Any]]] = {m.label: [] for m in modes}
-        warm_runs: Dict[str, List[float]] = {m.label: [] for m in modes}
-        total = len(modes) * (len(warm) + len(items) * settings.repeats)
-        with _progress(workload, total, progress) as bar:
-            for item in warm:
-                for mode in modes:
-                    bar.set_postfix_str(f"warm-up {mode.label}")
-                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
-                                   stop=mode.stop)
-                    warm_runs[mode.label].append(rec["wall_s"])
-                    bar.update()
-            for step, (item, r) in enumerate(schedule(items, settings.repeats, workload.flush_between_problems)):
-                if not workload.flush_between_problems and item is items[0]:
-                    for engine in used.values():  # each pass over the problems starts from an empty cache
-                        if not engine.flush_cache():
-                            raise RuntimeError("could not flush an engine's cache")
-                shift = step % len(modes)
-                for mode in modes[shift:] + modes[:shift]:  # rotate who goes first
-                    bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
-                    rec = run_once(used[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
-                                   stop=mode.stop)
-                    rec.update(problem=item.index, repeat=r)
-                    runs[mode.label].append(rec)
-                    bar.update()
+        with _progress(workload, _total(modes, warm, items, settings), progress) as bar:
+            runs, warm_runs = _take_turns(workload, modes, settings, params, used, warm, items, bar)
         for label, engine in used.items():
             engine.check_integrity()
         engine_configs = {label: {k: str(v) for k, v in vars(e.config).items()} for label, e in used.items()}
@@ -216,42 +194,69 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
 
 
 def _run_on_runtime(workload, modes, settings, params, progress):
-    """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``), one after
-    another, each serving the warm-up and all timed problems before the next starts."""
+    """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``), all started
+    before any is timed and idle-sleeping while the others run, modes taking turns problem by
+    problem as on the engine; each server's integrity is checked and it is ended at the end."""
     from rksc_sgl.runtime.bench_servers import mode_server, server_config, server_flags
 
     for mode in modes:  # refuse what the runtime cannot run before any server starts
         server_flags(mode, settings, {}, 0)
     warm, items, overrides = _inputs(workload, settings, params, _tokenizer(settings.model))
+    configs: Dict[str, Dict[str, Any]] = {}
+    backends: Dict[str, Any] = {}
+    log_dir = Path(tempfile.mkdtemp(prefix="rksc-bench-servers-"))
+    with _progress(workload, _total(modes, warm, items, settings), progress) as bar, \
+            contextlib.ExitStack() as servers:
+        for mode in modes:
+            bar.set_postfix_str(f"starting the {mode.label} server")
+            log_path = log_dir / f"{mode.label}.log"
+            log = servers.enter_context(open(log_path, "w"))
+            backend, command = servers.enter_context(
+                mode_server(mode, settings, overrides, log, seeded=workload.votes))
+            backends[mode.label] = backend
+            configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}
+        runs, warm_runs = _take_turns(workload, modes, settings, params, backends, warm, items, bar)
+        for mode in modes:
+            configs[mode.label].update(_attention_hook_cost(backends[mode.label], runs[mode.label],
+                                                            warm_runs[mode.label]))
+    return runs, warm_runs, configs, overrides, items
+
+
+def _total(modes: List[Mode], warm: List[Item], items: List[Item], settings: BenchSettings) -> int:
+    """How many program runs a bench makes (the progress bar's length)."""
+    return len(modes) * (len(warm) + len(items) * settings.repeats)
+
+
+def _take_turns(workload, modes, settings, params, backends: Dict[str, Any], warm: List[Item],
+                items: List[Item], bar) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, List[float]]]:
+    """``(timed runs, warm-up wall times)`` per mode label: the warm-up problems, then every timed
+    problem once per mode, the mode that goes first rotating from one problem to the next, so
+    that a drift of the machine over the run falls on every mode alike. ``backends`` maps labels
+    to engines or ``RuntimeBackend`` clients (the same calls on both)."""
     cgee, audits = _cgee_configs(modes, settings)
     runs: Dict[str, List[Dict[str, Any]]] = {m.label: [] for m in modes}
     warm_runs: Dict[str, List[float]] = {m.label: [] for m in modes}
-    configs: Dict[str, Dict[str, Any]] = {}
-    total = len(modes) * (len(warm) + len(items) * settings.repeats)
-    log_dir = Path(tempfile.mkdtemp(prefix="rksc-bench-servers-"))
-    with _progress(workload, total, progress) as bar:
+    for item in warm:
         for mode in modes:
-            bar.set_postfix_str(f"starting the {mode.label} server")
-            with open(log_dir / f"{mode.label}.log", "w") as log, \
-                    mode_server(mode, settings, overrides, log, seeded=workload.votes) as (backend, command):
-                configs[mode.label] = {**server_config(backend, command), "server_log": str(log_dir / f"{mode.label}.log")}
-                for item in warm:
-                    bar.set_postfix_str(f"warm-up {mode.label}")
-                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label],
-                                   stop=mode.stop)
-                    warm_runs[mode.label].append(rec["wall_s"])
-                    bar.update()
-                for item, r in schedule(items, settings.repeats, workload.flush_between_problems):
-                    if not workload.flush_between_problems and item is items[0] and not backend.flush_cache():
-                        raise RuntimeError(f"could not flush the {mode.label} server's cache")
-                    bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
-                    rec = run_once(backend, workload, item, params, cgee[mode.label], audits[mode.label],
-                                   stop=mode.stop)
-                    rec.update(problem=item.index, repeat=r)
-                    runs[mode.label].append(rec)
-                    bar.update()
-                configs[mode.label].update(_attention_hook_cost(backend, runs[mode.label], warm_runs[mode.label]))
-    return runs, warm_runs, configs, overrides, items
+            bar.set_postfix_str(f"warm-up {mode.label}")
+            rec = run_once(backends[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
+                           stop=mode.stop)
+            warm_runs[mode.label].append(rec["wall_s"])
+            bar.update()
+    for step, (item, r) in enumerate(schedule(items, settings.repeats, workload.flush_between_problems)):
+        if not workload.flush_between_problems and item is items[0]:
+            for label, backend in backends.items():  # each pass over the problems starts from an empty cache
+                if not backend.flush_cache():
+                    raise RuntimeError(f"could not flush the {label} cache")
+        shift = step % len(modes)
+        for mode in modes[shift:] + modes[:shift]:  # rotate who goes first
+            bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
+            rec = run_once(backends[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
+                           stop=mode.stop)
+            rec.update(problem=item.index, repeat=r)
+            runs[mode.label].append(rec)
+            bar.update()
+    return runs, warm_runs
 
 
 def _attention_hook_cost(backend, runs: List[Dict[str, Any]], warm: List[float]) -> Dict[str, Any]:

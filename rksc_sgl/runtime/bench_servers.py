@@ -1,8 +1,10 @@
 """``rksc-sgl bench --backend runtime``: each mode as a real SGLang server.
 
 A mode's server is started with the flags below (through :func:`plan_launch`, so the CPU
-defaults and the sgl_kernel stand-in apply), serves every problem of the run, and is ended
-before the next mode's starts: the modes run one after another on the same problems.
+defaults and the sgl_kernel stand-in apply) and serves every problem of the run. All modes'
+servers run at once and take turns problem by problem (``rksc_sgl.bench.runner``), so each is
+started with ``--sleep-on-idle``: an idle SGLang scheduler otherwise polls its sockets on a
+busy core, which would slow whichever server is working.
 
 ==============  ==================================================================
 mode            SGLang flags
@@ -70,7 +72,7 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
     running = overrides.get("max_running_requests", settings.max_running_requests)
     argv = ["--model-path", settings.model, "--host", "127.0.0.1", "--port", str(port),
             "--max-total-tokens", str(pool), "--max-running-requests", str(running),
-            "--random-seed", str(settings.seed), *flags]
+            "--random-seed", str(settings.seed), "--sleep-on-idle", *flags]
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
     if settings.device != "auto":
