@@ -53,6 +53,7 @@ def _bench_error(capsys, *args: str) -> str:
     (["--workload", "pressure", "--pool-fraction", "0"], "pool-fraction"),
     (["--workload", "paraphrase", "--branches", "99"], "wordings"),
     (["--workload", "cot", "--until-answer", "2"], "until-answer must be 0 or 1"),
+    (["--workload", "paper", "--fork-commit", "2"], "fork-commit must be 0 or 1"),
     (["--workload", "vote", "--difficulty", "hardest"], "difficulty must be one of easy, medium"),
     (["--workload", "paraphrase", "--modes", "radix,stop-lossless"],
      "workload 'paraphrase' does not vote over forks, so mode(s) stop-lossless would stop nothing"),
@@ -285,6 +286,19 @@ def test_tot_and_pressure_workloads_run(radix_engine):
     runs = pressure["runs"]["radix"]
     assert len(runs) == 2 and len(runs[0]["outputs"]) == 4
     assert runs[1]["cached_tokens"] > 0  # the cache is kept between problems: the shared block is a hit
+    radix_engine.check_integrity()
+
+
+def test_fork_commit_sends_the_shared_prompt_once_before_the_branches(radix_engine):
+    def run(fork_commit):
+        settings = BenchSettings(problems=1, warmup=0, bootstrap=20, params={
+            "branches": 2, "max_tokens": 4, "prompt_tokens": 96, "temperature": 0.0, "fork_commit": fork_commit})
+        return bench.run_bench("cot", "radix", settings, progress=False, engines={"radix": radix_engine})["runs"]["radix"][0]
+
+    along, first = run(0), run(1)
+    assert first["outputs"] == along["outputs"]
+    assert first["requests"] == along["requests"] + 1  # the prompt's own prefill-only request
+    assert first["cached_tokens"] > 0 and along["cached_tokens"] > 0  # the engine shares the prompt either way
     radix_engine.check_integrity()
 
 

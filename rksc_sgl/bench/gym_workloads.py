@@ -41,9 +41,22 @@ def _vote_record(voted) -> Optional[Dict[str, Any]]:
 
 
 class _HintedWorkload(Workload):
-    """``paper`` and ``cot``: :func:`hinted_branches` on a few-shot gsm_symbolic prompt."""
+    """``paper`` and ``cot``: :func:`hinted_branches` on a few-shot gsm_symbolic prompt.
+
+    ``fork_commit=1`` sends the shared prompt as one prefill-only request before the fork
+    (as SGLang's own ``fork`` does when its text is applied); 0, the default, sends it with
+    every branch, so a server that admits the branches in one batch computes it more than once.
+    """
 
     votes = True
+    switches = ("fork_commit",)
+
+    def resolve(self, overrides):
+        params = super().resolve(overrides)
+        for key in self.switches:
+            if params[key] not in (0, 1):
+                raise ValueError(f"{key.replace('_', '-')} must be 0 or 1, got {params[key]!r}")
+        return params
 
     def items(self, tokenizer, params, seed, count):
         out = []
@@ -56,7 +69,8 @@ class _HintedWorkload(Workload):
         state = program("hinted_branches").run(
             prompt=item.inputs["prompt"], hints=hints_for(params["branches"]), max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
-            audit_log=audit_log, stop_rule=stop, until_answer=bool(params.get("until_answer")), backend=engine)
+            audit_log=audit_log, stop_rule=stop, until_answer=bool(params.get("until_answer")),
+            fork_commit=bool(params["fork_commit"]), backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
             raise RuntimeError(f"workload {self.name!r}: the program failed: {ret!r}")
@@ -75,7 +89,7 @@ class PaperWorkload(_HintedWorkload):
     name = "paper"
     help = ("the original RKSC evaluation's shape: a ~1000-token prompt shared by 8 branches with different "
             "approach hints, 32 new tokens each, then a verify step (rksc_sgl.verify)")
-    defaults = {"branches": 8, "max_tokens": 32, "prompt_tokens": 1000, "temperature": 0.0}
+    defaults = {"branches": 8, "max_tokens": 32, "prompt_tokens": 1000, "temperature": 0.0, "fork_commit": 0}
     has_verify = True
 
     def targets(self):
@@ -91,13 +105,9 @@ class CotWorkload(_HintedWorkload):
     name = "cot"
     help = ("self-consistency: the same few-shot prompt, 8 hinted branches x 256 new tokens, majority vote "
             "(until_answer=1: a branch ends where it starts the next question, so branch stop can end the rest)")
-    defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0, "until_answer": 0}
-
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
-        if params["until_answer"] not in (0, 1):
-            raise ValueError(f"until-answer must be 0 or 1, got {params['until_answer']!r}")
-        return params
+    defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0, "until_answer": 0,
+                "fork_commit": 0}
+    switches = ("fork_commit", "until_answer")
 
     def targets(self):
         return [NOT_SLOWER_THAN_RADIX, Target("rksc speedup over radix (issue 19: >= 1.3x)", speedup("radix", "rksc"),
