@@ -54,6 +54,8 @@ def _bench_error(capsys, *args: str) -> str:
     (["--workload", "paraphrase", "--branches", "99"], "wordings"),
     (["--workload", "cot", "--until-answer", "2"], "until-answer must be 0 or 1"),
     (["--workload", "paper", "--fork-commit", "2"], "fork-commit must be 0 or 1"),
+    (["--servers", "one-at-a-time"], "servers one-at-a-time needs --backend runtime"),
+    (["--backend", "runtime", "--servers", "all"], "invalid choice: 'all'"),
     (["--workload", "vote", "--difficulty", "hardest"], "difficulty must be one of easy, medium"),
     (["--workload", "paraphrase", "--modes", "radix,stop-lossless"],
      "workload 'paraphrase' does not vote over forks, so mode(s) stop-lossless would stop nothing"),
@@ -129,6 +131,9 @@ def test_command_line_reproduces_the_settings():
     workloads, parsed_modes, parsed = bench.validate_args(args)
     assert [w.name for w in workloads] == ["paper"] and parsed_modes == modes
     assert parsed == settings
+    runtime = BenchSettings(backend="runtime", servers="one-at-a-time", server_args="--schedule-policy lpm")
+    args = cli.build_parser().parse_args(shlex.split(bench.command_line("paper", modes, runtime))[1:])
+    assert bench.validate_args(args)[2] == runtime
 
 
 def test_schedule_keeps_a_problems_repeats_together_only_when_flushing():

@@ -529,7 +529,8 @@ def _scheduler_cpu_percent(url: str, seconds: float = 2.0) -> float:
     return max(child.cpu_percent(None) for child in children)
 
 
-def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path, monkeypatch):
+@pytest.mark.parametrize("servers", ["together", "one-at-a-time"])
+def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path, monkeypatch, servers):
     import rksc_sgl.bench.runner as runner
     from rksc_sgl.bench import BenchSettings, run_bench, save
 
@@ -541,14 +542,14 @@ def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path,
         return real_run_once(backend, *args, **kwargs)
 
     def take_turns(workload, modes, settings, params, backends, *rest):
-        # every server is up before the first run, and the ones not running sleep
+        # the servers of the modes taking turns are up before their first run; the idle ones sleep
         idle_cpu.extend(_scheduler_cpu_percent(b.base_url) for b in backends.values())
-        firsts.extend(backends[m.label].base_url for m in modes)
+        firsts.append([backends[m.label].base_url for m in modes])
         return real_take_turns(workload, modes, settings, params, backends, *rest)
 
     monkeypatch.setattr(runner, "run_once", recording_run_once)
     monkeypatch.setattr(runner, "_take_turns", take_turns)
-    settings = BenchSettings(problems=2, warmup=0, backend="runtime",
+    settings = BenchSettings(problems=2, warmup=0, backend="runtime", servers=servers,
                              params={"branches": 2, "max_tokens": 4, "prompt_tokens": 200})
     result = run_bench("paper", "radix-stock,rsbcm", settings, progress=False)
     configs = result["engine_configs"]
@@ -560,8 +561,12 @@ def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path,
     assert [r["outputs"] for r in mine] == [r["outputs"] for r in stock]
     assert mine[0]["cached_tokens"] == stock[0]["cached_tokens"] > 0
     assert result["modes"]["rsbcm"]["peak_kv_tokens"] is None  # the runtime reports none
-    # the modes take turns, the first of each problem rotating, as on the engine
-    assert calls == [firsts[0], firsts[1], firsts[1], firsts[0]], (calls, firsts)
+    if servers == "together":  # the modes take turns, the first of each problem rotating, as on the engine
+        [[first, second]] = firsts
+        assert calls == [first, second, second, first], (calls, firsts)
+    else:  # one server at a time, through every problem
+        [[first], [second]] = firsts
+        assert calls == [first, first, second, second], (calls, firsts)
     assert len(idle_cpu) == 2 and max(idle_cpu) < 50, idle_cpu  # --sleep-on-idle: no core spent polling
     paths = save(result, tmp_path)
     assert sorted(p.name for p in paths.values()) == ["bench_runtime_paper.json", "bench_runtime_paper.md",

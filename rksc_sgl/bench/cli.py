@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, List, Tuple
 
 from rksc_sgl.config import DTYPES
-from rksc_sgl.bench.modes import BACKENDS, BenchSettings, MODES, Mode, parse_modes
+from rksc_sgl.bench.modes import BACKENDS, SERVER_SCHEDULES, BenchSettings, MODES, Mode, parse_modes
 from rksc_sgl.bench.runner import run_bench
 from rksc_sgl.bench.tables import command_line, save
 from rksc_sgl.bench.workload import WORKLOADS, Workload, parse_workloads
@@ -46,6 +46,10 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--server-args", default=d.server_args, metavar="FLAGS",
                         help="with --backend runtime: further SGLang flags for every mode's server, as one "
                              "string (e.g. '--schedule-policy lpm')")
+    parser.add_argument("--servers", choices=SERVER_SCHEDULES, default=d.servers,
+                        help="with --backend runtime: together: every mode's server up at once, the modes taking "
+                             "turns problem by problem; one-at-a-time: each server serves every problem before the "
+                             f"next starts, for a GPU that cannot hold them all (default: {d.servers})")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
@@ -82,7 +86,7 @@ def settings_from_args(args) -> BenchSettings:
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          asks_key_layer=args.asks_key_layer,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
-                         server_args=args.server_args,
+                         server_args=args.server_args, servers=args.servers,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 
 

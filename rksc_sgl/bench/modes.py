@@ -108,6 +108,10 @@ def parse_modes(text: str) -> List[Mode]:
 
 # ---- settings --------------------------------------------------------------------------------
 BACKENDS = ("engine", "runtime")
+SERVER_SCHEDULES = ("together", "one-at-a-time")
+"""How ``--backend runtime`` runs its servers: all at once, the modes taking turns problem by
+problem (the default, as the engines do), or one after another, each serving every problem
+before the next starts (for GPUs that cannot hold every mode's server at once)."""
 
 
 @dataclasses.dataclass
@@ -140,6 +144,8 @@ class BenchSettings:
     server_args: str = ""
     """Further SGLang flags for every mode's server (``--backend runtime``), e.g.
     ``--schedule-policy lpm``."""
+    servers: str = "together"
+    """``--backend runtime``: one of :data:`SERVER_SCHEDULES`."""
 
     def __post_init__(self) -> None:
         for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
@@ -150,6 +156,10 @@ class BenchSettings:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.server_args and self.backend != "runtime":
             raise ValueError("server-args are SGLang server flags: they need --backend runtime")
+        if self.servers not in SERVER_SCHEDULES:
+            raise ValueError(f"servers must be one of {', '.join(SERVER_SCHEDULES)}, got {self.servers!r}")
+        if self.servers != "together" and self.backend != "runtime":
+            raise ValueError("servers one-at-a-time needs --backend runtime (the engines always take turns)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:

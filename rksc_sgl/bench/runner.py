@@ -194,31 +194,39 @@ def _run_on_engines(workload, modes, settings, params, engines, progress):
 
 
 def _run_on_runtime(workload, modes, settings, params, progress):
-    """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``), all started
-    before any is timed and idle-sleeping while the others run, modes taking turns problem by
-    problem as on the engine; each server's integrity is checked and it is ended at the end."""
+    """Every mode as a real SGLang server (``rksc_sgl.runtime.bench_servers``). With
+    ``servers="together"`` all are started before any is timed and idle-sleep while another
+    runs, the modes taking turns problem by problem as on the engine; ``one-at-a-time`` runs
+    each server through every problem before the next starts. Each server's integrity is
+    checked before it is ended."""
     from rksc_sgl.runtime.bench_servers import mode_server, server_config, server_flags
 
     for mode in modes:  # refuse what the runtime cannot run before any server starts
         server_flags(mode, settings, {}, 0)
     warm, items, overrides = _inputs(workload, settings, params, _tokenizer(settings.model))
+    groups = [modes] if settings.servers == "together" else [[mode] for mode in modes]
     configs: Dict[str, Dict[str, Any]] = {}
-    backends: Dict[str, Any] = {}
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    warm_runs: Dict[str, List[float]] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="rksc-bench-servers-"))
-    with _progress(workload, _total(modes, warm, items, settings), progress) as bar, \
-            contextlib.ExitStack() as servers:
-        for mode in modes:
-            bar.set_postfix_str(f"starting the {mode.label} server")
-            log_path = log_dir / f"{mode.label}.log"
-            log = servers.enter_context(open(log_path, "w"))
-            backend, command = servers.enter_context(
-                mode_server(mode, settings, overrides, log, seeded=workload.votes))
-            backends[mode.label] = backend
-            configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}
-        runs, warm_runs = _take_turns(workload, modes, settings, params, backends, warm, items, bar)
-        for mode in modes:
-            configs[mode.label].update(_attention_hook_cost(backends[mode.label], runs[mode.label],
-                                                            warm_runs[mode.label]))
+    with _progress(workload, _total(modes, warm, items, settings), progress) as bar:
+        for group in groups:
+            with contextlib.ExitStack() as servers:
+                backends: Dict[str, Any] = {}
+                for mode in group:
+                    bar.set_postfix_str(f"starting the {mode.label} server")
+                    log_path = log_dir / f"{mode.label}.log"
+                    log = servers.enter_context(open(log_path, "w"))
+                    backend, command = servers.enter_context(
+                        mode_server(mode, settings, overrides, log, seeded=workload.votes))
+                    backends[mode.label] = backend
+                    configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}
+                group_runs, group_warm = _take_turns(workload, group, settings, params, backends, warm, items, bar)
+                runs.update(group_runs)
+                warm_runs.update(group_warm)
+                for mode in group:
+                    configs[mode.label].update(_attention_hook_cost(backends[mode.label], runs[mode.label],
+                                                                    warm_runs[mode.label]))
     return runs, warm_runs, configs, overrides, items
 
 

@@ -207,6 +207,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
              "--audit-fraction", f"{settings.audit_fraction:g}", "--backend", settings.backend]
     if settings.server_args:
         parts += ["--server-args", settings.server_args]
+    if settings.servers != "together":
+        parts += ["--servers", settings.servers]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]

@@ -1,10 +1,11 @@
 """``rksc-sgl bench --backend runtime``: each mode as a real SGLang server.
 
 A mode's server is started with the flags below (through :func:`plan_launch`, so the CPU
-defaults and the sgl_kernel stand-in apply) and serves every problem of the run. All modes'
-servers run at once and take turns problem by problem (``rksc_sgl.bench.runner``), so each is
-started with ``--sleep-on-idle``: an idle SGLang scheduler otherwise polls its sockets on a
-busy core, which would slow whichever server is working.
+defaults and the sgl_kernel stand-in apply) and serves every problem of the run. By default
+all modes' servers run at once and take turns problem by problem (``rksc_sgl.bench.runner``;
+``--servers one-at-a-time`` runs them one after another), so each is started with
+``--sleep-on-idle``: an idle SGLang scheduler otherwise polls its sockets on a busy core,
+which would slow whichever server is working.
 
 ==============  ==================================================================
 mode            SGLang flags
