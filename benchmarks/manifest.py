@@ -12,7 +12,9 @@ files         every file of the run: ``NAME.json`` with its ``NAME.md``/``NAME.p
               any script kept beside it
 command       the run's recorded ``command`` (``report.run_record``); older scripts did not
               record one, and theirs is rebuilt from the recorded arguments (``config``/
-              ``settings``), marked ``rebuilt from the recorded arguments``
+              ``settings``), marked ``rebuilt from the recorded arguments``. A runtime
+              bench from before ``--servers`` ran its modes one after another: its
+              command gets ``--servers one-at-a-time``, which does that now
 commit        the recorded ``commit``; for runs from before it was recorded, the commit
               that added the file, marked ``committed in``
 machine       CPU model, cores and torch threads, or the GPU card, as the run recorded them
@@ -141,6 +143,10 @@ def entry(json_path: Path, files: List[Path]) -> Dict[str, Any]:
     command, command_source = data.get("command"), "recorded by the run"
     if not command:
         command, command_source = rebuilt_command(benchmark, data), "rebuilt from the recorded arguments"
+    if benchmark.startswith("bench_runtime_") and command and "servers" not in data["config"]["settings"]:
+        command += " --servers one-at-a-time"
+        command_source += ("; --servers one-at-a-time added: the run predates the flag, and its modes ran "
+                           "one after another, as that flag now asks")
     commit, commit_source = data.get("commit"), "recorded by the run"
     if not commit:
         commit = git_output(ROOT, "log", "--diff-filter=A", "--format=%H", "-1", "--", str(json_path)) or None
