@@ -14,7 +14,9 @@ command       the run's recorded ``command`` (``report.run_record``); older scri
               record one, and theirs is rebuilt from the recorded arguments (``config``/
               ``settings``), marked ``rebuilt from the recorded arguments``. A runtime
               bench from before ``--servers`` ran its modes one after another: its
-              command gets ``--servers one-at-a-time``, which does that now
+              command gets ``--servers one-at-a-time``, which does that now. A recorded
+              ``--out-dir`` names the run's committed folder (runs often wrote to a
+              scratch folder first)
 commit        the recorded ``commit``; for runs from before it was recorded, the commit
               that added the file, marked ``committed in``
 machine       CPU model, cores and torch threads, or the GPU card, as the run recorded them
@@ -137,12 +139,25 @@ def cited_on(line: str, rel: str) -> bool:
     return False
 
 
+def with_out_dir(command: str, folder: Path) -> str:
+    """``command`` writing where its files are committed: a recorded ``--out-dir`` named where
+    the run wrote (often a scratch folder) before its files were moved here."""
+    words = shlex.split(command)
+    if "--out-dir" not in words[:-1]:
+        return command
+    at = words.index("--out-dir") + 1
+    words[at] = folder.relative_to(ROOT).as_posix()
+    return shlex.join(words)
+
+
 def entry(json_path: Path, files: List[Path]) -> Dict[str, Any]:
     data = json.loads(json_path.read_text())
     benchmark = benchmark_of(json_path, data)
     command, command_source = data.get("command"), "recorded by the run"
     if not command:
         command, command_source = rebuilt_command(benchmark, data), "rebuilt from the recorded arguments"
+    if command:
+        command = with_out_dir(command, json_path.parent)
     if benchmark.startswith("bench_runtime_") and command and "servers" not in data["config"]["settings"]:
         command += " --servers one-at-a-time"
         command_source += ("; --servers one-at-a-time added: the run predates the flag, and its modes ran "
