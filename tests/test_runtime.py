@@ -580,6 +580,22 @@ def test_runtime_bench_refuses_asks_above_layer_0_before_starting_anything():
         run_bench("paper", "radix,asks@0.9:L4", BenchSettings(problems=1, backend="runtime"), progress=False)
 
 
+def test_servers_together_refuse_what_memory_cannot_hold():
+    from rksc_sgl.runtime.bench_servers import check_room
+
+    gib = 1 << 30
+    check_room(0, 1000 * gib, available_bytes=1)  # nothing more to start
+    check_room(3, gib, available_bytes=4 * gib)  # 3 x 1 GiB and the margin fit
+    with pytest.raises(RuntimeError, match=r"3 more would take about 5\.2 GiB \(1\.5 GiB each\), and 4\.0 GiB is "
+                                           r"available; run them one after another with --servers one-at-a-time"):
+        check_room(3, int(1.5 * gib), available_bytes=4 * gib)
+
+
+def test_a_servers_memory_counts_its_processes(servers):
+    size = servers["stock"].memory_bytes()
+    assert 256 << 20 < size < 16 << 30, size  # the model, its KV pool and three Python processes
+
+
 def test_runtime_modes_map_to_sglang_flags():
     from rksc_sgl.bench import MODES, BenchSettings
     from rksc_sgl.runtime.bench_servers import server_flags

@@ -199,7 +199,7 @@ def _run_on_runtime(workload, modes, settings, params, progress):
     runs, the modes taking turns problem by problem as on the engine; ``one-at-a-time`` runs
     each server through every problem before the next starts. Each server's integrity is
     checked before it is ended."""
-    from rksc_sgl.runtime.bench_servers import mode_server, server_config, server_flags
+    from rksc_sgl.runtime.bench_servers import check_room, mode_server, server_config, server_flags
 
     for mode in modes:  # refuse what the runtime cannot run before any server starts
         server_flags(mode, settings, {}, 0)
@@ -213,12 +213,14 @@ def _run_on_runtime(workload, modes, settings, params, progress):
         for group in groups:
             with contextlib.ExitStack() as servers:
                 backends: Dict[str, Any] = {}
-                for mode in group:
+                for started, mode in enumerate(group):
                     bar.set_postfix_str(f"starting the {mode.label} server")
                     log_path = log_dir / f"{mode.label}.log"
                     log = servers.enter_context(open(log_path, "w"))
-                    backend, command = servers.enter_context(
+                    backend, command, server = servers.enter_context(
                         mode_server(mode, settings, overrides, log, seeded=workload.votes))
+                    if started == 0:  # the rest must fit beside it
+                        check_room(len(group) - 1, server.memory_bytes())
                     backends[mode.label] = backend
                     configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}
                 group_runs, group_warm = _take_turns(workload, group, settings, params, backends, warm, items, bar)

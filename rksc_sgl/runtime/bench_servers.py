@@ -40,7 +40,10 @@ import contextlib
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["server_flags", "mode_server"]
+__all__ = ["server_flags", "mode_server", "check_room"]
+
+MEMORY_MARGIN = 1.15
+"""Head-room over the measured size of a server before more are started beside it."""
 
 RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
     # mode name -> (SGLang flags, rksc launcher defaults on)
@@ -89,10 +92,30 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
     return argv + shlex.split(settings.server_args), plan_kwargs
 
 
+def check_room(more: int, server_bytes: int, available_bytes: Optional[int] = None) -> None:
+    """Refuse to start ``more`` servers the size of one already running (``server_bytes``)
+    when the machine's available memory cannot hold them, before they are started and
+    the kernel's out-of-memory killer picks a process."""
+    if more <= 0:
+        return
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    need = more * server_bytes * MEMORY_MARGIN
+    if need > available_bytes:
+        gib = 1 << 30
+        raise RuntimeError(f"not enough memory to run the modes' servers together: {more} more would take about "
+                           f"{need / gib:.1f} GiB ({server_bytes / gib:.1f} GiB each), and "
+                           f"{available_bytes / gib:.1f} GiB is available; run them one after another "
+                           "with --servers one-at-a-time, or with fewer modes")
+
+
 @contextlib.contextmanager
 def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = False) -> Iterator[Any]:
-    """``(backend, launch command)``: a started server for ``mode``, reached through a
-    :class:`RuntimeBackend`, and the shell command it runs; the server ends on exit."""
+    """``(backend, launch command, server)``: a started server for ``mode``, reached through a
+    :class:`RuntimeBackend`, the shell command it runs, and its :class:`RuntimeServer`; the
+    server ends on exit."""
     from rksc_sgl.runtime.endpoint import RuntimeBackend
     from rksc_sgl.runtime.launch_plan import plan_launch
     from rksc_sgl.runtime.server_process import RuntimeServer, free_port
@@ -105,7 +128,7 @@ def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = F
     try:
         server.start()
         backend = RuntimeBackend(server.url)
-        yield backend, plan.shell_command()
+        yield backend, plan.shell_command(), server
         backend.check_integrity()
     finally:
         server.stop()

@@ -155,6 +155,20 @@ class RuntimeServer:
                 return f"the {name} process (pid {pid}) died"
         return None
 
+    def memory_bytes(self) -> int:
+        """What the server's processes hold that no other process shares (their USS, summed):
+        the memory one more such server would take."""
+        import psutil
+
+        if self.process is None:
+            return 0
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_full_info().uss
+        return total
+
     def last_lines(self, n: int = 25) -> str:
         lines = list(self.tail)[-n:]
         return "last server output:\n  " + "\n  ".join(lines) if lines else "(no server output)"
