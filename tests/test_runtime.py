@@ -253,6 +253,30 @@ def test_fork_program_gives_identical_texts_and_cached_tokens_on_stock_and_rksc(
     assert all(cached > 0 for _, cached in on_stock[3:]), on_stock  # the warm run really hit the tree
 
 
+@sgl.function
+def _committed_fork(s, prompt):
+    s += prompt
+    s.sync()
+    forks = s.fork(2)  # the interpreter commits the prompt as one prefill-only request
+    forks += sgl.gen("x", max_tokens=2)
+    forks.join()
+
+
+def test_a_forks_prefill_only_commit_is_counted(servers, hf):
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    prompt = "Question: A farmer has 17 sheep and buys 25 more. How many sheep does the farmer have now?\n"
+    backend = RuntimeBackend(servers["stock"].url)
+    assert backend.flush_cache()
+    before = backend.stats()
+    _committed_fork.run(prompt=prompt, backend=backend).sync()
+    done = backend.stats()
+    assert done.requests - before.requests == 3  # the commit and the two branches
+    # the commit computed the whole prompt (the branches then hit it): counted, as on the engine
+    assert done.prefill_tokens - before.prefill_tokens >= len(hf[1](prompt).input_ids)
+    assert done.cached_tokens - before.cached_tokens >= 2 * (len(hf[1](prompt).input_ids) - 1)
+
+
 # ---- what the servers say about themselves -----------------------------------------------
 def test_server_info_names_backend_and_policy(stock, rksc):
     mine, theirs = rksc.scheduler_state(), stock.scheduler_state()

@@ -174,6 +174,23 @@ class RuntimeBackend(RuntimeEndpoint):
         started with ``--seeded-sampling on``, or with ``--enable-deterministic-inference``)."""
         self.stream_controls.seed(sid, seed)
 
+    def commit_lazy_operations(self, s):
+        """``fork``'s prefill-only request for the text so far (``RuntimeEndpoint``'s, whose
+        answer it drops), counted like any other: its prompt tokens are prefill work too."""
+        self._prefill_only(s)
+
+    def fill_image(self, s):
+        self._prefill_only(s)
+
+    def _prefill_only(self, s) -> None:
+        from sglang.utils import http_request
+
+        data = {"text": s.text_, "sampling_params": {"max_new_tokens": 0}}
+        self._add_images(s, data)
+        res = http_request(self.base_url + "/generate", json=data, api_key=self.api_key, verify=self.verify)
+        self._assert_success(res)
+        self._count(res.json()["meta_info"])
+
     def _generate_http_request(self, s, data):
         obj = super()._generate_http_request(s, data)
         for item in obj if isinstance(obj, list) else [obj]:
