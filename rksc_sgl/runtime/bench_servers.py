@@ -5,7 +5,8 @@ defaults and the sgl_kernel stand-in apply) and serves every problem of the run.
 all modes' servers run at once and take turns problem by problem (``rksc_sgl.bench.runner``;
 ``--servers one-at-a-time`` runs them one after another), so each is started with
 ``--sleep-on-idle``: an idle SGLang scheduler otherwise polls its sockets on a busy core,
-which would slow whichever server is working.
+which would slow whichever server is working (the CPU launch plan adds the flag anyway;
+here it holds on a GPU machine too).
 
 ==============  ==================================================================
 mode            SGLang flags
