@@ -219,7 +219,7 @@ def _run_on_runtime(workload, modes, settings, params, progress):
                     log = servers.enter_context(open(log_path, "w"))
                     backend, command, server = servers.enter_context(
                         mode_server(mode, settings, overrides, log, seeded=workload.votes))
-                    if started == 0:  # the rest must fit beside it
+                    if started == 0 and len(group) > 1:  # the rest must fit beside it
                         check_room(len(group) - 1, server.memory_bytes())
                     backends[mode.label] = backend
                     configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}

@@ -160,14 +160,22 @@ class RuntimeServer:
         the memory one more such server would take."""
         import psutil
 
-        if self.process is None:
-            return 0
         total = 0
-        with contextlib.suppress(psutil.Error):
-            for proc in psutil.Process(self.process.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_full_info().uss
+        for proc in self._children():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_full_info().uss
         return total
+
+    def _children(self) -> list:
+        """Every process below the lifeline now (none once it is gone, or before it starts)."""
+        import psutil
+
+        if self.process is None:
+            return []
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
 
     def last_lines(self, n: int = 25) -> str:
         lines = list(self.tail)[-n:]
@@ -180,10 +188,7 @@ class RuntimeServer:
 
         if self.process is None:
             return None
-        procs = []
-        with contextlib.suppress(psutil.Error):
-            procs = psutil.Process(self.process.pid).children(recursive=True)
-        procs += [p for pid in self._watched if (p := _process(pid)) is not None]
+        procs = self._children() + [p for pid in self._watched if (p := _process(pid)) is not None]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGTERM)
         for proc in procs:
