@@ -39,8 +39,9 @@ def test_plan_splits_the_span_into_reused_positions_and_computed_runs():
     # 5 unaligned, 6 in place but recomputed, 7 in place. The tail starts at 18.
     match = _match([None, 1, 2, 3, 3, None, 6, 7], recompute=[0, 5, 6])
     plan = ASKSPlan.build(match, exact_len=10, shift=True)
-    assert plan.in_place == {11: 101, 12: 102, 13: 103, 17: 107}
-    assert plan.copies == {14: (103, 1)}
+    assert plan.in_place == {11: 1, 12: 2, 13: 3, 17: 7}  # span offsets into match.slots
+    assert plan.copies == {14: (4, 1)}
+    assert plan.reused_slots(11, 14).tolist() == [101, 102, 103]
     assert plan.reused == [11, 12, 13, 14, 17] and plan.reused_tokens == 5 == match.reused_tokens
     # Runs: [10], [15, 16], [18, end): three prefill passes.
     assert plan.next_computed(10) == 10 and plan.run_end(10) == 11

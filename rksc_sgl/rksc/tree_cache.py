@@ -149,6 +149,7 @@ class RKSCRadixCache(RadixCache, SemanticTree):
             # with its default policy, then install RSBCM (it validates its own settings).
             strategy = RSBCMStrategy(**(params.eviction_policy_config or {}))
             params = dataclasses.replace(params, eviction_policy="lru", eviction_policy_config=None)
+        self.op_clock = 0  # tree operations so far (stamped only for RSBCM on the operation clock)
         super().__init__(params)
         if rsbcm:
             self.eviction_policy = RSBCM_POLICY
@@ -204,6 +205,28 @@ class RKSCRadixCache(RadixCache, SemanticTree):
         if is_stopped_branch(req):
             up_to = max(req.kv.cache_protected_len, min(up_to, len(req.origin_input_ids)))
         return super().checkpoint(req, up_to=up_to)
+
+    # ---- the operation clock (RSBCM's recency on tensor-parallel ranks) ------------------------
+    def _match_prefix_helper(self, node, key):
+        value, last = super()._match_prefix_helper(node, key)
+        self._stamp(last)
+        return value, last
+
+    def _insert_helper(self, node, key, value, *args, **kwargs):
+        prefix_len, last = super()._insert_helper(node, key, value, *args, **kwargs)
+        self._stamp(last)
+        return prefix_len, last
+
+    def _stamp(self, node) -> None:
+        """Count one tree operation and mark the path it went through (``rksc_op``): the same
+        numbers on every rank that runs the same operations, unlike wall-clock time."""
+        strategy = self.eviction_strategy
+        if not (isinstance(strategy, RSBCMStrategy) and strategy.clock == "ops"):
+            return
+        self.op_clock += 1
+        while node is not None:
+            node.rksc_op = self.op_clock
+            node = node.parent
 
     def _split_node(self, key, child, split_len: int):
         new_node = super()._split_node(key, child, split_len)
@@ -335,9 +358,10 @@ class RKSCRadixCache(RadixCache, SemanticTree):
         length = aligned[-1] + 1
         donor_offsets = donor_offsets[:length]
         recompute = self._recompute_offsets(donor_offsets, self._deviation(best, donor_offsets, recipient))
-        slots = torch.full((length,), -1, dtype=best.value.dtype)
-        for i in aligned:
-            slots[i] = best.value[donor_offsets[i]]
+        # Gathered where the tree keeps its slots (the pool's device): nothing read back.
+        slots = torch.full((length,), -1, dtype=best.value.dtype, device=best.value.device)
+        slots[torch.tensor(aligned, device=slots.device)] = best.value[
+            torch.tensor([donor_offsets[i] for i in aligned], device=best.value.device)]
         match = SemanticMatch(node=best, start=start, length=length, similarity=best_sim, slots=slots,
                               recompute=recompute, donor_offsets=donor_offsets)
         if count:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -67,11 +67,19 @@ class RuntimeASKSCache(RKSCRadixCache):
     ``token_features``: token ids -> layer-0 features (the model's token embeddings).
     ``rotate_keys``: ``key_rotation`` of the model's rotary embedding, or ``None`` (shifted
     donor tokens computed). ``kv_dtype``: the pool's dtype name (``ASKSConfig.reuses_shifted``).
+    ``wait_for_forward``: makes the current stream wait for the one SGLang's overlap scheduler
+    runs forwards on (``None`` on a CPU); shifted copies call it before reading a donor's KV.
+
+    Device contract: donor and copy slots stay on the pool's device; planning reads only
+    host data (token ids and a host copy of the token embeddings), so admitting a recipient
+    waits for nothing on the device.
     """
 
-    def __init__(self, params, *, asks: ASKSConfig, token_features, rotate_keys=None, kv_dtype: str = "float32"):
+    def __init__(self, params, *, asks: ASKSConfig, token_features, rotate_keys=None, kv_dtype: str = "float32",
+                 wait_for_forward: Optional[Callable[[], None]] = None):
         super().__init__(params, asks=asks, token_features=token_features)
         self.rotate_keys = rotate_keys if asks.reuses_shifted(kv_dtype) else None
+        self.wait_for_forward = wait_for_forward
         self.plans: Dict[int, ASKSPlan] = {}  # id(req.kv) -> the plan of an admitted recipient
         self.recipients = 0  # admitted recipients
         self.planned_rounds = 0  # their prefill passes (one per computed run)
@@ -154,25 +162,36 @@ class RuntimeASKSCache(RKSCRadixCache):
         return torch.cat([exact.to(torch.int64), self._reused_slots(plan, plan.exact_len, req.prefix_len)])
 
     def _reused_slots(self, plan: ASKSPlan, start: int, end: int) -> torch.Tensor:
-        """Slots of reused row positions ``start .. end - 1`` (making the copies they need)."""
-        self._make_copies(plan, [p for p in range(start, end) if p in plan.copies and p not in plan.copy_slots])
-        slots = [plan.in_place[p] if p in plan.in_place else plan.copy_slots[p] for p in range(start, end)]
-        return torch.tensor(slots, dtype=torch.int64)
+        """Slots of reused row positions ``start .. end - 1`` (making the copies they need),
+        on the pool's device."""
+        self._make_copies(plan, [p for p in range(start, end) if p in plan.copies and p not in plan.copy_rows])
+        return plan.reused_slots(start, end)
 
     def _make_copies(self, plan: ASKSPlan, positions: List[int]) -> None:
+        """Copy the donor KV of ``positions`` into new slots, keys rotated by each one's delta.
+
+        Device work only. Under SGLang's overlap scheduler the donor's KV may still be being
+        written by the forward in flight (a chunk cached before its pass ended): the copy
+        waits for the forward stream first (on the device, as SGLang's own barrier does)."""
         if not positions:
             return
         from sglang.srt.mem_cache.allocation import alloc_token_slots
 
-        dst = alloc_token_slots(self, len(positions)).to(torch.int64)
-        plan.copy_slots.update(zip(positions, dst.tolist()))
         pool = self.token_to_kv_pool_allocator.get_kvcache()
+        if self.wait_for_forward is not None:
+            self.wait_for_forward()
+        dst = alloc_token_slots(self, len(positions)).to(torch.int64)
+        base = 0 if plan.copy_slots is None else len(plan.copy_slots)
+        plan.copy_rows.update((position, base + k) for k, position in enumerate(positions))
+        plan.copy_slots = dst if plan.copy_slots is None else torch.cat([plan.copy_slots, dst])
         by_delta: Dict[int, List[int]] = {}
         for k, position in enumerate(positions):
             by_delta.setdefault(plan.copies[position][1], []).append(k)
+        donor = plan.match.slots
         for delta, ks in by_delta.items():
-            src = torch.tensor([plan.copies[positions[k]][0] for k in ks], dtype=torch.int64, device=pool.device)
-            out = dst[ks].to(pool.device)
+            offsets = torch.tensor([plan.copies[positions[k]][0] for k in ks], dtype=torch.int64, device=donor.device)
+            src = donor[offsets].to(device=pool.device, dtype=torch.int64)
+            out = dst[torch.tensor(ks, dtype=torch.int64, device=dst.device)].to(pool.device)
             for layer in range(pool.start_layer, pool.start_layer + pool.layer_num):
                 k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
                 k_buf[out] = self.rotate_keys(k_buf[src], delta).to(k_buf.dtype)
@@ -192,8 +211,8 @@ class RuntimeASKSCache(RKSCRadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         plan = self.plans.pop(id(req.kv), None)
         if plan is not None:
-            if plan.copy_slots:
-                self.token_to_kv_pool_allocator.free(torch.tensor(sorted(plan.copy_slots.values()), dtype=torch.int64))
+            if plan.copy_slots is not None:
+                self.token_to_kv_pool_allocator.free(plan.copy_slots)
             self.unlock(plan.lock)
             plan.lock, plan.kv = None, None
         super().on_release(req, checkpointed=checkpointed)
@@ -264,6 +283,17 @@ def register_hooks() -> None:
             HookRegistry.register(target, hook, HookType.AROUND)
 
 
+def _forward_barrier(model_runner, device) -> Optional[Callable[[], None]]:
+    """The current stream waits (on the device) for the model runner's forward stream, as
+    SGLang's scheduler does before it writes what a forward may still read; ``None`` where
+    there are no streams (a CPU)."""
+    stream = getattr(model_runner, "forward_stream", None)
+    if stream is None or torch.device(device).type == "cpu":
+        return None
+    module = torch.get_device_module(torch.device(device).type)
+    return lambda: module.current_stream().wait_stream(stream)
+
+
 def build_cache(ctx, asks: ASKSConfig) -> RuntimeASKSCache:
     """The ``rksc`` backend with ASKS, from SGLang's ``TreeCacheBuildContext``."""
     args = ctx.server_args
@@ -278,19 +308,21 @@ def build_cache(ctx, asks: ASKSConfig) -> RuntimeASKSCache:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None or not hasattr(embed, "weight"):
         raise ValueError(f"{ENV_VAR}: cannot find the token embeddings of {type(model).__name__} for ASKS keys")
-    weight = embed.weight
+    # Keys are planned on the host, so the scheduler never waits for the device: a host copy
+    # of the token embeddings (vocabulary x hidden, in the model's dtype), made once.
+    weight = embed.weight.detach().to("cpu", copy=True)
 
     @torch.inference_mode()
     def token_features(token_ids) -> torch.Tensor:
         # Layer 0: the token embeddings, the lookup a prefill starts with (no model pass).
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=weight.device)
-        return weight[ids].float().cpu()
+        return weight[torch.as_tensor(list(token_ids), dtype=torch.long)].float()
 
     rotary = next((m for m in model.modules() if hasattr(m, "_compute_inv_freq") and hasattr(m, "rotary_dim")), None)
     rotate = key_rotation(rotary) if rotary is not None else None
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     dtype = str(getattr(pool, "dtype", weight.dtype)).replace("torch.", "")
-    cache = RuntimeASKSCache(ctx.params, asks=asks, token_features=token_features, rotate_keys=rotate, kv_dtype=dtype)
+    cache = RuntimeASKSCache(ctx.params, asks=asks, token_features=token_features, rotate_keys=rotate, kv_dtype=dtype,
+                             wait_for_forward=_forward_barrier(ctx.tp_worker.model_runner, pool.device))
     if asks.reuses_shifted(dtype) and rotate is None:
         logger.info("ASKS: %s cannot be rotated; shifted donor tokens are computed", type(rotary).__name__)
     return cache

@@ -21,18 +21,22 @@ ROTATABLE_ROPE = ("RotaryEmbedding", "Llama3RotaryEmbedding")
 class ASKSPlan:
     """One recipient's use of a donor: which row positions reuse what, and its rounds.
 
-    ``in_place``: row position -> the donor's own slot (an identical token at the same
-    offset). ``copies``: row position -> (donor slot, delta), an identical token ``delta``
-    positions earlier in the donor, copied with its keys rotated. Every other position from
-    ``exact_len`` on is computed. ``copy_slots``: the plan's copies made so far (position ->
-    slot). ``lock``: the donor node's tree lock while the recipient runs.
+    Slots themselves stay on the pool's device: the plan holds *span offsets*, indices into
+    ``match.slots`` (the donor slots, gathered on the device when the match was made).
+    ``in_place``: row position -> span offset whose donor slot it reads (an identical token
+    at the same offset). ``copies``: row position -> (span offset, delta), an identical token
+    ``delta`` positions earlier in the donor, copied with its keys rotated. Every other
+    position from ``exact_len`` on is computed. ``copy_rows``: the copies made so far
+    (position -> row of ``copy_slots``, the device tensor of their slots). ``lock``: the
+    donor node's tree lock while the recipient runs.
     """
 
     match: SemanticMatch
     exact_len: int
     in_place: Dict[int, int]
     copies: Dict[int, Tuple[int, int]]
-    copy_slots: Dict[int, int] = dataclasses.field(default_factory=dict)
+    copy_rows: Dict[int, int] = dataclasses.field(default_factory=dict)
+    copy_slots: Optional[torch.Tensor] = None
     lock: Any = None
     kv: Any = None  # the admitted request's ReqKvInfo (kept alive while registered)
 
@@ -43,17 +47,24 @@ class ASKSPlan:
         for offset, donor_offset in enumerate(match.donor_offsets):
             if donor_offset is None or offset in computed:
                 continue
-            slot = int(match.slots[offset])
             if donor_offset == offset:
-                in_place[exact_len + offset] = slot
+                in_place[exact_len + offset] = offset
             elif shift:
-                copies[exact_len + offset] = (slot, offset - donor_offset)
+                copies[exact_len + offset] = (offset, offset - donor_offset)
         return cls(match=match, exact_len=exact_len, in_place=in_place, copies=copies)
 
     @functools.cached_property
     def reused(self) -> List[int]:
         """Row positions served from the donor, ascending (``in_place``/``copies`` never change)."""
         return sorted([*self.in_place, *self.copies])
+
+    def reused_slots(self, start: int, end: int) -> torch.Tensor:
+        """Slots of the reused row positions ``start .. end - 1`` (all copies made), as one
+        gather on the device from the donor's slots and the copies' slots."""
+        donor = self.match.slots
+        sources = donor if self.copy_slots is None else torch.cat([donor, self.copy_slots.to(donor.dtype)])
+        rows = [self.in_place[p] if p in self.in_place else len(donor) + self.copy_rows[p] for p in range(start, end)]
+        return sources[torch.tensor(rows, dtype=torch.int64, device=sources.device)].to(torch.int64)
 
     @property
     def reused_tokens(self) -> int:

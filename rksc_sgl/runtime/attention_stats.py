@@ -17,15 +17,24 @@ Who owns what, in one scheduler process::
     RKSCRadixCache       ranks evictable nodes with RSBCM, reading the table
 
 Mass per slot follows the embedded engine's rule (``rksc_sgl.rksc.rsbcm``): on every
-``layer_stride``-th layer, a query's weights (mean over heads) are divided by the number
-of sampled layers and added to its keys' slots, so one query adds a total mass of 1. The
-queries counted are each decode token and, in an extend (prefill) pass, each request's last
-prompt token. A slot's mass is reset when a pass writes new KV into it (its
-``out_cache_loc``), since the allocator hands freed slots out again.
+``layer_stride``-th layer, a query's weights (mean over this rank's heads) are divided by
+the number of sampled layers and added to its keys' slots, so one query adds a total mass
+of 1. The queries counted are each decode token and, in an extend (prefill) pass, each
+request's last prompt token. The hook runs device operations only (lengths come from
+SGLang's host copy ``seq_lens_cpu``; requests are batched in chunks of at most
+``CHUNK_KEYS`` keys), so a pass never waits for the device.
 
-On a GPU with CUDA graphs, decode steps replayed from a graph run no Python hook: only
-extend passes (and decode batches too large for the captured graphs) are seen. Launch with
-``--disable-cuda-graph`` for decode statistics there (``README``: "SGLang runtime").
+Fresh slots start from 0: with ``rsbcm`` the cache factory registers
+:func:`reset_allocated` on SGLang's allocators, so a slot handed out again drops its previous
+owner's mass whether or not a hook sees the pass that writes it (the hook also resets a
+pass's ``out_cache_loc``).
+
+On a GPU with CUDA graphs (decode graphs by default, and SGLang 0.5.23's breakable prefill
+graphs), passes replayed from a graph run no Python hook: RSBCM then sees only the passes
+run eagerly. The plugin says so at start-up, with the flags that give full statistics
+(``--disable-cuda-graph``, or ``--disable-decode-cuda-graph`` / ``--disable-prefill-cuda-graph``).
+On tensor-parallel ranks each rank sees its own heads; evictions combine the ranks' sums
+(``rksc_sgl.runtime.rank_consistency``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -122,23 +131,84 @@ def _query_rows(forward_batch) -> Optional[torch.Tensor]:
     return None
 
 
+CHUNK_KEYS = 16384
+"""Keys gathered at once (requests x longest of them) by the hook: bounds its scratch memory."""
+
+
+def request_chunks(lengths: List[int], budget: int = CHUNK_KEYS) -> List[Tuple[int, int, int]]:
+    """Consecutive request ranges ``(start, end, longest)`` with ``(end - start) * longest``
+    at most ``budget`` (a longer request is a range of its own). Host lengths only."""
+    chunks, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        wider = max(longest, length)
+        if i > start and (i + 1 - start) * wider > budget:
+            chunks.append((start, i, longest))
+            start, wider = i, length
+        longest = wider
+    if lengths:
+        chunks.append((start, len(lengths), longest))
+    return chunks
+
+
 @torch.no_grad()
 def _add_query_mass(module, q: torch.Tensor, forward_batch, req_to_token: torch.Tensor, keys: torch.Tensor,
                     mass: torch.Tensor, scale: float) -> int:
-    """Add ``scale`` x each counted query's head-mean attention weights to its keys' slots."""
+    """Add ``scale`` x each counted query's head-mean attention weights to its keys' slots.
+
+    Device operations only: lengths come from ``seq_lens_cpu`` (SGLang's host copy), and
+    each chunk of requests is one padded batched product, so nothing waits for the device.
+    Returns the queries counted (0 for a pass not counted, or without host lengths)."""
     rows = _query_rows(forward_batch)
-    if rows is None or rows.numel() == 0:
+    lengths_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+    if rows is None or lengths_cpu is None or forward_batch.batch_size == 0:
         return 0
     heads, kv_heads, dim = module.tp_q_head_num, module.tp_k_head_num, module.qk_head_dim
-    queries = q.reshape(-1, heads, dim)[rows.to(q.device)].float()
-    lengths = forward_batch.seq_lens.tolist()
-    rows_of_requests = forward_batch.req_pool_indices.tolist()
     group = heads // kv_heads
-    for i, (row, length) in enumerate(zip(rows_of_requests, lengths)):
-        slots = req_to_token[row, :length].to(torch.int64)
-        k = keys[slots].float()  # (L, kv_heads, dim)
-        query = queries[i].view(kv_heads, group, dim)
-        scores = torch.einsum("hgd,lhd->hgl", query, k) * module.scaling
-        weights = torch.softmax(scores, dim=-1).mean(dim=(0, 1))
-        mass.index_add_(0, slots.to(mass.device), weights.to(mass.device) * scale)
-    return len(lengths)
+    device = keys.device
+    queries = q.reshape(-1, heads, dim)[rows.to(q.device)]
+    seq_lens = forward_batch.seq_lens.to(device)
+    req_rows = forward_batch.req_pool_indices.to(device)
+    lengths = lengths_cpu.tolist()  # a host tensor: no device sync
+    for start, end, longest in request_chunks(lengths):
+        positions = torch.arange(longest, device=device)
+        slots = req_to_token[req_rows[start:end]][:, :longest].to(torch.int64)  # (n, L); past a length: unused
+        valid = positions.unsqueeze(0) < seq_lens[start:end].unsqueeze(1)  # (n, L)
+        k = keys[slots.clamp_min(0)].float()  # (n, L, kv_heads, dim)
+        query = queries[start:end].float().view(end - start, kv_heads, group, dim)
+        scores = torch.einsum("nhgd,nlhd->nhgl", query, k) * module.scaling
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).mean(dim=(1, 2)) * valid  # (n, L), 0 on padding
+        mass.index_add_(0, slots.reshape(-1).to(mass.device), (weights * scale).reshape(-1).to(mass.device))
+    return forward_batch.batch_size
+
+
+# ---- fresh slots start from 0 (also the ones written by passes no hook sees) ---------------------------
+ALLOC_TARGETS = (
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc",
+    "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.alloc",
+    "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.alloc_extend",
+    "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.alloc_decode",
+)
+
+
+def reset_allocated(result, allocator, *args, **kwargs):
+    """AFTER hook of the allocator's ``alloc`` methods: slots handed out start with no mass
+    (a device write; nothing is read back). With CUDA graphs no forward hook sees replayed
+    passes, so this, not the hook, is what keeps a reused slot from carrying the previous
+    owner's mass."""
+    if result is not None:
+        table = getattr(allocator.get_kvcache(), _POOL_ATTRIBUTE, None)
+        if table is not None:
+            table.mass[result.to(device=table.mass.device, dtype=torch.int64)] = 0.0
+    return result
+
+
+def register_alloc_reset() -> None:
+    """Register :func:`reset_allocated` on SGLang's allocators and apply it (once per
+    process; the RSBCM cache factory calls it, so other servers' allocators stay untouched)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target in ALLOC_TARGETS:
+        if not any(h is reset_allocated for _, h, _ in HookRegistry._hooks.get(target, ())):
+            HookRegistry.register(target, reset_allocated, HookType.AFTER)
+    HookRegistry.apply_hooks()

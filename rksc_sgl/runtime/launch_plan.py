@@ -217,7 +217,18 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
         path = os.pathsep.join(p for p in (str(CPU_SITE), environ.get("PYTHONPATH", "")) if p)
         env["PYTHONPATH"] = path
         added.append(f"PYTHONPATH={CPU_SITE}  (no sgl_kernel installed: an import-only stand-in)")
+    _check_support(parser, argv, {**environ, **env})
     return LaunchPlan(argv=argv, env=env, host=args.host, port=int(args.port), added=added)
+
+
+def _check_support(parser: argparse.ArgumentParser, argv: List[str], environ: Dict[str, str]) -> None:
+    """The plugin's start-up refusals (``rksc_sgl.runtime.support``) on the final command
+    line, here, before anything starts."""
+    from rksc_sgl.runtime.support import unsupported
+
+    problems = unsupported(parser.parse_args(argv), environ)
+    if problems:
+        raise LaunchError("; ".join(problems))
 
 
 ASKS_CHUNKED_PREFILL_SIZE = 4096

@@ -85,11 +85,7 @@ def rksc_cache_factory(ctx):
         cache = build_cache(ctx, asks)
     else:
         cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
-    if cache.eviction_policy == EVICTION_POLICY_NAME:
-        from rksc_sgl.runtime.attention_stats import slot_attention_of
-
-        pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
-        cache.eviction_strategy.attach(slot_attention_of(pool).mass)
+    _set_up_rsbcm(ctx, cache)
     logger.info(
         "rksc tree cache built (page_size=%s, eviction_policy=%s, %s)",
         ctx.params.page_size,
@@ -98,6 +94,43 @@ def rksc_cache_factory(ctx):
         else "ASKS off: exact matching",
     )
     return cache
+
+
+def _set_up_rsbcm(ctx, cache) -> None:
+    """RSBCM's statistics for a built tree: the pool's attention table, slots reset as they
+    are handed out, tensor-parallel ranks combined, and the start-up caveats. A tree SGLang
+    disabled (PD decode, deterministic inference on most backends, embedding models) keeps
+    SGLang's placeholder policy: it never evicts."""
+    from rksc_sgl.rksc.rsbcm import RSBCMStrategy
+
+    strategy = cache.eviction_strategy
+    if not isinstance(strategy, RSBCMStrategy):
+        if cache.eviction_policy == EVICTION_POLICY_NAME:
+            logger.info("rsbcm: the radix cache is disabled on this server, so nothing is evicted or ranked")
+        return
+    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, register_alloc_reset, slot_attention_of
+    from rksc_sgl.runtime.support import caveats
+
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    strategy.attach(slot_attention_of(pool).mass)
+    register_alloc_reset()
+    if ctx.tp_size > 1:
+        from rksc_sgl.runtime.rank_consistency import rank_reducer
+
+        group = ctx.params.tp_cache_group
+        import torch.distributed as dist
+
+        strategy.use_ranks(rank_reducer(group, dist.get_world_size(group=group)))
+        logger.info("rsbcm: %d tensor-parallel ranks rank with their combined attention and the tree's "
+                    "operation clock", ctx.tp_size)
+    hooks = getattr(ctx.server_args, "forward_hooks", None) or []
+    hooked = any(isinstance(h, dict) and h.get("hook_factory") == HOOK_FACTORY for h in hooks)
+    device = str(getattr(pool, "device", "cpu"))
+    for line in caveats(ctx.server_args, device=device.split(":")[0], attention_hook=hooked):
+        logger.warning(line)
+    if not hooked:
+        logger.info("rsbcm: no rksc_attention hook in --forward-hooks; nodes are ranked by branches, depth "
+                    "and recency")
 
 
 def stock_radix_cache_factory(ctx):
@@ -153,6 +186,17 @@ def _add_seeded_sampling_hooks() -> None:
         register_hooks()
 
 
+def _add_configuration_check() -> None:
+    """Refuse unsupported configurations when SGLang checks its arguments (the launching
+    process, before any scheduler starts; ``rksc_sgl.runtime.support``)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from rksc_sgl.runtime.support import CHECK_TARGET, check_server_args_hook
+
+    if not any(hook is check_server_args_hook for _, hook, _ in HookRegistry._hooks.get(CHECK_TARGET, ())):
+        HookRegistry.register(CHECK_TARGET, check_server_args_hook, HookType.AFTER)
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend
     (and ``radix-stock``, SGLang's own ``RadixCache``, for comparisons).
@@ -164,6 +208,7 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
     _add_eviction_policy_choice()
+    _add_configuration_check()
     _add_server_state_hook()
     _add_asks_hooks()
     _add_seeded_sampling_hooks()

@@ -1,0 +1,67 @@
+"""Identical RSBCM decisions on every tensor-parallel rank.
+
+Each rank of a tensor-parallel server runs its own scheduler and tree, and SGLang relies on
+all of them making the same tree decisions. RSBCM's inputs that could differ between ranks,
+and how they are made equal:
+
+* attention mass: each rank's ``rksc_attention`` hook sees only its own heads. At every
+  eviction the candidates' mass sums are gathered from every rank of the group and averaged
+  in rank order, so every rank ranks with the same numbers (bit for bit: the same values
+  added in the same order), the mean over all heads;
+* recency: wall-clock ages differ between processes; on more than one rank RSBCM counts
+  recency on the tree's operation clock (``RSBCMStrategy.use_ranks``);
+* ties: broken by ``TreeNode.id``, which ranks running the same tree operations assign alike.
+
+Before the sums, the ranks compare the candidates' ids: ranks that hold different trees
+have already diverged, and the scheduler stops with that message instead of evicting
+different KV on each rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+__all__ = ["RankDivergence", "gather_mean", "rank_reducer"]
+
+
+class RankDivergence(RuntimeError):
+    """Tensor-parallel ranks hold different trees."""
+
+
+def _fingerprint(ids: List[int]) -> torch.Tensor:
+    digest = 0
+    for node_id in ids:
+        digest = (digest * 1000003 + node_id + 1) % (1 << 61)
+    return torch.tensor([len(ids), digest], dtype=torch.int64)
+
+
+def gather_mean(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """The mean of the ranks' tensors, added in rank order (the same bits on every rank)."""
+    total = tensors[0].clone()
+    for other in tensors[1:]:
+        total += other
+    return total / len(tensors)
+
+
+def rank_reducer(group, world_size: int) -> Callable[[torch.Tensor, List[int]], torch.Tensor]:
+    """``RSBCMStrategy.use_ranks``'s reducer over the CPU process ``group`` (SGLang's
+    ``tp_cache_group``, gloo) of ``world_size`` ranks: two small collectives per eviction."""
+    import torch.distributed as dist
+
+    def reduce(sums: torch.Tensor, ids: List[int]) -> torch.Tensor:
+        mine = _fingerprint(ids)
+        prints = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(prints, mine, group=group)
+        if any(not torch.equal(p, prints[0]) for p in prints):
+            raise RankDivergence(
+                "rsbcm: tensor-parallel ranks hold different radix trees at an eviction "
+                f"(candidate nodes per rank: {[int(p[0]) for p in prints]}); the ranks' schedulers "
+                "have diverged. Report this with the server log; --radix-eviction-policy lru avoids RSBCM")
+        sums = sums.to(torch.float32).contiguous()
+        gathered = [torch.empty_like(sums) for _ in range(world_size)]
+        dist.all_gather(gathered, sums, group=group)
+        return gather_mean(gathered)
+
+    return reduce
