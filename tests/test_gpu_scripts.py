@@ -98,3 +98,14 @@ def test_unknown_steps_are_refused_and_the_smoke_call_runs_only_greedy(capsys):
     assert "the steps are greedy, paper, asks, cascade, runtime" in capsys.readouterr().err
     smoke_skip = gpu_bundle.RUN[0].split("--skip ")[1].split()[0].split(",")
     assert sorted(smoke_skip) == sorted(set(gpu_checks.STEPS) - {"greedy"})
+
+
+def test_runtime_smoke_dry_run_plans_every_row_and_checks_its_verdicts(capsys):
+    """benchmarks/gpu_runtime_smoke.py --dry-run: what keeps the GPU smoke script from rotting."""
+    import gpu_runtime_smoke as smoke
+
+    assert smoke.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 14 and all(line.startswith("PASS") for line in lines)
+    assert any("--tp-size 2" in line and "rsbcm" in line for line in lines)
+    assert any("RKSC_SEEDED_SAMPLING=1" in line and "--sampling-backend pytorch" in line for line in lines)
