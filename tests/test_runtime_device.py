@@ -163,7 +163,7 @@ MODULE = SimpleNamespace(tp_q_head_num=HEADS, tp_k_head_num=KV_HEADS, qk_head_di
 
 
 @pytest.mark.parametrize("mode", ["decode", "extend"])
-@pytest.mark.parametrize("budget", [attention_stats.CHUNK_KEYS, 16])  # one chunk, and one per request
+@pytest.mark.parametrize("budget", [attention_stats.CHUNK_KEYS, 16, 4])  # one chunk; one per request; keys in blocks
 def test_hook_mass_equals_each_requests_softmax_and_reads_nothing_back(mode, budget, monkeypatch):
     monkeypatch.setattr(attention_stats, "CHUNK_KEYS", budget)
     monkeypatch.setattr(attention_stats.request_chunks, "__defaults__", (budget,))

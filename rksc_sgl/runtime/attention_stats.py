@@ -170,12 +170,14 @@ def _add_query_mass(module, q: torch.Tensor, forward_batch, req_to_token: torch.
     req_rows = forward_batch.req_pool_indices.to(device)
     lengths = lengths_cpu.tolist()  # a host tensor: no device sync
     for start, end, longest in request_chunks(lengths):
+        n = end - start
         positions = torch.arange(longest, device=device)
-        slots = req_to_token[req_rows[start:end]][:, :longest].to(torch.int64)  # (n, L); past a length: unused
+        slots = req_to_token[req_rows[start:end], :longest].to(torch.int64)  # (n, L); past a length: unused
         valid = positions.unsqueeze(0) < seq_lens[start:end].unsqueeze(1)  # (n, L)
-        k = keys[slots.clamp_min(0)].float()  # (n, L, kv_heads, dim)
-        query = queries[start:end].float().view(end - start, kv_heads, group, dim)
-        scores = torch.einsum("nhgd,nlhd->nhgl", query, k) * module.scaling
+        query = queries[start:end].float().view(n, kv_heads, group, dim)
+        block = max(1, CHUNK_KEYS // n)  # keys gathered at once: a long prompt is read in blocks
+        scores = torch.cat([torch.einsum("nhgd,nlhd->nhgl", query, keys[slots[:, b:b + block].clamp_min(0)].float())
+                            for b in range(0, longest, block)], dim=-1) * module.scaling
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         weights = torch.softmax(scores, dim=-1).mean(dim=(1, 2)) * valid  # (n, L), 0 on padding
         mass.index_add_(0, slots.reshape(-1).to(mass.device), (weights * scale).reshape(-1).to(mass.device))
