@@ -12,15 +12,14 @@ from unittest import mock
 
 import pytest
 from clock import CounterClock
+from pools import cache_params
 import torch
 
 import sglang.srt.mem_cache.radix_cache as radix_cache_module
 from sglang.srt.mem_cache import registry
-from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.evict_policy import LRUStrategy
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 import rksc_sgl
@@ -36,12 +35,7 @@ NO_SIGNALS = {"w_attention": 0.0, "w_depth": 0.0, "w_branches": 0.0}
 
 
 def _params(policy="rsbcm", config=None, pool=POOL) -> CacheInitParams:
-    kv = MHATokenToKVPool(size=pool, page_size=1, dtype=torch.float32, head_num=1, head_dim=2,
-                          layer_num=1, device="cpu", enable_memory_saver=False)
-    allocator = TokenToKVPoolAllocator(size=pool, dtype=torch.float32, device="cpu", kvcache=kv, need_sort=False)
-    rows = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
-    return CacheInitParams(disable=False, req_to_token_pool=rows, token_to_kv_pool_allocator=allocator,
-                           page_size=1, eviction_policy=policy, eviction_policy_config=config)
+    return cache_params(policy, config, pool)
 
 
 def _key(tokens) -> RadixKey:

@@ -18,10 +18,7 @@ import pytest
 import torch
 
 from sglang.srt.mem_cache import registry
-from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from rksc_sgl.rksc.rsbcm import RSBCMStrategy
@@ -29,6 +26,7 @@ from rksc_sgl.runtime import plugin
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
 from rksc_sgl.runtime.support import UnsupportedConfiguration, caveats, check_server_args_hook, unsupported
 
+from pools import cache_params
 from processes import alive
 
 
@@ -102,13 +100,8 @@ def test_plugin_registers_the_check_on_sglangs_argument_check():
 
 
 # ---- a tree SGLang disables (PD decode, deterministic inference on torch_native, embeddings) -------
-def _params(policy="rsbcm", disable=False, config=None, pool=64) -> CacheInitParams:
-    kv = MHATokenToKVPool(size=pool, page_size=1, dtype=torch.float32, head_num=1, head_dim=2,
-                          layer_num=1, device="cpu", enable_memory_saver=False)
-    allocator = TokenToKVPoolAllocator(size=pool, dtype=torch.float32, device="cpu", kvcache=kv, need_sort=False)
-    rows = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
-    return CacheInitParams(disable=disable, req_to_token_pool=rows, token_to_kv_pool_allocator=allocator,
-                           page_size=1, eviction_policy=policy, eviction_policy_config=config)
+def _params(policy="rsbcm", disable=False, config=None, pool=64):
+    return cache_params(policy, config, pool, disable)
 
 
 def _context(params, *, disable=False, tp_size=1):
@@ -208,3 +201,30 @@ def test_tensor_parallel_ranks_evict_identically_with_their_own_heads_and_clocks
 def test_without_combining_them_ranks_diverge(rank_evictions):
     """The control: the same ranks, each ranking by its own heads' mass and its own clock."""
     assert rank_evictions[0][False] != rank_evictions[1][False]
+
+
+def test_a_server_whose_tree_sglang_disabled_starts_with_rsbcm_and_serves(tmp_path):
+    """The plain command with ``--disable-radix-cache`` reaches the factory with a disabled
+    tree, as PD decode servers and deterministic inference on most backends do (on this CPU,
+    SGLang refuses deterministic inference with torch_native outright)."""
+    import dataclasses
+
+    from rksc_sgl.runtime.client import RuntimeClient
+    from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+
+    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--disable-radix-cache", "--max-total-tokens", "2048"], rksc_cache=False)
+    plan = dataclasses.replace(plan, argv=[*plan.argv, *RSBCM])
+    with open(tmp_path / "server.log", "w") as log:
+        server = RuntimeServer(plan, startup_timeout=300, log=log)
+        try:
+            server.start()
+            client = RuntimeClient(server.url)
+            answer = client.generate("The capital of France is", sampling_params={"temperature": 0, "max_new_tokens": 4})
+            assert answer["meta_info"]["completion_tokens"] == 4
+            (state,) = client.server_info()["internal_states"]
+            assert state["radix_eviction_policy"] == "rsbcm" and state["rksc"]["cache"]["inserted_tokens"] == 0
+        finally:
+            pids = {server.process.pid} if server.process else set()
+            server.stop()
+    assert not alive(pids)

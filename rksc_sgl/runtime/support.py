@@ -36,6 +36,15 @@ def _dp_attention(args) -> bool:
     return bool(_get(args, "enable_dp_attention", False)) or int(_get(args, "attn_dp_size", 1) or 1) > 1
 
 
+def _setting(read, environ, problems: List[str]):
+    """``read(environ)``, or None with its message added to ``problems``."""
+    try:
+        return read(environ)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return None
+
+
 def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
     """What of ``args`` the RKSC features cannot run with (empty: nothing); each line names
     the flag to change."""
@@ -74,11 +83,7 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
                 strategy.use_ranks(None)
         except (TypeError, ValueError) as exc:
             problems.append(f"--radix-eviction-policy-config: {exc}")
-    try:
-        asks = asks_config_from_env(environ)
-    except ValueError as exc:
-        problems.append(str(exc))
-        asks = None
+    asks = _setting(asks_config_from_env, environ, problems)
     if asks is not None and asks.active and not disabled:
         if backend != BACKEND_NAME:
             problems.append(f"{ASKS_VAR} (ASKS) needs --radix-cache-backend {BACKEND_NAME} "
@@ -93,11 +98,7 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
         mode = _get(args, "disaggregation_mode", "null")
         if mode not in ("null", None):
             problems.append(f"ASKS does not support --disaggregation-mode {mode}")
-    try:
-        seeded = seeded_sampling_from_env(environ)
-    except ValueError as exc:
-        problems.append(str(exc))
-        seeded = False
+    seeded = _setting(seeded_sampling_from_env, environ, problems)
     sampler = _get(args, "sampling_backend")
     if seeded and sampler not in (None, "pytorch"):
         problems.append(f"{SEEDED_VAR}=1 needs --sampling-backend pytorch (SGLang's {sampler} sampler takes no "
