@@ -21,6 +21,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
-# Fixes to SGLang's frontend (patches/): applied to the installed sglang, idempotent.
+# Fixes to SGLang (patches/): applied to the installed sglang, idempotent.
 "$VENV/bin/rksc-sgl" patch --apply > /dev/null
 echo "[setup] ready: $("$VENV/bin/python" -c 'import sglang, torch, transformers, rksc_sgl; print(f"sglang {sglang.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, rksc-sgl {rksc_sgl.__version__}")' 2>/dev/null)"

@@ -1,4 +1,4 @@
-"""Fixes to SGLang 0.5.23's frontend that a plugin cannot make, shipped as patch files.
+"""Fixes to SGLang 0.5.23 that a plugin cannot make, shipped as patch files.
 
 ``patches/*.patch`` are unified diffs against the installed ``sglang`` package (paths
 ``a/sglang/...``). They are applied to the installed files with GNU ``patch`` (``git

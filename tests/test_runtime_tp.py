@@ -1,0 +1,120 @@
+"""SGLang's own server with ``--tp-size 2`` on this CPU (patches/0003 and 0004).
+
+One server starts for the module (about 40-60 s on two idle cores), from the launcher's plan
+with RKSC's defaults (``--radix-cache-backend rksc --radix-eviction-policy rsbcm``) and a
+small pool; its greedy token ids must equal a ``transformers`` argmax loop's, the first time
+and again when the prompt comes from the tree. A server that does not start fails the module
+with its last log lines (no retry). Its process group is ended in ``finally`` and the test
+checks that none of its processes is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import psutil
+import pytest
+import torch
+
+from rksc_sgl.runtime.client import RuntimeClient
+from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
+from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from processes import alive
+from test_runtime import argmax_loop
+
+TP = 2
+POOL = 2048
+STARTUP_TIMEOUT_S = 300
+NEW_TOKENS = 16
+PROMPTS = ["The capital of France is", "Question: What is 15 + 27?\nAnswer: Let's think step by step.",
+           "def fibonacci(n):\n"]
+BIND = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def _bind(ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each rank its share of this process's CPUs (SGLang's
+    CPU path asserts ranks <= NUMA nodes without it; patches/0004 sizes each rank's threads by it)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    groups = [cpus[i * len(cpus) // ranks:(i + 1) * len(cpus) // ranks] or cpus[:1] for i in range(ranks)]
+    return "|".join(",".join(map(str, group)) for group in groups)
+
+
+def _plan(argv: list):
+    """The launcher's plan, with the thread binding where neither it nor the shell set one."""
+    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--tp-size", str(TP), "--max-total-tokens", str(POOL), *argv])
+    if BIND not in plan.env and BIND not in os.environ:
+        plan = dataclasses.replace(plan, env={**plan.env, BIND: _bind(TP)})
+    return plan
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory):
+    try:
+        plan = _plan([])
+    except LaunchError as exc:
+        # The launcher may refuse RSBCM's per-rank attention statistics with tp > 1 (each rank
+        # sees its own heads, so the ranks' trees could evict differently): LRU then.
+        if "rsbcm" not in str(exc).lower():
+            raise
+        plan = _plan(["--radix-eviction-policy", "lru"])
+    log = open(tmp_path_factory.mktemp("tp2") / "server.log", "w")
+    server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
+    pids = set()
+    started = time.monotonic()
+    try:
+        try:
+            server.start()
+        except LaunchError as exc:  # its message ends with the server's last lines
+            pytest.fail(f"--tp-size {TP} server did not start: {exc}", pytrace=False)
+        server.startup_s = time.monotonic() - started
+        pids = {server.process.pid} | set(server._watched)
+        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+        yield server
+    finally:
+        pids |= {p.pid for p in server._children()} | set(server._watched)
+        server.stop()
+        log.close()
+    left = alive(pids)
+    assert not left, f"server processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.model.loading import resolve_model_dir
+
+    folder = resolve_model_dir("smollm2-135m", default_cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def test_the_server_runs_two_tp_ranks_with_the_rksc_cache(tp_server):
+    info = RuntimeClient(tp_server.url).server_info()
+    assert info["tp_size"] == TP and info["device"] == "cpu"
+    state = info["internal_states"][0]
+    assert state["radix_cache_backend"] == "rksc"
+    argv = tp_server.plan.argv
+    assert state["radix_eviction_policy"] == argv[argv.index("--radix-eviction-policy") + 1]
+    schedulers = sorted(name for name in tp_server._watched.values() if "scheduler" in name)
+    assert len(schedulers) == TP, tp_server._watched
+
+
+def test_greedy_token_ids_equal_a_transformers_argmax_loop(tp_server, hf):
+    model, tokenizer = hf
+    client = RuntimeClient(tp_server.url)
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        reference = argmax_loop(model, ids, NEW_TOKENS, tokenizer.eos_token_id)
+        assert client.generate(input_ids=ids, sampling_params=params)["output_ids"] == reference, prompt
+        # Again: both ranks' trees now hold the prompt, and the tokens stay the same.
+        again = client.generate(input_ids=ids, sampling_params=params)
+        assert again["output_ids"] == reference, prompt
+        assert again["meta_info"]["cached_tokens"] > 0
+    report = client.idle_integrity()
+    assert report["ok"], report["problems"]
