@@ -141,9 +141,12 @@ class RuntimeServer:
         try:
             for child in psutil.Process(self.process.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
+                    if child.pid in self._watched:
+                        continue
                     name = child.name()
-                    if name.startswith(SGLANG_PROCESS_PREFIX) and child.status() != psutil.STATUS_ZOMBIE:
-                        self._watched.setdefault(child.pid, name)
+                    if (name.startswith(SGLANG_PROCESS_PREFIX) and child.status() != psutil.STATUS_ZOMBIE
+                            and not _forked_helper(child, name)):
+                        self._watched[child.pid] = name
         except psutil.NoSuchProcess:
             return "the launcher process is gone"
         for pid, name in list(self._watched.items()):
@@ -225,6 +228,21 @@ class RuntimeServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _forked_helper(child, name: str) -> bool:
+    """Whether ``child`` is a short-lived fork of an ``sglang::`` process rather than one of
+    SGLang's own: it bears its parent's name (a fork keeps the title until it execs), as a
+    scheduler's ``lscpu`` or, with TP on a CPU, inductor's ``g++`` does for a moment. Its exit
+    is no failure. SGLang's processes are named apart from their parents (``sglang::scheduler_DP0``
+    below ``sglang::data_parallel_controller``)."""
+    import psutil
+
+    try:
+        parent = child.parent()
+        return parent is not None and parent.name() == name
+    except psutil.Error:
+        return False
 
 
 def _process(pid: int):
