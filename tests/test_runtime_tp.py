@@ -20,6 +20,7 @@ import torch
 
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
+from rksc_sgl.runtime.plugin import EVICTION_LOG_VAR
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 from processes import alive
 from test_runtime import argmax_loop
@@ -52,6 +53,7 @@ def _plan(argv: list):
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory):
+    evictions = tmp_path_factory.mktemp("evictions")
     try:
         plan = _plan([])
     except LaunchError as exc:
@@ -60,6 +62,7 @@ def tp_server(tmp_path_factory):
         if "rsbcm" not in str(exc).lower():
             raise
         plan = _plan(["--radix-eviction-policy", "lru"])
+    plan = dataclasses.replace(plan, env={**plan.env, EVICTION_LOG_VAR: str(evictions)})
     log = open(tmp_path_factory.mktemp("tp2") / "server.log", "w")
     server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
     pids = set()
@@ -70,6 +73,7 @@ def tp_server(tmp_path_factory):
         except LaunchError as exc:  # its message ends with the server's last lines
             pytest.fail(f"--tp-size {TP} server did not start: {exc}", pytrace=False)
         server.startup_s = time.monotonic() - started
+        server.evictions = evictions
         pids = {server.process.pid} | set(server._watched)
         pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
         yield server
@@ -118,3 +122,23 @@ def test_greedy_token_ids_equal_a_transformers_argmax_loop(tp_server, hf):
         assert again["meta_info"]["cached_tokens"] > 0
     report = client.idle_integrity()
     assert report["ok"], report["problems"]
+
+
+def test_under_pressure_both_ranks_evict_the_same_nodes_in_the_same_order(tp_server, hf):
+    """RSBCM on two ranks, each with its own heads' attention and its own clock: the pool
+    (2048 slots) fills with prompts that share a prefix and diverge, and every rank's tree
+    writes the nodes it evicts (``RKSC_EVICTION_LOG``); the two lists must be equal."""
+    tokenizer = hf[1]
+    client = RuntimeClient(tp_server.url)
+    shared = "You are a careful assistant. Answer briefly and show your reasoning. " * 6
+    params = {"max_new_tokens": 8, "temperature": 0}
+    for i in range(14):
+        batch = [tokenizer(f"{shared} Question {i}.{j}: " + " ".join(f"item{i * 7 + j * 3 + k}" for k in range(60)))[
+            "input_ids"] for j in range(3)]
+        client.generate(input_ids=batch, sampling_params=params)
+    report = client.idle_integrity()
+    assert report["ok"], report["problems"]
+    logs = sorted(tp_server.evictions.glob("evictions.tp*.log"))
+    assert [p.name.split(".")[1] for p in logs] == ["tp0", "tp1"], logs
+    rank0, rank1 = (p.read_text().splitlines() for p in logs)
+    assert len(rank0) >= 5 and rank0 == rank1

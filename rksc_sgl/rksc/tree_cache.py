@@ -149,6 +149,7 @@ class RKSCRadixCache(RadixCache, SemanticTree):
             # with its default policy, then install RSBCM (it validates its own settings).
             strategy = RSBCMStrategy(**(params.eviction_policy_config or {}))
             params = dataclasses.replace(params, eviction_policy="lru", eviction_policy_config=None)
+        self.eviction_log = None  # a text file: every evicted node, in order (the runtime's RKSC_EVICTION_LOG)
         self.op_clock = 0  # tree operations so far (stamped only for RSBCM on the operation clock)
         super().__init__(params)
         if rsbcm:
@@ -234,6 +235,11 @@ class RKSCRadixCache(RadixCache, SemanticTree):
             self._set_key(new_node)
             self._set_key(child)
         return new_node
+
+    def _delete_leaf(self, node):
+        super()._delete_leaf(node)
+        if self.eviction_log is not None:  # one line per evicted node: id, length, first tokens
+            self.eviction_log.write(f"{node.id} {len(node.key)} {list(node.key.token_ids[:4])}\n")
 
     def evict(self, params: EvictParams) -> EvictResult:
         if isinstance(self.eviction_strategy, RSBCMStrategy) and not self.disable:

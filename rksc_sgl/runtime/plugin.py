@@ -86,6 +86,7 @@ def rksc_cache_factory(ctx):
     else:
         cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
     _set_up_rsbcm(ctx, cache)
+    _open_eviction_log(ctx, cache)
     logger.info(
         "rksc tree cache built (page_size=%s, eviction_policy=%s, %s)",
         ctx.params.page_size,
@@ -131,6 +132,21 @@ def _set_up_rsbcm(ctx, cache) -> None:
     if not hooked:
         logger.info("rsbcm: no rksc_attention hook in --forward-hooks; nodes are ranked by branches, depth "
                     "and recency")
+
+
+EVICTION_LOG_VAR = "RKSC_EVICTION_LOG"
+"""A folder: each scheduler writes the nodes its tree evicts, in order, to
+``evictions.tp<rank>.pid<pid>.log`` there (checking that tensor-parallel ranks evict alike)."""
+
+
+def _open_eviction_log(ctx, cache) -> None:
+    import os
+
+    folder = os.environ.get(EVICTION_LOG_VAR, "").strip()
+    if folder:
+        path = os.path.join(folder, f"evictions.tp{ctx.tp_rank}.pid{os.getpid()}.log")
+        cache.eviction_log = open(path, "a", buffering=1)
+        logger.info("rksc: evictions logged to %s", path)
 
 
 def stock_radix_cache_factory(ctx):
