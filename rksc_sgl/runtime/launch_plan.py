@@ -18,6 +18,8 @@ CPU only: ``--dtype float32``             ``auto`` turns a float32 checkpoint in
 CPU only: ``--max-total-tokens 16384``    else the KV pool takes 72% of RAM
 CPU only: ``--sleep-on-idle``             else the idle scheduler spins a core
 CPU only: ``SGLANG_USE_CPU_ENGINE=1``     SGLang's CPU code paths
+CPU, more ranks than NUMA nodes:          SGLang refuses to start otherwise; one core list
+``SGLANG_CPU_OMP_THREADS_BIND=0|1``       per rank, this process's cores split among them
 no ``sgl_kernel``: ``PYTHONPATH+=cpu_site``  an import-only stand-in in every SGLang process
 =======================================  =============================================
 
@@ -213,6 +215,7 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
         if "SGLANG_USE_CPU_ENGINE" not in environ:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             added.append("SGLANG_USE_CPU_ENGINE=1  (CPU: SGLang's CPU code paths)")
+        _plan_cpu_threads_bind(args, environ, env, added)
     if not sgl_kernel_installed:
         path = os.pathsep.join(p for p in (str(CPU_SITE), environ.get("PYTHONPATH", "")) if p)
         env["PYTHONPATH"] = path
@@ -229,6 +232,68 @@ def _check_support(parser: argparse.ArgumentParser, argv: List[str], environ: Di
     problems = unsupported(parser.parse_args(argv), environ)
     if problems:
         raise LaunchError("; ".join(problems))
+
+
+# ---- CPU ranks and cores (--dp-size / --tp-size / --pp-size above the NUMA node count) ----------
+CPU_THREADS_BIND = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def _cpu_cores_by_node() -> List[List[int]]:
+    """This process's usable physical cores, per NUMA node, as SGLang sees them
+    (``get_cpu_ids_by_node``: lscpu, one CPU per core, the affinity mask); the affinity
+    mask as one node if that fails."""
+    try:
+        from sglang.srt.utils import get_cpu_ids_by_node
+
+        nodes = [[int(c) for c in ids.split(",") if c] for ids in get_cpu_ids_by_node()]
+        nodes = [n for n in nodes if n]
+    except Exception:
+        nodes = []
+    return nodes or [sorted(os.sched_getaffinity(0))]
+
+
+def split_cores(ranks: int, cores: Sequence[int]) -> List[List[int]]:
+    """``ranks`` groups of ``cores``, in order: contiguous and as even as possible, or, when
+    there are more ranks than cores, one core each, taken in turn (ranks share cores)."""
+    if ranks < 1 or not cores:
+        raise ValueError(f"need at least one rank and one core, got {ranks} ranks, {len(cores)} cores")
+    if ranks > len(cores):
+        return [[cores[r % len(cores)]] for r in range(ranks)]
+    size, extra = divmod(len(cores), ranks)
+    groups, at = [], 0
+    for r in range(ranks):
+        n = size + (r < extra)
+        groups.append(list(cores[at:at + n]))
+        at += n
+    return groups
+
+
+def _plan_cpu_threads_bind(args, environ: Dict[str, str], env: Dict[str, str], added: List[str]) -> None:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` when the server has more ranks than NUMA nodes.
+
+    SGLang's CPU path gives each rank (dp x tp x pp of them) a NUMA node unless this variable
+    lists each rank's cores (``0|1``); with more ranks than nodes it refuses to start. The plan
+    then splits this process's cores among the ranks; with more ranks than cores, ranks share
+    cores (said in ``added``). With AMX, SGLang binds each rank's OpenMP threads to its cores;
+    without (no ``sgl_kernel``) it only checks the list, and patch 0004 (``patches/``) gives
+    each rank one torch thread per core listed. A variable already set is kept."""
+    world = args.dp_size * args.tp_size * args.pp_size
+    if CPU_THREADS_BIND in environ or world <= 1 or args.nnodes != 1:
+        return
+    nodes = _cpu_cores_by_node()
+    if world <= len(nodes):
+        return  # SGLang's default: one NUMA node per rank
+    if args.base_gpu_id != 0 or args.gpu_id_step != 1:
+        raise LaunchError(f"{world} ranks on {len(nodes)} NUMA node(s) with --base-gpu-id/--gpu-id-step: "
+                          f"set {CPU_THREADS_BIND} yourself (one '|'-separated core list per rank)")
+    # With DP attention the DP ranks live inside the TP group: tp x pp processes.
+    processes = args.tp_size * args.pp_size if args.enable_dp_attention else world
+    cores = [c for node in nodes for c in node]
+    value = "|".join(",".join(map(str, group)) for group in split_cores(processes, cores))
+    env[CPU_THREADS_BIND] = value
+    shared = f"; {processes} ranks on {len(cores)} cores: ranks share cores" if processes > len(cores) else ""
+    added.append(f"{CPU_THREADS_BIND}={value}  (CPU: {processes} ranks, {len(nodes)} NUMA node(s): "
+                 f"the cores split among the ranks{shared})")
 
 
 ASKS_CHUNKED_PREFILL_SIZE = 4096
