@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,10 +33,32 @@ __all__ = ["RuntimeServer", "free_port", "running_server", "DEFAULT_STARTUP_TIME
 
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 SGLANG_PROCESS_PREFIX = "sglang::"
+BIND_ERROR = "error while attempting to bind on address"
+"""uvicorn's message when the server's port is taken."""
+
+
+QUIET_PORTS = (30000, 32768)
+"""Where :func:`free_port` looks first: above SGLang's own picks (22000-29999, its NCCL and
+dist-init ports) and below the kernel's ephemeral range (32768 up by default), which every
+outgoing connection and every ``bind(0)`` (gloo's listeners among them) draws from. A
+server binds its port a minute after it was chosen; in an ephemeral port, a server
+starting beside it took it first in a run here, and uvicorn's bind failed."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (for servers started on an ephemeral port)."""
+    """A TCP port nobody uses now, from :data:`QUIET_PORTS` below the ephemeral range (any
+    free port if that range starts lower or the band is taken)."""
+    low, high = QUIET_PORTS
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]))
+    for port in random.sample(range(low, high), min(64, max(0, high - low))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -138,6 +161,9 @@ class RuntimeServer:
         code = self.process.poll()
         if code is not None:
             return f"the launcher process exited with status {code}"
+        bind_error = next((line for line in list(self.tail) if BIND_ERROR in line), None)
+        if bind_error is not None:  # uvicorn gives up, but the launcher and its schedulers stay up
+            return f"its HTTP server could not bind port {self.plan.port}: {bind_error.strip()}"
         try:
             for child in psutil.Process(self.process.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
