@@ -5,16 +5,35 @@ unchanged, ``rksc_sgl.verify`` takes its ``select`` path) that also counts what 
 server's answers say about each request (``meta_info``: prompt, cached and completion
 tokens), and answers the few questions the program runner asks an engine: ``config``
 (model, cache), ``stats()`` and ``check_integrity()``. It works with any SGLang server
-(``rksc-sgl launch-server``, ``python -m sglang.launch_server``, ``rksc-sgl serve``).
+(``rksc-sgl launch-server``, ``python -m sglang.launch_server``, ``rksc-sgl serve``) and
+with SGLang's router in front of several (``sglang-router``):
+
+- ``--dp-size N``: the counters and the integrity check cover every scheduler. SGLang's DP
+  controller hands requests to ranks in turn, which would split a fork's branches over N
+  trees; the backend sends each request with ``routed_dp_rank``, one rank per program (its
+  forks included), programs taking ranks in turn from a random one (``pin_programs=False``:
+  SGLang's choice).
+- A router: nothing is read from ``/server_info`` until asked (the router has none); then
+  the servers behind it answer (``worker_urls``, or those the router lists), and until
+  one can, ``config`` says the cache is ``unknown`` and why. Branch stop's abort goes to
+  every server (the router has no ``/abort_request``; see :mod:`rksc_sgl.runtime.client`).
+  Which server runs a request is the router's choice: its ``cache_aware`` policy (the
+  default) sends a program's branches where its prefix went; ``round_robin`` splits them.
+  A worker with ``--dp-size N`` behind a router picks a rank for each request in turn.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import itertools
+import random
 import threading
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
+
+import requests
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
@@ -23,7 +42,13 @@ from rksc_sgl.model.chat import server_chat_template
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.plugin import BACKEND_NAME
 
-__all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats"]
+__all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats", "UNKNOWN"]
+
+PINNED_PROGRAMS = 1024
+"""Programs whose DP rank a :class:`RuntimeBackend` remembers (the most recent ones)."""
+
+UNKNOWN = "unknown"
+"""``RuntimeInfo.cache`` / ``eviction_policy`` while no server has said (``RuntimeInfo.unknown`` says why)."""
 
 
 @dataclasses.dataclass
@@ -55,12 +80,19 @@ class RuntimeStats:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeInfo:
-    """What the server says it runs (``/server_info``)."""
+    """What the server says it runs (``/server_info``; every server's, behind a router)."""
 
     model: str
     cache: str
-    """``none`` (radix cache disabled), the ``--radix-cache-backend`` name, or ``default``."""
+    """``none`` (radix cache disabled), the ``--radix-cache-backend`` name, ``default``,
+    ``unknown`` (no server answered yet) or ``mixed: a, b`` (servers differ)."""
     eviction_policy: str
+    schedulers: int = 1
+    """Schedulers (trees) behind the URL: DP ranks, summed over a router's servers."""
+    dp_size: int = 1
+    """The server's ``--dp-size`` (1 behind a router: the router picks servers, not ranks)."""
+    unknown: Optional[str] = None
+    """Why ``cache`` is ``unknown``."""
 
     @property
     def rksc_tree(self) -> bool:
@@ -82,20 +114,78 @@ class RuntimeBackend(RuntimeEndpoint):
     as it prompts the embedded engine."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, chat_template_name: Optional[str] = None,
-                 **kwargs: Any):
+                 worker_urls: Optional[Sequence[str]] = None, pin_programs: bool = True, **kwargs: Any):
         super().__init__(base_url, api_key=api_key, chat_template_name=chat_template_name, **kwargs)
         if not chat_template_name:  # the model's own template, as the embedded engine prompts
             self.chat_template = server_chat_template(self.model_info)
-        self.client = RuntimeClient(base_url)
+        self.client = RuntimeClient(base_url, worker_urls=worker_urls)
+        self.pin_programs = pin_programs
+        self._config: Optional[RuntimeInfo] = None
+        self._program_ranks: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._next_rank = itertools.count(random.randrange(1 << 16))  # clients start apart
         # Branch stop (rksc_sgl.vote): a frontend gen's request id, so SGLang's abort API can end it.
         self.stream_controls = StreamControls(abort=lambda rid, reason: self.client.abort(rid=rid))
         self._generating = _CurrentStream()
         self._lock = threading.Lock()
         self._stats = RuntimeStats()
-        state = self.client.scheduler_state()
-        cache = "none" if state.get("disable_radix_cache") else (state.get("radix_cache_backend") or "default")
-        self.config = RuntimeInfo(model=self.model_info["model_path"], cache=cache,
-                                  eviction_policy=str(state.get("radix_eviction_policy")))
+
+    # -- what runs behind the URL -------------------------------------------------------------
+    @property
+    def config(self) -> RuntimeInfo:
+        """What the server(s) run, read on first use and kept once known (``unknown`` is asked
+        again next time: a router may have no server yet)."""
+        if self._config is None:
+            info = self._read_config()
+            if info.cache != UNKNOWN:
+                self._config = info
+            return info
+        return self._config
+
+    def _read_config(self) -> RuntimeInfo:
+        model = self.model_info["model_path"]
+        try:
+            infos = self.client.server_infos()
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            return RuntimeInfo(model=model, cache=UNKNOWN, eviction_policy=UNKNOWN, schedulers=0,
+                               unknown=f"no server behind {self.base_url} answered /server_info: {exc}")
+        states = [state for _, info in infos for state in info["internal_states"]]
+        if not states:
+            return RuntimeInfo(model=model, cache=UNKNOWN, eviction_policy=UNKNOWN, schedulers=0,
+                               unknown=f"no server behind {self.base_url} (a router without workers?)")
+        caches = {"none" if s.get("disable_radix_cache") else (s.get("radix_cache_backend") or "default")
+                  for s in states}
+        policies = {str(s.get("radix_eviction_policy")) for s in states}
+        dp_size = int(infos[0][1].get("dp_size") or 1) if not self.client.is_router() else 1
+        return RuntimeInfo(model=model, cache=_one(caches), eviction_policy=_one(policies), schedulers=len(states),
+                           dp_size=dp_size)
+
+    def _program_rank(self, s) -> Optional[int]:
+        """The DP rank of ``s``'s program (its forks share ``arguments``), or ``None`` to let
+        SGLang choose (one rank, a router, ``pin_programs=False``)."""
+        if not self.pin_programs or self._dp_size() <= 1:
+            return None
+        arguments = s.arguments  # the dict every fork of one program run shares
+        with self._lock:
+            entry = self._program_ranks.get(id(arguments))
+            if entry is None:
+                # The dict is kept (the last PINNED_PROGRAMS of them), so its id names no other
+                # program while it has a rank; a program forgotten since takes the next rank.
+                entry = self._program_ranks[id(arguments)] = (arguments, next(self._next_rank) % self._dp_size())
+                while len(self._program_ranks) > PINNED_PROGRAMS:
+                    self._program_ranks.popitem(last=False)
+            else:
+                self._program_ranks.move_to_end(id(arguments))
+        return entry[1]
+
+    def _dp_size(self) -> int:
+        if self._config is not None:
+            return self._config.dp_size
+        try:
+            if self.client.is_router():
+                return 1
+        except requests.RequestException:
+            return 1
+        return self.config.dp_size
 
     # -- counting ------------------------------------------------------------------------
     def _count(self, meta_info: Dict[str, Any]) -> None:
@@ -151,6 +241,9 @@ class RuntimeBackend(RuntimeEndpoint):
         gets its own request id here (``rksc-branch-<sid>-...``), recorded so that
         :meth:`stop_stream` can abort it, and the seed :meth:`seed_stream` gave it."""
         super()._add_images(s, data)
+        rank = self._program_rank(s)
+        if rank is not None and "routed_dp_rank" not in data:
+            data["routed_dp_rank"] = rank
         if self._generating.sid == s.sid and "rid" not in data:
             data["rid"] = f"{BRANCH_RID_PREFIX}{s.sid}-{uuid.uuid4().hex[:12]}"
             seed = self.stream_controls.take_seed(s.sid)
@@ -201,12 +294,17 @@ class RuntimeBackend(RuntimeEndpoint):
     def stats(self, reset_peak: bool = False) -> RuntimeStats:
         with self._lock:
             stats = dataclasses.replace(self._stats)
-        if self.config.rksc_tree:  # the tree's ASKS counters
-            cache = (self.client.rksc_state() or {}).get("cache") or {}
-            stats.semantic_tokens = cache.get("semantic_hit_tokens", 0)
-            stats.recomputed_tokens = cache.get("recomputed_tokens", 0)
-            stats.key_tokens = cache.get("key_tokens", 0)
+        if self.config.rksc_tree:  # the trees' ASKS counters, every scheduler's
+            caches = [(state or {}).get("cache") or {} for state in self.client.rksc_states()]
+            stats.semantic_tokens = sum(c.get("semantic_hit_tokens", 0) for c in caches)
+            stats.recomputed_tokens = sum(c.get("recomputed_tokens", 0) for c in caches)
+            stats.key_tokens = sum(c.get("key_tokens", 0) for c in caches)
         return stats
+
+    def tree_stats(self) -> list:
+        """Each scheduler's RKSC tree counters (``cache`` of its ``rksc`` entry; ``None`` where
+        the tree is not RKSC's), in :meth:`RuntimeClient.scheduler_states` order."""
+        return [(state or {}).get("cache") for state in self.client.rksc_states()]
 
     def flush_cache(self) -> bool:
         """Empty the server's tree (SGLang refuses while requests run: then ``False``)."""
@@ -217,13 +315,19 @@ class RuntimeBackend(RuntimeEndpoint):
         return True
 
     def check_integrity(self) -> None:
-        """The server is healthy and, with the ``rksc`` tree, its idle integrity check passes."""
+        """The server(s) are healthy and, with the ``rksc`` tree, the idle integrity check of every
+        scheduler passes (each DP rank, each server behind a router)."""
         if not self.client.healthy():
             raise RuntimeError(f"server {self.base_url} is not healthy")
         if self.config.rksc_tree:
             report = self.client.idle_integrity()
-            if report["checked"] and not report["ok"]:
+            if report["ok"] is False:
                 raise RuntimeError(f"rksc tree integrity check failed: {report['problems']}")
 
     def shutdown(self) -> None:
         """Nothing to end: the server is not this process's."""
+
+
+def _one(values: set) -> str:
+    """The value every server gave, or ``mixed: ...``."""
+    return next(iter(values)) if len(values) == 1 else "mixed: " + ", ".join(sorted(values))
