@@ -42,7 +42,7 @@ from rksc_sgl.model.chat import server_chat_template
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.plugin import BACKEND_NAME
 
-__all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats", "UNKNOWN"]
+__all__ = ["RuntimeBackend", "RuntimeInfo", "RuntimeStats", "UNKNOWN", "place_of"]
 
 PINNED_PROGRAMS = 1024
 """Programs whose DP rank a :class:`RuntimeBackend` remembers (the most recent ones)."""
@@ -66,16 +66,41 @@ class RuntimeStats:
     semantic_tokens: int = 0
     recomputed_tokens: int = 0
     key_tokens: int = 0
+    places: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    """Per scheduler that answered (:func:`place_of`): ``requests``, ``prompt_tokens`` and
+    ``cached_tokens`` (SGLang's, ASKS donors' tokens included)."""
 
     def since(self, earlier: "RuntimeStats") -> "RuntimeStats":
-        return RuntimeStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
-                               for f in dataclasses.fields(self)})
+        counters = {f.name: getattr(self, f.name) - getattr(earlier, f.name)
+                    for f in dataclasses.fields(self) if f.name != "places"}
+        places = {}
+        for place, now in self.places.items():
+            before = earlier.places.get(place, {})
+            delta = {key: value - before.get(key, 0) for key, value in now.items()}
+            if any(delta.values()):
+                places[place] = delta
+        return RuntimeStats(**counters, places=places)
 
     def as_dict(self) -> Dict[str, Any]:
         """The counters, in the engine's names (``cached_tokens``: exact hits only); the
         runtime reports no KV peak per run (``None``)."""
         return {**dataclasses.asdict(self), "cached_tokens": self.cached_tokens - self.semantic_tokens,
                 "peak_kv_tokens": None}
+
+
+def place_of(meta_info: Dict[str, Any]) -> str:
+    """Which scheduler answered a request, from its ``meta_info``: the server's
+    ``--weight-version`` when it is not SGLang's ``default`` (``bench --scale-out workers:N``
+    tags worker i ``w<i>``: the router does not say which worker it chose) and the DP rank
+    (``r<rank>``), e.g. ``w1.r0``; ``server`` when the answer says neither."""
+    parts = []
+    version = meta_info.get("weight_version")
+    if version not in (None, "", "default"):
+        parts.append(str(version))
+    rank = meta_info.get("dp_rank")
+    if rank is not None:
+        parts.append(f"r{rank}")
+    return ".".join(parts) or "server"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +220,11 @@ class RuntimeBackend(RuntimeEndpoint):
             self._stats.prefill_tokens += prompt - cached
             self._stats.cached_tokens += cached
             self._stats.decode_tokens += meta_info.get("completion_tokens", 0)
+            place = self._stats.places.setdefault(place_of(meta_info), {"requests": 0, "prompt_tokens": 0,
+                                                                        "cached_tokens": 0})
+            place["requests"] += 1
+            place["prompt_tokens"] += prompt
+            place["cached_tokens"] += cached
 
     def generate(self, s, sampling_params):
         refused = self._refused(s)
@@ -293,7 +323,7 @@ class RuntimeBackend(RuntimeEndpoint):
     # -- what the program runner asks ------------------------------------------------------
     def stats(self, reset_peak: bool = False) -> RuntimeStats:
         with self._lock:
-            stats = dataclasses.replace(self._stats)
+            stats = dataclasses.replace(self._stats, places={k: dict(v) for k, v in self._stats.places.items()})
         if self.config.rksc_tree:  # the trees' ASKS counters, every scheduler's
             caches = [(state or {}).get("cache") or {} for state in self.client.rksc_states()]
             stats.semantic_tokens = sum(c.get("semantic_hit_tokens", 0) for c in caches)
