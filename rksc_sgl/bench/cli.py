@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable, List, Tuple
 
 from rksc_sgl.config import DTYPES
-from rksc_sgl.bench.modes import BACKENDS, SERVER_SCHEDULES, BenchSettings, MODES, Mode, parse_modes
+from rksc_sgl.bench.modes import (BACKENDS, ROUTER_POLICIES, SERVER_SCHEDULES, BenchSettings, MODES, Mode,
+                                  parse_modes)
 from rksc_sgl.bench.runner import run_bench
 from rksc_sgl.bench.tables import command_line, save
 from rksc_sgl.bench.workload import WORKLOADS, Workload, parse_workloads
@@ -50,6 +51,15 @@ def add_bench_args(parser) -> None:
                         help="with --backend runtime: together: every mode's server up at once, the modes taking "
                              "turns problem by problem; one-at-a-time: each server serves every problem before the "
                              f"next starts, for a GPU that cannot hold them all (default: {d.servers})")
+    parser.add_argument("--scale-out", default=d.scale_out, metavar="single|workers:N|dp:N",
+                        help="with --backend runtime: each mode as one server (single), as N servers behind "
+                             "SGLang's router (workers:N; on a CPU each worker gets --threads cores of its own, "
+                             "worker i from core i*threads on, wrapping around), or as one server with --dp-size N "
+                             "(dp:N, the cores split among its ranks); the run reports each worker's (or DP "
+                             f"rank's) prompt and cached tokens (default: {d.scale_out})")
+    parser.add_argument("--router-policy", choices=ROUTER_POLICIES, default=d.router_policy,
+                        help="with --scale-out workers:N: the router's policy; cache_aware sends a program's "
+                             "requests where its prefix went (default: cache_aware)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
@@ -86,7 +96,8 @@ def settings_from_args(args) -> BenchSettings:
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
                          asks_key_layer=args.asks_key_layer,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
-                         server_args=args.server_args, servers=args.servers,
+                         server_args=args.server_args, servers=args.servers, scale_out=args.scale_out,
+                         router_policy=args.router_policy,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 
 

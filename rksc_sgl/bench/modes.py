@@ -112,6 +112,24 @@ SERVER_SCHEDULES = ("together", "one-at-a-time")
 """How ``--backend runtime`` runs its servers: all at once, the modes taking turns problem by
 problem (the default, as the engines do), or one after another, each serving every problem
 before the next starts (for GPUs that cannot hold every mode's server at once)."""
+ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
+"""SGLang router policies ``--scale-out workers:N`` can put in front of a mode's workers (the
+router's ``manual`` needs a routing-key header that SGLang's ``RuntimeEndpoint`` cannot send)."""
+
+
+def parse_scale_out(text: str):
+    """``"single"`` -> ``("single", 1)``; ``"workers:N"`` / ``"dp:N"`` -> ``(kind, N)``; ``ValueError``
+    naming what is wrong. ``workers:N``: N servers of the mode behind SGLang's router; ``dp:N``:
+    one server with ``--dp-size N``."""
+    text = str(text).strip()
+    if text == "single":
+        return "single", 1
+    kind, sep, count = text.partition(":")
+    if kind not in ("workers", "dp") or not sep:
+        raise ValueError(f"scale-out must be single, workers:N or dp:N, got {text!r}")
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"scale-out {text!r}: N must be a positive integer")
+    return kind, int(count)
 
 
 @dataclasses.dataclass
@@ -146,6 +164,12 @@ class BenchSettings:
     ``--schedule-policy lpm``."""
     servers: str = "together"
     """``--backend runtime``: one of :data:`SERVER_SCHEDULES`."""
+    scale_out: str = "single"
+    """``--backend runtime``: each mode as one server (``single``), as N servers behind SGLang's
+    router (``workers:N``) or as one server with ``--dp-size N`` (``dp:N``); see
+    :func:`parse_scale_out`."""
+    router_policy: str = "cache_aware"
+    """``scale_out="workers:N"``: the router's policy, one of :data:`ROUTER_POLICIES`."""
 
     def __post_init__(self) -> None:
         for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
@@ -160,6 +184,14 @@ class BenchSettings:
             raise ValueError(f"servers must be one of {', '.join(SERVER_SCHEDULES)}, got {self.servers!r}")
         if self.servers != "together" and self.backend != "runtime":
             raise ValueError("servers one-at-a-time needs --backend runtime (the engines always take turns)")
+        kind, _ = parse_scale_out(self.scale_out)
+        if kind != "single" and self.backend != "runtime":
+            raise ValueError(f"scale-out {self.scale_out} needs --backend runtime (the engines run in this "
+                             "process: there is no server to scale out)")
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ValueError(f"router-policy must be one of {', '.join(ROUTER_POLICIES)}, got {self.router_policy!r}")
+        if self.router_policy != "cache_aware" and kind != "workers":
+            raise ValueError("router-policy needs --scale-out workers:N (only then is there a router)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:

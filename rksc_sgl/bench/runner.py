@@ -199,7 +199,7 @@ def _run_on_runtime(workload, modes, settings, params, progress):
     runs, the modes taking turns problem by problem as on the engine; ``one-at-a-time`` runs
     each server through every problem before the next starts. Each server's integrity is
     checked before it is ended."""
-    from rksc_sgl.runtime.bench_servers import check_room, mode_server, server_config, server_flags
+    from rksc_sgl.runtime.bench_servers import check_room, mode_server, server_config, server_flags, servers_per_mode
 
     for mode in modes:  # refuse what the runtime cannot run before any server starts
         server_flags(mode, settings, {}, 0)
@@ -219,10 +219,13 @@ def _run_on_runtime(workload, modes, settings, params, progress):
                     log = servers.enter_context(open(log_path, "w"))
                     backend, command, server = servers.enter_context(
                         mode_server(mode, settings, overrides, log, seeded=workload.votes))
-                    if started == 0 and len(group) > 1:  # the rest must fit beside it
-                        check_room(len(group) - 1, server.memory_bytes())
+                    if started == 0 and len(group) > 1:  # the rest must fit beside it (N servers each)
+                        check_room((len(group) - 1) * servers_per_mode(settings), server.memory_bytes())
                     backends[mode.label] = backend
                     configs[mode.label] = {**server_config(backend, command), "server_log": str(log_path)}
+                    if settings.scale_out != "single":
+                        configs[mode.label].update(scale_out=settings.scale_out, schedulers=backend.config.schedulers,
+                                                   workers=[u.url for u in backend.client.servers()])
                 group_runs, group_warm = _take_turns(workload, group, settings, params, backends, warm, items, bar)
                 runs.update(group_runs)
                 warm_runs.update(group_warm)

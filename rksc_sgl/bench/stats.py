@@ -78,6 +78,8 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
         "hit_rate": _hit_rate(records),
         "decode_tokens_total": sum(r["decode_tokens"] for r in records),
     }
+    if any("places" in r for r in records):
+        out["places"] = places_summary(records)
     if records and "programs" in records[0]:
         out.update(_serve_summary(records))
     votes = [r["vote"] for r in records if r.get("vote")]
@@ -104,6 +106,19 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
             "cgee_error_rate": errors / len(compared) if compared else None, "cgee_error_ci95": [lo, hi],
         })
     return out
+
+
+def places_summary(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
+    """The runtime's per-scheduler counters (``places`` of each run: a worker behind the router,
+    a DP rank) summed over the mode's timed runs, places in name order: ``requests``,
+    ``prompt_tokens``, ``cached_tokens``."""
+    total: Dict[str, Dict[str, int]] = {}
+    for r in records:
+        for place, counts in (r.get("places") or {}).items():
+            into = total.setdefault(place, {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0})
+            for key, value in counts.items():
+                into[key] = into.get(key, 0) + value
+    return dict(sorted(total.items()))
 
 
 def _serve_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:

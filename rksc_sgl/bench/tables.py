@@ -44,7 +44,25 @@ def table_rows(result: Dict[str, Any]) -> List[tuple]:
         rows = [row + extra for row, extra in zip(rows, _stop_columns(result))]
     if any("programs_per_s" in s for s in result["modes"].values()):
         rows = [row + extra for row, extra in zip(rows, _serve_columns(result))]
+    if _scaled_out(result):
+        rows = [row + extra for row, extra in zip(rows, _place_columns(result))]
     return rows
+
+
+def _scaled_out(result: Dict[str, Any]) -> bool:
+    scale_out = result.get("config", {}).get("settings", {}).get("scale_out", "single")
+    return scale_out != "single" or any(len(s.get("places") or {}) > 1 for s in result["modes"].values())
+
+
+def _place_columns(result: Dict[str, Any]) -> List[tuple]:
+    """``--scale-out``: each worker's (or DP rank's) cached / prompt tokens over the run, and
+    its requests: where a program's branches ran against where its prefix was."""
+    out = [("cached/prompt tok per worker (run total)", "requests per worker")]
+    for s in result["modes"].values():
+        places = s.get("places") or {}
+        out.append(("; ".join(f"{p} {c['cached_tokens']}/{c['prompt_tokens']}" for p, c in places.items()) or "-",
+                    "; ".join(f"{p} {c['requests']}" for p, c in places.items()) or "-"))
+    return out
 
 
 def _serve_columns(result: Dict[str, Any]) -> List[tuple]:
@@ -113,6 +131,10 @@ def markdown_report(result: Dict[str, Any]) -> str:
                   "that differ from the full pass / verify calls compared. Token counts are medians per "
                   "program; hits are prompt tokens served from the cache (exact) or from a similar span "
                   "(ASKS); verifier tok: tokens the verify step computed (not in prefill tok)."]
+    if _scaled_out(result):
+        lines += ["", "Per worker (--scale-out): each scheduler's cached (SGLang's count, ASKS donors' tokens "
+                      "included) / prompt tokens and requests, summed over the timed runs; wN is worker N behind "
+                      "the router (its --weight-version tag), rN the DP rank that answered."]
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +231,10 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
         parts += ["--server-args", settings.server_args]
     if settings.servers != "together":
         parts += ["--servers", settings.servers]
+    if settings.scale_out != "single":
+        parts += ["--scale-out", settings.scale_out]
+    if settings.router_policy != "cache_aware":
+        parts += ["--router-policy", settings.router_policy]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]

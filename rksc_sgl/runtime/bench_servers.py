@@ -31,6 +31,12 @@ A workload that seeds its branches (``vote``, ``serve``: ``Workload.votes``) run
 mode's server with ``--seeded-sampling on`` (``rksc_sgl.runtime.seeded_sampling``), so branch
 *i* of a program samples the same tokens in every mode, as on the engine.
 
+``--scale-out workers:N`` runs each mode as N such servers (worker i bound to its own cores and
+tagged ``--weight-version w<i>``, which SGLang returns in every answer's ``meta_info``) behind
+SGLang's router (``rksc_sgl.runtime.router``, ``--router-policy``, ``cache_aware`` by default);
+``--scale-out dp:N`` as one server with ``--dp-size N``. Either way the client counts each
+answer's prompt and cached tokens where it ran (``RuntimeStats.places``: worker and DP rank).
+
 ASKS modes take the run's ``asks_tau``/``asks_recompute`` (or their own ``asks@TAU``); key
 layers above 0 (``asks@TAU:L<n>``) are refused: the runtime keys at layer 0 only.
 """
@@ -41,7 +47,7 @@ import contextlib
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["server_flags", "mode_server", "check_room"]
+__all__ = ["server_flags", "mode_server", "check_room", "servers_per_mode", "worker_plans", "worker_cores"]
 
 MEMORY_MARGIN = 1.15
 """Head-room over the measured size of a server before more are started beside it."""
@@ -109,30 +115,95 @@ def check_room(more: int, server_bytes: int, available_bytes: Optional[int] = No
         raise RuntimeError(f"not enough memory to run the modes' servers together: {more} more would take about "
                            f"{need / gib:.1f} GiB ({server_bytes / gib:.1f} GiB each), and "
                            f"{available_bytes / gib:.1f} GiB is available; run them one after another "
-                           "with --servers one-at-a-time, or with fewer modes")
+                           "with --servers one-at-a-time, or with fewer modes (or --scale-out workers)")
+
+
+def servers_per_mode(settings) -> int:
+    """How many SGLang servers one mode runs: N with ``--scale-out workers:N``, else one (a
+    ``dp:N`` server is one server with N schedulers)."""
+    from rksc_sgl.bench.modes import parse_scale_out
+
+    kind, count = parse_scale_out(settings.scale_out)
+    return count if kind == "workers" else 1
+
+
+def worker_cores(index: int, threads: int, cores: Optional[List[int]] = None) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` of worker ``index``: ``threads`` cores of its own, worker
+    i from the (i * threads)-th of this process's cores on, wrapping around when the workers
+    need more cores than there are."""
+    if cores is None:
+        import os
+
+        cores = sorted(os.sched_getaffinity(0))
+    return ",".join(str(cores[(index * threads + k) % len(cores)]) for k in range(threads))
+
+
+def worker_plans(mode, settings, overrides: Dict[str, Any], seeded: bool = False,
+                 ports: Optional[List[int]] = None, cores: Optional[List[int]] = None) -> List[Any]:
+    """The launch plans of ``mode``'s servers: one (``single``, ``dp:N``: ``--dp-size N``, the
+    cores split among its ranks by :func:`plan_launch`) or N (``workers:N``: worker i bound to
+    :func:`worker_cores` and tagged ``--weight-version w<i>``, which SGLang puts in every
+    answer's ``meta_info``, so the client can tell which worker the router chose)."""
+    from rksc_sgl.bench.modes import parse_scale_out
+    from rksc_sgl.runtime.launch_plan import CPU_THREADS_BIND, plan_launch
+    from rksc_sgl.runtime.server_process import free_port
+
+    kind, count = parse_scale_out(settings.scale_out)
+    n = count if kind == "workers" else 1
+    ports = list(ports) if ports is not None else [free_port() for _ in range(n)]
+    plans = []
+    for i in range(n):
+        argv, plan_kwargs = server_flags(mode, settings, overrides, ports[i], seeded)
+        if kind == "dp":
+            argv += ["--dp-size", str(count)]
+        if kind == "workers" and "--weight-version" not in argv:
+            argv += ["--weight-version", f"w{i}"]
+        plan = plan_launch(argv, **plan_kwargs)
+        if kind != "dp":  # the scheduler's CPU threads (a dp server's ranks get the plan's split)
+            bind = worker_cores(i, settings.threads, cores)
+            plan = dataclasses.replace(plan, env={**plan.env, CPU_THREADS_BIND: bind})
+        plans.append(plan)
+    return plans
 
 
 @contextlib.contextmanager
 def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = False) -> Iterator[Any]:
-    """``(backend, launch command, server)``: a started server for ``mode``, reached through a
-    :class:`RuntimeBackend`, the shell command it runs, and its :class:`RuntimeServer`; the
-    server ends on exit."""
-    from rksc_sgl.runtime.endpoint import RuntimeBackend
-    from rksc_sgl.runtime.launch_plan import plan_launch
-    from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+    """``(backend, launch command, server)``: ``mode``'s started server(s), reached through a
+    :class:`RuntimeBackend`, the shell command(s) they run, and the first
+    :class:`RuntimeServer` (its size is each server's); everything ends on exit.
 
-    argv, plan_kwargs = server_flags(mode, settings, overrides, free_port(), seeded)
-    plan = plan_launch(argv, **plan_kwargs)
-    cores = "0" if settings.threads == 1 else f"0-{settings.threads - 1}"  # the scheduler's CPU threads
-    plan = dataclasses.replace(plan, env={**plan.env, "SGLANG_CPU_OMP_THREADS_BIND": cores})
-    server = RuntimeServer(plan, log=log)
+    With ``--scale-out workers:N`` the first worker starts alone, then (if memory holds N-1
+    more: :func:`check_room`) the others side by side, then SGLang's router in front of them
+    (``running_router``, the run's ``router_policy``); the backend goes through the router and
+    reads every worker's state itself (``worker_urls``)."""
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+    from rksc_sgl.runtime.router import running_router
+    from rksc_sgl.runtime.server_process import RuntimeServer
+
+    plans = worker_plans(mode, settings, overrides, seeded)
+    servers = [RuntimeServer(plan, log=log) for plan in plans]
+    commands = [plan.shell_command() for plan in plans]
     try:
-        server.start()
-        backend = RuntimeBackend(server.url)
-        yield backend, plan.shell_command(), server
-        backend.check_integrity()
+        servers[0].start()
+        if len(servers) > 1:
+            check_room(len(servers) - 1, servers[0].memory_bytes())
+            for server in servers[1:]:
+                server.launch()
+            for server in servers[1:]:
+                server.wait_ready()
+        if len(servers) == 1:
+            backend = RuntimeBackend(servers[0].url)
+            yield backend, commands[0], servers[0]
+            backend.check_integrity()
+        else:
+            urls = [server.url for server in servers]
+            with running_router(urls, policy=settings.router_policy, log=log) as router:
+                backend = RuntimeBackend(router.url, worker_urls=urls)
+                yield backend, "\n".join([*commands, router.plan.shell_command()]), servers[0]
+                backend.check_integrity()
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def server_config(backend, launch_command: str) -> Dict[str, Optional[str]]:
