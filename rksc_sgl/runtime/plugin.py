@@ -213,6 +213,13 @@ def _add_configuration_check() -> None:
         HookRegistry.register(CHECK_TARGET, check_server_args_hook, HookType.AFTER)
 
 
+def _add_dp_controller_hook() -> None:
+    """``--sleep-on-idle`` reaches SGLang's data-parallel controller (``rksc_sgl.runtime.dp_controller``)."""
+    from rksc_sgl.runtime.dp_controller import register_hook
+
+    register_hook()
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register the ``rksc`` radix cache backend
     (and ``radix-stock``, SGLang's own ``RadixCache``, for comparisons).
@@ -225,6 +232,7 @@ def register() -> None:
 
     _add_eviction_policy_choice()
     _add_configuration_check()
+    _add_dp_controller_hook()
     _add_server_state_hook()
     _add_asks_hooks()
     _add_seeded_sampling_hooks()
