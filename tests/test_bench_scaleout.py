@@ -289,3 +289,42 @@ def test_the_run_summary_and_table_show_each_workers_hits():
     single = {**result, "config": {"settings": {"scale_out": "single"}},
               "modes": {"radix": {**mode, "places": {"r0": summary["w0.r0"]}}}}
     assert len(table_rows(single)[0]) == len(header) - 2  # one server: no per-worker columns
+
+
+def test_a_batch_request_through_the_router_goes_one_prompt_at_a_time(monkeypatch):
+    """sglang-router 0.3.2 refuses a batch /generate (select's scoring posts one): the backend
+    posts each prompt alone through a router, and a batch as it is to a server."""
+    import threading
+
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    from rksc_sgl.runtime.client import RuntimeClient
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    posted = []
+
+    def post(self, s, data):
+        posted.append(data)
+        answer = lambda i: {"meta_info": {"prompt_tokens": 5, "cached_tokens": i, "weight_version": "w0", "dp_rank": 0}}
+        key = "text" if "text" in data else "input_ids"
+        return [answer(i) for i in range(len(data[key]))] if isinstance(data[key], list) and (
+            key == "text" or isinstance(data[key][0], list)) else answer(3)
+
+    monkeypatch.setattr(RuntimeEndpoint, "_generate_http_request", post)
+    for router in (True, False):
+        backend = RuntimeBackend.__new__(RuntimeBackend)  # no server: only the posting
+        backend._lock, backend._stats = threading.Lock(), RuntimeStats()
+        backend.client = RuntimeClient("http://127.0.0.1:1", worker_urls=["http://127.0.0.1:2"] if router else None)
+        backend.client._router = router
+        posted.clear()
+        data = {"text": ["a b", "a c"], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True}
+        obj = backend._generate_http_request(None, data)
+        assert len(obj) == 2 and backend._stats.requests == 2
+        if router:
+            assert [d["text"] for d in posted] == ["a b", "a c"] and all(d["return_logprob"] for d in posted)
+            posted.clear()
+            assert len(backend._generate_http_request(None, {"input_ids": [[1, 2], [1, 3]],
+                                                             "sampling_params": {}})) == 2
+            assert [d["input_ids"] for d in posted] == [[1, 2], [1, 3]]
+        else:
+            assert posted == [data]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import itertools
 import random
@@ -315,6 +316,11 @@ class RuntimeBackend(RuntimeEndpoint):
         self._count(res.json()["meta_info"])
 
     def _generate_http_request(self, s, data):
+        batch = _batch_key(data)
+        if batch is not None and self.client.is_router():
+            # sglang-router 0.3.2 refuses a batch /generate ("text: invalid type: sequence,
+            # expected a string"), which select's scoring posts: one request per item instead.
+            return [self._generate_http_request(s, {**copy.deepcopy(data), batch: item}) for item in data[batch]]
         obj = super()._generate_http_request(s, data)
         for item in obj if isinstance(obj, list) else [obj]:
             self._count(item["meta_info"])
@@ -356,6 +362,16 @@ class RuntimeBackend(RuntimeEndpoint):
 
     def shutdown(self) -> None:
         """Nothing to end: the server is not this process's."""
+
+
+def _batch_key(data: Dict[str, Any]) -> Optional[str]:
+    """``text`` or ``input_ids`` when a ``/generate`` body is a batch (a list of prompts), else ``None``."""
+    if isinstance(data.get("text"), list):
+        return "text"
+    ids = data.get("input_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return "input_ids"
+    return None
 
 
 def _one(values: set) -> str:
