@@ -13,3 +13,19 @@ def alive(pids) -> list:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def server_pids(server) -> set:
+    """A ``RuntimeServer``'s (or router's) launcher, its watched ``sglang::`` processes and
+    every process below the launcher now."""
+    pids = {server.process.pid} | set(server._watched)
+    try:
+        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+    except psutil.Error:
+        pass
+    return pids
+
+
+def assert_gone(pids) -> None:
+    left = alive(pids)
+    assert not left, f"processes left running: {left}"

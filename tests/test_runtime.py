@@ -25,7 +25,7 @@ import torch
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
-from processes import alive
+from processes import alive, assert_gone, server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 RKSC_POOL = 1536
@@ -53,20 +53,6 @@ def _server(tmp_path_factory, name: str, argv: list, **plan_kwargs) -> RuntimeSe
     return RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
 
 
-def _all_pids(server: RuntimeServer) -> set:
-    pids = {server.process.pid} | set(server._watched)
-    try:
-        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
-    except psutil.Error:
-        pass
-    return pids
-
-
-def _assert_gone(pids: set) -> None:
-    left = alive(pids)
-    assert not left, f"server processes left running: {left}"
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     started = {
@@ -89,15 +75,15 @@ def servers(tmp_path_factory):
                 retry = RuntimeServer(server.plan, startup_timeout=STARTUP_TIMEOUT_S, log=server.log)
                 started[name] = server = retry
                 server.start()
-            pids[server] = _all_pids(server)
+            pids[server] = server_pids(server)
         yield started
     finally:
         for server in started.values():
-            pids.setdefault(server, _all_pids(server) if server.process else set())
+            pids.setdefault(server, server_pids(server) if server.process else set())
             server.stop()
             server.log.close()
-    for server, server_pids in pids.items():
-        _assert_gone(server_pids)
+    for server, held in pids.items():
+        assert_gone(held)
 
 
 @pytest.fixture(scope="module")
@@ -510,11 +496,11 @@ def test_a_scheduler_that_dies_ends_the_launch_and_leaves_no_process(tmp_path, t
     try:
         with pytest.raises(LaunchError, match="failed during start-up"):
             server.wait_ready()
-        pids |= _all_pids(server)
+        pids |= server_pids(server)
     finally:
         server.stop()
         log.close()
-    _assert_gone(pids)
+    assert_gone(pids)
 
 
 def test_port_in_use_is_refused(servers):

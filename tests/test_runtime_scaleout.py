@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 import sglang as sgl
@@ -33,7 +32,7 @@ from rksc_sgl.runtime import launch_plan
 from rksc_sgl.runtime.launch_plan import CPU_THREADS_BIND, LaunchError, plan_launch, split_cores
 from rksc_sgl.runtime.router import RuntimeRouter, plan_router
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
-from processes import alive
+from processes import assert_gone, server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 4096
@@ -129,9 +128,9 @@ def test_a_router_whose_workers_never_answer_fails_with_its_last_lines():
     with pytest.raises(LaunchError, match=rf"(?s)not ready after 5 s \(workers not yet listed healthy: {dead}\)"
                                           r".*(last router output|no router output)"):
         router.start()
-    pids = _all_pids(router)
+    pids = server_pids(router)
     assert router.process.poll() is not None
-    _assert_gone(pids)
+    assert_gone(pids)
 
 
 def test_a_server_whose_port_is_taken_fails_at_once_with_the_bind_error(tmp_path):
@@ -154,8 +153,8 @@ def test_a_server_whose_port_is_taken_fails_at_once_with_the_bind_error(tmp_path
     with pytest.raises(LaunchError, match="could not bind port .*Errno 98"):
         server.start()
     assert time.monotonic() - started < 30
-    pids = _all_pids(server)
-    _assert_gone(pids)
+    pids = server_pids(server)
+    assert_gone(pids)
 
 
 # ---- the servers ---------------------------------------------------------------------------------
@@ -166,20 +165,6 @@ def _server(tmp_path_factory, name: str, argv: list, threads_bind=None, **plan_k
     if threads_bind is not None:  # as the bench does: the scheduler's torch threads, one per core given
         plan = dataclasses.replace(plan, env={**plan.env, CPU_THREADS_BIND: threads_bind})
     return RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-
-
-def _all_pids(server: RuntimeServer) -> set:
-    pids = {server.process.pid} | set(server._watched)
-    try:
-        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
-    except psutil.Error:
-        pass
-    return pids
-
-
-def _assert_gone(pids: set) -> None:
-    left = alive(pids)
-    assert not left, f"processes left running: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +190,12 @@ def cluster(tmp_path_factory):
         for name, process in started.items():
             process.wait_ready()  # a LaunchError carries the process's last lines; no retry
             startup[name] = time.monotonic() - t0
-            pids[name] = _all_pids(process)
+            pids[name] = server_pids(process)
         print("\n[scale-out] ready after (s): " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
         yield started
     finally:
         for name, server in started.items():
-            pids.setdefault(name, _all_pids(server) if server.process else set())
+            pids.setdefault(name, server_pids(server) if server.process else set())
         stopping = [threading.Thread(target=server.stop) for server in started.values()]  # side by side
         for thread in stopping:
             thread.start()
@@ -218,8 +203,8 @@ def cluster(tmp_path_factory):
             thread.join(timeout=60)
         for server in started.values():
             server.log.close()
-    for name, server_pids in pids.items():
-        _assert_gone(server_pids)
+    for name, held in pids.items():
+        assert_gone(held)
 
 
 def _url(cluster, target: str) -> str:
