@@ -40,3 +40,16 @@ def seeded_branches(s, prompt: str, seed: int, n: int = 3):
     seed_branches(forks, seed)
     forks += sgl.gen("answer", max_tokens=8, temperature=1.0)
     return [f["answer"] for f in forks]
+
+
+@sgl.function
+def hinted_branches(s, question, hints, out, max_tokens: int):
+    """One branch per hint after a shared system and user prompt; ``out`` gets each branch's
+    (answer, cached tokens)."""
+    s += sgl.system("You are a careful assistant. Think step by step.")
+    s += sgl.user(question)
+    forks = s.fork(len(hints))
+    for fork, hint in zip(forks, hints):
+        fork += sgl.assistant(hint + sgl.gen("answer", max_tokens=max_tokens, temperature=0))
+    forks.join()
+    out.extend((f["answer"], f.get_meta_info("answer")["cached_tokens"]) for f in forks)

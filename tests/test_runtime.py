@@ -25,6 +25,7 @@ import torch
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from branch_programs import hinted_branches
 from processes import alive, assert_gone, server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,27 +209,16 @@ def test_greedy_token_ids_equal_a_transformers_argmax_loop(servers, hf, which):
         assert again["meta_info"]["cached_tokens"] > 0
 
 
-@sgl.function
-def _hinted_branches(s, question, hints, out):
-    s += sgl.system("You are a careful assistant. Think step by step.")
-    s += sgl.user(question)
-    forks = s.fork(len(hints))
-    for fork, hint in zip(forks, hints):
-        fork += sgl.assistant(hint + sgl.gen("answer", max_tokens=12, temperature=0))
-    forks.join()
-    out.extend((f["answer"], f.get_meta_info("answer")["cached_tokens"]) for f in forks)
-
-
 def _run_fork_program(url: str) -> list:
     backend = sgl.RuntimeEndpoint(url)
     backend.flush_cache()
     out: list = []
-    state = _hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
-                                 hints=["First, ", "Let's add: ", "Count: "], out=out, backend=backend)
+    state = hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
+                                hints=["First, ", "Let's add: ", "Count: "], out=out, max_tokens=12, backend=backend)
     state.sync()
     second: list = []  # the same program again on a warm cache
-    _hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
-                         hints=["First, ", "Let's add: ", "Count: "], out=second, backend=backend).sync()
+    hinted_branches.run(question="A farmer has 17 sheep and buys 25 more. How many sheep now?",
+                        hints=["First, ", "Let's add: ", "Count: "], out=second, max_tokens=12, backend=backend).sync()
     return out + second
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import sglang as sgl
 
 from rksc_sgl.runtime.client import RuntimeClient, _combined
 from rksc_sgl.runtime.endpoint import UNKNOWN, RuntimeBackend
@@ -32,6 +31,7 @@ from rksc_sgl.runtime import launch_plan
 from rksc_sgl.runtime.launch_plan import CPU_THREADS_BIND, LaunchError, plan_launch, split_cores
 from rksc_sgl.runtime.router import RuntimeRouter, plan_router
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from branch_programs import hinted_branches
 from processes import assert_gone, server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,17 +216,6 @@ QUESTION = "A farmer has 17 sheep and buys 25 more. How many sheep now?"
 HINTS = ["First, ", "Let's add: ", "Count: "]
 
 
-@sgl.function
-def _hinted_branches(s, question, hints, out):
-    s += sgl.system("You are a careful assistant. Think step by step.")
-    s += sgl.user(question)
-    forks = s.fork(len(hints))
-    for fork, hint in zip(forks, hints):
-        fork += sgl.assistant(hint + sgl.gen("answer", max_tokens=8, temperature=0))
-    forks.join()
-    out.extend((f["answer"], f.get_meta_info("answer")["cached_tokens"]) for f in forks)
-
-
 def _looked_up(backend: RuntimeBackend) -> dict:
     """Prompt tokens each server's schedulers have looked up in their trees so far:
     ``{url: [per DP rank]}``."""
@@ -244,7 +233,7 @@ def _run(backend: RuntimeBackend, question: str = QUESTION):
     """The program's branches (text, cached tokens) and the prompt tokens each scheduler
     looked up meanwhile (``{url: [per DP rank]}``)."""
     before, out = _looked_up(backend), []
-    _hinted_branches.run(question=question, hints=HINTS, out=out, backend=backend).sync()
+    hinted_branches.run(question=question, hints=HINTS, out=out, max_tokens=8, backend=backend).sync()
     after = _looked_up(backend)
     return out, {url: [a - b for a, b in zip(after[url], before[url])] for url in after}
 
