@@ -196,9 +196,6 @@ class RuntimeASKSCache(RKSCRadixCache):
                 k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
                 k_buf[out] = self.rotate_keys(k_buf[src], delta).to(k_buf.dtype)
                 v_buf[out] = v_buf[src]
-        table = self.slot_attention
-        if table is not None:
-            table[dst.to(table.device)] = 0.0  # new KV in reused slots: drop the previous owner's mass
 
     # -- release -------------------------------------------------------------------------------------
     def free_kv_row(self, kv, ranges):
