@@ -259,14 +259,16 @@ class RuntimeServer:
 def _forked_helper(child, name: str) -> bool:
     """Whether ``child`` is a short-lived fork of an ``sglang::`` process rather than one of
     SGLang's own: it bears its parent's name (a fork keeps the title until it execs), as a
-    scheduler's ``lscpu`` or, with TP on a CPU, inductor's ``g++`` does for a moment. Its exit
-    is no failure. SGLang's processes are named apart from their parents (``sglang::scheduler_DP0``
+    scheduler's ``lscpu`` or, with TP on a CPU, inductor's ``g++`` does for a moment, or it is
+    already gone by the time it is looked at. Its exit is no failure. SGLang's processes are named apart from their parents (``sglang::scheduler_DP0``
     below ``sglang::data_parallel_controller``)."""
     import psutil
 
     try:
         parent = child.parent()
         return parent is not None and parent.name() == name
+    except psutil.NoSuchProcess:
+        return True  # ended (and was reaped) while we looked: a fork's way; nothing to watch
     except psutil.Error:
         return False
 
