@@ -47,6 +47,15 @@ def test_scale_out_values_parse():
     (["--backend", "runtime", "--scale-out", "dp:2", "--router-policy", "random"],
      "router-policy needs --scale-out workers:N"),
     (["--backend", "runtime", "--scale-out", "workers:2", "--router-policy", "manual"], "invalid choice: 'manual'"),
+    (["--backend", "runtime", "--router-args", "--cache-threshold 0.8"], "router-args needs --scale-out workers:N"),
+    (["--backend", "runtime", "--scale-out", "workers:2", "--router-args", "--cache-treshold 0.8"],
+     "the router does not take --router-args '--cache-treshold 0.8'"),
+    (["--backend", "runtime", "--scale-out", "workers:2", "--router-args", "--cache-threshold high"],
+     "the router does not take --router-args '--cache-threshold high'"),
+    (["--backend", "runtime", "--scale-out", "workers:2", "--router-args", "--policy random"],
+     "give the policy once"),
+    (["--backend", "runtime", "--scale-out", "workers:2", "--router-args", "--worker-urls http://x:1"],
+     "give the workers as worker_urls"),
 ])
 def test_bad_scale_out_arguments_fail_with_a_clear_message(capsys, args, needle):
     err = _bench_error(capsys, *args)
@@ -56,6 +65,8 @@ def test_bad_scale_out_arguments_fail_with_a_clear_message(capsys, args, needle)
 def test_command_line_records_and_reproduces_the_scale_out():
     modes = parse_modes("radix,rksc")
     for settings in (BenchSettings(backend="runtime", scale_out="workers:3", router_policy="round_robin"),
+                     BenchSettings(backend="runtime", scale_out="workers:2",
+                                   router_args="--cache-threshold 0.8 --balance-abs-threshold 4"),
                      BenchSettings(backend="runtime", scale_out="dp:2")):
         line = bench.command_line("paper", modes, settings)
         assert f"--scale-out {settings.scale_out}" in line
@@ -204,6 +215,16 @@ def test_the_router_policy_defaults_to_cache_aware(fakes):
                                    log=None):
         pass
     assert _value(fakes[0].argv, "--policy") == "cache_aware"
+
+
+def test_router_args_reach_the_router_after_the_policy(fakes):
+    settings = BenchSettings(backend="runtime", scale_out="workers:2", router_policy="cache_aware",
+                             router_args="--cache-threshold 0.8 --balance-abs-threshold 4")
+    with bench_servers.mode_server(MODES["radix"], settings, {}, log=None):
+        pass
+    argv = fakes[0].argv
+    assert _value(argv, "--cache-threshold") == "0.8" and _value(argv, "--balance-abs-threshold") == "4"
+    assert _value(argv, "--policy") == "cache_aware"
 
 
 def test_a_single_or_dp_server_has_no_router(fakes):

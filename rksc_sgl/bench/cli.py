@@ -60,6 +60,10 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--router-policy", choices=ROUTER_POLICIES, default=d.router_policy,
                         help="with --scale-out workers:N: the router's policy; cache_aware sends a program's "
                              "requests where its prefix went (default: cache_aware)")
+    parser.add_argument("--router-args", default=d.router_args, metavar="FLAGS",
+                        help="with --scale-out workers:N: further flags for SGLang's router, as one string (e.g. "
+                             "'--cache-threshold 0.8': a new program, which matches only the shared instructions, "
+                             "goes to the worker with the smallest tree, its branches to the worker holding it)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                         help=f"where the engines run (default: {d.device})")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default=d.dtype,
@@ -97,7 +101,7 @@ def settings_from_args(args) -> BenchSettings:
                          asks_key_layer=args.asks_key_layer,
                          audit_fraction=args.audit_fraction, bootstrap=args.bootstrap, backend=args.backend,
                          server_args=args.server_args, servers=args.servers, scale_out=args.scale_out,
-                         router_policy=args.router_policy,
+                         router_policy=args.router_policy, router_args=args.router_args,
                          params={k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None})
 
 
@@ -113,10 +117,11 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
             raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "
                              f"would stop nothing; they run with {', '.join(x.name for x in WORKLOADS.values() if x.votes)}")
     if settings.backend == "runtime":
-        from rksc_sgl.runtime.bench_servers import server_flags
+        from rksc_sgl.runtime.bench_servers import router_flags, server_flags
 
         for mode in modes:
             server_flags(mode, settings, {}, 0)
+        router_flags(settings)  # the router's parser checks them now, not after the servers start
     return workloads, modes, settings
 
 

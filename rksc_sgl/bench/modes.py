@@ -170,6 +170,9 @@ class BenchSettings:
     :func:`parse_scale_out`."""
     router_policy: str = "cache_aware"
     """``scale_out="workers:N"``: the router's policy, one of :data:`ROUTER_POLICIES`."""
+    router_args: str = ""
+    """``scale_out="workers:N"``: further flags for the router, as one string (e.g.
+    ``--cache-threshold 0.8``); checked by the router's own parser before anything starts."""
 
     def __post_init__(self) -> None:
         for name in ("problems", "repeats", "threads", "kv_pool_tokens", "max_running_requests", "bootstrap"):
@@ -192,6 +195,8 @@ class BenchSettings:
             raise ValueError(f"router-policy must be one of {', '.join(ROUTER_POLICIES)}, got {self.router_policy!r}")
         if self.router_policy != "cache_aware" and kind != "workers":
             raise ValueError("router-policy needs --scale-out workers:N (only then is there a router)")
+        if self.router_args and kind != "workers":
+            raise ValueError("router-args needs --scale-out workers:N (only then is there a router)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:

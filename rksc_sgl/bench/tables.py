@@ -235,6 +235,8 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
         parts += ["--scale-out", settings.scale_out]
     if settings.router_policy != "cache_aware":
         parts += ["--router-policy", settings.router_policy]
+    if settings.router_args:
+        parts += ["--router-args", settings.router_args]
     for key, value in settings.params.items():
         if value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]

@@ -47,7 +47,7 @@ import contextlib
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["server_flags", "mode_server", "check_room", "servers_per_mode", "worker_plans", "worker_cores"]
+__all__ = ["server_flags", "router_flags", "mode_server", "check_room", "servers_per_mode", "worker_plans", "worker_cores"]
 
 MEMORY_MARGIN = 1.15
 """Head-room over the measured size of a server before more are started beside it."""
@@ -197,13 +197,35 @@ def mode_server(mode, settings, overrides: Dict[str, Any], log, seeded: bool = F
             backend.check_integrity()
         else:
             urls = [server.url for server in servers]
-            with running_router(urls, policy=settings.router_policy, log=log) as router:
+            with running_router(urls, router_flags(settings), policy=settings.router_policy, log=log) as router:
                 backend = RuntimeBackend(router.url, worker_urls=urls)
                 yield backend, "\n".join([*commands, router.plan.shell_command()]), servers[0]
                 backend.check_integrity()
     finally:
         for server in servers:
             server.stop()
+
+
+def router_flags(settings) -> List[str]:
+    """The run's further router flags (``--router-args``), checked with ``--router-policy`` by
+    the router's own parser: ``ValueError`` names a bad one. Empty when the run has no router."""
+    import shlex
+
+    from rksc_sgl.bench.modes import parse_scale_out
+    from rksc_sgl.runtime.launch_plan import LaunchError
+    from rksc_sgl.runtime.router import plan_router
+
+    if parse_scale_out(settings.scale_out)[0] != "workers":
+        return []
+    argv = shlex.split(settings.router_args)
+    try:
+        plan_router(["http://127.0.0.1:1"], argv, policy=settings.router_policy)
+        return argv
+    except SystemExit:  # argparse has printed what it did not take
+        raise ValueError(f"the router does not take --router-args {settings.router_args!r} (see its message "
+                         "above, or python -m sglang_router.launch_router --help)") from None
+    except LaunchError as exc:
+        raise ValueError(f"--router-args {settings.router_args!r}: {exc}") from None
 
 
 def server_config(backend, launch_command: str) -> Dict[str, Optional[str]]:
