@@ -27,6 +27,8 @@ _LAZY = {
     "vote": ".rksc.branch_stop",
     "seed_branches": ".rksc.branch_stop",
     "BranchVote": ".rksc.branch_stop",
+    "vote_waves": ".rksc.branch_stop",
+    "WavesVote": ".rksc.branch_stop",
 }
 
 __all__ = ["CACHE_MODES", "EngineConfig", "__version__", *_LAZY]

@@ -1,8 +1,11 @@
-"""A fork program the branch-stop tests run on the engine and on SGLang's runtime."""
+"""Fork programs the branch-stop tests run on the engine and on SGLang's runtime."""
+
+import re
+from typing import Optional
 
 import sglang as sgl
 
-from rksc_sgl.rksc.branch_stop import vote
+from rksc_sgl.rksc.branch_stop import vote, vote_waves
 
 
 @sgl.function
@@ -40,6 +43,57 @@ def seeded_branches(s, prompt: str, seed: int, n: int = 3):
     seed_branches(forks, seed)
     forks += sgl.gen("answer", max_tokens=8, temperature=1.0)
     return [f["answer"] for f in forks]
+
+
+WAVES_PROMPT = "Question: What is 2 + 2?\nAnswer:"
+
+
+def first_word(text: str) -> Optional[str]:
+    """A branch's answer for the waves tests: its first word (``None`` if it has none)."""
+    found = re.match(r"\s*(\w+)", text)
+    return found.group(1) if found else None
+
+
+@sgl.function
+def seeded_all(s, prompt: str, branches: int, seed: int, temperature: float = 0.7, max_tokens: int = 8):
+    """The full run :func:`seeded_waves` is checked against: every branch at once, branch i
+    seeded ``seed + i``; each branch's text."""
+    from rksc_sgl.rksc.branch_stop import seed_branches
+
+    s += prompt
+    forks = s.fork(branches)
+    seed_branches(forks, seed)
+    forks += sgl.gen("answer", max_tokens=max_tokens, temperature=temperature)
+    return [f["answer"] for f in forks]
+
+
+@sgl.function
+def seeded_waves(s, prompt: str, branches: int, seed: int, first: int, step: int, rule: str = "lossless",
+                 settings: Optional[dict] = None, temperature: float = 0.7, max_tokens: int = 8):
+    """``rksc_sgl.vote_waves`` over the branches of :func:`seeded_all`, answers by :func:`first_word`;
+    the vote and the launched branches' texts."""
+    gen = sgl.gen("answer", max_tokens=max_tokens, temperature=temperature)
+    s += prompt
+    result = vote_waves(s, branches, gen, seed=seed, first=first, step=step, rule=rule, extract=first_word,
+                        **(settings or {}))
+    return result, [f["answer"] for f in result.forks]
+
+
+@sgl.function
+def uneven_waves(s, prompt: str, long_tokens: int):
+    """Five branches in waves of 4 then 1; branches 0-2 answer in 3 tokens, branch 3 would run
+    ``long_tokens``. All vote the same, so after three finish the lossless rule (3 > 0 + 2:
+    branch 3 running, branch 4 not launched) stops branch 3 and launches no more. Then
+    best-of-N verification sees the vote."""
+    from rksc_sgl.rksc.cgee import verify
+
+    def branch(i):
+        return sgl.gen("answer", max_tokens=3 if i != 3 else long_tokens, ignore_eos=True, temperature=0)
+
+    s += prompt
+    result = vote_waves(s, 5, branch, seed=0, first=4, step=1, extract=lambda text: "same")
+    checked = verify(result.forks, "answer", branch_vote=result, extract=lambda text: "same")
+    return result, [f.get_meta_info("answer") for f in result.forks], checked
 
 
 @sgl.function

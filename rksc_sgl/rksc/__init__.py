@@ -14,6 +14,7 @@ module              holds
 ``cgee``            :func:`verify`: best-of-N with confidence-gated early exit, and its audit
 ``cgee_decisions``  CGEE's model-free decisions: confidence, vote, gate 1, the choice
 ``verifier``        the verifier's YES/NO pass and its layer-exit policy
-``branch_stop``     :func:`vote`: stop a fork's branches once the vote is settled
+``branch_stop``     :func:`vote`: stop a fork's branches once the vote is settled;
+                    :func:`vote_waves`: launch them in waves while it is not
 ==================  ==========================================================================
 """

@@ -33,6 +33,13 @@ window     the last ``window`` finished branches gave the same answer: ESC's  ma
 Branches that give no answer (``extract`` returns ``None``) count as finished and vote for
 nothing, as :func:`rksc_sgl.problems.majority_vote` ignores them. Branches finishing at the
 same poll are taken in branch order, so a given finish order gives one decision.
+
+Waves (:func:`vote_waves`) launch ``first`` seeded branches of ``n`` and, each time every
+launched branch has finished with the vote unsettled, the next ``step``; a rule's ``u`` is
+then the running branches plus the ones not launched yet. Branch i samples with seed
+``seed + i`` whenever it is launched, so an unlaunched branch is a running one that has not
+answered yet, and the lossless rule stays exact: the voted answer is the full run's.
+:func:`settle_waves` replays the schedule over recorded branches.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runt
 from rksc_sgl.problems import extract_answer, majority_vote
 
 __all__ = ["BRANCH_RID_PREFIX", "STOP_RULES", "BranchStopper", "BranchVote", "StopRule", "StreamControls",
-           "seed_branches", "settle", "vote"]
+           "WaveReplay", "WavesVote", "seed_branches", "settle", "settle_waves", "vote", "vote_waves"]
 
 BRANCH_RID_PREFIX = "rksc-branch-"
 """Request ids a :class:`RuntimeBackend` gives frontend requests; the ``rksc`` tree caches
@@ -143,17 +150,89 @@ class WindowRule(StopRule):
         return None
 
 
+class _Tally:
+    """The vote so far: each finished branch's answer, the finish order, the counts; after a
+    finish, ``rule`` decides whether the ``unfinished`` branches can be stopped (asked only
+    while some are). What :func:`settle`, :func:`settle_waves`, :func:`vote` and
+    :func:`vote_waves` all apply."""
+
+    def __init__(self, rule: StopRule):
+        self.rule = rule
+        self.answers: Dict[int, Optional[str]] = {}
+        self.order: List[int] = []
+        self.counts: Counter = Counter()
+
+    def finish(self, branch: int, answer: Optional[str], unfinished: int) -> Optional[str]:
+        """Count ``branch``'s answer; the rule's reason to stop the ``unfinished`` ones, or ``None``."""
+        self.answers[branch] = answer
+        self.order.append(branch)
+        if answer is not None:
+            self.counts[answer] += 1
+        if unfinished <= 0:
+            return None
+        return self.rule.check(self.counts, [self.answers[i] for i in self.order], unfinished)
+
+    def voted(self) -> Optional[str]:
+        """The majority of the finished branches, taken in branch order (ties: the lowest branch)."""
+        return majority_vote(self.answers[i] for i in sorted(self.order))
+
+
 def settle(rule: StopRule, finished: Sequence[Optional[str]], total: int) -> Optional[int]:
     """How many branches had finished (in this order) when ``rule`` settled the vote, or
     ``None`` if it never did before the last one finished. Pure: what :func:`vote` applies
     after every finish, and what the tests replay recorded branches through."""
-    counts: Counter = Counter()
+    tally = _Tally(rule)
     for k, answer in enumerate(finished[: total - 1], start=1):
-        if answer is not None:
-            counts[answer] += 1
-        if rule.check(counts, finished[:k], total - k) is not None:
+        if tally.finish(k - 1, answer, total - k) is not None:
             return k
     return None
+
+
+def check_waves(n: int, first: int, step: int) -> None:
+    """Refuse a wave schedule that cannot run: ``1 <= first <= n``, ``step >= 1``."""
+    for name, value in (("n", n), ("first", first), ("step", step)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"waves: {name} must be an integer >= 1, got {value!r}")
+    if first > n:
+        raise ValueError(f"waves: first ({first}) must not exceed n ({n})")
+
+
+def waves(n: int, first: int, step: int) -> List[range]:
+    """The branches of each wave, in launch order: ``range(0, first)``, then ``step`` at a time."""
+    check_waves(n, first, step)
+    return [range(0, first)] + [range(a, min(a + step, n)) for a in range(first, n, step)]
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveReplay:
+    """What :func:`settle_waves` found: ``launched`` branches in ``waves`` waves, ``order``
+    the ones that finished (in finish order), ``answer`` their vote; ``settled``: the rule
+    stopped the vote before every branch had finished."""
+
+    answer: Optional[str]
+    launched: int
+    waves: int
+    order: List[int]
+    settled: bool
+
+
+def settle_waves(rule: StopRule, answers: Sequence[Optional[str]], finish_order: Sequence[int], first: int,
+                 step: int) -> WaveReplay:
+    """Replay :func:`vote_waves` over recorded branches. ``answers[i]``: branch i's answer
+    (seeded, so the same whenever it is launched); ``finish_order``: a permutation of the
+    branches whose order within each wave is the order they finish in. The rule's
+    ``unfinished`` counts running and unlaunched branches. Pure."""
+    n = len(answers)
+    if sorted(finish_order) != list(range(n)):
+        raise ValueError(f"finish_order must be a permutation of range({n}), got {list(finish_order)!r}")
+    rank = {branch: k for k, branch in enumerate(finish_order)}
+    tally = _Tally(rule)
+    schedule = waves(n, first, step)
+    for count, wave in enumerate(schedule, start=1):
+        for branch in sorted(wave, key=rank.__getitem__):
+            if tally.finish(branch, answers[branch], n - len(tally.order) - 1) is not None:
+                return WaveReplay(tally.voted(), wave.stop, count, list(tally.order), True)
+    return WaveReplay(tally.voted(), n, len(schedule), list(tally.order), False)
 
 
 # ---- the backends' side -----------------------------------------------------------------------
@@ -292,40 +371,103 @@ def vote(forks, var: str = "answer", rule: str = "lossless", *, extract: Callabl
     The forks' backend must be a :class:`BranchStopper` (``rksc_sgl.Engine``,
     ``rksc_sgl.runtime.endpoint.RuntimeBackend``). Returns after every stopped branch has ended, so
     their KV is free when the program goes on. ``timeout`` bounds the whole wait."""
-    stop_rule = STOP_RULES.build(rule, **settings)
+    tally = _Tally(STOP_RULES.build(rule, **settings))
     executors, backend = _stopper(forks)
-    missing = [i for i, e in enumerate(executors) if var not in e.variable_event]
+    _check_named(executors, var, 0)
+    deadline = time.monotonic() + timeout
+    pending = list(range(len(executors)))
+    reason = _watch(executors, pending, tally, len(executors), var, extract, deadline, poll_s)
+    stopped = {i: reason for i in pending} if reason is not None else {}
+    _stop_and_wait(backend, executors, stopped, var, deadline)
+    return BranchVote(**_decided(tally, rule, len(executors), stopped, reason))
+
+
+@dataclasses.dataclass(frozen=True)
+class WavesVote(BranchVote):
+    """What :func:`vote_waves` decided, as :class:`BranchVote` over the ``launched`` branches
+    (of ``n``, in ``waves`` waves); ``forks``: those branches' states, in branch order
+    (``result.forks[i]["answer"]``, ``verify(result.forks, ..., branch_vote=result)``)."""
+
+    n: int
+    launched: int
+    waves: int
+    forks: Any = dataclasses.field(compare=False, repr=False)
+
+
+def vote_waves(s, n: int, branch, var: str = "answer", *, seed: int, first: Optional[int] = None, step: int = 2,
+               rule: str = "lossless", extract: Callable[[str], Optional[str]] = extract_answer,
+               timeout: float = 600.0, poll_s: float = 0.005, **settings) -> WavesVote:
+    """Vote over up to ``n`` branches of the program state ``s``, launched in waves: fork
+    ``first`` (default ``n // 2 + 1``, the fewest whose agreement can settle a lossless
+    vote), and while the vote is unsettled when all launched branches have finished, the
+    next ``step``. Branch i appends ``branch`` (an expression with a gen named ``var``, or a
+    callable ``i -> expression``) and samples with ``sampling_seed = seed + i``. The rule
+    counts unlaunched branches as unfinished; once it settles, running branches are stopped
+    as :func:`vote` stops them and no more are launched."""
+    if first is None:
+        first = n // 2 + 1 if isinstance(n, int) else n  # a bad n is refused by waves()
+    schedule = waves(n, first, step)
+    tally = _Tally(STOP_RULES.build(rule, **settings))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    _, backend = _stopper([s])
+    deadline = time.monotonic() + timeout
+    states: List[Any] = []
+    for count, wave in enumerate(schedule, start=1):
+        states += _launch(s, wave, branch, seed)
+        executors = [state.stream_executor for state in states]
+        _check_named(executors, var, wave.start)
+        pending = list(wave)
+        reason = _watch(executors, pending, tally, n, var, extract, deadline, poll_s)
+        if reason is not None:
+            break
+    stopped = {i: reason for i in pending} if reason is not None else {}
+    _stop_and_wait(backend, executors, stopped, var, deadline)
+    return WavesVote(**_decided(tally, rule, len(states), stopped, reason), n=n, launched=len(states), waves=count,
+                     forks=tuple(states))
+
+
+def _launch(s, wave: range, branch, seed: int) -> list:
+    """Fork the ``wave``'s branches from ``s``, seed branch i ``seed + i``, append ``branch``."""
+    group = s.fork(len(wave))
+    seed_branches(group, seed + wave.start)
+    for i, state in zip(wave, group.states):
+        state += branch(i) if callable(branch) else branch
+    return group.states
+
+
+def _decided(tally: _Tally, rule: str, launched: int, stopped: Dict[int, str], reason: Optional[str]) -> dict:
+    """The :class:`BranchVote` fields of a finished watch over ``launched`` branches."""
+    return {"answer": tally.voted(), "rule": rule, "answers": [tally.answers.get(i) for i in range(launched)],
+            "order": list(tally.order), "stopped": stopped,
+            "settled_after": len(tally.order) if reason is not None else None}
+
+
+def _check_named(executors, var: str, start: int) -> None:
+    missing = [i for i in range(start, len(executors)) if var not in executors[i].variable_event]
     if missing:
         raise ValueError(f"vote: branches {missing} have no gen named {var!r}")
-    deadline = time.monotonic() + timeout
-    answers: List[Optional[str]] = [None] * len(executors)
-    order: List[int] = []
-    counts: Counter = Counter()
-    reason: Optional[str] = None
-    pending = list(range(len(executors)))
-    while pending and reason is None:
+
+
+def _watch(executors, pending: List[int], tally: _Tally, total: int, var: str, extract, deadline: float,
+           poll_s: float) -> Optional[str]:
+    """Wait for the ``pending`` branches, counting each that finishes (removed from
+    ``pending``) into ``tally``, until none is left or the rule gives a reason to stop. The
+    rule's unfinished: the ``total`` branches (launched or not) less the finished ones."""
+    while pending:
         done = [i for i in pending if executors[i].variable_event[var].is_set()]
         if not done:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"vote: {len(pending)} branches unfinished after {timeout} s")
+                raise TimeoutError(f"vote: {len(pending)} branches unfinished at the timeout")
             executors[pending[0]].variable_event[var].wait(poll_s)
             continue
         for i in done:
             _raise_branch_error(executors[i], i)
             pending.remove(i)
-            order.append(i)
-            answers[i] = extract(executors[i].variables[var])
-            if answers[i] is not None:
-                counts[answers[i]] += 1
-            if pending:
-                reason = stop_rule.check(counts, [answers[j] for j in order], len(pending))
+            reason = tally.finish(i, extract(executors[i].variables[var]), total - len(tally.order) - 1)
             if reason is not None:
-                break
-    stopped = {i: reason for i in pending} if reason is not None else {}
-    _stop_and_wait(backend, executors, stopped, var, deadline)
-    counted = [answers[i] for i in sorted(order)]
-    return BranchVote(answer=majority_vote(counted), rule=rule, answers=answers, order=order, stopped=stopped,
-                      settled_after=len(order) if reason is not None else None)
+                return reason
+    return None
 
 
 def _raise_branch_error(executor, index: int) -> None:
