@@ -436,6 +436,28 @@ def test_seed_branches_reproduce_a_programs_branches_on_a_seeded_server(servers)
     assert other != first
 
 
+# ---- waves (rksc_sgl.vote_waves) on a seeded server ----------------------------------------------
+def test_waves_vote_equals_the_full_seeded_vote_on_a_seeded_server(servers):
+    from branch_programs import WAVES_PROMPT, first_word, seeded_all, seeded_waves
+
+    from rksc_sgl.problems import majority_vote
+    from rksc_sgl.rksc.branch_stop import STOP_RULES, settle_waves
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    backend = RuntimeBackend(servers["no_stats"].url)
+    texts = seeded_all.run(prompt=WAVES_PROMPT, branches=8, seed=1, backend=backend).ret_value
+    answers = [first_word(t) for t in texts]
+    result, launched_texts = seeded_waves.run(prompt=WAVES_PROMPT, branches=8, seed=1, first=2, step=2,
+                                              backend=backend).ret_value
+    assert result.answer == majority_vote(answers)
+    assert all(launched_texts[i] == texts[i] for i in result.order)  # the same sample in whichever wave
+    rest = [i for i in range(8) if i not in result.order]
+    replay = settle_waves(STOP_RULES.build("lossless"), answers, result.order + rest, 2, 2)
+    assert (result.launched, result.waves, result.order) == (replay.launched, replay.waves, replay.order)
+    assert backend.stream_controls.active() == 0
+    assert RuntimeClient(servers["no_stats"].url).healthy()
+
+
 # ---- configurations that must fail, fast and cleanly -----------------------------------------
 def _launch_cli(capsys, *args: str):
     """``rksc-sgl launch-server ARGS`` in this process: (exit status, stderr)."""
