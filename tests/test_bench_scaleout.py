@@ -349,3 +349,48 @@ def test_a_batch_request_through_the_router_goes_one_prompt_at_a_time(monkeypatc
             assert [d["input_ids"] for d in posted] == [[1, 2], [1, 3]]
         else:
             assert posted == [data]
+
+
+# ---- which servers are up while the modes run (no SGLang) ---------------------------------------
+@pytest.mark.parametrize("servers, expected", [
+    ("together", ["start radix", "start rsbcm", "turns radix,rsbcm", "stop rsbcm", "stop radix"]),
+    ("one-at-a-time", ["start radix", "turns radix", "stop radix", "start rsbcm", "turns rsbcm", "stop rsbcm"]),
+])
+def test_the_servers_schedule_decides_which_servers_are_up_while_modes_run(monkeypatch, servers, expected):
+    """``--servers together``: every mode's server up, the modes taking turns; ``one-at-a-time``:
+    each mode's server alone through every problem, ended before the next starts."""
+    import rksc_sgl.bench.runner as runner
+
+    events = []
+
+    class Backend:
+        def __init__(self, label):
+            self.label = label
+            self.client = type("C", (), {"rksc_state": staticmethod(lambda: {})})()
+
+    @contextlib.contextmanager
+    def fake_mode_server(mode, settings, overrides, log, seeded=False):
+        events.append(f"start {mode.label}")
+        try:
+            yield Backend(mode.label), f"launch {mode.label}", type("S", (), {"memory_bytes": lambda self: 1})()
+        finally:
+            events.append(f"stop {mode.label}")
+
+    def fake_take_turns(workload, modes, settings, params, backends, warm, items, bar):
+        assert [b.label for b in backends.values()] == [m.label for m in modes]
+        events.append("turns " + ",".join(m.label for m in modes))
+        return {m.label: [] for m in modes}, {m.label: [] for m in modes}
+
+    monkeypatch.setattr(bench_servers, "mode_server", fake_mode_server)
+    monkeypatch.setattr(bench_servers, "check_room", lambda *a, **k: None)
+    monkeypatch.setattr(bench_servers, "server_config", lambda backend, command: {"command": command})
+    monkeypatch.setattr(runner, "_take_turns", fake_take_turns)
+    settings = BenchSettings(problems=1, warmup=0, backend="runtime", servers=servers,
+                             params={"branches": 2, "max_tokens": 4, "prompt_tokens": 200})
+    workload = bench.get_workload("paper")
+    modes = parse_modes("radix,rsbcm")
+    _, _, configs, _, _ = runner._run_on_runtime(workload, modes, settings, workload.resolve(settings.params),
+                                                 progress=False)
+    assert events == expected
+    assert {label: c["command"] for label, c in configs.items()} == {"radix": "launch radix",
+                                                                      "rsbcm": "launch rsbcm"}

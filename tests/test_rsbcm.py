@@ -164,6 +164,11 @@ def test_rsbcm_settings_are_validated():
         RSBCMStrategy(w_depth=-1)
     with pytest.raises(ValueError, match="attention_layer_stride"):
         RSBCMStrategy(attention_layer_stride=0)
+    for bad in (-0.1, 1.5, "half", float("nan")):
+        with pytest.raises(ValueError, match="collect_above_usage"):
+            RSBCMStrategy(collect_above_usage=bad)
+    assert RSBCMStrategy(collect_above_usage=0).watch_free(100) is None
+    assert RSBCMStrategy().watch_free(100) == 50 and RSBCMStrategy(collect_above_usage=1).watch_free(100) == 1
     with pytest.raises(TypeError):
         RKSCRadixCache(_params("rsbcm", {"no_such_setting": 1}))
     with pytest.raises(ValueError, match="Unknown eviction policy"):
@@ -200,7 +205,7 @@ PROMPTS = [f"Request number {i}: tell me a short fact about the number {i * 7}."
 def rsbcm_engine():
     eng = rksc_sgl.Engine(model="smollm2-135m", cache="rksc", eviction_policy="rsbcm", num_threads=1,
                           kv_pool_tokens=160, max_running_requests=8,
-                          eviction_policy_config={"attention_layer_stride": 3})
+                          eviction_policy_config={"attention_layer_stride": 3, "collect_above_usage": 0})
     yield eng
     eng.shutdown()
 
@@ -240,6 +245,29 @@ def test_mass_per_decode_token_is_one_and_greedy_equals_radix(rsbcm_engine, radi
     # Every decode step (all new tokens but the first, which the prefill produced) adds 1.
     assert total == pytest.approx(GREEDY["max_new_tokens"] - 1, rel=1e-4)
     eng.check_integrity()
+
+
+def test_statistics_wait_for_a_pool_near_full(rsbcm_engine, radix_engine):
+    """collect_above_usage 0.5: a short request in an empty 160-slot pool adds no mass (and
+    generates what radix does); requests that fill the pool do, before it evicts."""
+    eng = rsbcm_engine
+    strategy = eng.tree_cache.eviction_strategy
+    eng.scheduler.call(lambda: setattr(strategy, "collect_above_usage", 0.5))
+    try:
+        eng.flush_cache()
+        prompt = "The capital of France is"
+        out = eng.generate_request(text=prompt, sampling_params=GREEDY)
+        assert out["output_ids"] == radix_engine.generate_request(text=prompt, sampling_params=GREEDY)["output_ids"]
+        assert float(eng.scheduler.call(lambda: eng.kv.slot_attention.sum())) == 0.0
+        evicted = eng.tree_cache.stats.evicted_tokens
+        results = eng.generate_request(text=PROMPTS, sampling_params=GREEDY)
+        assert eng.tree_cache.stats.evicted_tokens > evicted
+        reference = radix_engine.generate_request(text=PROMPTS, sampling_params=GREEDY)
+        assert [r["output_ids"] for r in results] == [r["output_ids"] for r in reference]
+        assert float(eng.scheduler.call(lambda: eng.kv.slot_attention.sum())) > 0.0
+        eng.check_integrity()
+    finally:
+        eng.scheduler.call(lambda: setattr(strategy, "collect_above_usage", 0.0))
 
 
 def test_shared_prefix_decode_collects_what_per_branch_attention_does(rsbcm_engine):

@@ -260,7 +260,9 @@ def test_server_info_names_backend_and_policy(stock, rksc):
     assert theirs["radix_cache_backend"] is None and "rksc" not in theirs
     info = mine["rksc"]
     assert (info["backend"], info["eviction_policy"]) == ("rksc", "rsbcm")
-    assert info["attention"]["passes"] > 0 and info["attention"]["seconds"] >= 0
+    stats = info["attention"]
+    assert stats["passes"] + stats["skipped_passes"] > 0 and stats["seconds"] >= 0
+    assert stats["watch_free"] == RKSC_POOL // 2  # RSBCM's default: collect above half the pool in use
     hooks = rksc.server_info()["forward_hooks"]
     assert [h["hook_factory"] for h in hooks] == ["rksc_sgl.runtime.attention_stats:attention_hook"]
     assert rksc.server_info()["radix_eviction_policy_config"] == {"attention_layer_stride": 4}
@@ -277,10 +279,14 @@ def test_small_pool_keeps_serving_and_keeps_the_attended_node(servers, hf, which
     """A and B are root children alike in depth and branches; B is more recent (LRU would
     evict A) but A's tokens received far more attention (32 decode steps against one
     prefill query), so RSBCM with the hook's statistics evicts B when C needs room. The
-    control server runs the same RSBCM without the hook: it evicts A, as recency says."""
+    control server runs the same RSBCM without the hook: it evicts A, as recency says.
+    F, older than both, first fills more than half the pool, so the hook collects (RSBCM's
+    ``collect_above_usage`` 0.5) while A decodes; C needs F's room and one node's more."""
     _, tokenizer = hf
     rksc = RuntimeClient(servers[which].url)
     rksc.flush_cache()
+    filler = _prompt("Foxtrot", tokenizer, RKSC_POOL // 2 + 40)
+    rksc.generate(input_ids=filler, sampling_params={"max_new_tokens": 1, "temperature": 0})
     a, b = _prompt("Alpha", tokenizer, 200), _prompt("Bravo", tokenizer, 200)
     rksc.generate(input_ids=a, sampling_params={"max_new_tokens": 32, "temperature": 0, "ignore_eos": True})
     rksc.generate(input_ids=b, sampling_params={"max_new_tokens": 1, "temperature": 0})
@@ -288,7 +294,7 @@ def test_small_pool_keeps_serving_and_keeps_the_attended_node(servers, hf, which
     assert report["ok"], report
     free = report["slots"]["free"]
     evicted_before = rksc.rksc_state()["cache"]["evicted_tokens"]
-    c = _prompt("Charlie", tokenizer, free + 40)  # 40 more tokens than are free: one node must go
+    c = _prompt("Charlie", tokenizer, free + len(filler) + 40)  # F and one more node must go
     rksc.generate(input_ids=c, sampling_params={"max_new_tokens": 1, "temperature": 0})
     assert rksc.rksc_state()["cache"]["evicted_tokens"] > evicted_before
     first, second = (a, b) if kept == "A" else (b, a)
@@ -551,8 +557,9 @@ def _scheduler_cpu_percent(url: str, seconds: float = 2.0) -> float:
     return max(child.cpu_percent(None) for child in children)
 
 
-@pytest.mark.parametrize("servers", ["together", "one-at-a-time"])
-def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path, monkeypatch, servers):
+def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path, monkeypatch):
+    """Every mode's server up together (``one-at-a-time`` differs only in which servers are up
+    when: ``test_bench_scaleout.py`` checks that schedule without SGLang)."""
     import rksc_sgl.bench.runner as runner
     from rksc_sgl.bench import BenchSettings, run_bench, save
 
@@ -571,7 +578,7 @@ def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path,
 
     monkeypatch.setattr(runner, "run_once", recording_run_once)
     monkeypatch.setattr(runner, "_take_turns", take_turns)
-    settings = BenchSettings(problems=2, warmup=0, backend="runtime", servers=servers,
+    settings = BenchSettings(problems=2, warmup=0, backend="runtime", servers="together",
                              params={"branches": 2, "max_tokens": 4, "prompt_tokens": 200})
     result = run_bench("paper", "radix-stock,rsbcm", settings, progress=False)
     configs = result["engine_configs"]
@@ -583,12 +590,8 @@ def test_runtime_bench_runs_each_mode_as_a_server_on_the_same_problems(tmp_path,
     assert [r["outputs"] for r in mine] == [r["outputs"] for r in stock]
     assert mine[0]["cached_tokens"] == stock[0]["cached_tokens"] > 0
     assert result["modes"]["rsbcm"]["peak_kv_tokens"] is None  # the runtime reports none
-    if servers == "together":  # the modes take turns, the first of each problem rotating, as on the engine
-        [[first, second]] = firsts
-        assert calls == [first, second, second, first], (calls, firsts)
-    else:  # one server at a time, through every problem
-        [[first], [second]] = firsts
-        assert calls == [first, first, second, second], (calls, firsts)
+    [[first, second]] = firsts  # the modes take turns, the first of each problem rotating, as on the engine
+    assert calls == [first, second, second, first], (calls, firsts)
     assert len(idle_cpu) == 2 and max(idle_cpu) < 50, idle_cpu  # --sleep-on-idle: no core spent polling
     paths = save(result, tmp_path)
     assert sorted(p.name for p in paths.values()) == ["bench_runtime_paper.json", "bench_runtime_paper.md",

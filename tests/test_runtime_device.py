@@ -209,7 +209,72 @@ def test_slots_handed_out_start_with_no_mass(device):
         assert table.mass[slots].sum() == 0 and table.mass.sum() == POOL + 1 - 7
 
 
-# ---- ASKS: a recipient's slots stay on the device ---------------------------------------------------------
+# ---- the overhead switch: statistics only near a full pool -------------------------------------------------
+def _run_hook(pools: Pools, q, batch) -> None:
+    """The real ``rksc_attention`` hook (every layer sampled) over one pass, as SGLang calls it."""
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    hook = attention_stats.attention_hook({"layer_stride": 1})
+    backend = SimpleNamespace(token_to_kv_pool=pools.kv, req_to_token_pool=pools.rows)
+    with forward_context(ForwardContext(attn_backend=backend)):
+        for layer in range(LAYERS):
+            assert hook(SimpleNamespace(layer_id=layer, **vars(MODULE)), (q, None, None, batch), None) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_are_off_far_from_full_and_on_near_full(device):
+    pools = _pools(device)
+    table = attention_stats.slot_attention_of(pools.kv)
+    strategy = RSBCMStrategy(collect_above_usage=0.5)
+    attention_stats.watch_usage(table, strategy.watch_free(POOL), pools.allocator.available_size())
+    assert (table.watch_free, table.collecting) == (POOL // 2, False)
+    q, batch, slots, _ = _batch(pools, [5, 11, 3], "decode")  # 19 of 96 slots allocated
+    attention_stats.reset_allocated(torch.cat(slots), pools.allocator)
+    _run_hook(pools, q, batch)
+    assert (table.passes, table.skipped, table.collecting) == (0, 1, False)
+    if device == "cpu":
+        assert table.mass.sum() == 0
+    more = pools.allocator.alloc(30)  # 49 of 96: more than half
+    attention_stats.reset_allocated(more, pools.allocator)
+    assert table.collecting and table.switched_on == 1
+    _run_hook(pools, q, batch)
+    assert (table.passes, table.queries, table.skipped) == (1, 3, 1)
+    if device == "cpu":
+        assert table.mass.sum() == pytest.approx(3.0, rel=1e-5)  # one unit per decode query
+    pools.allocator.free(more)
+    attention_stats.reset_allocated(pools.allocator.alloc(1), pools.allocator)  # 20 of 96 again
+    assert not table.collecting and table.switched_on == 1
+
+
+@pytest.mark.parametrize("usage, skipped", [(0.0, False), (0.5, True)])
+def test_the_switch_is_on_before_every_eviction(usage, skipped, monkeypatch):
+    """Requests of 12 tokens, one decode pass each, cached in the tree: the tree fills the
+    pool and evicts. Every eviction comes after passes collected with the switch on."""
+    pools = _pools("cpu")
+    table = attention_stats.slot_attention_of(pools.kv)
+    tree = RKSCRadixCache(_params(pools, config={"collect_above_usage": usage}), slot_attention=table.mass)
+    attention_stats.watch_usage(table, tree.eviction_strategy.watch_free(POOL), pools.allocator.available_size())
+    seen = []
+    begin = tree.eviction_strategy.begin_evict
+    monkeypatch.setattr(tree.eviction_strategy, "begin_evict",
+                        lambda leaves: (seen.append((table.collecting, table.passes)), begin(leaves))[1])
+    for i in range(20):
+        tokens = [100 * i + t for t in range(12)]
+        short = 12 - pools.allocator.available_size()
+        if short > 0:
+            tree.evict(EvictParams(num_tokens=short))
+        slots = pools.allocator.alloc(12)
+        attention_stats.reset_allocated(slots, pools.allocator)
+        pools.rows.req_to_token[0, :12] = slots.to(torch.int32)
+        batch = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+                                batch_size=1, seq_lens=torch.tensor([12]), seq_lens_cpu=torch.tensor([12]),
+                                req_pool_indices=torch.tensor([0]), out_cache_loc=slots[-1:])
+        _run_hook(pools, torch.randn(1, HEADS * DIM), batch)
+        prefix = tree.insert(InsertParams(key=_key(tokens), value=slots.clone())).prefix_len
+        pools.allocator.free(slots[:prefix])
+    assert len(seen) >= 10 and all(on and passes > 0 for on, passes in seen)
+    assert (table.skipped > 0) == skipped and table.passes + table.skipped == 20
+
 EMBED = torch.randn(128, 16, generator=torch.Generator().manual_seed(0))
 DONOR = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
 RECIPIENT = [1, 2, 3, 4, 60, 61, 6, 7, 8, 9, 10, 11, 12, 13, 99]  # two new tokens shift the rest by 1

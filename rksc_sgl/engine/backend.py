@@ -141,13 +141,22 @@ class Engine(FrontendBackend):
 
     def _attention_stats(self) -> Optional[AttentionStats]:
         """RSBCM eviction or compression: the runner adds decode attention to the KV
-        manager's per-slot table, on RSBCM's sampled layers (or compression's)."""
+        manager's per-slot table, on RSBCM's sampled layers (or compression's); for RSBCM
+        alone only while the pool is near full (``collect_above_usage``)."""
         if self.kv.slot_attention is None:
             return None
         strategy = self.kv.tree.eviction_strategy
-        stride = (strategy.attention_layer_stride if isinstance(strategy, RSBCMStrategy)
-                  else self.config.compression.attention_layer_stride)
-        return AttentionStats(self.kv.slot_attention, stride)
+        if self.config.compression is not None or not isinstance(strategy, RSBCMStrategy):
+            stride = (strategy.attention_layer_stride if isinstance(strategy, RSBCMStrategy)
+                      else self.config.compression.attention_layer_stride)
+            return AttentionStats(self.kv.slot_attention, stride)  # compression scores every decode step
+        pool_tokens, allocator = self.kv.pool_tokens, self.kv.allocator
+
+        def active() -> bool:  # RSBCM alone: only near a full pool (collect_above_usage)
+            watch_free = strategy.watch_free(pool_tokens)
+            return watch_free is None or allocator.available_size() < watch_free
+
+        return AttentionStats(self.kv.slot_attention, strategy.attention_layer_stride, active)
 
     # ---- lifecycle / introspection -----------------------------------------------------
     def __enter__(self) -> "Engine":

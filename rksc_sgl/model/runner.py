@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,14 @@ class AttentionStats:
     On every ``layer_stride``-th layer (0, k, 2k, ...) each decode query's attention weights
     over its keys, averaged over heads and divided by the number of sampled layers, are
     added to ``mass[slot]``: one decode token adds a total mass of 1. The weights are
-    computed beside the attention output, which is unchanged.
+    computed beside the attention output, which is unchanged. ``active`` (optional, asked
+    once per forward) says whether this forward collects at all (RSBCM's
+    ``collect_above_usage``: only near a full pool).
     """
 
     mass: torch.Tensor
     layer_stride: int = 1
+    active: Optional[Callable[[], bool]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "layer_stride", max(1, int(self.layer_stride)))
@@ -133,6 +136,7 @@ class ModelRunner:
         # RSBCM / compression attention statistics (AttentionStats): decode attention mass per slot.
         self.slot_attention = attention_stats.mass if attention_stats is not None else None
         self.attention_layer_stride = attention_stats.layer_stride if attention_stats is not None else 1
+        self._attention_active = attention_stats.active if attention_stats is not None else None
         self._layer_mass = 1.0 / len(range(0, len(self.layers), self.attention_layer_stride))
 
     @staticmethod
@@ -183,14 +187,18 @@ class ModelRunner:
             self.flashinfer.plan(cascade_layout(items, plan))
         return plan
 
-    def _layer(self, layer_id, layer, hidden, cos, sin, plan, new_slots):
+    def collects(self) -> bool:
+        """Whether a forward starting now adds attention statistics."""
+        return self.slot_attention is not None and (self._attention_active is None or self._attention_active())
+
+    def _layer(self, layer_id, layer, hidden, cos, sin, plan, new_slots, collect: bool = True):
         residual = hidden
         x = layer.input_layernorm(hidden)
-        hidden = residual + self._attention(layer_id, layer.self_attn, x, cos, sin, plan, new_slots)
+        hidden = residual + self._attention(layer_id, layer.self_attn, x, cos, sin, plan, new_slots, collect)
         residual = hidden
         return residual + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attention(self, layer_id, attn, x, cos, sin, plan, new_slots):
+    def _attention(self, layer_id, attn, x, cos, sin, plan, new_slots, collect_pass: bool = True):
         total = x.shape[1]
         q = attn.q_proj(x).view(1, total, -1, self.head_dim)
         k = attn.k_proj(x).view(1, total, -1, self.head_dim)
@@ -203,7 +211,7 @@ class ModelRunner:
         v_buf = self.kv_pool.get_value_buffer(layer_id)
         k_buf[new_slots] = k[0].transpose(0, 1).to(k_buf.dtype)
         v_buf[new_slots] = v[0].to(v_buf.dtype)
-        collect = self.slot_attention is not None and layer_id % self.attention_layer_stride == 0
+        collect = collect_pass and self.slot_attention is not None and layer_id % self.attention_layer_stride == 0
         if self.flashinfer is not None and not collect:  # sampled RSBCM layers need the weights: torch
             out = self._flashinfer_attention(q, k_buf, v_buf)
         else:
@@ -328,6 +336,7 @@ class LayerPass:
         self.hidden = runner.embed_tokens(ids)[None]  # (1, T, H): the model's own batch layout
         self.cos, self.sin = runner.rotary_emb(self.hidden, positions[None])
         self.layers_run = 0
+        self.collect = runner.collects()  # decided once for the whole pass
         self._use(items)
 
     def _use(self, items: List[ForwardItem]) -> None:
@@ -345,7 +354,7 @@ class LayerPass:
         if features is not None and layer_id == runner.feature_layer:
             features[self.new_slots] = self.hidden[0].float()
         self.hidden = runner._layer(layer_id, runner.layers[layer_id], self.hidden, self.cos, self.sin, self.plan,
-                                    self.new_slots)
+                                    self.new_slots, self.collect)
         self.layers_run += 1
         if features is not None and runner.feature_layer == self.layers_run == len(runner.layers):
             features[self.new_slots] = self.hidden[0].float()

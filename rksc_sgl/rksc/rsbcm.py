@@ -59,6 +59,11 @@ SGLang's ``LRUStrategy`` on the same tree).
 ``attention_layer_stride`` is read by the embedded engine and by ``rksc-sgl launch-server`` (for
 the hook's ``layer_stride``): which layers are sampled; it
 does not change the priority.
+
+``collect_above_usage`` (runtime): the hook collects only while more than this share of the
+KV pool is allocated (requests and tree; 0: always). Far from full nothing is evicted, so
+nothing reads the statistics and the hook costs nothing; statistics start again before an
+eviction needs them (``rksc_sgl.runtime.attention_stats``).
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class RSBCMStrategy(EvictionStrategy):
         attention_layer_stride: int = 4,
         recency_clock: str = "auto",
         recency_scale_ops: float = 256.0,
+        collect_above_usage: float = 0.5,
     ):
         self.w_attention = _number("w_attention", w_attention)
         self.w_depth = _number("w_depth", w_depth)
@@ -129,6 +135,9 @@ class RSBCMStrategy(EvictionStrategy):
         if recency_clock not in RECENCY_CLOCKS:
             raise ValueError(f"rsbcm: recency_clock must be one of {', '.join(RECENCY_CLOCKS)}, got {recency_clock!r}")
         self.attention_layer_stride = int(attention_layer_stride)
+        self.collect_above_usage = _number("collect_above_usage", collect_above_usage)
+        if self.collect_above_usage > 1.0:
+            raise ValueError(f"rsbcm: collect_above_usage must be in [0, 1], got {collect_above_usage!r}")
         self.recency_clock = recency_clock
         self.clock = "wall" if recency_clock == "auto" else recency_clock
         self.slot_attention: Optional[torch.Tensor] = None
@@ -137,6 +146,13 @@ class RSBCMStrategy(EvictionStrategy):
         self._mass: Dict[int, float] = {}  # id(node) -> mass per token, for this eviction's candidates
 
     # ---- statistics ---------------------------------------------------------------------
+    def watch_free(self, pool_slots: int) -> Optional[int]:
+        """Collect statistics while fewer than this many of ``pool_slots`` are free (more than
+        ``collect_above_usage`` of the pool allocated), or ``None``: always."""
+        if self.collect_above_usage <= 0.0:
+            return None
+        return max(1, pool_slots - int(self.collect_above_usage * pool_slots))
+
     def attach(self, slot_attention: Optional[torch.Tensor]) -> None:
         """Use ``slot_attention`` (one float per KV slot, index = slot) as attention mass."""
         self.slot_attention = slot_attention

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["SlotAttention", "attention_hook", "slot_attention_of", "ATTENTION_MODULES", "hook_spec"]
+__all__ = ["SlotAttention", "attention_hook", "slot_attention_of", "watch_usage", "ATTENTION_MODULES", "hook_spec"]
 
 ATTENTION_MODULES = "model.layers.*.self_attn.attn"
 """The ``RadixAttention`` modules of SGLang's Llama, Mistral, Qwen2 and Qwen3 models."""
@@ -57,16 +57,37 @@ _POOL_ATTRIBUTE = "_rksc_slot_attention"
 
 @dataclasses.dataclass
 class SlotAttention:
-    """The per-slot attention table of one KV pool, and what collecting it cost."""
+    """The per-slot attention table of one KV pool, what collecting it cost, and the switch
+    that collects only near a full pool.
+
+    ``watch_free``: the hook collects while the allocator has fewer free slots than this
+    (``None``: always); :meth:`watch` sees the free count after every allocation, and each
+    pass follows the switch as it was at its first sampled layer."""
 
     mass: torch.Tensor
     passes: int = 0
     queries: int = 0
     seconds: float = 0.0
+    watch_free: Optional[int] = None
+    collecting: bool = True
+    skipped: int = 0
+    """Passes the switch left uncollected."""
+    switched_on: int = 0
+    """Times the switch turned on (pool usage rose past the threshold)."""
+    _pass_on: bool = True
+
+    def watch(self, free_slots: int) -> None:
+        """The allocator's free slots (a host count) after an allocation."""
+        if self.watch_free is None:
+            return
+        on = free_slots < self.watch_free
+        self.switched_on += on and not self.collecting
+        self.collecting = on
 
     def as_dict(self) -> Dict[str, Any]:
         return {"passes": self.passes, "queries": self.queries, "seconds": round(self.seconds, 6),
-                "slots_with_mass": int((self.mass > 0).sum())}
+                "slots_with_mass": int((self.mass > 0).sum()), "collecting": self.collecting,
+                "skipped_passes": self.skipped, "switched_on": self.switched_on, "watch_free": self.watch_free}
 
 
 def slot_attention_of(pool) -> SlotAttention:
@@ -106,8 +127,13 @@ def attention_hook(config: Dict[str, Any]) -> Callable:
         pool = get_token_to_kv_pool()  # the pools of this forward (SGLang's forward context)
         table = slot_attention_of(pool)
         first = math.ceil(pool.start_layer / stride)  # this stage's sampled layers, in units of stride
+        if layer_id == first * stride:  # a pass's first sampled layer decides for the whole pass
+            table._pass_on = table.collecting
+            table.skipped += not table._pass_on
+        if not table._pass_on:
+            return None
         sampled = math.ceil((pool.start_layer + pool.layer_num) / stride) - first
-        if layer_id == first * stride:  # a pass's first sampled layer: new KV slots start from 0
+        if layer_id == first * stride:  # new KV slots start from 0
             table.mass[forward_batch.out_cache_loc.to(torch.int64)] = 0.0
         counted = _add_query_mass(module, q, forward_batch, get_req_to_token_pool().req_to_token,
                                   pool.get_key_buffer(layer_id), table.mass, 1.0 / max(sampled, 1))
@@ -195,14 +221,22 @@ ALLOC_TARGETS = (
 
 def reset_allocated(result, allocator, *args, **kwargs):
     """AFTER hook of the allocator's ``alloc`` methods: slots handed out start with no mass
-    (a device write; nothing is read back). With CUDA graphs no forward hook sees replayed
-    passes, so this, not the hook, is what keeps a reused slot from carrying the previous
-    owner's mass."""
-    if result is not None:
-        table = getattr(allocator.get_kvcache(), _POOL_ATTRIBUTE, None)
-        if table is not None:
+    (a device write; nothing is read back), and the table's switch sees the free slots left
+    (a host count). With CUDA graphs no forward hook sees replayed passes, so this, not the
+    hook, is what keeps a reused slot from carrying the previous owner's mass."""
+    table = getattr(allocator.get_kvcache(), _POOL_ATTRIBUTE, None)
+    if table is not None:
+        if result is not None:
             table.mass[result.to(device=table.mass.device, dtype=torch.int64)] = 0.0
+        table.watch(allocator.available_size())
     return result
+
+
+def watch_usage(table: SlotAttention, watch_free: Optional[int], free_now: int) -> None:
+    """Collect only while fewer than ``watch_free`` slots are free (``None``: always),
+    starting from the allocator's ``free_now``."""
+    table.watch_free, table.collecting = watch_free, True
+    table.watch(free_now)
 
 
 def register_alloc_reset() -> None:

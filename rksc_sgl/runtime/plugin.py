@@ -109,11 +109,13 @@ def _set_up_rsbcm(ctx, cache) -> None:
         if cache.eviction_policy == EVICTION_POLICY_NAME:
             logger.info("rsbcm: the radix cache is disabled on this server, so nothing is evicted or ranked")
         return
-    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, register_alloc_reset, slot_attention_of
+    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, register_alloc_reset, slot_attention_of, watch_usage
     from rksc_sgl.runtime.support import caveats
 
-    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
-    strategy.attach(slot_attention_of(pool).mass)
+    allocator = ctx.params.token_to_kv_pool_allocator
+    table = slot_attention_of(allocator.get_kvcache())
+    strategy.attach(table.mass)
+    watch_usage(table, strategy.watch_free(allocator.size), allocator.available_size())
     register_alloc_reset()
     if ctx.tp_size > 1:
         from rksc_sgl.runtime.rank_consistency import rank_reducer
@@ -126,7 +128,7 @@ def _set_up_rsbcm(ctx, cache) -> None:
                     "operation clock", ctx.tp_size)
     hooks = getattr(ctx.server_args, "forward_hooks", None) or []
     hooked = any(isinstance(h, dict) and h.get("hook_factory") == HOOK_FACTORY for h in hooks)
-    device = str(getattr(pool, "device", "cpu"))
+    device = str(getattr(allocator.get_kvcache(), "device", "cpu"))
     for line in caveats(ctx.server_args, device=device.split(":")[0], attention_hook=hooked):
         logger.warning(line)
     if not hooked:
