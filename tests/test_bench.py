@@ -339,6 +339,17 @@ def test_pressure_problems_cycle_through_their_few_shot_blocks(radix_engine):
         w.resolve({"prefixes": 0})
 
 
+@pytest.mark.parametrize("name", ["paper", "cot", "pressure"])
+def test_runtime_workloads_commit_the_prefix_before_the_fork_by_default(name):
+    """As SGLang's own fork does; the engine keeps its default (its figures' commands), and a
+    given --fork-commit wins on either backend."""
+    w = WORKLOADS[name]
+    assert w.resolve({})["fork_commit"] == 0 and w.resolve({}, "runtime")["fork_commit"] == 1
+    assert w.resolve({"fork_commit": 0}, "runtime")["fork_commit"] == 0
+    with pytest.raises(ValueError, match="fork-commit must be 0 or 1"):
+        w.resolve({"fork_commit": 2}, "runtime")
+
+
 def test_vote_workload_stops_branches_and_reports_against_radix(radix_engine, tmp_path):
     # Seeded branches: radix and stop-lossless sample the same chains; lossless never
     # changes the voted answer.

@@ -85,7 +85,9 @@ def add_bench_args(parser) -> None:
                         help=f"bootstrap resamples of the speedup intervals (default: {d.bootstrap})")
     group = parser.add_argument_group("workload parameters (default: the workload's own)")
     for key, kind in PARAM_FLAGS.items():
-        takes = ", ".join(f"{w.name} {w.defaults[key]}" for w in WORKLOADS.values() if key in w.defaults)
+        takes = ", ".join(f"{w.name} {w.defaults[key]}" + (f" (runtime {w.runtime_defaults[key]})"
+                                                          if key in w.runtime_defaults else "")
+                          for w in WORKLOADS.values() if key in w.defaults)
         group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=None,
                            help=f"defaults: {takes}")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
@@ -111,7 +113,7 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
     modes = parse_modes(args.modes)
     settings = settings_from_args(args)
     for w in workloads:
-        w.resolve(settings.params)
+        w.resolve(settings.params, settings.backend)
         stopping = [m.label for m in modes if m.name.startswith("stop-")]
         if stopping and not w.votes:
             raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "

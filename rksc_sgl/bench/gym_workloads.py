@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # imported where used: they import torch and SGLang
 class GymWorkload(Workload):
     """A workload over plain reasoning-gym problems (``dataset``/``difficulty`` parameters)."""
 
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
+    def resolve(self, overrides, backend="engine"):
+        params = super().resolve(overrides, backend)
         if params["difficulty"] not in DIFFICULTY_LEVELS:
             raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTY_LEVELS)}, got {params['difficulty']!r}")
         return params
@@ -44,15 +44,16 @@ class _HintedWorkload(Workload):
     """``paper`` and ``cot``: :func:`hinted_branches` on a few-shot gsm_symbolic prompt.
 
     ``fork_commit=1`` sends the shared prompt as one prefill-only request before the fork
-    (as SGLang's own ``fork`` does when its text is applied); 0, the default, sends it with
-    every branch, so a server that admits the branches in one batch computes it more than once.
+    (as SGLang's own ``fork`` does when its text is applied; the default on SGLang's runtime);
+    0 (the engine's default) sends it with every branch, so a server that admits the branches
+    in one batch computes it more than once.
     """
 
     votes = True
     switches = ("fork_commit",)
 
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
+    def resolve(self, overrides, backend="engine"):
+        params = super().resolve(overrides, backend)
         for key in self.switches:
             if params[key] not in (0, 1):
                 raise ValueError(f"{key.replace('_', '-')} must be 0 or 1, got {params[key]!r}")
@@ -90,6 +91,7 @@ class PaperWorkload(_HintedWorkload):
     help = ("the original RKSC evaluation's shape: a ~1000-token prompt shared by 8 branches with different "
             "approach hints, 32 new tokens each, then a verify step (rksc_sgl.verify)")
     defaults = {"branches": 8, "max_tokens": 32, "prompt_tokens": 1000, "temperature": 0.0, "fork_commit": 0}
+    runtime_defaults = {"fork_commit": 1}
     has_verify = True
 
     def targets(self):
@@ -107,6 +109,7 @@ class CotWorkload(_HintedWorkload):
             "(until_answer=1: a branch ends where it starts the next question, so branch stop can end the rest)")
     defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0, "until_answer": 0,
                 "fork_commit": 0}
+    runtime_defaults = {"fork_commit": 1}
     switches = ("fork_commit", "until_answer")
 
     def targets(self):
@@ -148,8 +151,8 @@ class ParaphraseWorkload(GymWorkload):
     defaults = {"branches": 4, "max_tokens": 48, "temperature": 0.0, "dataset": "basic_arithmetic",
                 "difficulty": "easy", "restate": 1}
 
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
+    def resolve(self, overrides, backend="engine"):
+        params = super().resolve(overrides, backend)
         if params["branches"] > len(PARAPHRASES):
             raise ValueError(f"workload 'paraphrase' has {len(PARAPHRASES)} wordings; branches must be <= that")
         if params["restate"] not in (0, 1):

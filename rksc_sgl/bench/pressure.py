@@ -17,8 +17,18 @@ class PressureWorkload(Workload):
             "problems cycle through `prefixes` different few-shot blocks and the cache is kept across "
             "problems, so what eviction kept decides the hits")
     defaults = {"programs": 2, "branches": 4, "max_tokens": 32, "prompt_tokens": 600, "pool_fraction": 0.25,
-                "prefixes": 3, "temperature": 0.0}
+                "prefixes": 3, "temperature": 0.0, "fork_commit": 0}
+    runtime_defaults = {"fork_commit": 1}
+    """On the runtime each program commits its prompt before its fork, as SGLang's ``fork`` does:
+    without it a batch of branches each prefills the whole prompt, and those copies fill the pool
+    under every eviction policy alike."""
     flush_between_problems = False
+
+    def resolve(self, overrides, backend="engine"):
+        params = super().resolve(overrides, backend)
+        if params["fork_commit"] not in (0, 1):
+            raise ValueError(f"fork-commit must be 0 or 1, got {params['fork_commit']!r}")
+        return params
 
     def items(self, tokenizer, params, seed, count):
         # ``prefixes`` few-shot blocks (seeds seed, seed+1, ...); problem i uses block
@@ -63,7 +73,7 @@ class PressureWorkload(Workload):
         hints = hints_for(params["branches"])
         states = program("hinted_branches").run_batch(
             [{"prompt": p, "hints": hints, "max_tokens": params["max_tokens"],
-              "sample_temperature": params["temperature"]}
+              "sample_temperature": params["temperature"], "fork_commit": bool(params["fork_commit"])}
              for p in item.inputs["prompts"]], backend=engine, num_threads=len(item.inputs["prompts"]))
         outputs, answers = [], []
         for st in states:

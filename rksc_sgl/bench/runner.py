@@ -106,7 +106,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     settings = settings or BenchSettings()
     workload = get_workload(workload) if isinstance(workload, str) else workload
     modes = parse_modes(modes) if isinstance(modes, str) else list(modes)
-    params = workload.resolve(settings.params)
+    params = workload.resolve(settings.params, settings.backend)
     started = time.perf_counter()
     run_commit = source_commit()  # the code this run imports; the record is written at its end
     if settings.backend == "runtime":

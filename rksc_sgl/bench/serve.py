@@ -67,8 +67,8 @@ class ServeWorkload(GymWorkload):
     votes = True
     has_verify = True
 
-    def resolve(self, overrides):
-        params = super().resolve(overrides)
+    def resolve(self, overrides, backend="engine"):
+        params = super().resolve(overrides, backend)
         for key in ("disconnect_share", "malformed_share"):
             if not 0.0 <= params[key] <= 1.0:
                 raise ValueError(f"{key.replace('_', '-')} must be in [0, 1], got {params[key]!r}")

@@ -60,18 +60,24 @@ class Workload:
     name = ""
     help = ""
     defaults: Dict[str, Any] = {}
+    runtime_defaults: Dict[str, Any] = {}
+    """Defaults that differ on SGLang's runtime (``--backend runtime``): e.g. ``fork_commit=1``,
+    the prefix committed before a fork as SGLang's own ``fork`` does."""
     has_verify = False
     flush_between_problems = True
     votes = False
     """Whether its program votes over forks, so a mode's branch-stop rule applies."""
 
-    def resolve(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
-        """The workload's parameters with ``overrides`` applied (unknown names are an error)."""
+    def resolve(self, overrides: Dict[str, Any], backend: str = "engine") -> Dict[str, Any]:
+        """The workload's parameters on ``backend`` with ``overrides`` applied (unknown names
+        are an error)."""
         unknown = sorted(k for k, v in overrides.items() if v is not None and k not in self.defaults)
         if unknown:
             raise ValueError(f"workload {self.name!r} has no parameter {', '.join(unknown)} "
                              f"(it takes: {', '.join(self.defaults)})")
         params = dict(self.defaults)
+        if backend == "runtime":
+            params.update(self.runtime_defaults)
         params.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes", "clients"):
             if key in params and (not isinstance(params[key], int) or params[key] < 1):
