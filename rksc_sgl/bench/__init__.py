@@ -61,7 +61,7 @@ module            holds
 from __future__ import annotations
 
 
-from rksc_sgl.bench import gym_workloads, noreuse, pressure, serve  # noqa: F401  (each registers its workloads)
+from rksc_sgl.bench import gym_workloads, load, noreuse, pressure, serve  # noqa: F401  (each registers its workloads)
 from rksc_sgl.bench.cli import add_bench_args, bench_command, validate_args
 from rksc_sgl.bench.inputs import PARAPHRASES, build_prompt, extract_final, few_shot_problem, hints_for, program
 from rksc_sgl.bench.modes import MODES, BenchSettings, Mode, parse_modes

@@ -19,7 +19,8 @@ DEFAULT_OUT_DIR = "benchmarks/results"
 # ---- command line ------------------------------------------------------------------------------
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
                "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int,
-               "difficulty": str, "until_answer": int, "fork_commit": int, "clients": int, "disconnect_share": float, "malformed_share": float}
+               "difficulty": str, "until_answer": int, "fork_commit": int, "clients": int, "disconnect_share": float, "malformed_share": float,
+               "rates": str, "slo_factor": float}
 
 
 def add_bench_args(parser) -> None:

@@ -321,6 +321,7 @@ def summarize(workload: Workload, modes: List[Mode], settings: BenchSettings, pa
                      for it in items],
         "modes": summary, "speedups": speedups, "runs": runs,
     }
+    workload.summarize_modes(result, params)
     result["targets"] = [t.check(result) for t in workload.targets()]
     return result
 

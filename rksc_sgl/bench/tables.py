@@ -95,6 +95,25 @@ def _stop_columns(result: Dict[str, Any]) -> List[tuple]:
     return out
 
 
+def load_rows(result: Dict[str, Any]) -> List[tuple]:
+    """``load``: per mode and arrival rate, latency percentiles, SLO attainment and goodput,
+    and the highest rate whose p90 met the SLO."""
+    load = result.get("load") or {}
+    rows = [("mode", "rate /s", "programs", "latency p50/p90/p99 s", "met SLO", "goodput /s", "highest rate at SLO")]
+    for label, m in (load.get("modes") or {}).items():
+        for rate, r in m["rates"].items():
+            rows.append((label, rate, str(r["programs"]),
+                         "/".join(_fmt(r[k], ".2f") for k in ("p50_s", "p90_s", "p99_s")),
+                         _fmt(r["slo_attainment"], ".2f"), _fmt(r["goodput_per_s"], ".3f"),
+                         _fmt(m["max_rate_at_slo"], "g", "none")))
+    return rows
+
+
+def _load_note(result: Dict[str, Any]) -> str:
+    load = result["load"]
+    return f"SLO {_fmt(load['slo_s'], '.2f')} s ({load['slo_rule']})."
+
+
 def target_rows(result: Dict[str, Any]) -> List[tuple]:
     rows = [("target", "measured", "needed", "")]
     for t in result["targets"]:
@@ -115,6 +134,8 @@ def title_of(result: Dict[str, Any]) -> str:
 
 def text_report(result: Dict[str, Any]) -> str:
     out = format_table(table_rows(result))
+    if result.get("load"):
+        out += "\n\n" + format_table(load_rows(result)) + "\n" + _load_note(result)
     if result["targets"]:
         out += "\n\n" + format_table(target_rows(result))
     return out
@@ -123,6 +144,8 @@ def text_report(result: Dict[str, Any]) -> str:
 def markdown_report(result: Dict[str, Any]) -> str:
     lines = [f"**{title_of(result)}**", "", f"Command: `{result['command']}`", "",
              markdown_table(table_rows(result))]
+    if result.get("load"):
+        lines += ["", markdown_table(load_rows(result)), "", _load_note(result)]
     if result["targets"]:
         lines += ["", markdown_table(target_rows(result))]
     lines += ["", "Speedups: ratios of per-problem median times measured in this run, 95% paired bootstrap "

@@ -100,6 +100,10 @@ class Workload:
         """One program run; ``stop``: the mode's branch-stop rule (only where ``votes``)."""
         raise NotImplementedError
 
+    def summarize_modes(self, result: Dict[str, Any], params: Dict[str, Any]) -> None:
+        """Add what only this workload reports across modes to ``result`` (before its targets
+        are checked); nothing by default."""
+
     def targets(self) -> List[Target]:
         return []
 
