@@ -11,7 +11,7 @@ from rksc_sgl.bench.modes import (BACKENDS, ROUTER_POLICIES, SERVER_SCHEDULES, B
                                   parse_modes)
 from rksc_sgl.bench.runner import run_bench
 from rksc_sgl.bench.tables import command_line, save
-from rksc_sgl.bench.workload import WORKLOADS, Workload, parse_workloads
+from rksc_sgl.bench.workload import WORKLOADS, Workload, check_modes, parse_workloads
 
 DEFAULT_OUT_DIR = "benchmarks/results"
 
@@ -20,7 +20,7 @@ DEFAULT_OUT_DIR = "benchmarks/results"
 PARAM_FLAGS = {"branches": int, "max_tokens": int, "prompt_tokens": int, "temperature": float, "keep": int,
                "expand": int, "programs": int, "pool_fraction": float, "prefixes": int, "restate": int,
                "difficulty": str, "until_answer": int, "fork_commit": int, "clients": int, "disconnect_share": float, "malformed_share": float,
-               "rates": str, "slo_factor": float}
+               "rates": str, "slo_factor": float, "waves_first": int, "waves_step": int}
 
 
 def add_bench_args(parser) -> None:
@@ -115,6 +115,7 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
     settings = settings_from_args(args)
     for w in workloads:
         w.resolve(settings.params, settings.backend)
+        check_modes(w, modes)
         stopping = [m.label for m in modes if m.name.startswith("stop-")]
         if stopping and not w.votes:
             raise ValueError(f"workload {w.name!r} does not vote over forks, so mode(s) {', '.join(stopping)} "

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from rksc_sgl.problems import DIFFICULTY_LEVELS, extract_answer, load_problems, majority_vote
 from rksc_sgl.bench.inputs import PARAPHRASES, extract_final, few_shot_problem, hints_for, program
+from rksc_sgl.bench.workload import WAVES_DEFAULTS
 from rksc_sgl.bench.workload import Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, fewer_prefill, mode_field, speedup, register
 
 if TYPE_CHECKING:  # imported where used: they import torch and SGLang
@@ -37,7 +38,10 @@ def _vote_record(voted) -> Optional[Dict[str, Any]]:
     """What a run's ``rksc_sgl.vote`` decided, for its record (``None`` without one)."""
     if voted is None:
         return None
-    return {"rule": voted.rule, "stopped": sorted(voted.stopped), "settled_after": voted.settled_after}
+    record = {"rule": voted.rule, "stopped": sorted(voted.stopped), "settled_after": voted.settled_after}
+    if getattr(voted, "launched", None) is not None:  # waves (rksc_sgl.vote_waves)
+        record.update(launched=voted.launched, waves=voted.waves)
+    return record
 
 
 class _HintedWorkload(Workload):
@@ -70,7 +74,7 @@ class _HintedWorkload(Workload):
         state = program("hinted_branches").run(
             prompt=item.inputs["prompt"], hints=hints_for(params["branches"]), max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
-            audit_log=audit_log, stop_rule=stop, until_answer=bool(params.get("until_answer")),
+            audit_log=audit_log, stop_rule=stop.rule if stop else None, until_answer=bool(params.get("until_answer")),
             fork_commit=bool(params["fork_commit"]), backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
@@ -193,8 +197,9 @@ class VoteWorkload(GymWorkload):
     # easy: the packaged model answers it often (medium's answers are mostly wrong and
     # scattered, so no vote settles; see the README's branch-stop measurements).
     defaults = {"branches": 8, "max_tokens": 128, "temperature": 0.7, "dataset": "basic_arithmetic",
-                "difficulty": "easy"}
+                "difficulty": "easy", **WAVES_DEFAULTS}
     votes = True
+    waves = True
 
     def items(self, tokenizer, params, seed, count):
         return [dataclasses.replace(item, inputs={"seed": branch_seed(seed, item.index, params["branches"])})
@@ -203,7 +208,8 @@ class VoteWorkload(GymWorkload):
     def run(self, engine, item, params, cgee, audit_log, stop=None):
         state = program("seeded_vote").run(
             question=item.problem.question, branches=params["branches"], max_tokens=params["max_tokens"],
-            sample_temperature=params["temperature"], seed=item.inputs["seed"], stop_rule=stop, backend=engine)
+            sample_temperature=params["temperature"], seed=item.inputs["seed"],
+            stop_rule=stop.with_params(params) if stop else None, backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
             raise RuntimeError(f"workload 'vote': the program failed: {ret!r}")

@@ -91,7 +91,8 @@ def program(name: str):
 def _define_programs() -> None:
     import sglang as sgl
 
-    from rksc_sgl.rksc.branch_stop import seed_branches, vote
+    from rksc_sgl.bench.workload import StopPlan
+    from rksc_sgl.rksc.branch_stop import seed_branches, vote, vote_waves
     from rksc_sgl.rksc.cgee import verify
 
     @sgl.function
@@ -146,20 +147,30 @@ def _define_programs() -> None:
 
     @sgl.function
     def seeded_vote(s, question: str, branches: int, max_tokens: int, sample_temperature: float, seed: int,
-                    stop_rule: Optional[str] = None, verify_config: Optional["CGEEConfig"] = None,
+                    stop_rule: Any = None, verify_config: Optional["CGEEConfig"] = None,
                     audit_log: Any = None) -> Dict[str, Any]:
-        """The ``vote`` and ``serve`` workloads' program: self-consistency over ``branches``
-        sampled chains, branch i seeded ``seed + i`` (the same samples in every mode), each
-        ending at its first paragraph; with ``stop_rule``, ``rksc_sgl.vote`` stops the rest
-        once settled; with ``verify_config``, best-of-N: ``rksc_sgl.verify`` picks the answer."""
+        """The ``vote``, ``serve`` and ``load`` workloads' program: self-consistency over
+        ``branches`` sampled chains, branch i seeded ``seed + i`` (the same samples in every
+        mode), each ending at its first paragraph. ``stop_rule`` (a rule name or a ``StopPlan``;
+        not ``stop``, which ``SglFunction.run`` takes for itself):
+        ``rksc_sgl.vote`` stops the rest once the rule settles the vote, or, with waves,
+        ``rksc_sgl.vote_waves`` launches the branches a wave at a time while it is unsettled
+        (``texts``: the launched branches'); with ``verify_config``, best-of-N:
+        ``rksc_sgl.verify`` picks the answer among the finished branches."""
+        plan = StopPlan(stop_rule) if isinstance(stop_rule, str) else stop_rule
         s += sgl.system(SYSTEM_PROMPT)
         s += sgl.user(question_prompt(question))
         s.sync()  # the shared prompt is committed before the fork, every time (see hinted_branches)
-        forks = s.fork(branches)
-        seed_branches(forks, seed)
-        forks += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=sample_temperature,
-                                       stop=list(CHAIN_STOP)))
-        voted = vote(forks, "answer", rule=stop_rule) if stop_rule else None
+        gen = sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=sample_temperature,
+                                    stop=list(CHAIN_STOP)))
+        if plan is not None and plan.waves:
+            voted = vote_waves(s, branches, gen, seed=seed, first=plan.first, step=plan.step, rule=plan.rule)
+            forks = voted.forks
+        else:
+            forks = s.fork(branches)
+            seed_branches(forks, seed)
+            forks += gen
+            voted = vote(forks, "answer", rule=plan.rule) if plan is not None else None
         texts = [f["answer"] for f in forks]
         answer = voted.answer if voted else majority_vote([extract_answer(t) for t in texts])
         checked = None

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from rksc_sgl.bench.serve import ServeWorkload, _disconnect, _malformed
 from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS
 from rksc_sgl.bench.inputs import program
+from rksc_sgl.bench.workload import WAVES_DEFAULTS
 from rksc_sgl.bench.workload import Item, Outcome, Target, mode_field, register
 
 __all__ = ["LoadWorkload", "arrival_times", "parse_rates", "load_summary"]
@@ -66,7 +67,7 @@ class LoadWorkload(ServeWorkload):
             "mode's highest rate whose p90 meets the SLO; give --problems a multiple of the number of rates")
     defaults = {"rates": "0.05,0.1,0.2", "programs": 8, "branches": 8, "max_tokens": 64, "temperature": 0.7,
                 "pool_fraction": 1.0, "disconnect_share": 0.25, "malformed_share": 0.25, "slo_factor": 3.0,
-                "dataset": "basic_arithmetic", "difficulty": "easy"}
+                "dataset": "basic_arithmetic", "difficulty": "easy", **WAVES_DEFAULTS}
 
     def resolve(self, overrides, backend="engine"):
         params = super().resolve(overrides, backend)
@@ -113,7 +114,8 @@ class LoadWorkload(ServeWorkload):
             try:
                 state = program("seeded_vote").run(
                     question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
-                    sample_temperature=params["temperature"], seed=seeds[j], stop_rule=stop,
+                    sample_temperature=params["temperature"], seed=seeds[j],
+                    stop_rule=stop.with_params(params) if stop else None,
                     verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
                 value: Any = state.ret_value
             except Exception as exc:  # a failed program is an error of its class, not the end of the run

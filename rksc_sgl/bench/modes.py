@@ -28,6 +28,9 @@ class Mode:
     """An ASKS key layer of this mode alone (``asks@0.9:L4``); ``None``: the run's ``asks_key_layer``."""
     stop: Optional[str] = None
     """The branch-stop rule (``rksc_sgl.vote``) of the workloads that vote over forks."""
+    waves: bool = False
+    """With ``stop``: launch the seeded branches in waves (``rksc_sgl.vote_waves``; the
+    workload's ``waves_first``/``waves_step``) instead of all at once."""
 
     @property
     def label(self) -> str:
@@ -67,6 +70,10 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
     Mode("slru", "radix", eviction="slru", help="SGLang's stock RadixCache, SLRU eviction (for pressure)"),
     *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix cache, branch stop by the {rule!r} rule "
                                                    "(workloads that vote over forks)")
+      for rule in ("lossless", "beta", "window")),
+    *(Mode(f"waves-{rule}", "radix", stop=rule, waves=True,
+           help=f"stock radix, seeded branches launched in waves while the {rule!r} rule leaves the vote unsettled "
+                "(vote, serve, load)")
       for rule in ("lossless", "beta", "window")),
 )}
 

@@ -15,7 +15,7 @@ from rksc_sgl.bench.report import run_record, source_commit
 from rksc_sgl.bench.modes import BenchSettings, Mode, parse_modes
 from rksc_sgl.bench.stats import agreement, bootstrap_ratio_ci, paired_with_radix, ratio_of_medians, summarize_mode
 from rksc_sgl.bench.tables import command_line
-from rksc_sgl.bench.workload import Item, Workload, get_workload
+from rksc_sgl.bench.workload import Item, StopPlan, Workload, check_modes, get_workload
 
 WARMUP_SEED_OFFSET = 100_000
 """Warm-up problems come from seed ``seed + WARMUP_SEED_OFFSET``: never a timed problem."""
@@ -37,7 +37,7 @@ def _verify_record(v: VerifyResult) -> Dict[str, Any]:
 
 
 def run_once(engine, workload: Workload, item: Item, params: Dict[str, Any], cgee: CGEEConfig,
-             audit_log: AuditLog, stop: Optional[str] = None) -> Dict[str, Any]:
+             audit_log: AuditLog, stop: Optional[StopPlan] = None) -> Dict[str, Any]:
     """One program run, timed, with the engine counters of exactly that run."""
     if workload.flush_between_problems and not engine.flush_cache():
         raise RuntimeError("could not flush the engine's cache (a request is still running)")
@@ -106,6 +106,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     settings = settings or BenchSettings()
     workload = get_workload(workload) if isinstance(workload, str) else workload
     modes = parse_modes(modes) if isinstance(modes, str) else list(modes)
+    check_modes(workload, modes)
     params = workload.resolve(settings.params, settings.backend)
     started = time.perf_counter()
     run_commit = source_commit()  # the code this run imports; the record is written at its end
@@ -253,7 +254,7 @@ def _take_turns(workload, modes, settings, params, backends: Dict[str, Any], war
         for mode in modes:
             bar.set_postfix_str(f"warm-up {mode.label}")
             rec = run_once(backends[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
-                           stop=mode.stop)
+                           stop=StopPlan.of(mode))
             warm_runs[mode.label].append(rec["wall_s"])
             bar.update()
     for step, (item, r) in enumerate(schedule(items, settings.repeats, workload.flush_between_problems)):
@@ -265,7 +266,7 @@ def _take_turns(workload, modes, settings, params, backends: Dict[str, Any], war
         for mode in modes[shift:] + modes[:shift]:  # rotate who goes first
             bar.set_postfix_str(f"problem {item.index + 1}/{len(items)} {mode.label}")
             rec = run_once(backends[mode.label], workload, item, params, cgee[mode.label], audits[mode.label],
-                           stop=mode.stop)
+                           stop=StopPlan.of(mode))
             rec.update(problem=item.index, repeat=r)
             runs[mode.label].append(rec)
             bar.update()

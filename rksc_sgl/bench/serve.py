@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Tuple
 from rksc_sgl.problems import load_problems, question_prompt, score
 from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, GymWorkload, branch_seed
 from rksc_sgl.bench.inputs import program
+from rksc_sgl.bench.workload import WAVES_DEFAULTS
 from rksc_sgl.bench.workload import Item, Outcome, Target, mode_field, speedup, register
 
 
@@ -63,8 +64,9 @@ class ServeWorkload(GymWorkload):
             "class and an integrity check after every window")
     defaults = {"programs": 8, "clients": 4, "branches": 4, "max_tokens": 64, "temperature": 0.7,
                 "pool_fraction": 0.5, "disconnect_share": 0.25, "malformed_share": 0.25,
-                "dataset": "basic_arithmetic", "difficulty": "easy"}
+                "dataset": "basic_arithmetic", "difficulty": "easy", **WAVES_DEFAULTS}
     votes = True
+    waves = True
     has_verify = True
 
     def resolve(self, overrides, backend="engine"):
@@ -118,7 +120,8 @@ class ServeWorkload(GymWorkload):
             try:
                 state = program("seeded_vote").run(
                     question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
-                    sample_temperature=params["temperature"], seed=seeds[j], stop_rule=stop,
+                    sample_temperature=params["temperature"], seed=seeds[j],
+                    stop_rule=stop.with_params(params) if stop else None,
                     verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
             except Exception as exc:  # a failed program is an error of its class, not the end of the run
                 return kind, j, exc, time.perf_counter() - t0

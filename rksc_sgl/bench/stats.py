@@ -86,6 +86,8 @@ def summarize_mode(records: List[Dict[str, Any]], problems: int) -> Dict[str, An
     if votes:
         out.update({"stop_rule": votes[0]["rule"], "branches_stopped": sum(len(v["stopped"]) for v in votes),
                     "runs_settled_early": sum(1 for v in votes if v["settled_after"] is not None)})
+        if any("launched" in v for v in votes):  # waves: the branches launched, over the runs
+            out["branches_launched"] = sum(v["launched"] for v in votes if "launched" in v)
     calls = [r["verify"] for r in records if r.get("verify")]
     if calls:
         ran = [c for c in calls if not c["skipped"]]

@@ -67,6 +67,9 @@ class Workload:
     flush_between_problems = True
     votes = False
     """Whether its program votes over forks, so a mode's branch-stop rule applies."""
+    waves = False
+    """Whether its program can launch its seeded branches in waves (modes ``waves-*``; its
+    parameters ``waves_first``, ``waves_step``)."""
 
     def resolve(self, overrides: Dict[str, Any], backend: str = "engine") -> Dict[str, Any]:
         """The workload's parameters on ``backend`` with ``overrides`` applied (unknown names
@@ -82,6 +85,7 @@ class Workload:
         for key in ("branches", "max_tokens", "prompt_tokens", "keep", "expand", "programs", "prefixes", "clients"):
             if key in params and (not isinstance(params[key], int) or params[key] < 1):
                 raise ValueError(f"{key.replace('_', '-')} must be a positive integer, got {params[key]!r}")
+        _check_waves_params(params)
         if "pool_fraction" in params and not 0.0 < params["pool_fraction"] <= 1.0:
             raise ValueError(f"pool-fraction must be in (0, 1], got {params['pool_fraction']!r}")
         if "temperature" in params and not params["temperature"] >= 0:
@@ -96,8 +100,8 @@ class Workload:
         return {}
 
     def run(self, engine, item: Item, params: Dict[str, Any], cgee: Optional[CGEEConfig],
-            audit_log: AuditLog, stop: Optional[str] = None) -> Outcome:
-        """One program run; ``stop``: the mode's branch-stop rule (only where ``votes``)."""
+            audit_log: AuditLog, stop: Optional[StopPlan] = None) -> Outcome:
+        """One program run; ``stop``: the mode's branch stop (only where ``votes``)."""
         raise NotImplementedError
 
     def summarize_modes(self, result: Dict[str, Any], params: Dict[str, Any]) -> None:
@@ -106,6 +110,55 @@ class Workload:
 
     def targets(self) -> List[Target]:
         return []
+
+
+WAVES_DEFAULTS = {"waves_first": 0, "waves_step": 2}
+"""The wave schedule parameters of a workload with ``waves``: ``waves_first`` branches first
+(0: ``branches // 2 + 1``, the fewest whose agreement settles a lossless vote), then
+``waves_step`` at a time."""
+
+
+def _check_waves_params(params: Dict[str, Any]) -> None:
+    """``waves_first`` in [0, branches], ``waves_step`` >= 1 (where a workload has them)."""
+    first, step = params.get("waves_first"), params.get("waves_step")
+    if "waves_first" in params and not (isinstance(first, int) and 0 <= first <= params["branches"]):
+        raise ValueError(f"waves-first must be an integer from 0 (branches // 2 + 1) to branches "
+                         f"({params['branches']}), got {first!r}")
+    if "waves_step" in params and not (isinstance(step, int) and step >= 1):
+        raise ValueError(f"waves-step must be a positive integer, got {step!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StopPlan:
+    """How a voting program ends its branches (what a mode's ``stop`` and ``waves`` say):
+    ``rule``, a ``rksc_sgl.vote`` rule by name; with ``waves`` the seeded branches are launched
+    by ``rksc_sgl.vote_waves``, ``first`` of them (``None``: ``n // 2 + 1``) and then ``step``
+    at a time while the vote is unsettled, instead of all at once."""
+
+    rule: str
+    waves: bool = False
+    first: Optional[int] = None
+    step: int = 2
+
+    @classmethod
+    def of(cls, mode) -> Optional["StopPlan"]:
+        """A bench mode's plan; ``None`` for a mode that stops no branch."""
+        return cls(mode.stop, waves=mode.waves) if mode.stop else None
+
+    def with_params(self, params: Dict[str, Any]) -> "StopPlan":
+        """The plan with a workload's ``waves_first``/``waves_step`` (see :data:`WAVES_DEFAULTS`)."""
+        if not self.waves:
+            return self
+        return dataclasses.replace(self, first=params["waves_first"] or None, step=params["waves_step"])
+
+
+def check_modes(workload: Workload, modes) -> None:
+    """Refuse a waves mode on a workload whose program does not launch its branches in waves."""
+    waving = [m.label for m in modes if m.waves]
+    if waving and not workload.waves:
+        raise ValueError(f"workload {workload.name!r} does not launch seeded branches in waves, so mode(s) "
+                         f"{', '.join(waving)} cannot run on it; they run with "
+                         f"{', '.join(w.name for w in WORKLOADS.values() if w.waves)}")
 
 
 WORKLOADS: Dict[str, Workload] = {}

@@ -25,6 +25,8 @@ mode            SGLang flags
 ``cgee``        SGLang's default cache, CGEE in the verify step
 ``lfu``/``slru``  SGLang's default cache with that eviction policy
 ``stop-*``      SGLang's default cache; the client stops branches (``/abort_request``)
+``waves-*``     SGLang's default cache; the client launches seeded branches in waves
+                and stops them (``rksc_sgl.vote_waves``)
 ==============  ==================================================================
 
 A workload that seeds its branches (``vote``, ``serve``: ``Workload.votes``) runs every
@@ -65,6 +67,7 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
     "slru": (["--radix-eviction-policy", "slru"], False),
     # branch stop is the client's (rksc_sgl.vote through SGLang's abort API): the default cache
     **{f"stop-{rule}": ([], False) for rule in ("lossless", "beta", "window")},
+    **{f"waves-{rule}": ([], False) for rule in ("lossless", "beta", "window")},
 }
 
 
