@@ -1,9 +1,9 @@
 """Index the committed results: for each run, its files, the command, the commit and the machine.
 
-``benchmarks/results/`` holds only what the READMEs cite. This script writes
+``benchmarks/results/`` holds only what the READMEs and docs pages cite. This script writes
 ``benchmarks/results/manifest.json`` and ``benchmarks/results/MANIFEST.md`` from the result
 files themselves (``tests/test_results_manifest.py`` checks that the index and the folder
-agree, and that every results path the READMEs cite exists):
+agree, and that every results path the READMEs and docs cite exists):
 
 ============  ==========================================================================
 field         where it comes from
@@ -20,7 +20,7 @@ command       the run's recorded ``command`` (``report.run_record``); older scri
 commit        the recorded ``commit``; for runs from before it was recorded, the commit
               that added the file, marked ``committed in``
 machine       CPU model, cores and torch threads, or the GPU card, as the run recorded them
-cited_in      the README sections with a line that names the run's folder or files
+cited_in      the README / docs sections with a line that names the run's folder or files
 ============  ==========================================================================
 
 Run ``python benchmarks/manifest.py`` after adding or removing results.
@@ -41,7 +41,9 @@ from rksc_sgl.bench.report import git_output
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 INDEX_FILES = ("manifest.json", "MANIFEST.md")
-READMES = ("README.md", "benchmarks/README.md", "patches/README.md")
+# Where results are cited: the READMEs, the docs pages and the changelog.
+READMES = ("README.md", "benchmarks/README.md", "patches/README.md", "CHANGELOG.md",
+           *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
 # JSON results written by the scripts below recorded their argparse namespace, not a command.
 SCRIPT_OF = {"bench_engine": "bench_engine.py", "bench_grammar": "bench_grammar.py", "bench_join": "bench_join.py",
              "bench_compression": "bench_compression.py", "bench_compression --fidelity": "bench_compression.py",
