@@ -44,18 +44,45 @@ register_cache(CacheSpec("none", prefix_cache=False, rksc_tree=False,
                          help="no KV reuse between requests"))
 register_cache(CacheSpec("radix", prefix_cache=True, rksc_tree=False,
                          help="SGLang's stock RadixCache: exact prefix reuse"))
-register_cache(CacheSpec("rksc", prefix_cache=True, rksc_tree=True,
+register_cache(CacheSpec("rksc-tree", prefix_cache=True, rksc_tree=True,
                          help="RKSCRadixCache: matches exactly like radix; hosts ASKS and RSBCM"))
 
 CACHE_MODES = CACHE_SPECS.keys()
 """The registered cache modes' names, for choices and messages: a live view of the
 registry, so a mode registered after this import is a ``--cache`` choice too."""
 
+RKSC_TREE = "rksc-tree"
+"""The cache mode of RKSC's tree (``RKSCRadixCache``; SGLang's runtime selects the same
+class with ``--radix-cache-backend rksc``). Only the tree: ASKS and RSBCM are turned on by
+their own settings, and the bench mode ``rksc`` is the tree with every feature on."""
+
+CACHE_ALIASES: Dict[str, str] = {"rksc": RKSC_TREE}
+"""Old cache mode names, still accepted (with a notice): ``rksc`` was the tree's name, but
+``rksc`` alone names the bench mode with every RKSC feature on."""
+
+
+def _alias_notice(old: str) -> str:
+    return (f"cache {old!r} is now called {CACHE_ALIASES[old]!r} (RKSC's tree alone; the old name still works, "
+            "and 'rksc' names the bench mode with every feature on)")
+
+
+def cache_name(text: str) -> str:
+    """An argparse type for ``--cache``: an old name becomes the new one, with a one-line notice
+    on stderr."""
+    name = str(text).strip()
+    if name in CACHE_ALIASES:
+        import sys
+
+        print(f"note: {_alias_notice(name)}", file=sys.stderr)
+        return CACHE_ALIASES[name]
+    return name
+
 
 def cache_spec(name: str) -> CacheSpec:
-    """The registered mode ``name``; ``ValueError`` that lists the modes otherwise."""
+    """The registered mode ``name`` (or an old name of one, :data:`CACHE_ALIASES`); ``ValueError``
+    that lists the modes otherwise."""
     try:
-        return CACHE_SPECS[name]
+        return CACHE_SPECS[CACHE_ALIASES.get(name, name)]
     except (KeyError, TypeError):
         raise ValueError(f"cache={name!r} is not a known cache mode; choose one of {', '.join(CACHE_SPECS)}") \
             from None
@@ -93,11 +120,11 @@ class EngineConfig:
     prefix slots attend to that prefix together, reading it once per step (0 = off).
 
     ``eviction_policy``: SGLang's tree eviction policy by name (``lru``, ``lfu``, ``slru``,
-    ...) or ``rsbcm`` (``rksc_sgl.rksc.rsbcm``; needs ``cache="rksc"``; it turns on the
+    ...) or ``rsbcm`` (``rksc_sgl.rksc.rsbcm``; needs ``cache="rksc-tree"``; it turns on the
     collection of decode attention per KV slot). ``eviction_policy_config``: the policy's
     keyword arguments.
 
-    ``asks``: ASKS settings for ``cache="rksc"`` (an ``ASKSConfig`` or a mapping of its
+    ``asks``: ASKS settings for ``cache="rksc-tree"`` (an ``ASKSConfig`` or a mapping of its
     fields; default off). Enabling it with another cache mode is an error.
 
     ``compression``: compression of each request's decode KV (``rksc_sgl.rksc.compression``:
@@ -131,19 +158,24 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         spec = cache_spec(self.cache)
+        if self.cache in CACHE_ALIASES:
+            import warnings
+
+            warnings.warn(_alias_notice(self.cache), FutureWarning, stacklevel=3)
+            object.__setattr__(self, "cache", spec.name)
         object.__setattr__(self, "asks", _asks_config(self.asks))
         from rksc_sgl.rksc.compression import compression_config
 
         object.__setattr__(self, "compression", compression_config(self.compression))
         if self.asks.enabled and not spec.rksc_tree:
-            raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc'")
+            raise ValueError(f"asks is enabled but cache={self.cache!r}; ASKS needs cache='rksc-tree'")
         if not isinstance(self.eviction_policy, str):
             raise ValueError(f"eviction_policy must be a string, got {self.eviction_policy!r}")
         object.__setattr__(self, "eviction_policy", self.eviction_policy.lower())
         if self.eviction_policy == "rsbcm":
             if not spec.rksc_tree:
                 raise ValueError(
-                    f"eviction_policy='rsbcm' needs cache='rksc' (got cache={self.cache!r}): "
+                    f"eviction_policy='rsbcm' needs cache='rksc-tree' (got cache={self.cache!r}): "
                     "the RSBCM policy is built by the RKSC tree cache")
             from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 

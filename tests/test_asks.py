@@ -505,12 +505,12 @@ def test_shifted_reuse_follows_the_pool_dtype_unless_set(engines, dtype, shifted
 def test_engine_config_asks_validation():
     from rksc_sgl.config import CACHE_MODES, EngineConfig
 
-    assert "rksc" in CACHE_MODES
+    assert "rksc-tree" in CACHE_MODES
     cfg = EngineConfig(cache="rksc", asks={"enabled": True, "tau": 0.9})
     assert cfg.asks == ASKSConfig(enabled=True, tau=0.9) and cfg.asks.active
     assert EngineConfig(cache="rksc").asks == ASKSConfig()
     assert not EngineConfig().asks.enabled
-    with pytest.raises(ValueError, match="needs cache='rksc'"):
+    with pytest.raises(ValueError, match="needs cache='rksc-tree'"):
         EngineConfig(cache="radix", asks=ASKSConfig(enabled=True))
     with pytest.raises(ValueError, match="unknown field"):
         EngineConfig(cache="rksc", asks={"enabled": True, "threshold": 0.9})

@@ -84,11 +84,11 @@ def test_mode_table_maps_modes_to_engines():
     kw = {m.label: m.engine_kwargs(settings)
           for m in parse_modes("none,radix,rksc,asks,cgee,rsbcm,asks@0.7,asks@0.9:L4")}
     assert kw["none"] == {"cache": "none"} and kw["radix"] == {"cache": "radix"} and kw["cgee"] == kw["radix"]
-    assert kw["rksc"] == {"cache": "rksc", "asks": {"enabled": True, "tau": 0.8, "recompute_fraction": 0.25,
+    assert kw["rksc"] == {"cache": "rksc-tree", "asks": {"enabled": True, "tau": 0.8, "recompute_fraction": 0.25,
                                                     "key_layer": 0},
                           "eviction_policy": "rsbcm"}
     assert kw["asks@0.9:L4"]["asks"] == {"enabled": True, "tau": 0.9, "recompute_fraction": 0.25, "key_layer": 4}
-    assert kw["rsbcm"] == {"cache": "rksc", "eviction_policy": "rsbcm"}
+    assert kw["rsbcm"] == {"cache": "rksc-tree", "eviction_policy": "rsbcm"}
     assert kw["asks@0.7"]["asks"]["tau"] == 0.7 and kw["asks"]["asks"]["tau"] == 0.8
     assert [m.cgee for m in parse_modes("rksc,cgee,radix,asks")] == [True, True, False, False]
     stock = {m.label: m.engine_kwargs(settings) for m in parse_modes("lfu,slru")}
@@ -246,7 +246,7 @@ def test_modes_build_their_own_engines_and_shut_them_down(monkeypatch, radix_eng
     settings = BenchSettings(problems=1, warmup=0, kv_pool_tokens=2048, max_running_requests=8, asks_tau=0.5,
                              bootstrap=20, params={"branches": 2, "max_tokens": 4})
     result = bench.run_bench("paraphrase", "radix,rksc", settings, progress=False, engines={"radix": radix_engine})
-    assert len(built) == 1 and built[0].config.cache == "rksc" and built[0].config.asks.tau == 0.5
+    assert len(built) == 1 and built[0].config.cache == "rksc-tree" and built[0].config.asks.tau == 0.5
     assert built[0].config.eviction_policy == "rsbcm" and built[0].checked
     assert not built[0].scheduler.thread.is_alive()  # shut down
     radix_engine.check_integrity()

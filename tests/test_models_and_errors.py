@@ -78,12 +78,12 @@ def test_bad_engine_config(kwargs, message):
 def test_cache_modes_are_registered_specs_that_say_what_an_engine_builds():
     from rksc_sgl.config import CACHE_MODES, CACHE_SPECS, CacheSpec, register_cache
 
-    assert tuple(CACHE_MODES) == tuple(CACHE_SPECS) == ("none", "radix", "rksc")
+    assert tuple(CACHE_MODES) == tuple(CACHE_SPECS) == ("none", "radix", "rksc-tree")
     assert [(s.prefix_cache, s.rksc_tree) for s in CACHE_SPECS.values()] == [(False, False), (True, False),
                                                                             (True, True)]
     with pytest.raises(ValueError, match="already registered"):
         register_cache(CacheSpec("radix", prefix_cache=True, rksc_tree=False, help="again"))
-    with pytest.raises(ValueError, match="ASKS needs cache='rksc'"):
+    with pytest.raises(ValueError, match="ASKS needs cache='rksc-tree'"):
         rksc_sgl.EngineConfig(cache="radix", asks={"enabled": True})
     cfg = rksc_sgl.EngineConfig
     assert not cfg(cache="radix").needs_attention_stats and not cfg(cache="rksc").needs_attention_stats

@@ -173,7 +173,7 @@ def test_rsbcm_settings_are_validated():
         RKSCRadixCache(_params("rsbcm", {"no_such_setting": 1}))
     with pytest.raises(ValueError, match="Unknown eviction policy"):
         RadixCache(_params("rsbcm"))  # only the RKSC cache builds it
-    with pytest.raises(ValueError, match="needs cache='rksc'"):
+    with pytest.raises(ValueError, match="needs cache='rksc-tree'"):
         EngineConfig(cache="radix", eviction_policy="rsbcm")
     with pytest.raises(ValueError, match="eviction_policy_config"):
         EngineConfig(cache="rksc", eviction_policy="rsbcm", eviction_policy_config={"bogus": 1})

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional
 
-from rksc_sgl.config import DTYPES
+from rksc_sgl.config import DTYPES, RKSC_TREE
 
 
 # ---- modes ---------------------------------------------------------------------------------
@@ -57,25 +57,27 @@ class Mode:
 
 MODES: Dict[str, Mode] = {m.name: m for m in (
     Mode("none", "none", help="no KV reuse between requests"),
-    Mode("radix", "radix", help="SGLang's stock RadixCache, LRU eviction (runtime: SGLang's default cache as "
-                                "a user gets it, UnifiedRadixCache)"),
-    Mode("radix-stock", "radix", help="SGLang's RadixCache class, LRU (the engine's radix; in the runtime "
-                                      "--radix-cache-backend radix-stock)"),
-    Mode("rksc", "rksc", asks=True, cgee=True, rsbcm=True, stop="lossless",
-         help="ASKS + CGEE + RSBCM, and lossless branch stop where a workload votes over forks"),
-    Mode("asks", "rksc", asks=True, help="RKSC cache with ASKS semantic reuse only (LRU)"),
-    Mode("cgee", "radix", cgee=True, help="stock radix cache, CGEE gates in the verify step"),
-    Mode("rsbcm", "rksc", rsbcm=True, help="RKSC cache, exact matching, RSBCM eviction"),
-    Mode("lfu", "radix", eviction="lfu", help="SGLang's stock RadixCache, LFU eviction (for pressure)"),
-    Mode("slru", "radix", eviction="slru", help="SGLang's stock RadixCache, SLRU eviction (for pressure)"),
-    *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix cache, branch stop by the {rule!r} rule "
-                                                   "(workloads that vote over forks)")
+    Mode("radix", "radix", help="stock SGLang as a user gets it: exact prefix reuse, LRU eviction"),
+    Mode("radix-stock", "radix", help="SGLang's RadixCache class, LRU (the engine's radix; not the runtime's default)"),
+    Mode("rksc", RKSC_TREE, asks=True, cgee=True, rsbcm=True, stop="lossless",
+         help="every RKSC feature: rksc-tree + ASKS + RSBCM, CGEE gates, lossless branch stop"),
+    Mode("asks", RKSC_TREE, asks=True, help="rksc-tree with ASKS semantic KV reuse, LRU eviction"),
+    Mode("cgee", "radix", cgee=True, help="stock radix, CGEE gates in the verify step"),
+    Mode("rsbcm", RKSC_TREE, rsbcm=True, help="rksc-tree, exact matching, RSBCM eviction"),
+    Mode("lfu", "radix", eviction="lfu", help="stock radix with LFU eviction (for pressure)"),
+    Mode("slru", "radix", eviction="slru", help="stock radix with SLRU eviction (for pressure)"),
+    *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix, branch stop by the {rule!r} rule (voting workloads)")
       for rule in ("lossless", "beta", "window")),
     *(Mode(f"waves-{rule}", "radix", stop=rule, waves=True,
            help=f"stock radix, seeded branches launched in waves while the {rule!r} rule leaves the vote unsettled "
                 "(vote, serve, load)")
       for rule in ("lossless", "beta", "window")),
 )}
+"""The bench modes by name. Each name means one configuration on both backends
+(:func:`mode_table` gives its exact engine keyword arguments and SGLang flags): ``radix`` is
+stock SGLang as a user gets it (the engine's ``RadixCache``; the runtime with no cache flag,
+SGLang's default ``UnifiedRadixCache``, which matches prefixes the same way), ``rksc`` is every
+RKSC feature at once, and the tree alone is the cache mode ``rksc-tree``."""
 
 
 def parse_modes(text: str) -> List[Mode]:
@@ -111,6 +113,73 @@ def parse_modes(text: str) -> List[Mode]:
             raise ValueError(f"mode {mode.label!r} is given twice")
         modes.append(mode)
     return modes
+
+
+def mode_table(settings: Optional["BenchSettings"] = None) -> List[Dict[str, Any]]:
+    """Every bench mode's exact configuration on both backends, for ``rksc-sgl bench --list``
+    and the docs: ``mode``, ``summary``, ``engine`` (the ``Engine(...)`` keyword arguments),
+    ``sglang_flags`` (what ``--backend runtime`` gives SGLang's ``launch_server``, besides the
+    model, port and pool flags every mode gets), ``env`` (the environment it adds),
+    ``launch_server`` (the same server from ``rksc-sgl launch-server``) and ``client`` (what the
+    program does differently: CGEE's gates in ``verify``, a branch-stop rule in ``vote``).
+    ``settings``: the run's ASKS defaults (``BenchSettings()``'s if not given)."""
+    import inspect
+    import json
+
+    from rksc_sgl.rksc.asks_config import ASKSConfig
+    from rksc_sgl.rksc.rsbcm import RSBCMStrategy
+    from rksc_sgl.runtime.asks_settings import ENV_VAR, env_value
+    from rksc_sgl.runtime.attention_stats import hook_spec
+    from rksc_sgl.runtime.bench_servers import RUNTIME_FLAGS
+    from rksc_sgl.runtime.launch_plan import ASKS_CHUNKED_PREFILL_SIZE
+
+    settings = settings or BenchSettings()
+    stride = inspect.signature(RSBCMStrategy).parameters["attention_layer_stride"].default
+    rows = []
+    for mode in MODES.values():
+        given, launcher_defaults = RUNTIME_FLAGS[mode.name]
+        flags, env = list(given), {}
+        tree = flags[flags.index("--radix-cache-backend") + 1] if "--radix-cache-backend" in flags else None
+        if launcher_defaults and mode.rsbcm:  # the launcher adds RSBCM's attention hook
+            flags += ["--forward-hooks", json.dumps([hook_spec(stride)], separators=(",", ":"))]
+        if tree == "rksc":  # launch-server's defaults: the rksc tree, RSBCM eviction and its hook
+            launch = [f for f in given[2:] if mode.rsbcm is False or f not in ("--radix-eviction-policy", "rsbcm")]
+        elif tree is None and "--disable-radix-cache" not in given:
+            launch = ["--rksc-tree", "off", *given]  # SGLang's own default cache
+        else:
+            launch = list(given)
+        if mode.asks:
+            tau = mode.effective_tau(settings)
+            env[ENV_VAR] = env_value(ASKSConfig(enabled=True, tau=tau, recompute_fraction=settings.asks_recompute))
+            flags += ["--chunked-prefill-size", str(ASKS_CHUNKED_PREFILL_SIZE)]
+            launch += ["--asks-tau", f"{tau:g}", "--asks-recompute", f"{settings.asks_recompute:g}"]
+        client = []
+        if mode.cgee:
+            client.append("CGEE gates in verify (the runtime: gate 1, skip; no layer exit)")
+        if mode.stop:
+            how = "seeded branches launched in waves (vote_waves)" if getattr(mode, "waves", False) else "vote"
+            client.append(f"branch stop by the {mode.stop!r} rule in {how} (voting workloads)")
+        rows.append({"mode": mode.name, "summary": mode.help, "engine": mode.engine_kwargs(settings),
+                     "sglang_flags": flags, "env": env, "launch_server": launch, "client": client})
+    return rows
+
+
+def format_mode_table(settings: Optional["BenchSettings"] = None) -> str:
+    """:func:`mode_table` as text, a block per mode."""
+    import shlex
+
+    lines = []
+    for row in mode_table(settings):
+        engine = ", ".join(f"{k}={v!r}" for k, v in row["engine"].items())
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in row["env"].items())
+        sglang = shlex.join(row["sglang_flags"]) or "(no cache flag: SGLang's default cache)"
+        lines += [f"{row['mode']}: {row['summary']}",
+                  f"    engine:        Engine({engine})",
+                  f"    runtime:       {(env + ' ') if env else ''}python -m sglang.launch_server {sglang}",
+                  f"    launch-server: rksc-sgl launch-server {' '.join(row['launch_server'])}".rstrip()]
+        if row["client"]:
+            lines.append(f"    program:       {'; '.join(row['client'])}")
+    return "\n".join(lines)
 
 
 # ---- settings --------------------------------------------------------------------------------

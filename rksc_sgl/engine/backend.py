@@ -121,7 +121,7 @@ class Engine(FrontendBackend):
 
     def _tree_cache_kwargs(self, slot_features: Optional[torch.Tensor],
                            slot_attention: Optional[torch.Tensor]) -> Dict[str, Any]:
-        """``cache="rksc"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
+        """``cache="rksc-tree"``: build ``RKSCRadixCache`` with the ASKS settings and its key."""
         cfg = self.config
         if not cfg.cache_spec.rksc_tree:
             return {}

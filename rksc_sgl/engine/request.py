@@ -18,7 +18,7 @@ from rksc_sgl.rksc.compression import CompressionConfig
 class EngineStats:
     """Counters over the engine's lifetime; subtract two snapshots for one program.
 
-    ``cached_tokens``: prompt tokens served by exact prefix matches. ASKS (``cache="rksc"``):
+    ``cached_tokens``: prompt tokens served by exact prefix matches. ASKS (``cache="rksc-tree"``):
     ``semantic_tokens`` prompt tokens served from a donor's KV (an identical token of a
     similar span, read in place or copied to a shifted position), ``recomputed_tokens``
     span tokens computed instead (also in ``prefill_tokens``),

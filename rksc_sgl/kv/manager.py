@@ -9,7 +9,7 @@ allocator's free list, a tree node, the owned part of a running request's row, o
 forward's scratch (``scratch``: borrowed for one pass whose KV nothing keeps).
 ``check_integrity`` asserts exactly that.
 
-Semantic aliases (ASKS, ``cache="rksc"``): a request may read a *donor* node's slots for
+Semantic aliases (ASKS, ``cache="rksc-tree"``): a request may read a *donor* node's slots for
 the span right after its exact prefix (``match_alias``). Its row is then
 ``[exact prefix | span | slots it owns]``, where a span position holds the donor's slot
 (a token aligned with the identical donor token at the same position, read in place),

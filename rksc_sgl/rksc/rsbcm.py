@@ -6,7 +6,7 @@ its leaf-first heap and pops the smallest ``get_priority(node)`` first, exactly 
 are keyword arguments (``eviction_policy_config``, the runtime's
 ``--radix-eviction-policy-config``). SGLang's own ``get_eviction_strategy`` does not know
 the name; ``RKSCRadixCache`` builds the strategy itself, so ``rsbcm`` needs the ``rksc``
-tree cache (``cache="rksc"`` in the embedded engine, ``--radix-cache-backend rksc`` in
+tree cache (``cache="rksc-tree"`` in the embedded engine, ``--radix-cache-backend rksc`` in
 the runtime).
 
 Priority (smaller = evicted first)::

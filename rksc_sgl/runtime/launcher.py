@@ -23,23 +23,25 @@ __all__ = ["launch_server_main", "launcher_parser"]
 
 def launcher_parser() -> argparse.ArgumentParser:
     """rksc-sgl's own flags of ``launch-server`` (everything else is SGLang's)."""
-    from rksc_sgl.arg_types import on_off
+    from rksc_sgl.arg_types import add_deprecated_alias, on_off_flag, on_off
 
     parser = argparse.ArgumentParser(
         prog="rksc-sgl launch-server", add_help=False,
-        description="Start SGLang's own server (python -m sglang.launch_server) with the RKSC cache "
-                    "(--radix-cache-backend rksc --radix-eviction-policy rsbcm and RSBCM's attention hook) "
-                    "unless your SGLang flags say otherwise; on a CPU also float32, a bounded KV pool and "
+        description="Start SGLang's own server (python -m sglang.launch_server) with RKSC's tree "
+                    "(--radix-cache-backend rksc), RSBCM eviction (--radix-eviction-policy rsbcm) and RSBCM's "
+                    "attention hook unless your SGLang flags say otherwise (bench mode rsbcm; add --asks-tau "
+                    "for ASKS: the server side of bench mode rksc); on a CPU also float32, a bounded KV pool and "
                     "--sleep-on-idle. Every other argument is SGLang's (see `python -m sglang.launch_server "
                     "--help`).")
     group = parser.add_argument_group("rksc-sgl launcher")
     group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                        help=f"seconds to wait for /health before giving up (default: {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
-    group.add_argument("--rksc-cache", type=on_off, default=True,
-                       help="off: add no cache flag, so SGLang's own default cache serves (for comparisons; "
-                            "default: on)")
-    group.add_argument("--attention-stats", type=on_off, default=True,
-                       help="with rsbcm, collect RSBCM's attention statistics with a forward hook (default: on)")
+    group.add_argument("--rksc-tree", dest="rksc_cache", **on_off_flag(
+        default=True, help="on: RKSC's tree with RSBCM eviction where your flags choose no cache; off: add no "
+                           "cache flag, so SGLang's own default cache serves (bench mode radix; default: on)"))
+    add_deprecated_alias(group, "--rksc-cache", "--rksc-tree", "rksc_cache", type=on_off, choices=(True, False))
+    group.add_argument("--attention-stats", **on_off_flag(
+        default=True, help="with rsbcm, collect RSBCM's attention statistics with a forward hook (default: on)"))
     group.add_argument("--asks-tau", type=float, default=None, metavar="TAU",
                        help="turn ASKS semantic KV reuse on with this key-cosine threshold (default: off)")
     group.add_argument("--asks-recompute", type=float, default=None, metavar="FRACTION",
@@ -47,7 +49,7 @@ def launcher_parser() -> argparse.ArgumentParser:
     group.add_argument("--asks-shifted", choices=("auto", "on", "off"), default="auto",
                        help="ASKS: reuse identical donor tokens at another position as rotated copies "
                             "(auto: only with a float32 KV pool; default: auto)")
-    group.add_argument("--seeded-sampling", type=on_off, default=None,
+    group.add_argument("--seeded-sampling", **on_off_flag(default=None),
                        help="on: honour each request's sampling_seed (SGLang does only with "
                             "--enable-deterministic-inference, which the CPU runtime cannot run); "
                             "min_p must then be 0 (default: off, or as RKSC_SEEDED_SAMPLING says)")
