@@ -1,7 +1,8 @@
 """The documentation: the MkDocs site builds with ``--strict`` (no broken link or anchor, no page
 missing from the nav), every relative link of README.md resolves to a file of the repository,
-and every ``rksc-sgl`` command in README.md and docs/*.md parses with the real parsers (the
-commands are parsed, never run)."""
+and every ``rksc-sgl`` command in README.md and docs/*.md (in ```bash blocks, and the inline
+``rksc-sgl bench ... --modes ...`` commands tables name) parses with the real parsers; the
+commands are parsed, never run."""
 
 from __future__ import annotations
 
@@ -133,10 +134,23 @@ def _rksc_sgl_argv(words: List[str]):
     return None
 
 
+def inline_bench_commands(page: Path) -> Iterator[Tuple[int, List[str]]]:
+    """``(line, words)`` of every inline ``rksc-sgl bench ... --modes ...`` span outside code
+    blocks: the commands that tables (the README's results at a glance) name for their figures."""
+    in_code = False
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code:
+            for span in re.findall(r"`(rksc-sgl bench [^`]*--modes [^`]*)`", line):
+                yield number, shlex.split(span)
+
+
 def _commands(kind: str):
     found = []
     for page in PAGES:
-        for line, words in shell_commands(page):
+        inline = list(inline_bench_commands(page)) if kind == "rksc-sgl" else []
+        for line, words in [*shell_commands(page), *inline]:
             argv = _rksc_sgl_argv(words)
             sglang = [os.path.basename(w) for w in words[:3]] in (["python", "-m", "sglang.launch_server"],
                                                                    ["python3", "-m", "sglang.launch_server"])
@@ -206,3 +220,6 @@ def test_a_bad_command_is_caught(tmp_path):
     page.write_text("```bash\nA=1 .venv/bin/rksc-sgl bench \\\n  --problems 2  # a comment\n```\n"
                     "```python\nrksc-sgl not a command here\n```\n")
     assert list(shell_commands(page)) == [(2, [".venv/bin/rksc-sgl", "bench", "--problems", "2"])]
+    page.write_text("| x | `rksc-sgl bench --workload vote --modes radix,stop-lossless` | `rksc-sgl bench` |\n")
+    assert list(inline_bench_commands(page)) == [(1, ["rksc-sgl", "bench", "--workload", "vote", "--modes",
+                                                      "radix,stop-lossless"])]
