@@ -5,11 +5,12 @@
 command             runs
 ==================  ===================================================================
 ``run``             the program as ``__main__`` on an engine installed as SGLang's default
-``demo``            :func:`rksc_sgl.program_runner.run_program` of self-consistency
+                    (or, with ``--endpoint URL``, on a running SGLang server)
+``demo``            :func:`rksc_sgl.demo.demo_command`: stock radix and RKSC side by side
 ``serve``           :func:`rksc_sgl.serving.server.serve` over an embedded engine
 ``launch-server``   :func:`rksc_sgl.runtime.launcher.launch_server_main` (SGLang's own server)
 ``patch``           :mod:`rksc_sgl.runtime.sglang_patches`
-``bench``           :func:`rksc_sgl.bench.bench_command`
+``bench``           :func:`rksc_sgl.bench.bench_command` (``--list``: workloads and modes)
 ==================  ===================================================================
 """
 
@@ -23,38 +24,55 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from rksc_sgl.arg_types import positive_int
-from rksc_sgl.engine_flags import add_engine_args, engine_kwargs
-from rksc_sgl.program_runner import add_program_args, print_stats, run_program
+from rksc_sgl.engine_flags import add_engine_args, endpoint_backend, engine_kwargs
+from rksc_sgl.program_runner import print_stats
+
+
+DESCRIPTION = """\
+rksc-sgl extends SGLang's radix-tree KV cache for multi-branch reasoning programs: ASKS
+(semantic KV reuse between similar spans), RSBCM (Reasoning-Selective Block Cache Manager:
+attention-aware eviction), CGEE (confidence-gated verification), branch stop and decode-KV
+compression.
+
+Two backends run the same SGLang programs (@sgl.function):
+  SGLang's runtime   rksc-sgl launch-server --model-path MODEL [SGLang flags]
+                     starts SGLang's own server with RKSC's tree (--radix-cache-backend rksc);
+                     programs reach it with sgl.RuntimeEndpoint(URL), or `run --endpoint URL`.
+  embedded engine    rksc-sgl run PROGRAM.py --cache rksc-tree ...
+                     an engine in this process, built on SGLang's cache classes (CPU or CUDA);
+                     `serve` puts it behind SGLang's HTTP API.
+`bench` and `demo` compare stock radix with RKSC on either (--backend engine|runtime)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rksc-sgl",
-        description="Run SGLang frontend programs (@sgl.function) on the embedded rksc-sgl engine.",
-    )
+    parser = argparse.ArgumentParser(prog="rksc-sgl", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     run = sub.add_parser(
-        "run", help="run an SGLang program file on an embedded engine",
+        "run", help="run an SGLang program file on an embedded engine (or a server: --endpoint)",
         description="Build an engine, install it as SGLang's default backend, run PROGRAM as "
-                    "__main__, then print the engine statistics of the whole run. Arguments "
-                    "after `--` are passed to the program.",
+                    "__main__, then print the engine statistics of the whole run (with --endpoint URL: "
+                    "the server's). Arguments after `--` are passed to the program.",
         usage="rksc-sgl run PROGRAM.py [engine options] [-- program arguments]",
     )
     run.add_argument("program", metavar="PROGRAM.py", help="path of the Python program to run")
     run.set_defaults(subparser=run)
     add_engine_args(run)
 
+    from rksc_sgl.demo import add_demo_args
+
     demo = sub.add_parser(
-        "demo", help="self-consistency on a few arithmetic problems with the packaged model",
-        description="Self-consistency (sampled chains of thought + majority vote) on reasoning-gym "
-                    "problems, on the packaged SmolLM2-135M-Instruct model; prints answers, "
-                    "accuracy and the engine statistics.",
+        "demo", help="the same reasoning program on stock radix and on RKSC, side by side",
+        description="Self-consistency (sampled chains of thought, majority vote) on a few reasoning-gym "
+                    "problems under bench mode radix (stock SGLang) and bench mode rksc (every RKSC feature), "
+                    "on the packaged SmolLM2-135M-Instruct model; prints wall time, prompt tokens computed "
+                    "and cached, decode tokens and answers agreeing, per mode. --backend runtime runs each "
+                    "mode as a real SGLang server instead of an embedded engine.",
     )
-    add_program_args(demo, problems=3, branches=4, max_tokens=96)
-    add_engine_args(demo)
+    add_demo_args(demo)
     demo.set_defaults(subparser=demo)
 
     patch = sub.add_parser(
@@ -82,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body accepted (default: 4 MiB)")
     serve.add_argument("--max-new-tokens-cap", type=positive_int, default=4096,
                        help="largest max_new_tokens a request may ask for (default: 4096)")
-    add_engine_args(serve)
+    add_engine_args(serve, endpoint=False)
     serve.set_defaults(subparser=serve)
 
     sub.add_parser(
@@ -90,18 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="start SGLang's own server (launch_server) with the RKSC cache; takes SGLang's flags",
         description="See `rksc-sgl launch-server --help`.")
 
-    from rksc_sgl.bench import add_bench_args
+    from rksc_sgl.bench import add_bench_args, bench_description
 
     bench = sub.add_parser(
         "bench", help="compare cache modes (none, radix, rksc, ...) on reasoning workloads",
-        description="Run every chosen mode on the same seeded reasoning-gym problems, in this process, "
-                    "one CPU thread, warm-up excluded; print a table and write bench_<workload>.json, "
-                    ".md and .png (speedups with bootstrap intervals, hit tokens, fidelity against tau).",
-        usage="rksc-sgl bench [--workload paper] [--modes none,radix,rksc] [--problems N] [--seed S] [options]",
+        description=bench_description(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="rksc-sgl bench [--workload paper] [--modes none,radix,rksc] [--problems N] [--seed S] "
+              "[--backend engine|runtime] [options]\n       rksc-sgl bench --list",
     )
     add_bench_args(bench)
     bench.set_defaults(subparser=bench)
     return parser
+
+
+SERVE_HAS_NO_ENDPOINT = ("serve runs its own embedded engine, so it takes no --endpoint; a running server is "
+                         "used directly: sgl.RuntimeEndpoint(URL) in a program, or rksc-sgl run PROGRAM.py "
+                         "--endpoint URL")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,14 +140,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
+        if args.command == "serve" and any(u == "--endpoint" or u.startswith("--endpoint=") for u in unknown):
+            args.subparser.error(SERVE_HAS_NO_ENDPOINT)
         hint = " (put the program's own arguments after `--`)" if args.command == "run" else ""
         getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if args.command == "run":
         return run_command(args, program_argv, parser)
     if args.command == "demo":
-        from rksc_sgl.programs.self_consistency import solve
+        from rksc_sgl.demo import demo_command
 
-        return run_program(solve, args, title="rksc-sgl demo: self-consistency with majority vote")
+        return demo_command(args, args.subparser.error)
     if args.command == "serve":
         from rksc_sgl.engine.backend import Engine
         from rksc_sgl.serving.server import serve
@@ -152,7 +176,7 @@ def patch_command(args: argparse.Namespace) -> int:
     from rksc_sgl.runtime import sglang_patches
 
     try:
-        states = sglang_patches.apply() if args.apply else sglang_patches.status()
+        states = sglang_patches.apply() if args.apply else sglang_patches.status() if args.check else []
     except (RuntimeError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"rksc-sgl patch: error: {exc}", file=sys.stderr)
         return 1
@@ -162,7 +186,8 @@ def patch_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace, program_argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
-    """``rksc-sgl run``: the program runs as ``__main__`` on an engine installed here."""
+    """``rksc-sgl run``: the program runs as ``__main__`` on an engine installed here (or on the
+    server ``--endpoint`` names, through a :class:`~rksc_sgl.runtime.endpoint.RuntimeBackend`)."""
     path = Path(args.program)
     if not path.is_file():
         what = "is a directory, not a Python file" if path.is_dir() else "does not exist"
@@ -171,9 +196,12 @@ def run_command(args: argparse.Namespace, program_argv: Sequence[str], parser: a
     import sglang as sgl
     from sglang.lang.global_config import global_config
 
-    from rksc_sgl.engine.backend import Engine
+    if args.endpoint:  # a running server: the engine flags are the server's to decide
+        engine = endpoint_backend(args)
+    else:
+        from rksc_sgl.engine.backend import Engine
 
-    engine = Engine(**engine_kwargs(args))
+        engine = Engine(**engine_kwargs(args))
     previous = global_config.default_backend
     sgl.set_default_backend(engine)
     saved_argv, saved_path = sys.argv, list(sys.path)

@@ -1,6 +1,7 @@
-"""The engine flags of every command that builds an engine (``rksc-sgl run/demo/serve``, the
-programs): ``--cache/--model/--kv-pool-tokens/--threads/--asks-*/--kv-compression`` and
-the engine, or server endpoint, they describe.
+"""The engine flags of every command that builds an engine (``rksc-sgl run/serve``, the
+programs): ``--cache/--model-path/--kv-pool-tokens/--threads/--asks-*/--kv-compression`` and
+the engine, or server endpoint, they describe. ``--model`` is accepted as an old spelling of
+``--model-path`` (with a notice), as ``--cache rksc`` is of ``--cache rksc-tree``.
 
 If ``rksc-sgl run`` already installed an :class:`~rksc_sgl.Engine` as SGLang's default
 backend, a program reuses it (and says which of its flags are then ignored).
@@ -13,26 +14,29 @@ import contextlib
 import sys
 from typing import Any, Dict, Iterator, Tuple
 
-from rksc_sgl.arg_types import fraction, positive_int
-from rksc_sgl.config import CACHE_MODES, EngineConfig
+from rksc_sgl.arg_types import add_model_path, fraction, positive_int
+from rksc_sgl.config import CACHE_MODES, EngineConfig, cache_name
 
 DEFAULT_MODEL = EngineConfig.model
 DEFAULT_CACHE = EngineConfig.cache
 DEFAULT_THREADS = 1
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_engine_args(parser: argparse.ArgumentParser, *, endpoint: bool = True) -> argparse.ArgumentParser:
     """Engine flags. Their defaults are ``None`` so that an explicit flag can be told
-    apart from a default when an already-installed engine is reused."""
+    apart from a default when an already-installed engine is reused. ``endpoint=False``
+    leaves out ``--endpoint`` (``rksc-sgl serve``: it always serves its own engine)."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--endpoint", metavar="URL", default=None,
-                       help="run on a running SGLang server (rksc-sgl launch-server, python -m "
-                            "sglang.launch_server, rksc-sgl serve) instead of an embedded engine; "
-                            "the engine flags below then do not apply")
-    group.add_argument("--cache", choices=CACHE_MODES, default=None,
-                       help=f"KV cache mode (default: {DEFAULT_CACHE})")
-    group.add_argument("--model", default=None,
-                       help=f"packaged model alias or local Hugging Face folder (default: {DEFAULT_MODEL})")
+    if endpoint:
+        group.add_argument("--endpoint", metavar="URL", default=None,
+                           help="run on a running SGLang server (rksc-sgl launch-server, python -m "
+                                "sglang.launch_server, rksc-sgl serve) instead of an embedded engine; "
+                                "the engine flags below then do not apply")
+    group.add_argument("--cache", type=cache_name, choices=CACHE_MODES, default=None,
+                       help=f"KV cache of the engine: none (no reuse), radix (SGLang's RadixCache), rksc-tree "
+                            f"(RKSC's tree: exact matching like radix, hosts ASKS and RSBCM; old name: rksc) "
+                            f"(default: {DEFAULT_CACHE})")
+    add_model_path(group, None, f"packaged model alias or local Hugging Face folder (default: {DEFAULT_MODEL})")
     group.add_argument("--kv-pool-tokens", type=positive_int, default=None,
                        help=f"KV slots in the token pool (default: {EngineConfig.kv_pool_tokens})")
     group.add_argument("--max-running", type=positive_int, default=None,
@@ -61,6 +65,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 ENGINE_ONLY_FLAGS = ("cache", "model", "kv_pool_tokens", "max_running", "threads", "engine_seed", "asks_tau",
                      "asks_recompute", "asks_key_layer", "kv_compression", "kv_budget")
 """Engine flags a server given with ``--endpoint`` does not take from the program."""
+
+
+def _flag(dest: str) -> str:
+    """The flag of an engine flag's ``dest``, as ``--help`` spells it."""
+    return "--model-path" if dest == "model" else f"--{dest.replace('_', '-')}"
 
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -101,19 +110,24 @@ def installed_engine():
     return backend if isinstance(backend, Engine) else None
 
 
+def endpoint_backend(args: argparse.Namespace):
+    """A :class:`~rksc_sgl.runtime.endpoint.RuntimeBackend` on ``--endpoint``'s server; the
+    engine flags also given are named in a note (the server was started with its own)."""
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+
+    given = [_flag(name) for name in ENGINE_ONLY_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        print(f"note: --endpoint {args.endpoint}: the server decides; ignoring {', '.join(given)}", file=sys.stderr)
+    return RuntimeBackend(args.endpoint)
+
+
 def engine_from_args(args: argparse.Namespace) -> Tuple[Any, bool]:
     """``(engine, owned)``: the installed default engine (``owned=False``), or a new one.
 
     A new engine is the caller's to shut down (:func:`program_engine` does that).
     """
-    endpoint = getattr(args, "endpoint", None)
-    if endpoint:
-        from rksc_sgl.runtime.endpoint import RuntimeBackend
-
-        given = [f"--{name.replace('_', '-')}" for name in ENGINE_ONLY_FLAGS if getattr(args, name, None) is not None]
-        if given:
-            print(f"note: --endpoint {endpoint}: the server decides; ignoring {', '.join(given)}", file=sys.stderr)
-        return RuntimeBackend(endpoint), True
+    if getattr(args, "endpoint", None):
+        return endpoint_backend(args), True
     engine = installed_engine()
     if engine is not None:
         _warn_ignored_flags(args, engine)
@@ -155,7 +169,7 @@ def _warn_ignored_flags(args: argparse.Namespace, engine) -> None:
               "asks_recompute": cfg.asks.recompute_fraction, "asks_key_layer": cfg.asks.key_layer,
               "kv_compression": cfg.compression.method if cfg.compression is not None else None,
               "kv_budget": cfg.compression.budget if cfg.compression is not None else None}
-    ignored = [f"--{flag.replace('_', '-')}" for flag, value in actual.items()
+    ignored = [_flag(flag) for flag, value in actual.items()
                if getattr(args, flag, None) is not None and getattr(args, flag) != value]
     if ignored:
         print(f"note: using the engine installed by `rksc-sgl run` (cache={cfg.cache}, model={cfg.model}); "

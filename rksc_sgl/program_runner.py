@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from rksc_sgl.arg_types import positive_int
+from rksc_sgl.arg_types import on_off, on_off_flag, on_off_text, positive_int
 from rksc_sgl.engine_flags import add_engine_args, program_engine
 from rksc_sgl.problems import DATASETS, DEFAULT_DATASET, DIFFICULTY_LEVELS, Problem, Solution, load_problems, score
 
@@ -49,11 +49,24 @@ def solve_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
             "sample_temperature": args.temperature}
 
 
-def program_parser(description: Optional[str], **defaults: Any) -> argparse.ArgumentParser:
+def program_parser(description: Optional[str], options: Optional[Dict[str, Tuple[type, Any, str]]] = None,
+                   **defaults: Any) -> argparse.ArgumentParser:
+    """A reasoning program's parser: :func:`add_program_args` (``defaults``), the engine flags,
+    and ``options``, the program's own (``name: (type, default, help)``, each a flag; an
+    ``on_off`` type makes a switch that lists its choices)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_program_args(parser, **defaults)
     add_engine_args(parser)
+    if options:
+        group = parser.add_argument_group("options of this program")
+        for name, (kind, default, help_text) in options.items():
+            flag = f"--{name.replace('_', '-')}"
+            if kind is on_off:
+                group.add_argument(flag, dest=name,
+                                   **on_off_flag(default=default, help=f"{help_text} (default: {on_off_text(default)})"))
+            else:
+                group.add_argument(flag, dest=name, type=kind, default=default, help=f"{help_text} (default: {default})")
     return parser
 
 
@@ -165,13 +178,8 @@ def program_main(solve: SolveFn, description: Optional[str] = None, argv: Option
     maps further ``solve`` keyword arguments to ``(type, default, help)``, each becoming a
     flag (``keep`` -> ``--keep``).
     """
-    parser = program_parser(description, **defaults)
     options = options or {}
-    if options:
-        group = parser.add_argument_group("options of this program")
-        for name, (kind, default, help_text) in options.items():
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
-                               help=f"{help_text} (default: {default})")
+    parser = program_parser(description, options, **defaults)
     args = parser.parse_args(argv)
     return run_program(solve, args, title, extra={name: getattr(args, name) for name in options})
 

@@ -41,12 +41,12 @@ def test_help_works(capsys):
     top = _cli("--help")
     assert top.returncode == 0, top.stderr
     assert "run" in top.stdout and "demo" in top.stdout
-    for sub in ("run", "demo"):
+    for sub, flags in (("run", ("--cache", "--kv-pool-tokens")), ("demo", ("--backend", "--problems"))):
         with pytest.raises(SystemExit) as exc:
             cli.main([sub, "--help"])
         assert exc.value.code == 0
         out = capsys.readouterr().out
-        assert "--cache" in out and "--kv-pool-tokens" in out
+        assert all(flag in out for flag in flags)
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
@@ -91,12 +91,12 @@ def test_installed_engine_reused_and_each_differing_flag_named(monkeypatch, caps
 
     from rksc_sgl.config import EngineConfig
 
-    installed = SimpleNamespace(config=EngineConfig(cache="rksc", num_threads=1,
+    installed = SimpleNamespace(config=EngineConfig(cache="rksc-tree", num_threads=1,
                                                    compression={"method": "rkv", "budget": 0.2}))
     monkeypatch.setattr(engine_flags, "installed_engine", lambda: installed)
     parser = engine_flags.add_engine_args(argparse.ArgumentParser())
 
-    same = parser.parse_args(["--cache", "rksc", "--kv-compression", "rkv", "--kv-budget", "0.2"])
+    same = parser.parse_args(["--cache", "rksc-tree", "--kv-compression", "rkv", "--kv-budget", "0.2"])
     assert engine_flags.engine_from_args(same) == (installed, False)
     assert capsys.readouterr().err == ""
 

@@ -1,13 +1,17 @@
-"""``rksc-sgl bench``: cache modes compared on reasoning workloads, in one process.
+"""``rksc-sgl bench``: cache modes compared on reasoning workloads, on embedded engines in one
+process (``--backend engine``) or on real SGLang servers (``--backend runtime``).
 
     rksc-sgl bench --workload paper --modes none,radix,rksc --problems 8 --seed 0
+    rksc-sgl bench --list      # every workload's parameters, every mode's flags on both backends
 
 Pieces, each small and registered by name:
 
-- **Modes** (:data:`MODES`): what ``Engine(...)`` gets and whether the verify step runs
-  CGEE's gates. ``none`` (no reuse), ``radix`` (SGLang's stock ``RadixCache``, LRU), ``rksc``
-  (ASKS + CGEE + RSBCM) and each RKSC component alone: ``asks``, ``cgee``, ``rsbcm``. An
-  ASKS mode may carry its own threshold, ``asks@0.9``, so one run can sweep tau.
+- **Modes** (:data:`MODES`; :func:`mode_table` gives each one's exact engine arguments and
+  SGLang flags): what ``Engine(...)`` gets and whether the verify step runs CGEE's gates.
+  ``none`` (no reuse), ``radix`` (stock SGLang as a user gets it, LRU), ``rksc`` (every RKSC
+  feature: the ``rksc-tree`` cache with ASKS and RSBCM, CGEE, lossless branch stop) and each
+  RKSC component alone: ``asks``, ``cgee``, ``rsbcm``. An ASKS mode may carry its own
+  threshold, ``asks@0.9``, so one run can sweep tau.
 - **Workloads** (:data:`WORKLOADS`): ``paper`` (a ~1000-token prompt shared by 8 branches
   with different approach hints, 32 new tokens each, then a verify step), ``cot``
   (self-consistency, 8 branches x 256 tokens, majority vote), ``tot`` (the tree-of-thought
@@ -62,14 +66,14 @@ from __future__ import annotations
 
 
 from rksc_sgl.bench import gym_workloads, load, noreuse, pressure, serve  # noqa: F401  (each registers its workloads)
-from rksc_sgl.bench.cli import add_bench_args, bench_command, validate_args
+from rksc_sgl.bench.cli import add_bench_args, bench_command, bench_description, validate_args
 from rksc_sgl.bench.inputs import PARAPHRASES, build_prompt, extract_final, few_shot_problem, hints_for, program
-from rksc_sgl.bench.modes import MODES, BenchSettings, Mode, parse_modes
+from rksc_sgl.bench.modes import MODES, BenchSettings, Mode, mode_table, parse_modes
 from rksc_sgl.bench.runner import run_bench, schedule
 from rksc_sgl.bench.tables import command_line, markdown_report, save
 from rksc_sgl.bench.workload import WORKLOADS, Item, Outcome, Target, Workload, get_workload, parse_workloads, register
 
 __all__ = ["MODES", "PARAPHRASES", "WORKLOADS", "BenchSettings", "Item", "Mode", "Outcome", "Target", "Workload",
-           "add_bench_args", "bench_command", "build_prompt", "command_line", "extract_final", "few_shot_problem",
-           "get_workload", "hints_for", "markdown_report", "parse_modes", "parse_workloads", "program", "register",
+           "add_bench_args", "bench_command", "bench_description", "build_prompt", "command_line", "extract_final", "few_shot_problem",
+           "get_workload", "hints_for", "markdown_report", "mode_table", "parse_modes", "parse_workloads", "program", "register",
            "run_bench", "save", "schedule", "validate_args"]

@@ -92,6 +92,7 @@ class _HintedWorkload(Workload):
 @register
 class PaperWorkload(_HintedWorkload):
     name = "paper"
+    summary = "the original RKSC shape: 8 hinted branches on a ~1000-token prompt, then verify"
     help = ("the original RKSC evaluation's shape: a ~1000-token prompt shared by 8 branches with different "
             "approach hints, 32 new tokens each, then a verify step (rksc_sgl.verify)")
     defaults = {"branches": 8, "max_tokens": 32, "prompt_tokens": 1000, "temperature": 0.0, "fork_commit": 0}
@@ -109,6 +110,7 @@ class PaperWorkload(_HintedWorkload):
 @register
 class CotWorkload(_HintedWorkload):
     name = "cot"
+    summary = "self-consistency: 8 hinted branches x 256 tokens on a few-shot prompt, majority vote"
     help = ("self-consistency: the same few-shot prompt, 8 hinted branches x 256 new tokens, majority vote "
             "(until_answer=1: a branch ends where it starts the next question, so branch stop can end the rest)")
     defaults = {"branches": 8, "max_tokens": 256, "prompt_tokens": 1000, "temperature": 0.0, "until_answer": 0,
@@ -124,6 +126,7 @@ class CotWorkload(_HintedWorkload):
 @register
 class TreeOfThoughtWorkload(GymWorkload):
     name = "tot"
+    summary = "tree of thought: propose, judge with select, expand the best, vote"
     help = ("tree of thought (rksc_sgl/programs/tree_of_thought.py): propose approaches, judge them with select, expand "
             "the best (forks inside forks), vote")
     defaults = {"branches": 3, "keep": 2, "expand": 2, "max_tokens": 96, "temperature": 0.0,
@@ -149,6 +152,7 @@ class TreeOfThoughtWorkload(GymWorkload):
 @register
 class ParaphraseWorkload(GymWorkload):
     name = "paraphrase"
+    summary = "ASKS: each problem under several paraphrased instructions, on a warm cache"
     help = ("ASKS: each problem asked under several paraphrased instructions, one after another on a warm cache "
             "(the first wording is the donor), greedy, each followed (restate=1) by a verifier prompt that "
             "restates that wording's reasoning; the answer is the majority vote of the wordings")
@@ -190,6 +194,7 @@ class ParaphraseWorkload(GymWorkload):
 @register
 class VoteWorkload(GymWorkload):
     name = "vote"
+    summary = "self-consistency with branch stop: seeded sampled branches, majority vote"
     help = ("self-consistency with branch stop: `branches` sampled chains of thought per problem (branch i of "
             "problem k seeded seed*1000 + k*branches + i, the same in every mode), each ending at its first "
             "paragraph, majority vote; stop-* modes (and rksc) stop the remaining branches once their rule "

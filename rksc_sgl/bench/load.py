@@ -60,6 +60,7 @@ def _percentile(values: List[float], q: float) -> Optional[float]:
 @register
 class LoadWorkload(ServeWorkload):
     name = "load"
+    summary = "open loop: Poisson arrivals per rate step, latency and SLO attainment"
     help = ("open loop at a latency target: problem i is a rate step, `programs` programs (self-consistency and "
             "best-of-N with the verifier, alternating, seeded branches) arriving as a Poisson process at "
             "rates[i % len(rates)] per second, faults mixed in as in serve; reports latency p50/p90/p99, "

@@ -33,6 +33,7 @@ def _answer_program():
 @register
 class NoReuseWorkload(GymWorkload):
     name = "noreuse"
+    summary = "overhead: one greedy gen per problem, nothing to reuse"
     help = ("overhead: one greedy gen per problem, its own question as the prompt (no fork, no vote, no verify, "
             "the pool far from full): what the features cost where they gain nothing")
     defaults = {"max_tokens": 64, "temperature": 0.0, "dataset": "basic_arithmetic", "difficulty": "easy"}

@@ -12,6 +12,7 @@ from rksc_sgl.bench.workload import Item, Outcome, Target, Workload, fewer_prefi
 @register
 class PressureWorkload(Workload):
     name = "pressure"
+    summary = "RSBCM: concurrent multi-branch programs on a KV pool below their working set"
     help = ("RSBCM: each problem is a batch of concurrent multi-branch programs that share a few-shot prefix "
             "(programs x branches hinted branches), on a KV pool of pool_fraction of the run's working set; "
             "problems cycle through `prefixes` different few-shot blocks and the cache is kept across "

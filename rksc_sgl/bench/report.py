@@ -174,10 +174,13 @@ def save_figure(fig, path: Path, title: str, fontsize: int = 8, dpi: int = 110) 
 
 def benchmark_parser(doc: str):
     """The argument parser every benchmark script starts from: its docstring's first
-    paragraph as the description, defaults shown in ``--help``, and ``--model``."""
+    paragraph as the description, defaults shown in ``--help``, and ``--model-path`` (``--model``:
+    its old spelling, with a notice; ``args.model`` either way)."""
     import argparse
+
+    from rksc_sgl.arg_types import add_model_path
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model alias or local folder")
+    add_model_path(parser, "smollm2-135m", "model alias or local folder")
     return parser

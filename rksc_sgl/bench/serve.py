@@ -56,6 +56,7 @@ def _malformed(backend, params: Dict[str, Any]) -> bool:
 @register
 class ServeWorkload(GymWorkload):
     name = "serve"
+    summary = "serving: closed-loop clients running multi-branch programs, faults mixed in"
     help = ("serving: each problem is a window of `programs` multi-branch programs (self-consistency and "
             "best-of-N with a verifier, alternating; seeded branches) that `clients` closed-loop clients run "
             "concurrently, on a KV pool of pool_fraction of those clients' working set, with faults mixed in: "

@@ -245,7 +245,7 @@ def command_line(workload: str, modes: Iterable[Mode], settings: BenchSettings,
     """The ``rksc-sgl bench`` command that reproduces a run (every setting explicit)."""
     parts = ["rksc-sgl", "bench", "--workload", workload, "--modes", ",".join(m.label for m in modes),
              "--problems", str(settings.problems), "--seed", str(settings.seed), "--repeats", str(settings.repeats),
-             "--warmup", str(settings.warmup), "--model", settings.model, "--threads", str(settings.threads),
+             "--warmup", str(settings.warmup), "--model-path", settings.model, "--threads", str(settings.threads),
              "--device", settings.device, "--dtype", settings.dtype, "--kv-pool-tokens", str(settings.kv_pool_tokens),
              "--asks-tau", f"{settings.asks_tau:g}",
              "--asks-recompute", f"{settings.asks_recompute:g}", "--asks-key-layer", str(settings.asks_key_layer),

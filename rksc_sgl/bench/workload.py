@@ -58,6 +58,8 @@ class Workload:
     """A registered workload: its parameters, problems, program and targets."""
 
     name = ""
+    summary = ""
+    """One line for ``rksc-sgl bench --help`` (``help``: the whole description, for ``--list``)."""
     help = ""
     defaults: Dict[str, Any] = {}
     runtime_defaults: Dict[str, Any] = {}

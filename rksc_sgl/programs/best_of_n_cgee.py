@@ -60,8 +60,8 @@ def cli_options() -> dict:
 
     defaults = CGEEConfig()
     return {
-        "skip_gate": (on_off, defaults.skip_gate, "CGEE gate 1, skip the verifier when the branches agree: on/off"),
+        "skip_gate": (on_off, defaults.skip_gate, "CGEE gate 1, skip the verifier when the branches agree"),
         "skip_min_vote_share": (fraction, defaults.skip_min_vote_share, "gate 1's vote share"),
-        "exit_gate": (on_off, defaults.exit_gate, "CGEE gate 2, layer exit: on/off"),
+        "exit_gate": (on_off, defaults.exit_gate, "CGEE gate 2, layer exit"),
         "audit_fraction": (fraction, defaults.audit_fraction, "share of gated calls also run in full to count errors"),
     }
