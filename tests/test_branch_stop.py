@@ -93,7 +93,7 @@ def test_beta_and_window_rules():
 
 
 @pytest.mark.parametrize("name, settings, message", [
-    ("majority", {}, "unknown stop rule 'majority'; choose from beta, lossless, window"),
+    ("majority", {}, "unknown stop rule 'majority'; choose from beta, deepconf, lossless, window"),
     ("beta", {"confidence": 1.5}, "confidence must be a number in"),
     ("window", {"window": 1}, "window must be an integer >= 2"),
     ("lossless", {"confidence": 0.9}, "stop rule 'lossless'"),

@@ -326,6 +326,16 @@ class Engine(FrontendBackend):
         """The stream's next gen samples with ``sampling_seed=seed`` (:func:`rksc_sgl.seed_branches`)."""
         self.stream_controls.seed(sid, seed)
 
+    def stream_top_logprobs(self, sid: str, start: int = 0) -> Optional[List[List[float]]]:
+        """The top-k log-probabilities of each token the stream's request in flight has decoded,
+        from token ``start`` on, read while it decodes (a vote's token rule, ``deepconf``);
+        ``None`` without a request in flight or when its gen asked for none
+        (``return_logprob=True, top_logprobs_num=k``)."""
+        req = self.stream_controls.handle(sid)
+        if req is None or not req.top_logprobs_num:
+            return None
+        return [[lp for lp, _ in top] for top in req.output_top_logprobs[start:]]
+
     def _prompt_ids(self, prompt: PromptInput) -> List[int]:
         return self.encode(prompt.text) if prompt.text is not None else self._check_ids(prompt.input_ids)
 

@@ -28,7 +28,15 @@ beta       P(p1 > p2) >= confidence, p1 ~ Beta(c1 + 1, c2 + 1): the top-two  may
            Beta criterion of Adaptive-Consistency (Aggarwal et al., 2023)
 window     the last ``window`` finished branches gave the same answer: ESC's  may differ
            window rule (Li et al., 2024) over finish order
+deepconf   never settles the vote; stops each branch whose running           may differ
+           confidence falls below a threshold learned from the first
+           branches to finish (DeepConf online, Fu et al., 2025; see
+           :class:`DeepConfRule`)
 =========  ===============================================================  ====================
+
+A rule that watches tokens (``deepconf``) reads each running branch's top-k log-probabilities
+from the backend while it decodes (:class:`TokenReader`; the gen must ask for them:
+:func:`rule_gen_args`) and stops that branch alone; its vote is not counted.
 
 Branches that give no answer (``extract`` returns ``None``) count as finished and vote for
 nothing, as :func:`rksc_sgl.problems.majority_vote` ignores them. Branches finishing at the
@@ -52,9 +60,11 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 from rksc_sgl.problems import extract_answer, majority_vote
+from rksc_sgl.rksc.confidence import first_low_group, lowest_group_confidence, percentile, token_confidences
 
-__all__ = ["BRANCH_RID_PREFIX", "STOP_RULES", "BranchStopper", "BranchVote", "StopRule", "StreamControls",
-           "WaveReplay", "WavesVote", "seed_branches", "settle", "settle_waves", "vote", "vote_waves"]
+__all__ = ["BRANCH_RID_PREFIX", "STOP_RULES", "BranchStopper", "BranchVote", "ConfidenceReplay", "DeepConfRule",
+           "StopRule", "StreamControls", "TokenReader", "WaveReplay", "WavesVote", "rule_gen_args", "seed_branches",
+           "settle", "settle_confidence", "settle_waves", "vote", "vote_waves"]
 
 BRANCH_RID_PREFIX = "rksc-branch-"
 """Request ids a :class:`RuntimeBackend` gives frontend requests; the ``rksc`` tree caches
@@ -68,10 +78,16 @@ class StopRule:
     """Decides, from the votes so far, whether the unfinished branches can be stopped."""
 
     name = ""
+    watches_tokens = False
+    """Whether the rule also judges single branches by their tokens (:class:`DeepConfRule`)."""
 
     def check(self, counts: Counter, finished: Sequence[Optional[str]], unfinished: int) -> Optional[str]:
         """The reason to stop now, or ``None`` to keep going. ``finished``: answers in finish order."""
         raise NotImplementedError
+
+    def gen_args(self) -> Dict[str, Any]:
+        """What the branches' gen must ask for this rule (``sgl.gen`` keyword arguments)."""
+        return {}
 
 
 class _Registry(dict):
@@ -150,6 +166,131 @@ class WindowRule(StopRule):
         return None
 
 
+@STOP_RULES.register
+class DeepConfRule(StopRule):
+    """DeepConf's online mode (Fu et al., 2025, "Deep Think with Confidence"), as a branch
+    filter: the first ``warmup`` branches to finish (with at least one token) run to the end
+    and set the threshold, the ``percentile``-th percentile of their lowest group confidences
+    (:mod:`rksc_sgl.rksc.confidence`: token confidence = -mean of the ``top_k`` most likely
+    tokens' log-probabilities, group = the mean over ``window`` tokens; ``percentile=10`` is
+    DeepConf-high, 90 DeepConf-low). Afterwards a branch is stopped at the first token whose
+    group confidence falls below the threshold, and its vote is not counted; a branch that
+    ends by itself with such a group (before a poll saw it) is not counted either. It never
+    settles the vote as a whole: the others run on.
+
+    Approximate, not lossless: a dropped branch's answer is left out, so the majority of the
+    rest can differ from the full run's (most where the low-confidence branches held the
+    majority), and a vote can end with no branch counted beyond the warm-up. What is decided
+    depends only on the branches' tokens and which ``warmup`` branches finish first
+    (:func:`settle_confidence` replays it), not on when the watch polls: a branch is judged on
+    every window of its trace, from its first token. Its gen must return the top-k
+    log-probabilities (:meth:`gen_args`: ``return_logprob=True, top_logprobs_num=top_k``); the
+    backend must read them while the branch runs (:class:`TokenReader`)."""
+
+    name = "deepconf"
+    watches_tokens = True
+
+    def __init__(self, warmup: int = 3, window: int = 16, top_k: int = 5, percentile: float = 10.0):
+        for key, value in (("warmup", warmup), ("window", window), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(percentile, (int, float)) or isinstance(percentile, bool) or not 0 <= percentile <= 100:
+            raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
+        self.warmup, self.window, self.top_k, self.percentile = warmup, window, top_k, float(percentile)
+        self.warmup_branches: List[int] = []
+        """The branches whose traces set the threshold, in finish order."""
+        self.lowest: List[float] = []
+        """Their lowest group confidences."""
+        self.threshold: Optional[float] = None
+        self.stops: Dict[int, int] = {}
+        """Branch -> the token (1-based) that ends its first group below the threshold."""
+        self._confidences: Dict[int, List[float]] = {}
+        self._checked: Dict[int, int] = {}
+
+    def check(self, counts, finished, unfinished):
+        return None
+
+    def gen_args(self) -> Dict[str, Any]:
+        return {"return_logprob": True, "top_logprobs_num": self.top_k}
+
+    def known(self, branch: int) -> int:
+        """How many of the branch's tokens the rule has seen."""
+        return len(self._confidences.get(branch, ()))
+
+    def running(self, branch: int, steps: Sequence[Sequence[float]]) -> Optional[str]:
+        """The running branch's next tokens (each its top-k log-probabilities; those after the
+        :meth:`known` ones): the reason to stop it now, or ``None``."""
+        self._add(branch, steps)
+        return None if self.threshold is None else self._low(branch)
+
+    def finished(self, branch: int, trace: Sequence[Sequence[float]]) -> Optional[str]:
+        """The branch ended by itself with ``trace`` (all its tokens): while warming up, its
+        lowest group confidence goes towards the threshold (``None``: its vote counts); after,
+        the reason not to count it, or ``None``."""
+        confidences = self._add(branch, trace[self.known(branch):])
+        if self.threshold is not None:
+            return self._low(branch)
+        lowest = lowest_group_confidence(confidences, self.window)
+        if lowest is not None:
+            self.warmup_branches.append(branch)
+            self.lowest.append(lowest)
+            if len(self.lowest) == self.warmup:
+                self.threshold = percentile(self.lowest, self.percentile)
+        return None
+
+    def _add(self, branch: int, steps: Sequence[Sequence[float]]) -> List[float]:
+        confidences = self._confidences.setdefault(branch, [])
+        confidences += token_confidences(steps, self.top_k)
+        return confidences
+
+    def _low(self, branch: int) -> Optional[str]:
+        confidences = self._confidences.get(branch, [])
+        found = first_low_group(confidences, self.window, self.threshold, start=self._checked.get(branch, 0))
+        self._checked[branch] = len(confidences)
+        if found is None:
+            return None
+        token, mean = found
+        self.stops[branch] = token
+        return (f"deepconf: group confidence {mean:.3f} < threshold {self.threshold:.3f} at token {token} "
+                f"(window {self.window})")
+
+
+def rule_gen_args(rule: str, **settings) -> Dict[str, Any]:
+    """The ``sgl.gen`` keyword arguments the branches need for ``vote(..., rule=rule,
+    **settings)``: ``{}``, or for ``deepconf`` the top-k log-probabilities it reads."""
+    return STOP_RULES.build(rule, **settings).gen_args()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfidenceReplay:
+    """What :func:`settle_confidence` found: the ``threshold`` (``None``: fewer than ``warmup``
+    branches finished) set by the ``warmup`` branches, the ``stopped`` branches (branch -> the
+    token at which its group confidence fell below it), the ``counted`` ones (finish order) and
+    their vote, ``answer``."""
+
+    threshold: Optional[float]
+    warmup: List[int]
+    stopped: Dict[int, int]
+    counted: List[int]
+    answer: Optional[str]
+
+
+def settle_confidence(rule: "DeepConfRule", answers: Sequence[Optional[str]], traces: Sequence[Sequence[Sequence[float]]],
+                      finish_order: Sequence[int]) -> ConfidenceReplay:
+    """Replay what :func:`vote` with ``rule`` (a fresh :class:`DeepConfRule`) decides over
+    recorded branches: ``traces[i]``, branch i's whole trace (top-k log-probabilities per token)
+    and ``answers[i]`` its answer when it runs to the end; ``finish_order``, the order in which
+    the branches end when none is stopped (it decides the warm-up). Pure."""
+    n = len(answers)
+    if len(traces) != n or sorted(finish_order) != list(range(n)):
+        raise ValueError(f"needs a trace per answer and a permutation of range({n}) as finish_order")
+    for branch in finish_order:
+        rule.finished(branch, traces[branch])
+    counted = [b for b in finish_order if b not in rule.stops]
+    return ConfidenceReplay(rule.threshold, list(rule.warmup_branches), dict(rule.stops), counted,
+                            majority_vote(answers[b] for b in sorted(counted)))
+
+
 class _Tally:
     """The vote so far: each finished branch's answer, the finish order, the counts; after a
     finish, ``rule`` decides whether the ``unfinished`` branches can be stopped (asked only
@@ -161,6 +302,15 @@ class _Tally:
         self.answers: Dict[int, Optional[str]] = {}
         self.order: List[int] = []
         self.counts: Counter = Counter()
+        self.dropped: Dict[int, str] = {}
+        """Branches a token rule stopped or left out (their votes not counted), with why."""
+
+    def drop(self, branch: int, reason: str) -> None:
+        self.dropped[branch] = reason
+
+    def unfinished(self, total: int) -> int:
+        """Of ``total`` branches, those neither counted nor dropped."""
+        return total - len(self.order) - len(self.dropped)
 
     def finish(self, branch: int, answer: Optional[str], unfinished: int) -> Optional[str]:
         """Count ``branch``'s answer; the rule's reason to stop the ``unfinished`` ones, or ``None``."""
@@ -249,6 +399,15 @@ class BranchStopper(Protocol):
     def seed_stream(self, sid: str, seed: int) -> None: ...
 
 
+@runtime_checkable
+class TokenReader(Protocol):
+    """What a backend gives a rule that watches tokens (``deepconf``): the top-k
+    log-probabilities of each token the stream's request in flight has decoded so far, from
+    token ``start`` on (``None``: no request in flight, or its gen asked for none)."""
+
+    def stream_top_logprobs(self, sid: str, start: int = 0) -> Optional[List[List[float]]]: ...
+
+
 class StreamControls:
     """A backend's table of what programs asked of their frontend streams
     (``StreamExecutor.sid``): stops, and seeds for their next gen.
@@ -283,6 +442,11 @@ class StreamControls:
     def finished(self, sid: str) -> None:
         with self._lock:
             self._running.pop(sid, None)
+
+    def handle(self, sid: str) -> Any:
+        """The handle of the stream's request in flight, or ``None``."""
+        with self._lock:
+            return self._running.get(sid)
 
     def reason(self, sid: str) -> Optional[str]:
         with self._lock:
@@ -373,12 +537,12 @@ def vote(forks, var: str = "answer", rule: str = "lossless", *, extract: Callabl
     their KV is free when the program goes on. ``timeout`` bounds the whole wait."""
     tally = _Tally(STOP_RULES.build(rule, **settings))
     executors, backend = _stopper(forks)
+    screen = _screen(tally, backend, var)
     _check_named(executors, var, 0)
     deadline = time.monotonic() + timeout
     pending = list(range(len(executors)))
-    reason = _watch(executors, pending, tally, len(executors), var, extract, deadline, poll_s)
-    stopped = {i: reason for i in pending} if reason is not None else {}
-    _stop_and_wait(backend, executors, stopped, var, deadline)
+    reason = _watch(executors, pending, tally, len(executors), var, extract, deadline, poll_s, screen)
+    stopped = _end_pending(backend, executors, pending, tally, reason, var, deadline)
     return BranchVote(**_decided(tally, rule, len(executors), stopped, reason))
 
 
@@ -411,6 +575,7 @@ def vote_waves(s, n: int, branch, var: str = "answer", *, seed: int, first: Opti
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     _, backend = _stopper([s])
+    screen = _screen(tally, backend, var)
     deadline = time.monotonic() + timeout
     states: List[Any] = []
     for count, wave in enumerate(schedule, start=1):
@@ -418,11 +583,10 @@ def vote_waves(s, n: int, branch, var: str = "answer", *, seed: int, first: Opti
         executors = [state.stream_executor for state in states]
         _check_named(executors, var, wave.start)
         pending = list(wave)
-        reason = _watch(executors, pending, tally, n, var, extract, deadline, poll_s)
+        reason = _watch(executors, pending, tally, n, var, extract, deadline, poll_s, screen)
         if reason is not None:
             break
-    stopped = {i: reason for i in pending} if reason is not None else {}
-    _stop_and_wait(backend, executors, stopped, var, deadline)
+    stopped = _end_pending(backend, executors, pending, tally, reason, var, deadline)
     return WavesVote(**_decided(tally, rule, len(states), stopped, reason), n=n, launched=len(states), waves=count,
                      forks=tuple(states))
 
@@ -450,24 +614,100 @@ def _check_named(executors, var: str, start: int) -> None:
 
 
 def _watch(executors, pending: List[int], tally: _Tally, total: int, var: str, extract, deadline: float,
-           poll_s: float) -> Optional[str]:
+           poll_s: float, screen: Optional["_TokenScreen"] = None) -> Optional[str]:
     """Wait for the ``pending`` branches, counting each that finishes (removed from
     ``pending``) into ``tally``, until none is left or the rule gives a reason to stop. The
-    rule's unfinished: the ``total`` branches (launched or not) less the finished ones."""
+    rule's unfinished: the ``total`` branches (launched or not) less the finished and dropped
+    ones. With a token ``screen``, running branches are judged by their tokens between polls."""
     while pending:
         done = [i for i in pending if executors[i].variable_event[var].is_set()]
         if not done:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vote: {len(pending)} branches unfinished at the timeout")
+            if screen is not None:
+                screen.poll(executors, pending)
             executors[pending[0]].variable_event[var].wait(poll_s)
             continue
         for i in done:
             _raise_branch_error(executors[i], i)
             pending.remove(i)
-            reason = tally.finish(i, extract(executors[i].variables[var]), total - len(tally.order) - 1)
+            if screen is not None and not screen.counts(executors, i):
+                continue
+            reason = tally.finish(i, extract(executors[i].variables[var]), tally.unfinished(total) - 1)
             if reason is not None:
                 return reason
     return None
+
+
+class _TokenScreen:
+    """A token rule's side of the watch (``tally.rule.watches_tokens``): each poll reads the
+    running branches' new tokens from the backend and stops the ones the rule drops (the stop
+    is sent again while such a branch runs: the runtime ignores an abort that reaches it
+    before the request does); a branch that ends is judged on its whole trace."""
+
+    RESEND_S = 0.25
+
+    def __init__(self, tally: _Tally, backend: TokenReader, var: str):
+        self.tally, self.rule, self.backend, self.var = tally, tally.rule, backend, var
+        self._sent: Dict[int, float] = {}
+
+    def poll(self, executors, pending: List[int]) -> None:
+        now = time.monotonic()
+        for i in pending:
+            sid = executors[i].sid
+            if i in self.tally.dropped:
+                if now - self._sent[i] > self.RESEND_S:
+                    self._stop(sid, i, self.tally.dropped[i], now)
+                continue
+            steps = self.backend.stream_top_logprobs(sid, self.rule.known(i))
+            why = self.rule.running(i, steps) if steps else None
+            if why is not None:
+                self.tally.drop(i, why)
+                self._stop(sid, i, why, now)
+
+    def counts(self, executors, i: int) -> bool:
+        """Branch i has ended: whether its vote counts (not when the rule dropped it)."""
+        if i in self.tally.dropped:
+            self.backend.resume_stream(executors[i].sid)  # it has ended: its stream may run again
+            return False
+        why = self.rule.finished(i, _finished_trace(executors[i], self.var, i))
+        if why is not None:
+            self.tally.drop(i, why)
+            return False
+        return True
+
+    def _stop(self, sid: str, i: int, why: str, now: float) -> None:
+        self.backend.stop_stream(sid, why)
+        self._sent[i] = now
+
+
+def _screen(tally: _Tally, backend, var: str) -> Optional[_TokenScreen]:
+    """The token screen of a rule that watches tokens, on a backend that reads them; ``None``
+    for the other rules."""
+    if not tally.rule.watches_tokens:
+        return None
+    if not isinstance(backend, TokenReader):
+        raise TypeError(f"the backend {type(backend).__name__} cannot read its branches' tokens while they run, "
+                        f"which rule {tally.rule.name!r} needs")
+    return _TokenScreen(tally, backend, var)
+
+
+def _finished_trace(executor, var: str, index: int) -> List[List[float]]:
+    """A finished gen's top-k log-probabilities per token, from its ``meta_info``."""
+    tops = (executor.meta_info.get(var) or {}).get("output_top_logprobs")
+    if tops is None or any(step is None for step in tops):
+        raise ValueError(f"vote: branch {index} returned no top-k log-probabilities; a rule that watches tokens "
+                         "needs gen(..., return_logprob=True, top_logprobs_num=k) (see rule_gen_args)")
+    return [[float(entry[0]) for entry in step] for step in tops]
+
+
+def _end_pending(backend, executors, pending: List[int], tally: _Tally, reason: Optional[str], var: str,
+                 deadline: float) -> Dict[int, str]:
+    """Stop the branches still ``pending`` when the rule settled (``reason``) and wait for them;
+    every branch stopped or dropped, in branch order, with why."""
+    ending = {i: tally.dropped.get(i, reason) for i in pending} if reason is not None else {}
+    _stop_and_wait(backend, executors, ending, var, deadline)
+    return dict(sorted({**tally.dropped, **ending}.items()))
 
 
 def _raise_branch_error(executor, index: int) -> None:
