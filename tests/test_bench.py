@@ -106,7 +106,8 @@ def test_bench_asks_defaults_are_the_engines():
 
 def test_paraphrase_and_pressure_targets_read_the_run_totals():
     def result(**modes):
-        return {"modes": {name: {"prefill_tokens_total": total, "hit_rate": hit, "agreement_with_radix": agree}
+        return {"modes": {name: {"prefill_tokens_total": total, "hit_rate": hit, "agreement_with_radix": agree,
+                                 "agreement_with_radix_ci95": [agree, 1.0] if agree >= 0.99 else [0.9, 0.985]}
                           for name, (total, hit, agree) in modes.items()}}
 
     pressure = bench.get_workload("pressure").targets()
@@ -120,6 +121,34 @@ def test_paraphrase_and_pressure_targets_read_the_run_totals():
     paraphrase = bench.get_workload("paraphrase").targets()
     assert [t.check(result(radix=(20539, 0.5, 1.0), asks=(16041, 0.7, 0.99)))["ok"] for t in paraphrase] == [True, True]
     assert [t.check(result(radix=(100, 0.5, 1.0), asks=(100, 0.5, 0.98)))["ok"] for t in paraphrase] == [False, False]
+
+
+def test_targets_are_judged_on_their_interval_not_their_point():
+    from rksc_sgl.bench.stats import wilson
+
+    paper = {t.name: t for t in bench.get_workload("paper").targets()}
+    cgee, agree = paper["rksc CGEE error rate (per verify call)"], paper["rksc answer agreement with radix"]
+    speed = paper["rksc speedup over radix"]
+
+    def result(errors, calls, same, runs, ratio, ci):
+        return {"modes": {"rksc": {"cgee_error_rate": errors / calls, "cgee_error_ci95": list(wilson(errors, calls)),
+                                   "agreement_with_radix": same / runs,
+                                   "agreement_with_radix_ci95": list(wilson(same, runs))}},
+                "speedups": {"radix": {"rksc": {"ratio": ratio, "ci95": ci}}}}
+
+    # 0 errors in 8 calls: the point meets <= 0.0037, the Wilson upper bound (0.32) does not decide it.
+    small = result(0, 8, 8, 8, 1.7, [1.2, 2.1])
+    assert [(c["ok"], c["verdict"]) for c in (cgee.check(small), agree.check(small), speed.check(small))] == [
+        (None, "undecided (n too small)")] * 3
+    assert cgee.check(small)["interval"][1] == pytest.approx(0.3244, abs=1e-3)
+    large = result(0, 2000, 990, 1000, 1.9, [1.7, 2.1])
+    assert [cgee.check(large)["verdict"], speed.check(large)["verdict"]] == ["ok", "ok"]
+    assert agree.check(large)["verdict"] == "undecided (n too small)"  # 0.99 point; lower bound 0.98 < 0.99
+    missed = result(40, 100, 50, 100, 1.1, [1.0, 1.3])
+    assert [(t.check(missed)["ok"], t.check(missed)["verdict"]) for t in (cgee, agree, speed)] == [(False, "MISS")] * 3
+    no_interval = {"modes": {"rksc": {"agreement_with_radix": 1.0}}, "speedups": {}}
+    assert agree.check(no_interval)["verdict"] == "undecided (n too small)"
+    assert speed.check(no_interval)["verdict"] == "not run"
 
 
 def test_command_line_reproduces_the_settings():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from rksc_sgl.bench.gym_workloads import GymWorkload
-from rksc_sgl.bench.workload import Outcome, Target, register, speedup
+from rksc_sgl.bench.workload import Outcome, register, speedup_target
 from rksc_sgl.problems import extract_answer
 
 _PROGRAM: Dict[str, Any] = {}
@@ -47,5 +47,5 @@ class NoReuseWorkload(GymWorkload):
         return Outcome(extract_answer(text), [text])
 
     def targets(self):
-        return [Target("rksc speed against radix, nothing to gain (issue 35: >= 0.99)", speedup("radix", "rksc"),
-                       ">=", 0.99)]
+        return [speedup_target("rksc speed against radix, nothing to gain (issue 35: >= 0.99)", "radix", "rksc",
+                               0.99)]

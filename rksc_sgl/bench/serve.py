@@ -10,7 +10,7 @@ from rksc_sgl.problems import load_problems, question_prompt, score
 from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, GymWorkload, branch_seed
 from rksc_sgl.bench.inputs import program
 from rksc_sgl.bench.workload import WAVES_DEFAULTS
-from rksc_sgl.bench.workload import Item, Outcome, Target, mode_field, speedup, register
+from rksc_sgl.bench.workload import Item, Outcome, mode_target, register, speedup_target
 
 
 def _is_engine(backend) -> bool:
@@ -164,8 +164,6 @@ class ServeWorkload(GymWorkload):
         return Outcome(answers[0], outputs, extra=extra)
 
     def targets(self):
-        return [Target("rksc programs per second over radix's (pressured pool)", speedup("radix", "rksc"), ">=",
-                       1.66),
-                Target("rksc programs' voted answers agreeing with radix's", mode_field("rksc",
-                                                                                   "program_agreement_with_radix"),
-                       ">=", 0.97)]
+        return [speedup_target("rksc programs per second over radix's (pressured pool)", "radix", "rksc", 1.66),
+                mode_target("rksc programs' voted answers agreeing with radix's", "rksc",
+                            "program_agreement_with_radix", ">=", 0.97, "program_agreement_ci95")]

@@ -115,10 +115,12 @@ def _load_note(result: Dict[str, Any]) -> str:
 
 
 def target_rows(result: Dict[str, Any]) -> List[tuple]:
-    rows = [("target", "measured", "needed", "")]
+    rows = [("target", "measured [95% interval]", "needed", "verdict")]
     for t in result["targets"]:
-        rows.append((t["name"], _fmt(t["value"], ".4g", "not run"), t["target"],
-                     "n/a" if t["ok"] is None else ("ok" if t["ok"] else "MISS")))
+        ci = t.get("interval")
+        measured = _fmt(t["value"], ".4g", "not run") + ("" if ci is None else f" [{ci[0]:.4g}, {ci[1]:.4g}]")
+        verdict = t.get("verdict") or ("n/a" if t["ok"] is None else ("ok" if t["ok"] else "MISS"))
+        rows.append((t["name"], measured, t["target"], verdict))
     return rows
 
 
@@ -147,7 +149,11 @@ def markdown_report(result: Dict[str, Any]) -> str:
     if result.get("load"):
         lines += ["", markdown_table(load_rows(result)), "", _load_note(result)]
     if result["targets"]:
-        lines += ["", markdown_table(target_rows(result))]
+        lines += ["", markdown_table(target_rows(result)), "",
+                  "Verdicts: a target with a 95% interval (speedups: paired bootstrap; agreement and error "
+                  "rates: Wilson) is ok when the interval's conservative end meets it, MISS when even its other "
+                  "end does not, and undecided (n too small) otherwise; a target without one (token counts, "
+                  "rates at the SLO, an every-run check) is judged on its value."]
     lines += ["", "Speedups: ratios of per-problem median times measured in this run, 95% paired bootstrap "
                   "interval over problems. Verifier run/skip/early: verify calls whose pass ran / was skipped "
                   "(gate 1) / stopped some branch before the last layer (gate 2). CGEE errors: gated decisions "

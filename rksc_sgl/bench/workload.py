@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from rksc_sgl.problems import Problem
 
@@ -38,20 +38,47 @@ class Outcome:
     """Workload-specific fields of the run's record (``serve``: per-program latencies, answers, errors)."""
 
 
+UNDECIDED = "undecided (n too small)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A pass/fail line of the report: ``value(result)`` compared with ``threshold``."""
+    """A line of the report: ``value(result)`` against ``threshold``.
+
+    With ``interval`` (the value's 95% interval from the same result) the verdict is the
+    interval's: ``ok`` when its conservative end meets the threshold (the lower end for ``>=``
+    and ``>``, the upper for ``<=``), ``MISS`` when even its other end does not, else
+    :data:`UNDECIDED`; an interval target whose result has no interval is undecided too.
+    Without ``interval`` (counts that do not vary from run to run) the point decides."""
 
     name: str
     value: Callable[[Dict[str, Any]], Optional[float]]
     op: str  # ">=", ">" or "<="
     threshold: float
+    interval: Optional[Callable[[Dict[str, Any]], Optional[Sequence[float]]]] = None
 
     def check(self, result: Dict[str, Any]) -> Dict[str, Any]:
         v = self.value(result)
         compare = {">=": operator.ge, ">": operator.gt, "<=": operator.le}[self.op]
-        ok = None if v is None else compare(v, self.threshold)
-        return {"name": self.name, "value": v, "target": f"{self.op} {self.threshold:g}", "ok": ok}
+        ci = self.interval(result) if self.interval is not None and v is not None else None
+        if v is None:
+            ok, verdict = None, "not run"
+        elif self.interval is None:
+            ok = compare(v, self.threshold)
+            verdict = "ok" if ok else "MISS"
+        elif ci is None:
+            ok, verdict = None, UNDECIDED
+        else:
+            lo, hi = ci
+            conservative, optimistic = (hi, lo) if self.op == "<=" else (lo, hi)
+            if compare(conservative, self.threshold):
+                ok, verdict = True, "ok"
+            elif not compare(optimistic, self.threshold):
+                ok, verdict = False, "MISS"
+            else:
+                ok, verdict = None, UNDECIDED
+        return {"name": self.name, "value": v, "interval": None if ci is None else [ci[0], ci[1]],
+                "target": f"{self.op} {self.threshold:g}", "ok": ok, "verdict": verdict}
 
 
 class Workload:
@@ -191,6 +218,24 @@ def speedup(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]
     def value(result):
         return result["speedups"].get(base, {}).get(mode, {}).get("ratio")
     return value
+
+
+def speedup_ci(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[Sequence[float]]]:
+    """The 95% paired bootstrap interval of :func:`speedup`."""
+    def interval(result):
+        return result["speedups"].get(base, {}).get(mode, {}).get("ci95")
+    return interval
+
+
+def speedup_target(name: str, base: str, mode: str, threshold: float) -> Target:
+    """``mode`` at least ``threshold`` x as fast as ``base``, judged on the speedup's interval."""
+    return Target(name, speedup(base, mode), ">=", threshold, speedup_ci(base, mode))
+
+
+def mode_target(name: str, mode: str, field: str, op: str, threshold: float, interval_field: str) -> Target:
+    """A per-mode rate (agreement, error rate) judged on its interval (``interval_field``: its
+    95% Wilson interval in the mode's summary)."""
+    return Target(name, mode_field(mode, field), op, threshold, mode_field(mode, interval_field))
 
 
 def _not_slower(base: str, mode: str) -> Callable[[Dict[str, Any]], Optional[float]]:
