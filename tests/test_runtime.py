@@ -65,17 +65,13 @@ def servers(tmp_path_factory):
     }
     pids = {}
     try:
-        for name, server in list(started.items()):
-            # One at a time: in one clean-clone CI run a scheduler died silently right after
-            # "Init parallel ends" while three servers started side by side; a start-up that
-            # dies is retried once, on a fresh server with the same plan.
-            try:
-                server.start()
-            except LaunchError:
-                server.log.write("\n[test] start-up failed; retrying once\n")
-                retry = RuntimeServer(server.plan, startup_timeout=STARTUP_TIMEOUT_S, log=server.log)
-                started[name] = server = retry
-                server.start()
+        # Side by side; a start-up that fails fails the tests with the server's last lines (no
+        # retry: a flaky start must show). An earlier silent scheduler death here was the
+        # server watch taking a scheduler's short-lived fork for the scheduler (fixed).
+        for server in started.values():
+            server.launch()
+        for server in started.values():
+            server.wait_ready()
             pids[server] = server_pids(server)
         yield started
     finally:
