@@ -19,9 +19,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from rksc_sgl.bench.serve import ServeWorkload, _disconnect, _malformed
-from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS
-from rksc_sgl.bench.inputs import program
+from rksc_sgl.bench.serve import ServeWorkload
 from rksc_sgl.bench.workload import WAVES_DEFAULTS
 from rksc_sgl.bench.workload import Item, Target, mode_target, register
 
@@ -94,34 +92,15 @@ class LoadWorkload(ServeWorkload):
         return super().engine_overrides(tokenizer, {**params, "clients": params["programs"]}, items)
 
     def run(self, engine, item, params, cgee, audit_log, stop=None):
-        problems, seeds = item.inputs["problems"], item.inputs["seeds"]
         jobs, arrivals = item.inputs["jobs"], item.inputs["arrivals"]
         done: List[Any] = [None] * len(jobs)
         start = time.perf_counter()
 
         def do(k: int) -> None:
-            kind, j = jobs[k]
             delay = start + arrivals[k] - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            arrived = start + arrivals[k]
-            if kind == "disconnect":
-                _disconnect(engine, f"Tell a long story about the number {j}.")
-                done[k] = (kind, j, None, time.perf_counter() - arrived)
-                return
-            if kind == "malformed":
-                done[k] = (kind, j, _malformed(engine, MALFORMED_PARAMS[j % len(MALFORMED_PARAMS)]), 0.0)
-                return
-            try:
-                state = program("seeded_vote").run(
-                    question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
-                    sample_temperature=params["temperature"], seed=seeds[j],
-                    stop_rule=stop.with_params(params) if stop else None,
-                    verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
-                value: Any = state.ret_value
-            except Exception as exc:  # a failed program is an error of its class, not the end of the run
-                value = exc
-            done[k] = (kind, j, value, time.perf_counter() - arrived)
+            done[k] = self.run_job(engine, jobs[k], item, params, cgee, audit_log, stop, start + arrivals[k])
 
         threads = [threading.Thread(target=do, args=(k,), name=f"rksc-load-{k}", daemon=True)
                    for k in range(len(jobs))]
@@ -129,7 +108,7 @@ class LoadWorkload(ServeWorkload):
             t.start()
         for t in threads:
             t.join()
-        outcome = self._outcome(engine, problems, done)
+        outcome = self._outcome(engine, item.inputs["problems"], done)
         outcome.extra.update(rate=item.inputs["rate"], window_s=time.perf_counter() - start)
         return outcome
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Tuple
 from rksc_sgl.problems import load_problems, question_prompt, score
 from rksc_sgl.bench.gym_workloads import MALFORMED_PARAMS, GymWorkload, branch_seed
 from rksc_sgl.bench.inputs import program
-from rksc_sgl.bench.workload import WAVES_DEFAULTS
+from rksc_sgl.bench.workload import WAVES_DEFAULTS, StopPlan
 from rksc_sgl.bench.workload import Item, Outcome, mode_target, register, speedup_target
 
 
@@ -108,29 +108,32 @@ class ServeWorkload(GymWorkload):
     def run(self, engine, item, params, cgee, audit_log, stop=None):
         from concurrent.futures import ThreadPoolExecutor
 
-        problems, seeds = item.inputs["problems"], item.inputs["seeds"]
-
         def do(job):
-            kind, j = job
-            t0 = time.perf_counter()
-            if kind == "disconnect":
-                _disconnect(engine, f"Tell a long story about the number {j}.")
-                return kind, j, None, time.perf_counter() - t0
-            if kind == "malformed":
-                return kind, j, _malformed(engine, MALFORMED_PARAMS[j % len(MALFORMED_PARAMS)]), 0.0
-            try:
-                state = program("seeded_vote").run(
-                    question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
-                    sample_temperature=params["temperature"], seed=seeds[j],
-                    stop_rule=stop.with_params(params) if stop else None,
-                    verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
-            except Exception as exc:  # a failed program is an error of its class, not the end of the run
-                return kind, j, exc, time.perf_counter() - t0
-            return kind, j, state.ret_value, time.perf_counter() - t0
+            return self.run_job(engine, job, item, params, cgee, audit_log, stop, time.perf_counter())
 
         with ThreadPoolExecutor(max_workers=params["clients"]) as pool:
             done = list(pool.map(do, self.jobs(item, params)))
-        return self._outcome(engine, problems, done)
+        return self._outcome(engine, item.inputs["problems"], done)
+
+    def run_job(self, engine, job, item, params, cgee, audit_log, stop, arrived: float):
+        """One job of the window: ``(kind, j, value, seconds from arrived)``; a program's value is
+        its return value, or the exception it failed with (an error of its class)."""
+        kind, j = job
+        problems, seeds = item.inputs["problems"], item.inputs["seeds"]
+        if kind == "disconnect":
+            _disconnect(engine, f"Tell a long story about the number {j}.")
+            return kind, j, None, time.perf_counter() - arrived
+        if kind == "malformed":
+            return kind, j, _malformed(engine, MALFORMED_PARAMS[j % len(MALFORMED_PARAMS)]), 0.0
+        try:
+            state = program("seeded_vote").run(
+                question=problems[j].question, branches=params["branches"], max_tokens=params["max_tokens"],
+                sample_temperature=params["temperature"], seed=seeds[j],
+                stop_rule=StopPlan.coerce(stop).with_params(params) if stop else None,
+                verify_config=cgee if j % 2 else None, audit_log=audit_log, backend=engine)
+        except Exception as exc:  # a failed program is an error of its class, not the end of the run
+            return kind, j, exc, time.perf_counter() - arrived
+        return kind, j, state.ret_value, time.perf_counter() - arrived
 
     @staticmethod
     def _outcome(engine, problems, done) -> Outcome:
