@@ -107,3 +107,9 @@ def hinted_branches(s, question, hints, out, max_tokens: int):
         fork += sgl.assistant(hint + sgl.gen("answer", max_tokens=max_tokens, temperature=0))
     forks.join()
     out.extend((f["answer"], f.get_meta_info("answer")["cached_tokens"]) for f in forks)
+
+
+def random_answers(rng, most: int = 12) -> list:
+    """1..``most`` branch answers drawn from a few values, ``a`` twice as likely, ``None`` (no
+    answer) among them: the random vote the stop-rule tests replay."""
+    return [rng.choice(["a", "a", "b", "c", None]) for _ in range(rng.randint(1, most))]

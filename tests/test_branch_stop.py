@@ -20,7 +20,7 @@ import sglang as sgl
 from rksc_sgl.rksc.branch_stop import STOP_RULES, BranchVote, beta_leader_probability, settle, vote
 from rksc_sgl.problems import majority_vote
 
-from branch_programs import seeded_branches, uneven_branches, uneven_branches_verified
+from branch_programs import random_answers, seeded_branches, uneven_branches, uneven_branches_verified
 
 
 # ---- the rules, without a model -------------------------------------------------------------------
@@ -59,9 +59,8 @@ def test_lossless_vote_equals_the_full_vote_on_random_branches():
     rng = random.Random(0)
     rule = STOP_RULES.build("lossless")
     for _ in range(3000):
-        n = rng.randint(1, 12)
-        answers = [rng.choice(["a", "a", "b", "c", None]) for _ in range(n)]
-        order = rng.sample(range(n), n)
+        answers = random_answers(rng)
+        order = rng.sample(range(len(answers)), len(answers))
         voted, _ = _vote_at(rule, [answers[i] for i in order], order)
         assert voted == majority_vote(answers)
 

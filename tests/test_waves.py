@@ -19,7 +19,7 @@ import sglang as sgl
 from rksc_sgl.problems import majority_vote
 from rksc_sgl.rksc.branch_stop import STOP_RULES, BranchVote, WavesVote, settle_waves, vote_waves, waves
 
-from branch_programs import WAVES_PROMPT, first_word, seeded_all, seeded_waves, uneven_waves
+from branch_programs import WAVES_PROMPT, first_word, random_answers, seeded_all, seeded_waves, uneven_waves
 from test_branch_stop import RECORDED
 
 SCHEDULES = [(1, 1), (2, 2), (3, 2), (4, 1), (5, 3), (8, 1)]  # (first, step) for 8 branches
@@ -68,8 +68,8 @@ def test_lossless_waves_vote_equals_the_full_vote_on_random_branches():
     rng = random.Random(1)
     rule = STOP_RULES.build("lossless")
     for _ in range(3000):
-        n = rng.randint(1, 12)
-        answers = [rng.choice(["a", "a", "b", "c", None]) for _ in range(n)]
+        answers = random_answers(rng)
+        n = len(answers)
         first, step = rng.randint(1, n), rng.randint(1, n)
         replay = settle_waves(rule, answers, rng.sample(range(n), n), first, step)
         assert replay.answer == majority_vote(answers), (answers, first, step, replay)
