@@ -5,7 +5,7 @@ from typing import Optional
 
 import sglang as sgl
 
-from rksc_sgl.rksc.branch_stop import vote, vote_waves
+from rksc_sgl.rksc.branch_stop import rule_gen_args, seed_branches, vote, vote_waves
 
 
 @sgl.function
@@ -113,3 +113,21 @@ def random_answers(rng, most: int = 12) -> list:
     """1..``most`` branch answers drawn from a few values, ``a`` twice as likely, ``None`` (no
     answer) among them: the random vote the stop-rule tests replay."""
     return [rng.choice(["a", "a", "b", "c", None]) for _ in range(rng.randint(1, most))]
+
+
+LOGPROBS = rule_gen_args("deepconf", top_k=5)
+"""What a branch's gen asks for the deepconf rule: its top-5 log-probabilities."""
+
+
+@sgl.function
+def confident_and_gibberish(s, long_tokens: int):
+    """Branch 0 counts on greedily for 8 tokens (confident) and sets the threshold alone
+    (warm-up 1); branch 1 samples gibberish at temperature 1.5 for up to ``long_tokens``."""
+    s += "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+    forks = s.fork(2)
+    seed_branches(forks, 3)
+    forks[0] += sgl.gen("answer", max_tokens=8, temperature=0, ignore_eos=True, **LOGPROBS)
+    forks[1] += " zq#v plorb" + sgl.gen("answer", max_tokens=long_tokens, temperature=1.5, ignore_eos=True,
+                                        **LOGPROBS)
+    result = vote(forks, "answer", rule="deepconf", warmup=1, window=4, extract=lambda text: "counted")
+    return result, [f.get_meta_info("answer") for f in forks]

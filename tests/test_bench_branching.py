@@ -51,11 +51,12 @@ def test_waves_modes_run_only_where_the_program_launches_waves(capsys):
         bench.run_bench("paper", "waves-lossless", BenchSettings(problems=1), progress=False)
 
 
-def test_the_runtime_runs_waves_modes_on_its_default_cache_with_seeded_sampling():
+@pytest.mark.parametrize("name", ["waves-lossless", "waves-beta", "waves-window", "stop-deepconf"])
+def test_the_runtime_runs_the_adaptive_modes_on_its_default_cache_with_seeded_sampling(name):
     from rksc_sgl.runtime.bench_servers import server_flags
 
     settings = BenchSettings(backend="runtime")
-    waves, radix = parse_modes("waves-lossless,radix")
+    waves, radix = parse_modes(f"{name},radix")
     argv, plan = server_flags(waves, settings, {}, 0, seeded=True)
     assert argv == server_flags(radix, settings, {}, 0, seeded=True)[0]
     assert plan["seeded_sampling"] is True and plan["rksc_cache"] is False
@@ -80,3 +81,20 @@ def test_waves_lossless_votes_as_radix_with_fewer_decode_tokens(radix_engine):
     assert run_w["outputs"] == run_r["outputs"][:4] and run_w["answer"] == run_r["answer"] == "11"
     assert result["config"]["params"]["waves_first"] == 0
     radix_engine.check_integrity()
+
+
+def test_stop_deepconf_runs_the_vote_workload_with_the_branches_logprobs(radix_engine):
+    # An approximate rule: what it stops depends on the traces. Checked here: it runs in the
+    # bench, each run records its vote, and the branches it counted sampled radix's texts.
+    settings = BenchSettings(problems=1, warmup=0, repeats=1, seed=1000,
+                             params={"branches": 6, "max_tokens": 24, "difficulty": "easy"})
+    result = bench.run_bench("vote", "radix,stop-deepconf", settings, progress=False,
+                             engines={m: radix_engine for m in ("radix", "stop-deepconf")})
+    deepconf = result["modes"]["stop-deepconf"]
+    assert deepconf["stop_rule"] == "deepconf" and deepconf["runs_settled_early"] == 0  # it never settles a vote
+    run_d, run_r = result["runs"]["stop-deepconf"][0], result["runs"]["radix"][0]
+    for i in range(6):
+        if i not in run_d["vote"]["stopped"]:
+            assert run_d["outputs"][i] == run_r["outputs"][i]
+    radix_engine.check_integrity()
+    assert radix_engine.stream_controls.active() == 0

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import sglang as sgl
 
-from rksc_sgl.rksc.branch_stop import (STOP_RULES, BranchVote, DeepConfRule, rule_gen_args, seed_branches,
-                                       settle_confidence, vote)
+from branch_programs import confident_and_gibberish
+
+from rksc_sgl.rksc.branch_stop import STOP_RULES, BranchVote, DeepConfRule, rule_gen_args, settle_confidence, vote
 from rksc_sgl.rksc.confidence import (first_low_group, group_confidences, lowest_group_confidence, percentile,
                                       token_confidence, token_confidences)
 
@@ -139,24 +140,8 @@ def test_replay_needs_a_trace_per_branch_and_a_permutation():
 
 
 # ---- on the engine ------------------------------------------------------------------------------------
-LOGPROBS = rule_gen_args("deepconf", top_k=5)
-
-
-@sgl.function
-def confident_and_gibberish(s, long_tokens: int):
-    """Branch 0 counts on greedily for 8 tokens (confident) and sets the threshold alone
-    (warm-up 1); branch 1 samples gibberish at temperature 1.5 for up to ``long_tokens``."""
-    s += "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-    forks = s.fork(2)
-    seed_branches(forks, 3)
-    forks[0] += sgl.gen("answer", max_tokens=8, temperature=0, ignore_eos=True, **LOGPROBS)
-    forks[1] += " zq#v plorb" + sgl.gen("answer", max_tokens=long_tokens, temperature=1.5, ignore_eos=True,
-                                        **LOGPROBS)
-    result = vote(forks, "answer", rule="deepconf", warmup=1, window=4, extract=lambda text: "counted")
-    return result, [f.get_meta_info("answer") for f in forks]
-
-
-def _trace(meta):
+def trace_of(meta):
+    """A gen's top-k log-probabilities per token, from its meta_info."""
     return [[entry[0] for entry in step] for step in meta["output_top_logprobs"]]
 
 
@@ -167,8 +152,8 @@ def test_a_low_confidence_branch_is_stopped_on_the_engine(checked):
     assert list(result.stopped) == [1] and metas[1]["finish_reason"]["type"] == "abort"
     assert metas[1]["completion_tokens"] < 300
     # The token it was stopped at is the one a replay of its (partial) trace names.
-    threshold = lowest_group_confidence(token_confidences(_trace(metas[0]), 5), 4)
-    token, mean = first_low_group(token_confidences(_trace(metas[1]), 5), 4, threshold)
+    threshold = lowest_group_confidence(token_confidences(trace_of(metas[0]), 5), 4)
+    token, mean = first_low_group(token_confidences(trace_of(metas[1]), 5), 4, threshold)
     assert result.stopped[1] == (f"deepconf: group confidence {mean:.3f} < threshold {threshold:.3f} "
                                  f"at token {token} (window 4)")
     assert checked.stream_controls.active() == 0

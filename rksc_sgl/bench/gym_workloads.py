@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from rksc_sgl.problems import DIFFICULTY_LEVELS, extract_answer, load_problems, majority_vote
 from rksc_sgl.bench.inputs import PARAPHRASES, extract_final, few_shot_problem, hints_for, program
-from rksc_sgl.bench.workload import WAVES_DEFAULTS
+from rksc_sgl.bench.workload import WAVES_DEFAULTS, StopPlan
 from rksc_sgl.bench.workload import (Item, NOT_SLOWER_THAN_RADIX, Outcome, Target, Workload, fewer_prefill, mode_field,
                                      mode_target, register, speedup_target)
 
@@ -75,7 +75,7 @@ class _HintedWorkload(Workload):
         state = program("hinted_branches").run(
             prompt=item.inputs["prompt"], hints=hints_for(params["branches"]), max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], verify_config=cgee if self.has_verify else None,
-            audit_log=audit_log, stop_rule=stop.rule if stop else None, until_answer=bool(params.get("until_answer")),
+            audit_log=audit_log, stop_rule=StopPlan.coerce(stop).rule if stop else None, until_answer=bool(params.get("until_answer")),
             fork_commit=bool(params["fork_commit"]), backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
@@ -217,7 +217,7 @@ class VoteWorkload(GymWorkload):
         state = program("seeded_vote").run(
             question=item.problem.question, branches=params["branches"], max_tokens=params["max_tokens"],
             sample_temperature=params["temperature"], seed=item.inputs["seed"],
-            stop_rule=stop.with_params(params) if stop else None, backend=engine)
+            stop_rule=StopPlan.coerce(stop).with_params(params) if stop else None, backend=engine)
         ret = state.ret_value
         if not isinstance(ret, dict):
             raise RuntimeError(f"workload 'vote': the program failed: {ret!r}")

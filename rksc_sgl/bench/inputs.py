@@ -92,7 +92,7 @@ def _define_programs() -> None:
     import sglang as sgl
 
     from rksc_sgl.bench.workload import StopPlan
-    from rksc_sgl.rksc.branch_stop import seed_branches, vote, vote_waves
+    from rksc_sgl.rksc.branch_stop import rule_gen_args, seed_branches, vote, vote_waves
     from rksc_sgl.rksc.cgee import verify
 
     @sgl.function
@@ -114,7 +114,8 @@ def _define_programs() -> None:
         commit request; the engine sees exactly ``len(hints)`` requests); ``fork_commit=True``
         syncs before forking, so the prefix is always committed first (one extra request).
         With ``stop_rule``, ``rksc_sgl.vote`` stops branches once their vote is settled (the
-        verify step then sees the vote). Every branch decodes exactly ``max_tokens``, so they
+        verify step then sees the vote); the gens ask for what the rule reads (``deepconf``:
+        top-k log-probabilities). Every branch decodes exactly ``max_tokens``, so they
         all finish at the same step and none is ever stopped, unless ``until_answer``: then a
         branch ends where the few-shot format starts the next question (``\n\nQuestion:``),
         or at ``max_tokens``.
@@ -129,13 +130,15 @@ def _define_programs() -> None:
         else:
             forks = s.fork(len(hints))
             shared = prompt
+        reads = rule_gen_args(stop_rule) if stop_rule else {}
         for f, hint in zip(forks, hints):
             f += shared + hint + "\n"
             if until_answer:
-                f += sgl.gen("answer", max_tokens=max_tokens, stop=[NEXT_QUESTION], temperature=sample_temperature)
+                f += sgl.gen("answer", max_tokens=max_tokens, stop=[NEXT_QUESTION], temperature=sample_temperature,
+                             **reads)
             else:
                 f += sgl.gen("answer", max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
-                             temperature=sample_temperature)
+                             temperature=sample_temperature, **reads)
         voted = vote(forks, "answer", rule=stop_rule, extract=extract) if stop_rule else None
         metas = [f.get_meta_info("answer") for f in forks]  # waits for every branch
         checked = None
@@ -161,8 +164,9 @@ def _define_programs() -> None:
         s += sgl.system(SYSTEM_PROMPT)
         s += sgl.user(question_prompt(question))
         s.sync()  # the shared prompt is committed before the fork, every time (see hinted_branches)
+        reads = rule_gen_args(plan.rule) if plan is not None else {}  # deepconf: top-k log-probabilities
         gen = sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=sample_temperature,
-                                    stop=list(CHAIN_STOP)))
+                                    stop=list(CHAIN_STOP), **reads))
         if plan is not None and plan.waves:
             voted = vote_waves(s, branches, gen, seed=seed, first=plan.first, step=plan.step, rule=plan.rule)
             forks = voted.forks

@@ -72,6 +72,9 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
            help=f"stock radix, seeded branches launched in waves while the {rule!r} rule leaves the vote unsettled "
                 "(vote, serve, load)")
       for rule in ("lossless", "beta", "window")),
+    Mode("stop-deepconf", "radix", stop="deepconf",
+         help="stock radix, DeepConf online: a branch is stopped and not counted once its running confidence "
+              "falls below a threshold learned from the first branches to finish (approximate; voting workloads)"),
 )}
 """The bench modes by name. Each name means one configuration on both backends
 (:func:`mode_table` gives its exact engine keyword arguments and SGLang flags): ``radix`` is

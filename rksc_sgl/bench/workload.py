@@ -170,6 +170,11 @@ class StopPlan:
     step: int = 2
 
     @classmethod
+    def coerce(cls, stop: Any) -> "StopPlan":
+        """A plan from what ``Workload.run`` may be given: a plan, or a rule's name."""
+        return cls(stop) if isinstance(stop, str) else stop
+
+    @classmethod
     def of(cls, mode) -> Optional["StopPlan"]:
         """A bench mode's plan; ``None`` for a mode that stops no branch."""
         return cls(mode.stop, waves=mode.waves) if mode.stop else None

@@ -27,6 +27,8 @@ mode            SGLang flags
 ``stop-*``      SGLang's default cache; the client stops branches (``/abort_request``)
 ``waves-*``     SGLang's default cache; the client launches seeded branches in waves
                 and stops them (``rksc_sgl.vote_waves``)
+``stop-deepconf`` SGLang's default cache; the client reads each branch's top-k
+                log-probabilities as SGLang streams them and stops low-confidence ones
 ==============  ==================================================================
 
 A workload that seeds its branches (``vote``, ``serve``: ``Workload.votes``) runs every
@@ -68,6 +70,7 @@ RUNTIME_FLAGS: Dict[str, Tuple[List[str], bool]] = {
     # branch stop is the client's (rksc_sgl.vote through SGLang's abort API): the default cache
     **{f"stop-{rule}": ([], False) for rule in ("lossless", "beta", "window")},
     **{f"waves-{rule}": ([], False) for rule in ("lossless", "beta", "window")},
+    "stop-deepconf": ([], False),  # its branches' top-k log-probabilities come streamed (RuntimeBackend)
 }
 
 

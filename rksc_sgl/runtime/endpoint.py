@@ -20,6 +20,14 @@ with SGLang's router in front of several (``sglang-router``):
   Which server runs a request is the router's choice: its ``cache_aware`` policy (the
   default) sends a program's branches where its prefix went; ``round_robin`` splits them.
   A worker with ``--dp-size N`` behind a router picks a rank for each request in turn.
+
+A gen that asks for top-k log-probabilities (``return_logprob=True, top_logprobs_num=k``) is
+posted streamed: SGLang's plain ``/generate`` returns them only when the request ends, and a
+vote's token rule (``deepconf``) reads them while the branch decodes
+(:meth:`RuntimeBackend.stream_top_logprobs`). The gen still returns the text and
+``meta_info`` a plain post would (the last chunk's: SGLang's stream chunks carry every
+log-probability so far, unless the server runs with ``--incremental-streaming-output``, which
+this backend does not support).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import itertools
 import random
 import threading
 import uuid
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import requests
 
@@ -154,6 +162,7 @@ class RuntimeBackend(RuntimeEndpoint):
         self._generating = _CurrentStream()
         self._lock = threading.Lock()
         self._stats = RuntimeStats()
+        self._top_logprobs: Dict[str, list] = {}  # sid -> its streamed gen's top-k log-probabilities so far
 
     # -- what runs behind the URL -------------------------------------------------------------
     @property
@@ -231,6 +240,8 @@ class RuntimeBackend(RuntimeEndpoint):
         refused = self._refused(s)
         if refused is not None:
             return "", refused
+        if getattr(sampling_params, "return_logprob", None) and getattr(sampling_params, "top_logprobs_num", None):
+            return self._generate_streamed(s, sampling_params)
         with self._posting(s):
             text, meta_info = super().generate(s, sampling_params)
         self._count(meta_info)
@@ -248,6 +259,38 @@ class RuntimeBackend(RuntimeEndpoint):
                 yield chunk, meta_info
         if meta_info:
             self._count(meta_info)
+
+    def _generate_streamed(self, s, sampling_params):
+        """A gen that asks for top-k log-probabilities, posted streamed: each chunk's list (all
+        of them so far) is kept for :meth:`stream_top_logprobs` while the request runs; returns
+        the whole text and the last chunk's ``meta_info``, as a plain post would."""
+        text, meta_info = "", None
+        try:
+            with self._posting(s):
+                for chunk, meta_info in RuntimeEndpoint.generate_stream(self, s, sampling_params):
+                    self._generating.sid = None  # posted: a later request of this thread is not the gen
+                    text += chunk
+                    tops = meta_info.get("output_top_logprobs")
+                    if tops is not None:
+                        with self._lock:
+                            self._top_logprobs[s.sid] = tops
+        finally:
+            with self._lock:
+                self._top_logprobs.pop(s.sid, None)
+        if meta_info is None:
+            raise RuntimeError(f"the server's stream for {s.sid} ended without an answer")
+        self._count(meta_info)
+        return text, meta_info
+
+    def stream_top_logprobs(self, sid: str, start: int = 0) -> Optional[List[List[float]]]:
+        """The top-k log-probabilities of each token the stream's gen in flight has decoded, from
+        token ``start`` on, as the server has streamed them so far; ``None`` without such a gen
+        (a vote's token rule reads them, ``rksc_sgl.rksc.branch_stop.TokenReader``)."""
+        with self._lock:
+            tops = self._top_logprobs.get(sid)
+        if tops is None:
+            return None
+        return [[float(entry[0]) for entry in step] for step in tops[start:]]
 
     def _refused(self, s) -> Optional[Dict[str, Any]]:
         """The ``meta_info`` of a gen a stopped stream does not post (its seed is dropped), or ``None``."""
