@@ -69,12 +69,12 @@ MODES: Dict[str, Mode] = {m.name: m for m in (
     *(Mode(f"stop-{rule}", "radix", stop=rule, help=f"stock radix, branch stop by the {rule!r} rule (voting workloads)")
       for rule in ("lossless", "beta", "window")),
     *(Mode(f"waves-{rule}", "radix", stop=rule, waves=True,
-           help=f"stock radix, seeded branches launched in waves while the {rule!r} rule leaves the vote unsettled "
+           help=f"stock radix, seeded branches in waves while the {rule!r} rule leaves the vote open "
                 "(vote, serve, load)")
       for rule in ("lossless", "beta", "window")),
     Mode("stop-deepconf", "radix", stop="deepconf",
-         help="stock radix, DeepConf online: a branch is stopped and not counted once its running confidence "
-              "falls below a threshold learned from the first branches to finish (approximate; voting workloads)"),
+         help="stock radix, DeepConf online: stops a branch whose confidence falls below a learned threshold "
+              "(voting workloads)"),
 )}
 """The bench modes by name. Each name means one configuration on both backends
 (:func:`mode_table` gives its exact engine keyword arguments and SGLang flags): ``radix`` is
