@@ -36,7 +36,7 @@ keeps the live error rate (disagreements / verify calls, warm-up calls excluded)
 95% Wilson interval.
 
 Default thresholds come from ``benchmarks/calibrate_cgee.py`` (problem seeds disjoint
-from the benchmark's); its record is ``benchmarks/results/calibrate_cgee.json``.
+from the benchmark's); its record is ``benchmarks/results/engine/cgee/calibration-seed1000/``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ DEFAULT_VERIFY_PROMPT = "Is this solution correct? Answer Yes or No."
 class CGEEConfig:
     """Gate switches and thresholds (validated; frozen, so one config can be shared)."""
 
-    # Thresholds: benchmarks/results/calibrate_cgee.json (80 problems, seed 1000, 0 errors).
+    # Thresholds: benchmarks/results/engine/cgee/calibration-seed1000/ (80 problems, seed 1000, 0 errors).
     # The exit gate is off by default: on the ``paper`` workload (bench_paper.json) its
     # calibrated layer-26 exit changed the chosen answer on 2 of 8 problems -- the logit
     # lens keeps a branch's Yes/No verdict but not the P(yes) that ``weighted_vote`` adds
