@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-problems", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=1, help="verify calls excluded from the error rate")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default="bench_cgee")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                     help="the pool holds the prompt plus about this many uncompressed branches")
     ap.add_argument("--skip-throughput", action="store_true",
                     help="no pressured engines: agreement and private KV only (throughput columns '-')")
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default=None, help="file name stem (default: bench_compression[_fidelity])")
     fid = ap.add_argument_group("continuation fidelity (--fidelity)")
     fid.add_argument("--fidelity", action="store_true", help="teacher-forced replay fidelity instead of answers")

@@ -238,7 +238,7 @@ def main(argv=None) -> int:
                     help="append the shared prompt before fork and let SGLang's fork commit it as its own "
                          "prefill request (default: fork first, prompt inside each branch, no commit request)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default="bench_engine", help="stem of the JSON/PNG file names")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.decode_tokens < 2 or args.branches < 2:

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of each request")
     ap.add_argument("--batch-sizes", default="1,4", help="comma-separated numbers of concurrent requests")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default="bench_grammar", help="stem of the JSON/PNG file names")
     args = ap.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=600)
     ap.add_argument("--new-tokens", type=int, default=8, help="greedy tokens after the join")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per problem (+1 warm-up)")
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default="bench_join")
     args = ap.parse_args(argv)
     if args.problems < 1 or args.branches < 2 or args.repeats < 1 or args.new_tokens < 1:

@@ -12,8 +12,9 @@ decision is a replay of the trace, exactly what the engine does -- see
 - cost = verifier layers run (a skipped call costs 0; a full call 8 x 30).
 
 The chosen setting is the cheapest one with zero calibration errors (ties: more
-conservative thresholds). Written to ``benchmarks/results/calibrate_cgee.json``; the
-defaults of ``rksc_sgl.rksc.cgee.CGEEConfig`` are copied from it.
+conservative thresholds). Written to ``benchmarks/scratch/calibrate_cgee.json`` (``--out-dir``); the
+defaults of ``rksc_sgl.rksc.cgee.CGEEConfig`` are copied from the committed run,
+``benchmarks/results/engine/cgee/calibration-seed1000/``.
 
     RKSC_SGL_HOME=/tmp/rkscache python benchmarks/calibrate_cgee.py --problems 40 --seed 1000
 """
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "scratch"))
     ap.add_argument("--name", default="calibrate_cgee")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """The GPU checks of the embedded engine, as one command on a CUDA machine.
 
-    python benchmarks/gpu_checks.py            # writes benchmarks/results/gpu_checks.json
+    python benchmarks/gpu_checks.py            # writes benchmarks/scratch/gpu_checks.json (--out)
 
 1. Greedy agreement: the same prompts (plain and a fork whose branches decode together
    over a shared prefix) on the CPU engine (float32, torch attention) and on the GPU
@@ -35,7 +35,7 @@ from typing import Any, Dict, List
 from rksc_sgl.gpu_stack import install_sgl_kernel_standin, standin_active
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "gpu_checks.json"
+RESULTS = HERE / "scratch" / "gpu_checks.json"
 
 PROMPTS = [
     "The capital of France is",

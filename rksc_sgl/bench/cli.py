@@ -15,7 +15,7 @@ from rksc_sgl.bench.runner import run_bench
 from rksc_sgl.bench.tables import command_line, save
 from rksc_sgl.bench.workload import WORKLOADS, Workload, check_modes, parse_workloads
 
-DEFAULT_OUT_DIR = "benchmarks/results"
+DEFAULT_OUT_DIR = "benchmarks/scratch"  # git ignores it; runs kept go to benchmarks/results/<backend>/<feature>/<run>/
 
 
 # ---- command line ------------------------------------------------------------------------------
