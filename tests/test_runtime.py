@@ -639,3 +639,38 @@ def test_runtime_modes_map_to_sglang_flags():
     for argv, _ in flags.values():
         assert _value(argv, "--max-total-tokens") == "777" and argv[-2:] == ["--schedule-policy", "lpm"]
         assert "--sleep-on-idle" in argv  # the servers of a run are up at once, taking turns
+
+
+# ---- the deepconf rule reads a running branch's log-probabilities (streamed) ---------------------
+def test_deepconf_stops_a_low_confidence_branch_on_the_runtime(servers):
+    """SGLang's plain /generate returns log-probabilities only when a request ends, so
+    RuntimeBackend posts a gen that asks for top-k log-probabilities streamed and keeps each
+    chunk's list for the vote to read while the branch decodes: the same program as on the
+    engine stops its gibberish branch through SGLang's abort API, at the token the replay of
+    the branch's own trace names, and the streamed gen returns what a plain post returns
+    (the seeded server)."""
+    from branch_programs import LOGPROBS, confident_and_gibberish
+    from rksc_sgl.rksc.confidence import first_low_group, lowest_group_confidence, token_confidences
+    from rksc_sgl.runtime.endpoint import RuntimeBackend
+    from test_deepconf import trace_of
+
+    server = servers["no_stats"]
+    backend = RuntimeBackend(server.url)
+    result, metas = confident_and_gibberish.run(long_tokens=300, backend=backend).ret_value
+    assert result.rule == "deepconf" and result.order == [0] and result.answers == ["counted", None]
+    assert list(result.stopped) == [1] and metas[1]["finish_reason"]["type"] == "abort"
+    assert 0 < metas[1]["completion_tokens"] < 300
+    threshold = lowest_group_confidence(token_confidences(trace_of(metas[0]), 5), 4)
+    token, mean = first_low_group(token_confidences(trace_of(metas[1]), 5), 4, threshold)
+    assert result.stopped[1] == (f"deepconf: group confidence {mean:.3f} < threshold {threshold:.3f} "
+                                 f"at token {token} (window 4)")
+    assert backend.stream_controls.active() == 0 and backend.stream_top_logprobs("any") is None
+    # The streamed gen returned what a plain post of branch 0's request returns.
+    plain = requests.post(server.url + "/generate", timeout=120, json={
+        "text": "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", **LOGPROBS,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}).json()
+    assert len(trace_of(plain["meta_info"])) == metas[0]["completion_tokens"] == 8
+    flat = [[lp for step in trace_of(meta) for lp in step] for meta in (plain["meta_info"], metas[0])]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-3)
+    assert backend.stats().requests >= 3  # the fork's commit and both branches, counted once each
+    assert RuntimeClient(server.url).healthy()
