@@ -171,6 +171,7 @@ class RuntimeServer:
                         continue
                     name = child.name()
                     if (name.startswith(SGLANG_PROCESS_PREFIX) and child.status() != psutil.STATUS_ZOMBIE
+                            and time.time() - child.create_time() >= WATCH_AFTER_S
                             and not _forked_helper(child, name)):
                         self._watched[child.pid] = name
         except psutil.NoSuchProcess:
@@ -254,6 +255,11 @@ class RuntimeServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+WATCH_AFTER_S = 1.0
+"""An ``sglang::`` process is watched once it has lived this long: a scheduler's short-lived
+forks (``lscpu``, inductor's ``g++``), which bear its name, are mostly gone by then."""
 
 
 def _forked_helper(child, name: str) -> bool:
