@@ -339,9 +339,13 @@ METHOD = ("Every mode runs in this process on its own engine (built once, one CP
 
 
 RUNTIME_METHOD = ("Every mode runs as a real SGLang server (python -m sglang.launch_server through rksc-sgl's "
-                  "launcher; float32 on the CPU, the scheduler bound to --threads cores), one mode after another, "
-                  "on the same problems; each server serves the warm-up problems (seed + 100000, dropped) and then "
-                  "every problem and repeat before it is ended. The programs run through sgl.RuntimeEndpoint from "
+                  "launcher; float32 on the CPU, the scheduler bound to --threads cores; with --scale-out, N "
+                  "servers behind SGLang's router or one --dp-size N server), on the same problems. With "
+                  "--servers together (the default) every mode's server is up before any run is timed, idle "
+                  "servers sleep, and the modes take turns problem by problem, the first mode rotating, as on the "
+                  "engine; with --servers one-at-a-time each server serves the warm-up problems and every problem "
+                  "and repeat before it is ended and the next starts. Warm-up problems (seed + 100000) are "
+                  "dropped. The programs run through rksc-sgl's RuntimeBackend (sgl.RuntimeEndpoint) from "
                   "this process. The cache is flushed before every program unless the workload keeps it "
                   "(pressure). Time per problem = median over repeats of the program's wall time, less the CGEE "
                   "audit pass. Speedups as for the engine: ratios of medians with a 95% paired bootstrap over "
