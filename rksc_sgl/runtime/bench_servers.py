@@ -155,7 +155,7 @@ def worker_plans(mode, settings, overrides: Dict[str, Any], seeded: bool = False
     from rksc_sgl.runtime.server_process import free_port
 
     kind, count = parse_scale_out(settings.scale_out)
-    n = count if kind == "workers" else 1
+    n = servers_per_mode(settings)
     ports = list(ports) if ports is not None else [free_port() for _ in range(n)]
     plans = []
     for i in range(n):
