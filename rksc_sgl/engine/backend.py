@@ -153,8 +153,7 @@ class Engine(FrontendBackend):
         pool_tokens, allocator = self.kv.pool_tokens, self.kv.allocator
 
         def active() -> bool:  # RSBCM alone: only near a full pool (collect_above_usage)
-            watch_free = strategy.watch_free(pool_tokens)
-            return watch_free is None or allocator.available_size() < watch_free
+            return strategy.collects(allocator.available_size(), pool_tokens)
 
         return AttentionStats(self.kv.slot_attention, strategy.attention_layer_stride, active)
 

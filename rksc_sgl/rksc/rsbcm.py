@@ -153,6 +153,11 @@ class RSBCMStrategy(EvictionStrategy):
             return None
         return max(1, pool_slots - int(self.collect_above_usage * pool_slots))
 
+    def collects(self, free_slots: int, pool_slots: int) -> bool:
+        """Whether statistics are collected with ``free_slots`` of ``pool_slots`` free."""
+        watch_free = self.watch_free(pool_slots)
+        return watch_free is None or free_slots < watch_free
+
     def attach(self, slot_attention: Optional[torch.Tensor]) -> None:
         """Use ``slot_attention`` (one float per KV slot, index = slot) as attention mass."""
         self.slot_attention = slot_attention
