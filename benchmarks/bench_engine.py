@@ -9,10 +9,11 @@ Measures, in one run and one process:
     tokens and generating 1 new token; decode tokens/s = (N - 1) / (median t_N - median t_1)
     (the first new token comes out of the prefill pass on both sides, the other N - 1 come
     from N - 1 one-token decode passes).
-(b) ``radix`` vs ``none`` cache on an 8-branch self-consistency program
-    (``@sgl.function``, ``s.fork(8)``): a shared prompt of about ``--prompt-tokens`` tokens
-    (few-shot reasoning-gym ``gsm_symbolic`` problems with their worked solutions, then a
-    new problem), each branch appends a distinct approach hint and generates exactly
+(b) ``radix`` vs ``none`` cache on ``rksc_sgl.bench``'s ``hinted_branches`` program
+    (``@sgl.function``, ``s.fork(--branches)``, 8 by default, then ``join``; no vote, no
+    verify step): a shared prompt of about ``--prompt-tokens`` tokens (few-shot
+    reasoning-gym ``gsm_symbolic`` problems with their worked solutions, then a new
+    problem), each branch appends a distinct approach hint and greedily generates exactly
     ``--short-tokens`` tokens (``ignore_eos``). Two engines (cache="none" and
     cache="radix") in this process get the same inputs; each repeat uses a different
     problem set and both caches are flushed before every program, so prefix reuse can only
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
                              "prefill and the first token cancel out. Engine side: cache='none' engine, "
                              "generate_request(input_ids=...), ignore_eos. HF side: eng.hf_model.generate, "
                              "greedy, min_new_tokens=max_new_tokens=N.",
-            "program_method": "end-to-end self_consistency.run() wall time (fork(branches); each branch gets the "
+            "program_method": "end-to-end hinted_branches.run() wall time (fork(branches); each branch gets the "
                               "shared prompt (or, with --fork-commit, the prompt goes before the fork and is "
                               "committed by fork) plus a distinct hint, gen max_tokens=min_tokens=T ignore_eos "
                               "temperature 0; join); "
