@@ -13,6 +13,7 @@ import json
 
 import pytest
 import requests
+import torch
 from starlette.testclient import TestClient
 from test_server import running_server
 
@@ -254,7 +255,42 @@ def test_harmless_openai_fields_are_accepted(client, checked):
             "seed": None, "top_p": 1.0}
     _post(client, "/v1/chat/completions", body)
     _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "user": "u-1", "best_of": 1,
-                                      "suffix": None, "echo": False, "logit_bias": {"11": 1.5}, "top_k": 5})
+                                      "suffix": None, "echo": False})
+
+
+def test_logit_bias_and_top_k_change_what_is_sampled(client, checked):
+    """``logit_bias`` and ``top_k`` reach the sampler: checked against the model's own
+    next-token logits after the prompt (the HF model, not the engine)."""
+    tok = checked.tokenizer
+    ids = checked.encode(PROMPT)
+    with torch.no_grad():
+        logits = checked.hf_model(input_ids=torch.tensor([ids])).logits[0, -1]
+    first, runner_up = torch.topk(logits, 2).indices.tolist()
+    greedy = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    assert tok.decode([first]) == greedy["choices"][0]["text"][: len(tok.decode([first]))]
+    # +100 on a token the model would not pick: greedy decoding emits it at every step.
+    [banana] = tok.encode(" banana", add_special_tokens=False)
+    assert banana not in (first, runner_up)
+    for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": CHAT})):
+        out = _post(client, path, {**body, "max_tokens": 3, "temperature": 0, "logit_bias": {str(banana): 100}})
+        choice = out["choices"][0]
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        assert text == tok.decode([banana] * 3), path
+    # -100 on the greedy token: the runner-up comes out instead.
+    out = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0,
+                                            "logit_bias": {str(first): -100}})
+    assert out["choices"][0]["text"] == tok.decode([runner_up])
+    # top_k=1 is greedy at any temperature; top_k=2 samples only the two most likely tokens.
+    for seed in (1, 2, 3):
+        hot = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.5, "top_k": 1,
+                                                "seed": seed})
+        assert hot["choices"][0]["text"] == greedy["choices"][0]["text"]
+    drawn = set()
+    for seed in range(6):
+        two = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 2.0, "top_k": 2,
+                                                "seed": seed})
+        drawn.add(two["choices"][0]["text"])
+    assert drawn <= {tok.decode([first]), tok.decode([runner_up])}, drawn
 
 
 _LONG = "hi " * 9000  # over the 8192-token context, under the body cap
