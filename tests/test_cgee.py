@@ -8,6 +8,7 @@ import pytest
 import sglang as sgl
 import torch
 
+from rksc_sgl.problems import extract_answer
 from rksc_sgl.rksc.cgee import AuditLog, CGEEConfig, verifier_prompt, verify
 from rksc_sgl.rksc.cgee_decisions import choose, cut_at_eos, generation_confidence, skip_decision
 from rksc_sgl.rksc.verifier import ExitPolicy, binary_entropy_bits, should_exit, simulate_exit, wilson_interval
@@ -110,10 +111,27 @@ LONG = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|
         "<|im_start|>user\nIs this solution correct? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
 
 
+THIRD = "<|im_start|>user\nIs the sky green? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+
+
 def _p_yes_from_logits(logits, verifier):
     yes = torch.logsumexp(logits[..., verifier.yes_ids].float(), -1)
     no = torch.logsumexp(logits[..., verifier.no_ids].float(), -1)
     return torch.sigmoid(yes - no)
+
+
+def _verdict_ids(tokenizer):
+    """The verdict words' token ids, by hand: "Yes"/"yes" against "No"/"no", each one token."""
+    def ids(words):
+        return [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
+    assert all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ("Yes", "yes", "No", "no"))
+    return ids(("Yes", "yes")), ids(("No", "no"))
+
+
+def _p_yes_by_hand(logits, tokenizer):
+    """P(yes side | yes or no side) from next-token logits, the verifier's definition."""
+    yes, no = _verdict_ids(tokenizer)
+    return torch.sigmoid(torch.logsumexp(logits[..., yes].float(), -1) - torch.logsumexp(logits[..., no].float(), -1))
 
 
 def _hf(engine, prompts, **kw):
@@ -125,6 +143,33 @@ def _hf(engine, prompts, **kw):
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     with torch.no_grad():
         return engine.hf_model(input_ids=input_ids, attention_mask=mask, **kw)
+
+
+def _hf_lens_traces(engine, prompts):
+    """Per prompt, P(yes) of the logit lens after every layer, from the HF model's own hidden
+    states: the final norm then the LM head (the last layer's entry is the model's logits)."""
+    out = _hf(engine, prompts, output_hidden_states=True)
+    model, tok = engine.hf_model, engine.tokenizer
+    layers = len(out.hidden_states) - 1
+    with torch.no_grad():
+        per_layer = [_p_yes_by_hand(model.lm_head(model.model.norm(out.hidden_states[k][:, -1])), tok)
+                     for k in range(1, layers)] + [_p_yes_by_hand(out.logits[:, -1], tok)]
+    return [[float(p[i]) for p in per_layer] for i in range(len(prompts))]
+
+
+def _exit_layer_by_hand(trace, policy):
+    """Layers a prompt runs under ``policy``, replayed from its lens P(yes) per layer as the
+    rule reads: it leaves after layer l (l >= min_layer and l >= window, l before the last)
+    once the verdict (P >= 0.5) was the same with binary entropy <= entropy_bits over the
+    last ``window`` layers."""
+    def entropy_bits(p):
+        return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+    for layer in range(max(policy.min_layer, policy.window), len(trace)):
+        recent = trace[layer - policy.window:layer]
+        if len({p >= 0.5 for p in recent}) == 1 and all(entropy_bits(p) <= policy.entropy_bits for p in recent):
+            return layer
+    return len(trace)
 
 
 def test_last_layer_lens_equals_real_logits_under_left_padding(radix_engine):
@@ -164,29 +209,37 @@ def test_layer_exit_runs_fewer_layers_and_counts_them(radix_engine, monkeypatch)
     original = runner._layer
 
     def counting(layer_id, layer, hidden, *args):
-        calls.append((layer_id, hidden.shape[1]))
+        calls.append((layer_id, hidden.shape[1]))  # (block, new tokens of the prompts still in the batch)
         return original(layer_id, layer, hidden, *args)
 
     monkeypatch.setattr(runner, "_layer", counting)
-    prompts = [SHORT, LONG]
+    prompts = [SHORT, LONG, THIRD]
+    assert radix_engine.flush_cache()  # nothing cached: each prompt brings all of its tokens
+    lengths = [len(radix_engine.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    num_layers = len(runner.layers)
     full = radix_engine.verify_yes_no(prompts, trace=True)
-    assert len(calls) == len(runner.layers)
+    assert calls == [(layer, sum(lengths)) for layer in range(num_layers)]
+    # The engine's lens, layer by layer, is the HF model's own.
+    lens = _hf_lens_traces(radix_engine, prompts)
+    for f, ref in zip(full, lens):
+        assert [p for p, _ in f.trace] == pytest.approx(ref, abs=2e-4)
     calls.clear()
     first = radix_engine.verify_yes_no(prompts, policy=ExitPolicy(entropy_bits=1.0, window=1, min_layer=1))
-    assert len(calls) == 1 and [r.layers_run for r in first] == [1, 1]
-    assert [r.p_yes for r in first] == pytest.approx([r.trace[0][0] for r in full], abs=2e-4)
-    # A real policy: every branch exits where a replay of its full trace says it would, with
-    # the lens value of that layer; the batch shrinks as branches leave.
-    for policy in (ExitPolicy(entropy_bits=0.5, window=2, min_layer=1), ExitPolicy(entropy_bits=0.2, window=3,
-                                                                               min_layer=10)):
+    assert calls == [(0, sum(lengths))] and [r.layers_run for r in first] == [1, 1, 1]
+    assert [r.p_yes for r in first] == pytest.approx([t[0] for t in lens], abs=2e-4)
+    # A real policy: every prompt exits where a replay of its HF lens by hand says it would,
+    # with the lens value of that layer, and leaves the batch there: each block runs the new
+    # tokens of exactly the prompts that have not left yet.
+    for policy in (ExitPolicy(entropy_bits=0.5, window=2, min_layer=1),
+                   ExitPolicy(entropy_bits=0.7, window=3, min_layer=1),
+                   ExitPolicy(entropy_bits=0.2, window=3, min_layer=10)):
         calls.clear()
         got = radix_engine.verify_yes_no(prompts, policy=policy)
-        for g, f in zip(got, full):
-            p, layers = simulate_exit(f.trace, policy)
-            assert g.layers_run == layers and g.p_yes == pytest.approx(p, abs=2e-4)
-        assert len(calls) == max(g.layers_run for g in got)
-        tokens = sorted({n for _, n in calls})
-        assert tokens[0] <= tokens[-1]
+        exits = [_exit_layer_by_hand(t, policy) for t in lens]
+        assert len(set(exits)) == 3 and max(exits) < num_layers  # they leave one at a time, all early
+        for g, e, t in zip(got, exits, lens):
+            assert g.layers_run == e and g.p_yes == pytest.approx(t[e - 1], abs=2e-4)
+        assert calls == [(layer, sum(n for n, e in zip(lengths, exits) if e > layer)) for layer in range(max(exits))]
     radix_engine.check_integrity()  # temporary verifier slots were all freed, locks balanced
 
 
@@ -208,13 +261,27 @@ def test_both_gates_off_equals_plain_full_pass(radix_engine, use_backend):
     cfg = CGEEConfig(skip_gate=False, exit_gate=False, skip_min_vote_share=0.25)
     state = _branches.run(question="What is 3 + 4?", num=4, cfg=cfg)
     result, prompts, metas, texts = state.ret_value
+    # The verify turn continues each branch's own conversation, in the chat template's markup.
+    assert prompts == ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                       "What is 3 + 4? End with 'Answer: <number>'.<|im_end|>\n<|im_start|>assistant\n"
+                       f"{text}<|im_end|>\n<|im_start|>user\n{cfg.verify_prompt}<|im_end|>\n"
+                       "<|im_start|>assistant\n" for text in texts]
     plain = radix_engine.verify_yes_no(prompts)
     assert result.scores == [r.p_yes for r in plain]
     assert not result.gates["skipped"] and result.gates["layers_run"] == [30] * 4
-    assert (result.branch, result.answer) == choose(result.answers, [r.p_yes for r in plain], cfg.selection)
-    # The verify turn continues each branch's own conversation.
-    assert all(p.startswith(f.rstrip()) or f in p for p, f in zip(prompts, texts))
-    assert all(p.endswith("<|im_start|>assistant\n") for p in prompts)
+    # The scores are the model's P(yes) after each prompt (HF, by hand) ...
+    expected = _p_yes_by_hand(_hf(radix_engine, prompts).logits[:, -1], radix_engine.tokenizer).tolist()
+    assert result.scores == pytest.approx(expected, abs=2e-4)
+    # ... and the weighted vote, by hand: the answer whose branches' P(yes) sum is largest,
+    # from its branch of highest P(yes) (no answer at all: the branch of highest P(yes)).
+    assert result.answers == [extract_answer(t) for t in texts]
+    totals = {}
+    for a, p in zip(result.answers, expected):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + p
+    answer = max(totals, key=totals.get) if totals else None
+    branch = max((i for i, a in enumerate(result.answers) if a == answer), key=lambda i: expected[i])
+    assert (result.branch, result.answer) == (branch, answer)
     # Confidence: mean prob of the generated tokens before EOS; no EOS text in the branch.
     eos = radix_engine.eos_ids
     for conf, meta, text in zip(result.confidences, metas, texts):
