@@ -474,7 +474,7 @@ def test_runtime_endpoint_gives_the_same(name, endpoint, checked, use_backend):
     checked.check_integrity()
 
 
-def test_runtime_endpoint_parallel_encoding(endpoint, checked, use_backend):
+def test_runtime_endpoint_parallel_encoding(endpoint, checked, use_backend, monkeypatch):
     local = _embedded("parallel_encoding", checked, use_backend)
     use_backend(endpoint)
     remote = run_parallel_encoding()
@@ -483,12 +483,16 @@ def test_runtime_endpoint_parallel_encoding(endpoint, checked, use_backend):
     assert _joined_part(remote) == _joined_part(local)
     assert remote.messages == local.messages
     # After the join, RuntimeEndpoint always joins by text (patches/0002), while the embedded
-    # engine may concatenate the branches' KV (SGLang's parallel encoding: each branch's KV was
+    # engine concatenates the branches' KV (SGLang's parallel encoding: each branch's KV was
     # computed without the other branches before it), which legitimately changes what the model
-    # generates after the join. Compare the post-join generation only when both joined by text.
-    engine_joins_kv = global_config.enable_parallel_encoding and getattr(checked, "support_concate_and_append", False)
-    if not engine_joins_kv:
-        assert remote.text == local.text
-        assert remote.variables == local.variables
+    # generates after the join. So the post-join generation is compared with the same program on
+    # the engine with parallel encoding off: then SGLang's interpreter joins by text there too.
+    assert global_config.enable_parallel_encoding and checked.support_concate_and_append  # local joined KV
+    monkeypatch.setattr(global_config, "enable_parallel_encoding", False)
+    use_backend(checked)
+    by_text = run_parallel_encoding()
+    assert by_text.ret == local.ret and _joined_part(by_text) == _joined_part(local)
+    assert remote.text == by_text.text
+    assert remote.variables == by_text.variables
     assert checked.scheduler.wait_idle(timeout=10)
     checked.check_integrity()
