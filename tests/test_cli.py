@@ -135,15 +135,57 @@ def test_best_of_n_program_end_to_end(checked, use_backend, capsys):
     assert served > 0  # the branches and the verifier reuse the shared prompt
 
 
-def test_self_consistency_is_importable_and_votes(checked):
+def _majority_by_hand(answers):
+    """The most common answer (None does not vote; a tie goes to the one seen first) and its votes."""
+    valid = [a for a in answers if a is not None]
+    if not valid:
+        return None, 0
+    best = max(valid.count(a) for a in valid)
+    winner = next(a for a in valid if valid.count(a) == best)
+    return winner, best
+
+
+class _GivenAnswers:
+    """Stands in for the SGLang program: ``run`` returns a state whose branches answered ``answers``."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def run(self, **kwargs):
+        return argparse.Namespace(ret_value=list(self.answers))
+
+
+def test_self_consistency_is_importable_and_votes(checked, monkeypatch):
+    import rksc_sgl.programs.self_consistency as package_program
+    from rksc_sgl.problems import ANSWER_INSTRUCTION, SYSTEM_PROMPT, extract_answer
+
     program = _load_program("self_consistency")
     problem = load_problems(count=1, seed=0)[0]
+    # Sampled branches share the prompt's KV, and the answer is their majority.
     before = checked.stats()
     solution = program.solve(problem, num_branches=2, max_tokens=16, backend=checked)
     stats = checked.stats().since(before)
     assert len(solution.candidates) == 2
-    assert solution.answer is None or solution.answer in solution.candidates
+    answer, votes = _majority_by_hand(solution.candidates)
+    assert solution.answer == answer and solution.detail == f"majority {votes}/2"
     assert stats.cached_tokens > 0
+    # Greedy branches: each is the greedy continuation of the program's prompt, generated here
+    # directly on the engine from the prompt written out in the chat template's markup.
+    prompt = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{problem.question.strip()} "
+              f"{ANSWER_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    direct = checked.generate_request(text=prompt, sampling_params={"max_new_tokens": 16, "temperature": 0,
+                                                                    "stop": ["\n\n"]})
+    expected = extract_answer(direct["text"])
+    greedy = program.solve(problem, num_branches=2, max_tokens=16, sample_temperature=0.0, backend=checked)
+    assert greedy.candidates == [expected, expected]
+    assert greedy.answer == expected and greedy.detail == f"majority {2 if expected is not None else 0}/2"
+    # The vote over given branch answers.
+    for answers, want in ((["4", None, "5", "5", "4", "5"], ("5", "majority 3/6")),
+                          (["3", "4"], ("3", "majority 1/2")),
+                          ([None, None], (None, "majority 0/2"))):
+        monkeypatch.setattr(package_program, "self_consistency", _GivenAnswers(answers))
+        voted = program.solve(problem, num_branches=len(answers), backend=checked)
+        assert (voted.answer, voted.detail) == want and voted.candidates == answers
 
 
 def test_tree_of_thought_nested_forks(checked):
