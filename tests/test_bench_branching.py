@@ -75,6 +75,8 @@ def test_waves_lossless_votes_as_radix_with_fewer_decode_tokens(radix_engine):
     assert waves["agreement_with_radix"] == 1.0 and waves["accuracy_change_vs_radix"] == 0.0
     assert waves["stop_rule"] == "lossless" and waves["branches_launched"] == 4
     assert waves["decode_tokens_total"] < radix["decode_tokens_total"]
+    decoded = {m: sum(r["decode_tokens"] for r in result["runs"][m]) for m in ("radix", "waves-lossless")}
+    assert waves["fewer_decode_tokens_than_radix"] == pytest.approx(decoded["radix"] / decoded["waves-lossless"])
     assert waves["fewer_decode_tokens_than_radix"] > 1.0
     run_w, run_r = result["runs"]["waves-lossless"][0], result["runs"]["radix"][0]
     assert run_w["vote"] == {"rule": "lossless", "stopped": [], "settled_after": 4, "launched": 4, "waves": 1}
