@@ -27,6 +27,7 @@ Each reference value is also checked against the documented formula where there 
 from __future__ import annotations
 
 import itertools
+import threading
 import types
 from collections import Counter
 
@@ -45,24 +46,30 @@ TINY = 1e-6  # probabilities below this are float-rounding territory (see _asser
 
 class _Seen:
     """``torch`` as ``rksc_sgl.engine.sampling`` sees it, remembering the inputs of the calls
-    that decide the draw; every other attribute is torch's own."""
+    that decide the draw (made on the test's own thread: a session engine's scheduler thread
+    samples through the same module); every other attribute is torch's own."""
 
     def __init__(self):
         self.softmax_in = self.multinomial_in = self.argmax_in = None
+        self._thread = threading.current_thread()
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
+    def _keep(self, name, x):
+        if threading.current_thread() is self._thread:
+            setattr(self, name, x.detach().clone())
+
     def softmax(self, x, dim):
-        self.softmax_in = x.detach().clone()
+        self._keep("softmax_in", x)
         return torch.softmax(x, dim=dim)
 
     def multinomial(self, probs, num_samples, generator=None):
-        self.multinomial_in = probs.detach().clone()
+        self._keep("multinomial_in", probs)
         return torch.multinomial(probs, num_samples, generator=generator)
 
     def argmax(self, x, *args, **kwargs):
-        self.argmax_in = x.detach().clone()
+        self._keep("argmax_in", x)
         return torch.argmax(x, *args, **kwargs)
 
 
