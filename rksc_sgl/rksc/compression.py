@@ -49,82 +49,17 @@ the allocator at once.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
 import torch
 
 from rksc_sgl.kv.compaction import compress
+from rksc_sgl.rksc.compression_config import (ATTENTION_METHODS, IMPORTANCE, METHODS,  # noqa: F401 (re-exported)
+                                              REDUNDANCY_LAYERS, CompressionConfig, compression_config)
 
 if TYPE_CHECKING:
     from rksc_sgl.kv.manager import KVCacheManager
     from rksc_sgl.kv.records import ReqKV
-
-METHODS = ("rkv", "cask", "recent", "attention")
-IMPORTANCE = ("cumulative", "window")
-REDUNDANCY_LAYERS = ("one", "all")
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressionConfig:
-    """Settings of decode-KV compression (see the module docstring)."""
-
-    method: str = "rkv"
-    budget: float = 0.16
-    buffer: int = 16
-    min_tokens: int = 32
-    lam: float = 0.1
-    core: float = 0.5
-    key_layer: Optional[int] = None  # None: the middle layer
-    attention_layer_stride: int = 4
-    importance: str = "cumulative"
-    redundancy_layers: str = "one"
-
-    def __post_init__(self) -> None:
-        for name, choices in (("method", METHODS), ("importance", IMPORTANCE),
-                              ("redundancy_layers", REDUNDANCY_LAYERS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"compression {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
-        for name, low, high in (("budget", 0.0, 1.0), ("lam", 0.0, 1.0), ("core", 0.0, 1.0)):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"compression {name} must be a number in [{low:g}, {high:g}], got {value!r}")
-        if self.budget <= 0:
-            raise ValueError("compression budget must be > 0 (the share of decoded tokens whose KV is kept)")
-        for name, low in (("buffer", 1), ("min_tokens", 1), ("attention_layer_stride", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"compression {name} must be an integer >= {low}, got {value!r}")
-        if self.min_tokens < self.buffer:
-            raise ValueError(f"compression min_tokens ({self.min_tokens}) must be >= buffer ({self.buffer}): "
-                             "the kept decode KV includes the recent buffer")
-        if self.key_layer is not None and (not isinstance(self.key_layer, int) or isinstance(self.key_layer, bool)
-                                           or self.key_layer < 0):
-            raise ValueError(f"compression key_layer must be an integer >= 0, got {self.key_layer!r}")
-
-    def target(self, decoded: int) -> int:
-        """Decode tokens whose KV is kept after compressing ``decoded`` tokens (buffer included)."""
-        return max(math.ceil(self.budget * decoded - 1e-9), self.min_tokens)
-
-    def needs_compression(self, kept: int, decoded: int) -> bool:
-        return kept > self.target(decoded) + self.buffer
-
-    def private_cap(self, max_new_tokens: int) -> int:
-        """Most decode KV a request can hold at once (for admission)."""
-        return min(max_new_tokens, self.target(max_new_tokens) + self.buffer + 1)
-
-
-def compression_config(value) -> Optional[CompressionConfig]:
-    """``EngineConfig.compression`` from None, a config or a mapping of its fields."""
-    if value is None or isinstance(value, CompressionConfig):
-        return value
-    if isinstance(value, dict) or hasattr(value, "keys"):
-        unknown = set(value) - {f.name for f in dataclasses.fields(CompressionConfig)}
-        if unknown:
-            raise ValueError(f"compression: unknown field(s) {', '.join(sorted(unknown))}")
-        return CompressionConfig(**value)
-    raise ValueError(f"compression must be a CompressionConfig or a mapping of its fields, got {type(value).__name__}")
 
 
 @dataclasses.dataclass
@@ -141,32 +76,63 @@ def redundancy(keys: torch.Tensor) -> torch.Tensor:
     heads standing for (layer, head) pairs when several layers are stacked."""
     n = keys.shape[0]
     if n < 2:
-        return torch.zeros(n)
+        return torch.zeros(n, device=keys.device)
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     sim = torch.einsum("ihd,jhd->ij", unit, unit) / keys.shape[1]
     sim.fill_diagonal_(0.0)
     return sim.sum(dim=1) / (n - 1)
 
 
+def importance_of(config: CompressionConfig, mass: torch.Tensor, *, age: torch.Tensor = None,
+                  seen: torch.Tensor = None) -> torch.Tensor:
+    """The candidates' importance from the attention ``mass`` their slots received: per
+    query since each was made (``age``, cumulative), or the mass received since the
+    request's previous compression (``seen``: what each had then, window). Same device
+    as ``mass``; nothing read back."""
+    if config.importance == "window":
+        return mass - seen
+    return mass / age.clamp(min=1.0)
+
+
+def _scores(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """R-KV's score and the normalised importance it is made of (device operations only)."""
+    imp = importance.float().clamp(min=0)
+    top = imp.max()
+    imp = torch.where(top > 0, imp / top, imp)
+    return config.lam * imp - (1.0 - config.lam) * redundancy(keys), imp
+
+
+def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor,
+                keep_count: int) -> torch.Tensor:
+    """The ``keep_count`` candidates to keep (indices, ascending, on ``importance``'s device)
+    by the ``rkv``, ``recent`` and ``attention`` rules; the candidates come oldest first.
+    Device operations only (``topk``, no read back), so SGLang's runtime selects with it
+    inside its scheduler as the engine does (through :func:`plan`)."""
+    n = importance.shape[0]
+    keep_count = max(0, min(keep_count, n))
+    device = importance.device
+    if keep_count >= n:
+        return torch.arange(n, device=device)
+    if config.method == "recent":
+        return torch.arange(n - keep_count, n, device=device)
+    if config.method == "attention":
+        return torch.sort(torch.topk(importance.float(), keep_count).indices).values
+    if config.method == "rkv":
+        score, _ = _scores(config, importance, keys)
+        return torch.sort(torch.topk(score, keep_count).indices).values
+    raise ValueError(f"select_keep: method {config.method!r} merges tokens; use plan()")
+
+
 def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor, keep_count: int) -> Plan:
     """Choose ``keep_count`` of the candidates (their attention mass and keys), which come
     oldest first."""
+    if config.method != "cask":
+        return Plan(select_keep(config, importance, keys, keep_count).tolist())
     n = importance.shape[0]
     keep_count = max(0, min(keep_count, n))
     if keep_count >= n:
         return Plan(list(range(n)))
-    if config.method == "recent":
-        return Plan(list(range(n - keep_count, n)))
-    if config.method == "attention":
-        return Plan(sorted(int(i) for i in torch.topk(importance.float(), keep_count).indices))
-    imp = importance.float().clamp(min=0)
-    top = float(imp.max()) if n else 0.0
-    imp = imp / top if top > 0 else imp
-    red = redundancy(keys)
-    score = config.lam * imp - (1.0 - config.lam) * red
-    if config.method == "rkv":
-        keep = torch.topk(score, keep_count).indices
-        return Plan(sorted(int(i) for i in keep))
+    score, imp = _scores(config, importance, keys)
     core_count = min(keep_count, int(round(config.core * keep_count)))
     core = set(int(i) for i in torch.topk(imp, core_count).indices) if core_count else set()
     rest = [i for i in range(n) if i not in core]
@@ -208,10 +174,11 @@ def compress_decode_kv(kv: "KVCacheManager", req: "ReqKV", prompt_len: int, cfg:
     origins = req.kept_origins + [r + req.dropped for r in range(start + kept_before, end)]
     mass = kv.slot_attention[slots.to(kv.slot_attention.device)].float().cpu()
     if cfg.importance == "window":  # what the queries since the last compression read
-        importance = mass - torch.tensor([req.attention_seen.get(s, 0.0) for s in slots.tolist()])
+        importance = importance_of(cfg, mass, seen=torch.tensor([req.attention_seen.get(s, 0.0)
+                                                                  for s in slots.tolist()]))
     else:  # all it received, per query since it was made
         age = torch.tensor([req.kv_len + req.dropped - o for o in origins], dtype=torch.float32)
-        importance = mass / age.clamp(min=1.0)
+        importance = importance_of(cfg, mass, age=age)
     chosen = plan(cfg, importance, _candidate_keys(kv, cfg, slots), cfg.target(decoded) - cfg.buffer)
     req.kept_origins = [origins[i] for i in sorted(chosen.keep)]
     dropped = compress(kv, req, start, end, chosen.keep, chosen.merges)
