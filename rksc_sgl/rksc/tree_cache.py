@@ -68,6 +68,17 @@ RecipientFeatures = Callable[[int], torch.Tensor]
 """n -> (n, hidden) features of the recipient's first n span tokens at the key layer."""
 
 
+REQ_COMPRESSION_ATTR = "rksc_compression"
+"""The ``Req`` attribute of a runtime request whose decode KV was compressed
+(``rksc_sgl.runtime.compression``); None or absent: exact."""
+
+
+def is_compressed(req) -> bool:
+    """A runtime request whose decode KV was compressed: its row no longer holds the KV of
+    every token it generated, so only its exact prefix may enter the tree."""
+    return getattr(req, REQ_COMPRESSION_ATTR, None) is not None
+
+
 def is_stopped_branch(req) -> bool:
     """A runtime request that ended aborted and was named by ``RuntimeBackend`` as a
     frontend gen (``rksc-branch-...``): a branch ``rksc_sgl.vote`` stopped."""
@@ -202,8 +213,10 @@ class RKSCRadixCache(RadixCache, SemanticTree):
     def checkpoint(self, req, *, up_to: int):
         """SGLang's runtime caches a request's computed KV here. A stopped branch
         (:func:`rksc_sgl.vote` aborted it) caches its prompt only: its partial answer is
-        freed, not left for later lookups."""
-        if is_stopped_branch(req):
+        freed, not left for later lookups. So does a request whose decode KV was compressed
+        (its prompt, or the exact prefix it held): the true tokens past it no longer have
+        their KV in the row, so inserting them would map tokens to the wrong KV."""
+        if is_stopped_branch(req) or is_compressed(req):
             up_to = max(req.kv.cache_protected_len, min(up_to, len(req.origin_input_ids)))
         return super().checkpoint(req, up_to=up_to)
 

@@ -14,6 +14,12 @@ added unless the user's flags say so      why
 ``RKSC_SEEDED_SAMPLING=1`` (asked for)    per-request ``sampling_seed`` honoured
                                           (``rksc_sgl.runtime.seeded_sampling``); on a
                                           GPU also ``--sampling-backend pytorch``
+``RKSC_COMPRESSION`` (asked for)          decode-KV compression of running requests
+                                          (``rksc_sgl.runtime.compression``), the
+                                          attention hook for the methods that score by
+                                          attention; on a GPU also
+                                          ``--disable-overlap-schedule`` and (those methods)
+                                          ``--disable-decode-cuda-graph``
 CPU only: ``--dtype float32``             ``auto`` turns a float32 checkpoint into float16
 CPU only: ``--max-total-tokens 16384``    else the KV pool takes 72% of RAM
 CPU only: ``--sleep-on-idle``             else the idle scheduler spins a core
@@ -140,7 +146,7 @@ def _replace_flag(argv: List[str], flag: str, value: str) -> List[str]:
 
 
 def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_stats: bool = True,
-                asks=None, seeded_sampling: Optional[bool] = None, cuda: Optional[bool] = None,
+                asks=None, seeded_sampling: Optional[bool] = None, compression=None, cuda: Optional[bool] = None,
                 sgl_kernel_installed: Optional[bool] = None, environ: Optional[Dict[str, str]] = None) -> LaunchPlan:
     """Validate SGLang arguments and add RKSC's and the CPU's defaults (see the module doc).
 
@@ -148,7 +154,9 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
     (a stock server, for comparisons). ``asks`` (an ``ASKSConfig``): turn ASKS on in the
     ``rksc`` backend through ``RKSC_ASKS`` (an ``RKSC_ASKS`` already in the environment is
     checked and kept when ``asks`` is None). ``seeded_sampling``: honour each request's
-    ``sampling_seed`` (``RKSC_SEEDED_SAMPLING``; None: as the environment says). ``cuda``/``sgl_kernel_installed``/``environ``
+    ``sampling_seed`` (``RKSC_SEEDED_SAMPLING``; None: as the environment says). ``compression``
+    (a ``CompressionConfig``): compress running requests' decode KV through
+    ``RKSC_COMPRESSION`` (None: as the environment says). ``cuda``/``sgl_kernel_installed``/``environ``
     default to this machine's. Raises :class:`LaunchError` (and SGLang's parser exits
     with status 2 on a bad flag).
     """
@@ -195,15 +203,27 @@ def plan_launch(user_argv: Sequence[str], *, rksc_cache: bool = True, attention_
                           "(it is a RadixCache: one device tier)")
     _plan_asks(asks, environ, env, added, backend, args, given, add)
     _plan_seeded_sampling(seeded_sampling, environ, env, added, cuda, given, add)
-    stride = 4
+    hook_stride, hook_why = None, ""
     if policy == EVICTION_POLICY_NAME:
         try:
             strategy = RSBCMStrategy(**(args.radix_eviction_policy_config or {}))
         except (TypeError, ValueError) as exc:
             raise LaunchError(f"--radix-eviction-policy-config for {EVICTION_POLICY_NAME}: {exc}") from None
-        stride = strategy.attention_layer_stride
         if attention_stats:
-            _add_attention_hook(argv, added, getattr(given, "forward_hooks", None), stride)
+            hook_stride, hook_why = strategy.attention_layer_stride, "RSBCM's attention statistics"
+    kv = _plan_compression(compression, environ, env, added, backend, cuda, given, add)
+    if kv is not None and kv.needs_attention:
+        if not attention_stats:
+            raise LaunchError(f"--kv-compression {kv.method} scores tokens by attention; drop --attention-stats off "
+                              "(or use --kv-compression recent)")
+        if hook_stride is not None and hook_stride != kv.attention_layer_stride:
+            raise LaunchError(f"RSBCM's attention_layer_stride {hook_stride} (--radix-eviction-policy-config) and "
+                              f"compression's {kv.attention_layer_stride} (--kv-compression-config) share one "
+                              "attention hook; make them equal")
+        hook_stride = kv.attention_layer_stride
+        hook_why = "compression's attention scores" + (" and RSBCM's statistics" if hook_why else "")
+    if hook_stride is not None:
+        _add_attention_hook(argv, added, getattr(given, "forward_hooks", None), hook_stride, hook_why)
 
     if not cuda:
         if getattr(given, "dtype", None) is None:
@@ -338,6 +358,43 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
                  f"shifted reuse {shifted}{'; from the environment' if inherited else ''})")
 
 
+def _plan_compression(config, environ: Dict[str, str], env: Dict[str, str], added: List[str], backend,
+                      cuda: bool, given, add):
+    """Check the compression settings (``config`` or an inherited ``RKSC_COMPRESSION``) against the
+    server's flags, put them in the environment the schedulers inherit and, on a GPU, turn off
+    what compression cannot run with (the overlap scheduler; decode CUDA graphs for the
+    methods that score by attention). Returns the config (None: off)."""
+    from rksc_sgl.runtime.compression_settings import ENV_VAR, compression_config_from_env, env_value
+    from rksc_sgl.runtime.plugin import BACKEND_NAME
+
+    inherited = config is None
+    if inherited:
+        try:
+            config = compression_config_from_env(environ)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+    if config is None:
+        return None
+    if backend != BACKEND_NAME:
+        where = "--disable-radix-cache" if getattr(given, "disable_radix_cache", False) else \
+            f"--radix-cache-backend {backend}" if backend else "SGLang's default cache (--rksc-tree off)"
+        raise LaunchError(f"--kv-compression runs in --radix-cache-backend {BACKEND_NAME} with the radix cache on; "
+                          f"it cannot run with {where}{' (unset ' + ENV_VAR + ')' if inherited else ''}")
+    if cuda:
+        if not getattr(given, "disable_overlap_schedule", False):
+            add("--disable-overlap-schedule", why="compression rewrites rows between steps; a GPU forward in "
+                                                  "flight would still read them")
+        graphs_off = getattr(given, "disable_cuda_graph", False) or getattr(given, "disable_decode_cuda_graph", False)
+        if config.needs_attention and not graphs_off:
+            add("--disable-decode-cuda-graph", why=f"compression {config.method} scores by attention, which "
+                                                   "replayed graphs do not report")
+    if not inherited:
+        env[ENV_VAR] = env_value(config)
+    added.append(f"{ENV_VAR}={env_value(config)}  (decode-KV compression: {config.method}, budget "
+                 f"{config.budget:g}{'; from the environment' if inherited else ''})")
+    return config
+
+
 def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: Dict[str, str],
                           added: List[str], cuda: bool, given, add) -> None:
     """Put ``RKSC_SEEDED_SAMPLING`` in the environment the SGLang processes inherit and check
@@ -365,7 +422,8 @@ def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: 
     added.append(f"{ENV_VAR}=1  (each request's sampling_seed honoured{'; from the environment' if inherited else ''})")
 
 
-def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int) -> None:
+def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int,
+                        why: str = "RSBCM's attention statistics") -> None:
     from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, hook_spec
 
     hooks = list(user_hooks or [])
@@ -376,4 +434,4 @@ def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: i
         argv.extend(["--forward-hooks", value])
     else:
         argv[:] = _replace_flag(argv, "--forward-hooks", value)
-    added.append(f"--forward-hooks [...rksc_attention every {stride} layers]  (RSBCM's attention statistics)")
+    added.append(f"--forward-hooks [...rksc_attention every {stride} layers]  ({why})")

@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Sequence
 
+from rksc_sgl.rksc.compression_config import METHODS
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
 from rksc_sgl.runtime.server_process import DEFAULT_STARTUP_TIMEOUT_S, RuntimeServer
 
@@ -30,7 +31,8 @@ def launcher_parser() -> argparse.ArgumentParser:
         description="Start SGLang's own server (python -m sglang.launch_server) with RKSC's tree "
                     "(--radix-cache-backend rksc), RSBCM eviction (--radix-eviction-policy rsbcm) and RSBCM's "
                     "attention hook unless your SGLang flags say otherwise (bench mode rsbcm; add --asks-tau "
-                    "for ASKS: the server side of bench mode rksc); on a CPU also float32, a bounded KV pool and "
+                    "for ASKS: the server side of bench mode rksc; --kv-compression for decode-KV compression "
+                    "of running requests, the radix cache kept on); on a CPU also float32, a bounded KV pool and "
                     "--sleep-on-idle. Every other argument is SGLang's (see `python -m sglang.launch_server "
                     "--help`).")
     group = parser.add_argument_group("rksc-sgl launcher")
@@ -49,6 +51,15 @@ def launcher_parser() -> argparse.ArgumentParser:
     group.add_argument("--asks-shifted", choices=("auto", "on", "off"), default="auto",
                        help="ASKS: reuse identical donor tokens at another position as rotated copies "
                             "(auto: only with a float32 KV pool; default: auto)")
+    group.add_argument("--kv-compression", choices=METHODS, default=None, metavar="{" + ",".join(METHODS) + "}",
+                       help="compress each running request's own decode KV with this method, the radix cache "
+                            "kept on (RKSC_COMPRESSION; the runtime runs rkv, recent and attention; default: off, "
+                            "or as RKSC_COMPRESSION says)")
+    group.add_argument("--kv-budget", type=float, default=None, metavar="B",
+                       help="compression: share of the decoded tokens whose KV is kept, in (0, 1] (default: 0.16)")
+    group.add_argument("--kv-compression-config", default=None, metavar="JSON",
+                       help="compression: other CompressionConfig fields as a JSON object, e.g. "
+                            "'{\"buffer\": 16, \"min_tokens\": 32, \"lam\": 0.1}' (see docs/kv-compression.md)")
     group.add_argument("--seeded-sampling", **on_off_flag(default=None),
                        help="on: honour each request's sampling_seed (SGLang does only with "
                             "--enable-deterministic-inference, which the CPU runtime cannot run); "
@@ -71,6 +82,38 @@ def _asks_from_flags(ours: argparse.Namespace):
     return ASKSConfig(enabled=True, tau=ours.asks_tau, recompute_fraction=recompute, shifted=shifted)
 
 
+def _compression_from_flags(ours: argparse.Namespace):
+    """The ``CompressionConfig`` of ``--kv-*`` (``None`` without ``--kv-compression``: the environment's)."""
+    import json
+
+    from rksc_sgl.rksc.compression_config import compression_config
+
+    if ours.kv_compression is None:
+        if ours.kv_budget is not None or ours.kv_compression_config is not None:
+            raise LaunchError("--kv-budget and --kv-compression-config need --kv-compression (which turns "
+                              "compression on)")
+        return None
+    fields = {}
+    if ours.kv_compression_config is not None:
+        try:
+            fields = json.loads(ours.kv_compression_config)
+        except json.JSONDecodeError as exc:
+            raise LaunchError(f"--kv-compression-config must be a JSON object, got "
+                              f"{ours.kv_compression_config!r} ({exc})") from None
+        if not isinstance(fields, dict):
+            raise LaunchError(f"--kv-compression-config must be a JSON object, got {ours.kv_compression_config!r}")
+        for name, flag in (("method", "--kv-compression"), ("budget", "--kv-budget")):
+            if name in fields:
+                raise LaunchError(f"--kv-compression-config: give {name} with {flag}")
+    fields["method"] = ours.kv_compression
+    if ours.kv_budget is not None:
+        fields["budget"] = ours.kv_budget
+    try:
+        return compression_config(fields)
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"--kv-compression: {exc}") from None
+
+
 def launch_server_main(argv: Sequence[str]) -> int:
     """``rksc-sgl launch-server [launcher flags] [SGLang flags]``: run until stopped."""
     ours, sglang_argv = launcher_parser().parse_known_args(list(argv))
@@ -81,7 +124,8 @@ def launch_server_main(argv: Sequence[str]) -> int:
         return 0
     try:
         plan = plan_launch(sglang_argv, rksc_cache=ours.rksc_cache, attention_stats=ours.attention_stats,
-                           asks=_asks_from_flags(ours), seeded_sampling=ours.seeded_sampling)
+                           asks=_asks_from_flags(ours), seeded_sampling=ours.seeded_sampling,
+                           compression=_compression_from_flags(ours))
     except (LaunchError, ValueError) as exc:
         print(f"rksc-sgl launch-server: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,10 @@ per-slot attention table (``rksc_sgl.runtime.attention_stats``), which the
 (``rksc-sgl launch-server`` adds it); without that hook the table stays empty and RSBCM
 ranks nodes by its proxies (``hit_count`` branches, depth) and recency.
 
+With ``RKSC_COMPRESSION`` set (a JSON object of ``CompressionConfig`` fields) it adds decode-KV
+compression's hooks (``rksc_sgl.runtime.compression_hooks``) and the cache factory attaches
+its state to each scheduler (``rksc_sgl.runtime.compression``).
+
 With ``RKSC_SEEDED_SAMPLING=1`` it adds two AFTER hooks that make SGLang honour each
 request's ``sampling_seed`` (``rksc_sgl.runtime.seeded_sampling``).
 
@@ -86,6 +90,7 @@ def rksc_cache_factory(ctx):
     else:
         cache = RKSCRadixCache(ctx.params, asks=ASKSConfig(enabled=False))
     _set_up_rsbcm(ctx, cache)
+    _set_up_compression(ctx, cache)
     _open_eviction_log(ctx, cache)
     logger.info(
         "rksc tree cache built (page_size=%s, eviction_policy=%s, %s)",
@@ -134,6 +139,18 @@ def _set_up_rsbcm(ctx, cache) -> None:
     if not hooked:
         logger.info("rsbcm: no rksc_attention hook in --forward-hooks; nodes are ranked by branches, depth "
                     "and recency")
+
+
+def _set_up_compression(ctx, cache) -> None:
+    """Decode-KV compression for this scheduler when ``RKSC_COMPRESSION`` is set
+    (``rksc_sgl.runtime.compression``); after RSBCM's set-up, whose near-full switch it turns off."""
+    from rksc_sgl.runtime.compression_settings import compression_config_from_env
+
+    config = compression_config_from_env()
+    if config is not None:
+        from rksc_sgl.runtime.compression import attach
+
+        attach(ctx, cache, config)
 
 
 EVICTION_LOG_VAR = "RKSC_EVICTION_LOG"
@@ -191,6 +208,22 @@ def _add_asks_hooks() -> None:
         register_hooks()
 
 
+def _add_compression_hooks() -> None:
+    """Decode-KV compression's hooks (``rksc_sgl.runtime.compression_hooks``), only in processes
+    that have ``RKSC_COMPRESSION`` set (read and checked here, once): otherwise SGLang's
+    scheduler, forward batch and pools run untouched."""
+    from rksc_sgl.runtime.compression_settings import compression_config_from_env
+
+    try:
+        config = compression_config_from_env()
+    except ValueError as exc:
+        raise ValueError(f"rksc plugin: {exc}") from None
+    if config is not None:
+        from rksc_sgl.runtime.compression_hooks import register_hooks
+
+        register_hooks()
+
+
 def _add_seeded_sampling_hooks() -> None:
     """The per-request seed hooks (``rksc_sgl.runtime.seeded_sampling``), only in processes
     that have ``RKSC_SEEDED_SAMPLING`` on: otherwise SGLang samples as it always does."""
@@ -238,6 +271,7 @@ def register() -> None:
     _add_server_state_hook()
     _add_asks_hooks()
     _add_seeded_sampling_hooks()
+    _add_compression_hooks()
     for name, factory in ((BACKEND_NAME, rksc_cache_factory), (STOCK_BACKEND_NAME, stock_radix_cache_factory)):
         existing = get_radix_cache_factory(name)
         if existing is factory:

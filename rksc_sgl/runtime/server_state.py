@@ -8,6 +8,7 @@ registry, so every scheduler answers, next to its own state::
     "rksc": {"backend": "rksc", "eviction_policy": "rsbcm",
              "cache": {match_calls, exact_hit_tokens, inserted_tokens, evicted_tokens, ...},
              "attention": {passes, queries, seconds, slots_with_mass} | null,
+             "compression": {settings, compactions, dropped_tokens, decisions, ...} | null,
              "integrity": {"checked": bool, "ok": bool, "problems": [...], "slots": {...}}}
 
 The integrity check runs only when the scheduler is idle (no running, waiting or chunked
@@ -64,8 +65,17 @@ def rksc_state(scheduler, tree, asks_tree=None) -> Dict[str, Any]:
         "cache": tree.stats.as_dict(),
         "attention": slot_attention_of(pool).as_dict() if tree.slot_attention is not None else None,
         "asks": asks_tree.asks_state() if asks_tree is not None else None,
+        "compression": _compression_state(tree),
         "integrity": integrity(scheduler, tree, asks_tree),
     }
+
+
+def _compression_state(tree):
+    """Decode-KV compression's settings, counters and recent decisions (None: off)."""
+    from rksc_sgl.runtime.compression import compression_of
+
+    state = compression_of(tree.req_to_token_pool)
+    return state.as_dict() if state is not None else None
 
 
 def _idle(scheduler) -> bool:

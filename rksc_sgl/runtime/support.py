@@ -10,7 +10,7 @@ table of both.
 
 ``args``: SGLang's ``ServerArgs`` or the launcher's parsed namespace (read with
 ``getattr``); ``environ``: the environment the schedulers inherit (``RKSC_ASKS``,
-``RKSC_SEEDED_SAMPLING``). Torch-free.
+``RKSC_SEEDED_SAMPLING``, ``RKSC_COMPRESSION``: ``rksc_sgl.runtime.compression_settings``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
     the flag to change."""
     from rksc_sgl.runtime.asks_settings import ENV_VAR as ASKS_VAR
     from rksc_sgl.runtime.asks_settings import asks_config_from_env, asks_unsupported
+    from rksc_sgl.runtime.compression_settings import compression_config_from_env, compression_unsupported
     from rksc_sgl.runtime.plugin import BACKEND_NAME, EVICTION_POLICY_NAME
     from rksc_sgl.runtime.seeded_sampling import ENV_VAR as SEEDED_VAR
     from rksc_sgl.runtime.seeded_sampling import seeded_sampling_from_env
@@ -98,6 +99,9 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
         mode = _get(args, "disaggregation_mode", "null")
         if mode not in ("null", None):
             problems.append(f"ASKS does not support --disaggregation-mode {mode}")
+    compression = _setting(compression_config_from_env, environ, problems)
+    if compression is not None:
+        problems += compression_unsupported(compression, args, environ)
     seeded = _setting(seeded_sampling_from_env, environ, problems)
     sampler = _get(args, "sampling_backend")
     if seeded and sampler not in (None, "pytorch"):

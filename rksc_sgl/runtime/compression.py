@@ -1,0 +1,299 @@
+"""Decode-KV compression inside SGLang's runtime, with the radix cache on (``RKSC_COMPRESSION``).
+
+The engine's rule (``rksc_sgl.rksc.compression``), applied to SGLang's scheduler state. A
+running request's own decode KV, row positions ``[start, kv_committed_len - buffer)`` where
+``start`` is its prompt length (or the exact prefix a retracted request resumed with, which
+the tree owns), is scored and cut down to its budget whenever it is over budget plus buffer,
+at the same point of the step as on the engine: after the forward that wrote the newest
+token's KV, before the next decode step is prepared.
+
+Who does what, in one scheduler process::
+
+    RuntimeCompression   the settings, one int64 offset per req_to_token row (on the
+                         pool's device) and the counters; attached to SGLang's
+                         ReqToTokenPool, where the scheduler, the model runner and the
+                         tree all reach it
+    ReqCompression       one compressed request's state (a Req attribute): its dropped
+                         count, the original positions of its kept candidates, for
+                         ``importance="window"`` the mass each had at the last compression
+    the hooks            ``rksc_sgl.runtime.compression_hooks``: positions, compaction,
+                         admission, row release, retraction
+
+A compaction rewrites the request's ``req_to_token`` row (kept candidates, then the rest of
+the row moved down), frees the dropped slots to SGLang's allocator at once, lowers
+``kv_committed_len`` and ``kv_allocated_len`` by the count dropped, gives the running batch
+new ``seq_lens`` / ``seq_lens_cpu`` / ``orig_seq_lens`` tensors (never edited in place: the
+overlap scheduler keeps a copy of the batch that shares them), clears ``batch_is_full`` so the
+freed slots admit waiting requests in the same pass, and sets the row's offset: decode
+positions are ``seq_len - 1 + offset``, the request's true positions.
+
+Device contract: every tensor made here lives on the pool's device; the selection is
+``select_keep`` (``topk``), counts are host arithmetic on the config and SGLang's host
+lengths, so a compaction reads nothing back from the device.
+
+The tree: a compressed request caches nothing past its prompt (or the exact prefix it held,
+``RKSCRadixCache.checkpoint``); its slots are freed exactly once, the dropped ones at the
+compaction, the rest when it is released.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import torch
+
+from rksc_sgl.rksc.compression import importance_of, select_keep
+from rksc_sgl.rksc.compression_config import CompressionConfig
+from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RuntimeCompression", "ReqCompression", "attach", "compression_of"]
+
+POOL_ATTR = "_rksc_compression"
+"""The ``ReqToTokenPool`` attribute that holds the process's :class:`RuntimeCompression`."""
+
+HISTORY = 8
+"""Released compressed requests whose decisions ``/server_info`` keeps (the newest)."""
+EVENTS = 128
+"""Compressions of one request kept for ``/server_info`` (the first ones)."""
+
+
+@dataclasses.dataclass
+class ReqCompression:
+    """One compressed request's state (``Req.rksc_compression``)."""
+
+    start: int
+    """First candidate row position: the prompt's length, or the exact prefix it resumed with."""
+    prompt_len: int
+    dropped: int = 0
+    kept: Optional[torch.Tensor] = None
+    """Original positions of the kept candidates, oldest first (int64, the pool's device)."""
+    kept_count: int = 0
+    seen: Optional[torch.Tensor] = None
+    """``importance="window"``: each row position's mass from ``start`` at the last compression."""
+    events: List[Tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    """(decoded tokens, kept original positions) of each compression, for ``/server_info``."""
+
+
+def compression_of(req_to_token_pool) -> Optional["RuntimeCompression"]:
+    """The compression attached to SGLang's ``req_to_token_pool`` (None: off)."""
+    return getattr(req_to_token_pool, POOL_ATTR, None)
+
+
+class RuntimeCompression:
+    """Compression of one scheduler process (see the module docstring)."""
+
+    def __init__(self, config: CompressionConfig, req_to_token_pool, allocator, mass: Optional[torch.Tensor]):
+        self.config = config
+        self.req_to_token_pool = req_to_token_pool
+        self.allocator = allocator
+        self.pool = allocator.get_kvcache()
+        self.mass = mass
+        table = req_to_token_pool.req_to_token
+        self.device = table.device
+        self.offset = torch.zeros(table.shape[0], dtype=torch.int64, device=self.device)
+        self.shifted_rows = 0
+        """Rows with a non-zero offset now (host count: no shift at all while it is 0)."""
+        self.compactions = 0
+        self.dropped_tokens = 0
+        self.compressed_requests = 0
+        self.history: Deque[Tuple[str, ReqCompression]] = collections.deque(maxlen=HISTORY)
+
+    # ---- which requests ---------------------------------------------------------------------
+    @staticmethod
+    def eligible(req, chunked_req=None, asks_plans=None) -> bool:
+        """A running decode request whose private KV can be compressed: not finished, not
+        retracted, not a beam, not the chunked request, not an ASKS recipient (its row holds
+        a donor's KV and plan copies)."""
+        kv = req.kv
+        return (kv.holds_kv and not req.finished() and not getattr(req, "is_retracted", False)
+                and getattr(req, "beam_group", None) is None and req is not chunked_req
+                and not (asks_plans and id(kv) in asks_plans))
+
+    @staticmethod
+    def start_of(req) -> int:
+        state = getattr(req, REQ_COMPRESSION_ATTR, None)
+        if state is not None:
+            return state.start
+        return max(len(req.origin_input_ids), req.kv.cache_protected_len)
+
+    def reservation(self, req) -> int:
+        """Most slots the request may still take for its decode KV (the engine's
+        ``Request.remaining_reservation``): its compressed cap less what it holds."""
+        held = max(req.kv.kv_committed_len - self.start_of(req), 0)
+        return max(self.config.private_cap(req.sampling_params.max_new_tokens) - held, 0)
+
+    # ---- the compaction pass ----------------------------------------------------------------
+    def compact_running(self, batch, chunked_req=None, asks_plans=None) -> int:
+        """Compress every eligible request of the running ``batch`` that is over budget;
+        returns the tokens dropped."""
+        reqs = batch.reqs
+        lengths = batch.seq_lens_cpu
+        if not reqs or lengths is None or lengths.shape[0] != len(reqs):
+            return 0
+        host = lengths.tolist()  # SGLang's host copy: no device read
+        changed: List[Tuple[int, int]] = []
+        for i, req in enumerate(reqs):
+            if not self.eligible(req, chunked_req, asks_plans):
+                continue
+            kv = req.kv
+            if not host[i] == kv.kv_committed_len == kv.kv_allocated_len:
+                continue  # (not a plain decode row: nothing to do safely)
+            n = self.compress(req)
+            if n:
+                changed.append((i, n))
+        if changed:
+            self._rebind_lengths(batch, changed)
+        return sum(n for _, n in changed)
+
+    def compress(self, req) -> int:
+        """Compress one request when it is over budget; returns the tokens dropped."""
+        cfg, kv = self.config, req.kv
+        state: Optional[ReqCompression] = getattr(req, REQ_COMPRESSION_ATTR, None)
+        start = self.start_of(req)
+        committed = kv.kv_committed_len
+        kept = committed - start
+        dropped = state.dropped if state is not None else 0
+        decoded = kept + dropped
+        if not cfg.needs_compression(kept, decoded):
+            return 0
+        if state is None:
+            state = ReqCompression(start=start, prompt_len=len(req.origin_input_ids))
+        end = committed - cfg.buffer
+        n = end - start
+        keep_count = max(0, min(cfg.target(decoded) - cfg.buffer, n))
+        if keep_count >= n:
+            return 0
+        row_index = kv.req_pool_idx
+        row = self.req_to_token_pool.req_to_token[row_index]
+        slots = row[start:end].to(torch.int64)
+        origins = torch.arange(start + state.kept_count, end, dtype=torch.int64, device=self.device) + dropped
+        if state.kept is not None:
+            origins = torch.cat([state.kept, origins])
+        keep = select_keep(cfg, self._importance(state, slots, origins, committed + dropped, n),
+                           self._keys(slots) if cfg.method == "rkv" else None, keep_count)
+        gone_mask = torch.ones(n, dtype=torch.int32, device=self.device)
+        gone_mask[keep] = 0
+        gone = slots[torch.sort(gone_mask, stable=True).indices[keep_count:]]  # no host read: counts known
+        moved = torch.cat([slots[keep], row[end:committed].to(torch.int64)])
+        row[start:start + moved.shape[0]] = moved.to(row.dtype)
+        self.allocator.free(gone)
+        removed = n - keep_count
+        kv.kv_committed_len -= removed
+        kv.kv_allocated_len -= removed
+        if getattr(req, REQ_COMPRESSION_ATTR, None) is None:
+            setattr(req, REQ_COMPRESSION_ATTR, state)
+            self.shifted_rows += 1
+            self.compressed_requests += 1
+        state.dropped += removed
+        state.kept, state.kept_count = origins[keep], keep_count
+        if cfg.importance == "window":
+            state.seen = self.mass[row[start:kv.kv_committed_len].to(device=self.mass.device, dtype=torch.int64)]
+        if len(state.events) < EVENTS:
+            state.events.append((decoded, state.kept))
+        self.offset[row_index] = state.dropped
+        self.compactions += 1
+        self.dropped_tokens += removed
+        return removed
+
+    def _importance(self, state: ReqCompression, slots: torch.Tensor, origins: torch.Tensor, now: int,
+                    n: int) -> torch.Tensor:
+        cfg = self.config
+        if not cfg.needs_attention:
+            return torch.zeros(n, dtype=torch.float32, device=self.device)
+        mass = self.mass[slots.to(self.mass.device)].float()
+        if cfg.importance == "window":
+            seen = torch.zeros(n, dtype=torch.float32, device=mass.device)
+            if state.seen is not None:
+                k = min(n, state.seen.shape[0])
+                seen[:k] = state.seen[:k]
+            return importance_of(cfg, mass, seen=seen)
+        return importance_of(cfg, mass, age=(now - origins).to(device=mass.device, dtype=torch.float32))
+
+    def _keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """The candidates' keys for the redundancy term: ``(n, heads, dim)`` of one layer, or
+        of every layer stacked along the head axis (the engine's ``_candidate_keys``)."""
+        cfg, pool = self.config, self.pool
+        first, count = getattr(pool, "start_layer", 0), pool.layer_num
+        if cfg.redundancy_layers == "all":
+            layers = range(first, first + count)
+        else:
+            layer = cfg.key_layer if cfg.key_layer is not None else count // 2
+            layers = [first + min(layer, count - 1)]
+        index = slots.to(pool.get_key_buffer(first).device)
+        return torch.cat([pool.get_key_buffer(layer)[index].float() for layer in layers], dim=1)
+
+    @staticmethod
+    def _rebind_lengths(batch, changed: List[Tuple[int, int]]) -> None:
+        """New length tensors for the batch (the old ones may be shared by a copy in flight)."""
+        names = ["seq_lens", "seq_lens_cpu"] + (["orig_seq_lens"] if batch.orig_seq_lens is not None else [])
+        for name in names:
+            lengths = getattr(batch, name).clone()
+            for i, n in changed:
+                lengths[i] -= n
+            setattr(batch, name, lengths)
+        batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())  # a host tensor
+        batch.batch_is_full = False  # the freed slots can admit waiting requests now
+
+    # ---- release ----------------------------------------------------------------------------
+    def release(self, req) -> None:
+        """The request's row goes back (finished, aborted or retracted): its offset and state go."""
+        state = getattr(req, REQ_COMPRESSION_ATTR, None)
+        if state is None:
+            return
+        row = req.kv.req_pool_idx
+        if row is not None:
+            self.offset[row] = 0
+        self.shifted_rows = max(0, self.shifted_rows - 1)
+        self.history.append((str(req.rid), state))
+        setattr(req, REQ_COMPRESSION_ATTR, None)
+
+    # ---- /server_info -----------------------------------------------------------------------
+    def as_dict(self) -> Dict[str, Any]:
+        """Settings, counters and the decisions of the last released compressed requests
+        (read back here, off the decode path)."""
+        return {
+            "settings": dataclasses.asdict(self.config),
+            "compactions": self.compactions, "dropped_tokens": self.dropped_tokens,
+            "compressed_requests": self.compressed_requests, "running_compressed": self.shifted_rows,
+            "decisions": {rid: {"prompt_len": s.prompt_len, "start": s.start, "dropped": s.dropped,
+                                "events": [{"decoded": d, "kept": k.tolist()} for d, k in s.events]}
+                          for rid, s in self.history},
+        }
+
+
+def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
+    """Set compression up for the scheduler whose tree SGLang's ``TreeCacheBuildContext``
+    ``ctx`` builds: refuse the models it cannot shift, attach the state to the
+    ``ReqToTokenPool`` and, for the methods that need it, collect attention on every pass
+    (RSBCM's near-full switch off) with allocated slots reset."""
+    from rksc_sgl.runtime.compression_settings import compression_unsupported
+
+    allocator = ctx.params.token_to_kv_pool_allocator
+    device = str(getattr(allocator.get_kvcache(), "device", "cpu"))
+    problems = compression_unsupported(config, ctx.server_args, {}, device=device)
+    model = ctx.model_config
+    for name, what in (("is_multimodal", "multimodal models (mrope positions)"),
+                       ("model_is_mrope", "mrope models"), ("is_encoder_decoder", "encoder-decoder models")):
+        if getattr(model, name, False):
+            problems.append(f"RKSC_COMPRESSION does not support {what}")
+    if problems:
+        raise ValueError("rksc: " + "; ".join(problems))
+    params = ctx.params
+    mass = None
+    if config.needs_attention:
+        from rksc_sgl.runtime.attention_stats import register_alloc_reset, slot_attention_of, watch_usage
+
+        table = slot_attention_of(allocator.get_kvcache())
+        watch_usage(table, None, allocator.available_size())  # compression scores every pass
+        register_alloc_reset()
+        mass = table.mass
+    state = RuntimeCompression(config, params.req_to_token_pool, allocator, mass)
+    setattr(params.req_to_token_pool, POOL_ATTR, state)
+    logger.info("rksc: decode-KV compression on (%s, budget %g, buffer %d, min_tokens %d)", config.method,
+                config.budget, config.buffer, config.min_tokens)
+    return state

@@ -1,0 +1,562 @@
+"""Decode-KV compression inside SGLang's runtime with the radix cache on (issue #37).
+
+Without a server: the settings (``RKSC_COMPRESSION``), every start-up refusal, the launcher's
+flags, that nothing is registered while the variable is unset, and the hooks themselves on
+SGLang's own pools with fake requests and batches, on the CPU (checked against the engine's
+selection) and on the ``meta`` device (no read back, nothing mixed).
+
+With one server (started once for the module, small settings so that 40-token generations
+compress several times, method ``rkv``): a compressed request's greedy continuation equals the
+embedded engine's given the runtime's own decisions (read from ``/server_info``), and equals
+``transformers`` with the same cache entries deleted; after concurrent requests and aborts
+every slot is free or in the tree exactly once, no lock is left, and the tree holds nothing
+past a compressed request's prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang.srt.managers.schedule_batch import ReqKvInfo
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+from rksc_sgl.rksc import compression as compression_module
+from rksc_sgl.rksc.compression import plan, select_keep
+from rksc_sgl.rksc.compression_config import CompressionConfig
+from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR, is_compressed
+from rksc_sgl.runtime import compression_hooks, plugin
+from rksc_sgl.runtime.client import RuntimeClient
+from rksc_sgl.runtime.compression import POOL_ATTR, RuntimeCompression, compression_of
+from rksc_sgl.runtime.compression_settings import (ENV_VAR, CompressionSettingsError, compression_config_from_env,
+                                                   env_value)
+from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
+from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from rksc_sgl.runtime.support import unsupported
+
+from processes import assert_gone, server_pids
+
+SETTINGS = {"method": "rkv", "budget": 0.25, "buffer": 4, "min_tokens": 8}
+CONFIG = CompressionConfig(**SETTINGS)
+PROMPT = "Question: Tom has 3 apples and buys 5 more, then gives 2 away. How many apples are left?\nAnswer:"
+STEPS = 40
+POOL_TOKENS = 2048
+STARTUP_TIMEOUT_S = 300
+
+
+# ---- settings and refusals (no server) -------------------------------------------------------------
+def test_settings_parse_once_with_clear_errors():
+    assert compression_config_from_env({}) is None
+    assert compression_config_from_env({ENV_VAR: " "}) is None
+    assert compression_config_from_env({ENV_VAR: env_value(CONFIG)}) == CONFIG
+    for raw, message in (("rkv", "must be a JSON object such as"), ("[1]", "must be a JSON object of"),
+                         ('{"ratio": 2}', "unknown setting\\(s\\) ratio; known: method, budget"),
+                         ('{"budget": 0}', "RKSC_COMPRESSION: compression budget must be > 0"),
+                         ('{"method": "zip"}', "compression method 'zip'")):
+        with pytest.raises(CompressionSettingsError, match=message):
+            compression_config_from_env({ENV_VAR: raw})
+
+
+def _args(*argv):
+    return sglang_parser().parse_args(["--model-path", "m", *argv])
+
+
+HOOK = json.dumps([{"name": "rksc_attention", "target_modules": ["model.layers.*.self_attn.attn"],
+                    "hook_factory": "rksc_sgl.runtime.attention_stats:attention_hook", "config": {"layer_stride": 4}}])
+RKSC = ["--radix-cache-backend", "rksc"]
+CPU = {"SGLANG_USE_CPU_ENGINE": "1"}
+RECENT = {ENV_VAR: '{"method": "recent"}', **CPU}
+RKV = {ENV_VAR: '{"method": "rkv"}', **CPU}
+
+
+@pytest.mark.parametrize("argv, environ, message", [
+    ([], RECENT, "needs --radix-cache-backend rksc (got the default cache)"),
+    (["--disable-radix-cache"], RECENT, "with the radix cache on; drop --disable-radix-cache"),
+    ([*RKSC, "--page-size", "16"], RECENT, "needs --page-size 1"),
+    ([*RKSC, "--speculative-algorithm", "EAGLE"], RECENT, "does not support --speculative-algorithm EAGLE"),
+    ([*RKSC, "--pp-size", "2"], RECENT, "needs --pp-size 1"),
+    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], RKV, "needs --tp-size 1"),
+    ([*RKSC, "--attn-dp-size", "2"], RECENT, "does not support DP attention"),
+    ([*RKSC, "--enable-mixed-chunk"], RECENT, "does not support --enable-mixed-chunk"),
+    ([*RKSC, "--disaggregation-mode", "decode"], RECENT, "does not support --disaggregation-mode decode"),
+    ([*RKSC, "--enable-streaming-session"], RECENT, "does not support --enable-streaming-session"),
+    ([*RKSC, "--enable-multimodal"], RECENT, "does not support --enable-multimodal"),
+    ([*RKSC, "--forward-hooks", HOOK, "--disable-overlap-schedule"], {ENV_VAR: '{"method": "rkv"}'},
+     "add --disable-decode-cuda-graph"),
+    ([*RKSC, "--disable-decode-cuda-graph"], {ENV_VAR: '{"method": "recent"}'}, "needs --disable-overlap-schedule"),
+    ([*RKSC, "--forward-hooks", HOOK, "--enable-torch-compile"], RKV, "drop --enable-torch-compile"),
+    ([*RKSC], RKV, "--forward-hooks needs the rksc_attention hook"),
+    ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"attention_layer_stride": 2}', **CPU},
+     "layer_stride 4 differs from the compression's attention_layer_stride 2"),
+    ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"method": "cask"}', **CPU}, "runtime does not run 'cask' yet"),
+    ([*RKSC], {ENV_VAR: "{bad"}, "RKSC_COMPRESSION must be a JSON object"),
+])
+def test_each_unsupported_configuration_is_refused_with_its_flag(argv, environ, message):
+    problems = unsupported(_args(*argv), environ)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (RKSC, RECENT), ([*RKSC, "--forward-hooks", HOOK], RKV), ([*RKSC, "--tp-size", "2"], RECENT),
+    ([*RKSC, "--disable-overlap-schedule"], {ENV_VAR: '{"method": "recent"}'}),
+    ([*RKSC, "--forward-hooks", HOOK, "--disable-overlap-schedule", "--disable-cuda-graph"],
+     {ENV_VAR: '{"method": "attention"}'}),
+])
+def test_supported_configurations_pass(argv, environ):
+    assert unsupported(_args(*argv), environ) == []
+
+
+def _plan(*argv, **kwargs):
+    kwargs.setdefault("cuda", False)
+    return plan_launch(["--model-path", "smollm2-135m", *argv], sgl_kernel_installed=False, environ={}, **kwargs)
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_the_launcher_sets_the_variable_the_backend_and_the_hook():
+    plan = _plan(compression=CONFIG)
+    assert compression_config_from_env(plan.env) == CONFIG
+    assert _value(plan.argv, "--radix-cache-backend") == "rksc"
+    hooks = json.loads(_value(plan.argv, "--forward-hooks"))
+    assert [h["config"] for h in hooks] == [{"layer_stride": CONFIG.attention_layer_stride}]
+    recent = _plan("--radix-eviction-policy", "lru", compression=CompressionConfig(method="recent"))
+    assert "--forward-hooks" not in recent.argv  # recent scores nothing
+    gpu = plan_launch(["--model-path", "smollm2-135m"], cuda=True, sgl_kernel_installed=True, environ={},
+                      compression=CONFIG)
+    assert "--disable-overlap-schedule" in gpu.argv and "--disable-decode-cuda-graph" in gpu.argv
+    from_env = plan_launch(["--model-path", "smollm2-135m"], cuda=False, sgl_kernel_installed=False,
+                           environ={ENV_VAR: env_value(CONFIG)})
+    assert ENV_VAR not in from_env.env and any("from the environment" in a for a in from_env.added)
+    assert "--forward-hooks" in from_env.argv
+
+
+@pytest.mark.parametrize("argv, kwargs, message", [
+    ([], {"rksc_cache": False}, "it cannot run with SGLang's default cache"),
+    (["--disable-radix-cache"], {}, "it cannot run with --disable-radix-cache"),
+    (["--radix-eviction-policy-config", '{"attention_layer_stride": 2}'], {},
+     "RSBCM's attention_layer_stride 2 .* and compression's 4 .* share one attention hook"),
+    ([], {"attention_stats": False}, "scores tokens by attention; drop --attention-stats off"),
+    (["--page-size", "16"], {}, "needs --page-size 1"),
+])
+def test_the_launcher_refuses_before_anything_starts(argv, kwargs, message):
+    with pytest.raises(LaunchError, match=message):
+        _plan(*argv, compression=CONFIG, **kwargs)
+
+
+def test_launch_server_flags_make_the_config(capsys):
+    from rksc_sgl.runtime.launcher import _compression_from_flags, launcher_parser
+
+    def parsed(*argv):
+        return _compression_from_flags(launcher_parser().parse_known_args(list(argv))[0])
+
+    assert parsed() is None
+    assert parsed("--kv-compression", "recent") == CompressionConfig(method="recent")
+    assert parsed("--kv-compression", "rkv", "--kv-budget", "0.25", "--kv-compression-config",
+                  '{"buffer": 4, "min_tokens": 8}') == CONFIG
+    for argv, message in ((["--kv-budget", "0.2"], "need --kv-compression"),
+                          (["--kv-compression", "rkv", "--kv-compression-config", "[1]"], "must be a JSON object"),
+                          (["--kv-compression", "rkv", "--kv-compression-config", '{"budget": 1}'],
+                           "give budget with --kv-budget"),
+                          (["--kv-compression", "rkv", "--kv-budget", "2"], "budget must be a number in")):
+        with pytest.raises(LaunchError, match=message):
+            parsed(*argv)
+
+
+def _compression_targets(hooks) -> set:
+    return {target for target, entries in hooks.items()
+            if any(h in {f for _, f, _ in compression_hooks.HOOKS} for _, h, _ in entries)}
+
+
+@pytest.mark.parametrize("value", [None, env_value(CONFIG)])
+def test_hooks_are_registered_only_with_the_variable_set(monkeypatch, value):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    if value is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, value)
+    plugin.register()
+    targets = _compression_targets(HookRegistry._hooks)
+    assert targets == (set() if value is None else {t for t, _, _ in compression_hooks.HOOKS})
+    for target in targets:  # each target names a real SGLang method
+        import pkgutil
+
+        owner, name = target.rsplit(".", 1)
+        assert callable(getattr(pkgutil.resolve_name(owner), name))
+
+
+def test_a_bad_variable_stops_the_plugin(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.setenv(ENV_VAR, '{"budget": 7}')
+    with pytest.raises(ValueError, match="rksc plugin: RKSC_COMPRESSION: compression budget must be a number"):
+        plugin.register()
+
+
+# ---- the hooks on SGLang's pools, with fake requests and batches (no server) ----------------------------
+POOL, KV_HEADS, DIM, LAYERS, ROWS, CONTEXT = 256, 2, 8, 4, 6, 128
+
+
+def _pools(device: str, seed: int = 0):
+    """SGLang's CPU pools with random keys, their tensors moved to ``device``."""
+    torch.manual_seed(seed)
+    kv = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=KV_HEADS, head_dim=DIM,
+                          layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+    for buffers in (kv.k_buffer, kv.v_buffer):
+        for layer, buffer in enumerate(buffers):
+            buffers[layer] = torch.randn_like(buffer).to(device)
+    kv.device = device
+    allocator = TokenToKVPoolAllocator(size=POOL, dtype=torch.float32, device="cpu", kvcache=kv, need_sort=False)
+    for name, value in list(vars(allocator).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(allocator, name, value.to(device))
+    allocator.device = device
+    rows = ReqToTokenPool(size=ROWS, max_context_len=CONTEXT, device="cpu", enable_memory_saver=False)
+    rows.req_to_token = rows.req_to_token.to(device)
+    rows.device = device
+    return kv, allocator, rows
+
+
+class FakeReq(SimpleNamespace):
+    def finished(self):
+        return self.done
+
+
+def _request(allocator, rows, row: int, prompt: int, length: int, rid: str, **extra) -> FakeReq:
+    slots = allocator.alloc(length)
+    rows.req_to_token[row, :length] = slots.to(torch.int32)
+    kv = ReqKvInfo(req_pool_idx=row, cache_protected_len=prompt, kv_committed_len=length, kv_allocated_len=length)
+    return FakeReq(kv=kv, origin_input_ids=[1] * prompt, done=False, is_retracted=False, beam_group=None, rid=rid,
+                   sampling_params=SimpleNamespace(max_new_tokens=200, ignore_eos=False), **extra)
+
+
+def _batch(reqs, device):
+    lengths = [r.kv.kv_committed_len for r in reqs]
+    return SimpleNamespace(reqs=reqs, seq_lens=torch.tensor(lengths).to(device), seq_lens_cpu=torch.tensor(lengths),
+                           orig_seq_lens=torch.tensor(lengths).to(device), seq_lens_sum=sum(lengths),
+                           batch_is_full=True)
+
+
+def _setup(device, config):
+    kv, allocator, rows = _pools(device)
+    from rksc_sgl.runtime.attention_stats import slot_attention_of
+
+    table = slot_attention_of(kv)
+    if device == "cpu":
+        table.mass.copy_(torch.rand(table.mass.shape[0]))
+    state = RuntimeCompression(config, rows, allocator, table.mass)
+    setattr(rows, POOL_ATTR, state)
+    return kv, allocator, rows, state
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("method", ["rkv", "recent", "attention"])
+def test_a_compaction_rewrites_the_row_frees_the_slots_and_rebinds_the_batch(device, method):
+    config = CompressionConfig(method=method, budget=0.25, buffer=4, min_tokens=8)
+    kv, allocator, rows, state = _setup(device, config)
+    prompt = 10
+    over = _request(allocator, rows, 1, prompt, prompt + 13, "over")  # 13 decode tokens > 8 + 4
+    under = _request(allocator, rows, 2, prompt, prompt + 12, "under")  # at the limit: untouched
+    done = _request(allocator, rows, 3, prompt, prompt + 30, "done")
+    done.done = True
+    row_before = rows.req_to_token[1].clone()
+    free_before = allocator.available_size()
+    batch = _batch([over, under, done], device)
+    old_lens, old_cpu = batch.seq_lens, batch.seq_lens_cpu
+    compact = compression_hooks.compact_before_schedule
+    scheduler = SimpleNamespace(req_to_token_pool=rows, tree_cache=SimpleNamespace(), chunked_req=None)
+    assert compact(scheduler, running_batch=batch, last_batch=None) is None
+    keep = config.target(13) - config.buffer  # 4 of the 9 candidates
+    assert over.kv.kv_committed_len == over.kv.kv_allocated_len == prompt + 13 - 5
+    assert under.kv.kv_committed_len == prompt + 12 and done.kv.kv_committed_len == prompt + 30
+    assert allocator.available_size() == free_before + 5
+    assert is_compressed(over) and not is_compressed(under) and not is_compressed(done)
+    assert batch.seq_lens is not old_lens and batch.seq_lens_cpu is not old_cpu  # new tensors
+    assert batch.seq_lens_cpu.tolist() == [prompt + 8, prompt + 12, prompt + 30] and old_cpu[0] == prompt + 13
+    assert batch.seq_lens_sum == 3 * prompt + 50 and batch.batch_is_full is False
+    assert batch.seq_lens.device.type == batch.orig_seq_lens.device.type == device
+    assert state.offset.device.type == device and state.shifted_rows == 1
+    # positions: the compressed row continues at its true position, the others as SGLang says
+    forward = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True), spec_info=None,
+                              req_pool_indices=torch.tensor([1, 2]).to(device),
+                              positions=torch.tensor([prompt + 7, prompt + 11]).to(device))
+    runner = SimpleNamespace(req_to_token_pool=rows)
+    shifted = compression_hooks.shift_decode_positions(forward, None, None, runner)
+    assert shifted.positions.device.type == device
+    if device == "meta":
+        return
+    assert shifted.positions.tolist() == [prompt + 12, prompt + 11]
+    # the row: kept candidates (by the engine's own selection), then the buffer, moved down
+    slots = row_before[prompt:prompt + 9].to(torch.int64)
+    mass = state.mass[slots]
+    age = (prompt + 13 - torch.arange(prompt, prompt + 9)).float()
+    keys = kv.get_key_buffer(LAYERS // 2)[slots]
+    expected = plan(config, mass / age, keys, keep).keep
+    assert rows.req_to_token[1, prompt:prompt + 8].tolist() == \
+        slots[expected].tolist() + row_before[prompt + 9:prompt + 13].tolist()
+    assert rows.req_to_token[1, :prompt].tolist() == row_before[:prompt].tolist()
+    assert state.offset[1] == 5 and getattr(over, REQ_COMPRESSION_ATTR).kept.tolist() == \
+        [prompt + i for i in expected]
+    freed = set(slots.tolist()) - set(slots[expected].tolist())
+    assert freed <= set(allocator.free_pages.tolist())
+    # release: the offset and the state go with the row; the decisions stay for /server_info
+    compression_hooks.release_row(rows, over)
+    assert state.offset[1] == 0 and not is_compressed(over) and state.shifted_rows == 0
+    assert state.as_dict()["decisions"]["over"]["events"] == [{"decoded": 13, "kept": [prompt + i for i in expected]}]
+
+
+def test_repeated_compactions_track_original_positions_like_the_engine():
+    """``recent`` on one request, step by step: the kept positions are always the newest
+    candidates, in true positions, and the held decode KV never exceeds target + buffer + 1."""
+    config = CompressionConfig(method="recent", budget=0.25, buffer=4, min_tokens=8)
+    kv, allocator, rows, state = _setup("cpu", config)
+    prompt = 6
+    req = _request(allocator, rows, 1, prompt, prompt + 1, "r")
+    for decoded in range(2, 60):
+        new = allocator.alloc(1)
+        rows.req_to_token[1, req.kv.kv_committed_len] = int(new)
+        req.kv.kv_committed_len += 1
+        req.kv.kv_allocated_len += 1
+        batch = _batch([req], "cpu")
+        state.compact_running(batch)
+        held = req.kv.kv_committed_len - prompt
+        assert held <= config.target(decoded) + config.buffer
+        st = getattr(req, REQ_COMPRESSION_ATTR, None)
+        if st is not None:
+            assert held + st.dropped == decoded
+            kept = st.kept.tolist()
+            assert kept == sorted(kept) and len(kept) == st.kept_count
+            assert state.offset[1] == st.dropped
+            assert kept[-1] == prompt + decoded - config.buffer - 1 if st.events[-1][0] == decoded else True
+    # recent keeps the newest candidates: the last kept one is the newest candidate of its compaction
+    assert len(st.events) > 3 and all(k.tolist()[-1] == prompt + d - config.buffer - 1 for d, k in st.events)
+    assert allocator.available_size() == POOL - (prompt + held)
+
+
+def test_skipped_requests_and_the_admission_reservation():
+    config = CompressionConfig(method="recent", budget=0.25, buffer=4, min_tokens=8)
+    kv, allocator, rows, state = _setup("cpu", config)
+    chunked = _request(allocator, rows, 1, 5, 30, "chunked")
+    retracted = _request(allocator, rows, 2, 5, 30, "retracted", )
+    retracted.is_retracted = True
+    recipient = _request(allocator, rows, 3, 5, 30, "asks")
+    beam = _request(allocator, rows, 4, 5, 30, "beam")
+    beam.beam_group = object()
+    batch = _batch([chunked, retracted, recipient, beam], "cpu")
+    assert state.compact_running(batch, chunked, {id(recipient.kv): object()}) == 0
+    assert not any(is_compressed(r) for r in batch.reqs) and batch.batch_is_full
+    # admission: a running request reserves its compressed cap less what it holds
+    running = _request(allocator, rows, 5, 5, 5 + 20, "running")  # 20 decode tokens held
+    adder = SimpleNamespace(tree_cache=SimpleNamespace(req_to_token_pool=rows), new_token_ratio=0.5)
+    reserve = compression_hooks.reserve_compressed
+    cap = config.private_cap(200)
+    assert reserve(lambda a, r: 90.0, adder, running) == (cap - 20) * 0.5
+    assert reserve(lambda a, r: 3.0, adder, running) == 3.0  # never more than SGLang's own
+    running.sampling_params.ignore_eos = True
+    assert reserve(lambda a, r: 180.0, adder, running) == cap - 20
+    no_state = SimpleNamespace(tree_cache=SimpleNamespace(req_to_token_pool=object()), new_token_ratio=0.5)
+    assert reserve(lambda a, r: 90.0, no_state, running) == 90.0  # compression off: SGLang's
+
+
+def test_retraction_and_stock_processes_are_left_alone():
+    config = CompressionConfig(method="recent", budget=0.25, buffer=4, min_tokens=8)
+    kv, allocator, rows, state = _setup("cpu", config)
+    req = _request(allocator, rows, 1, 4, 4 + 20, "r")
+    state.compact_running(_batch([req], "cpu"))
+    assert is_compressed(req)
+    compression_hooks.reset_after_retract(None, req)
+    assert not is_compressed(req)
+    plain = ReqToTokenPool(size=2, max_context_len=8, device="cpu", enable_memory_saver=False)
+    assert compression_of(plain) is None
+    scheduler = SimpleNamespace(req_to_token_pool=plain, tree_cache=None, chunked_req=None)
+    assert compression_hooks.compact_before_schedule(scheduler, running_batch=object(), last_batch=None) is None
+    forward = SimpleNamespace(positions=torch.tensor([3]))
+    assert compression_hooks.shift_decode_positions(forward, None, None, SimpleNamespace(req_to_token_pool=plain)) \
+        is forward and forward.positions.tolist() == [3]
+
+
+def test_select_keep_is_the_engines_plan():
+    torch.manual_seed(1)
+    importance, keys = torch.rand(30), torch.randn(30, 2, 8)
+    for method in ("rkv", "recent", "attention"):
+        config = CompressionConfig(method=method)
+        assert select_keep(config, importance, keys, 7).tolist() == plan(config, importance, keys, 7).keep
+    with pytest.raises(ValueError, match="merges tokens; use plan"):
+        select_keep(CompressionConfig(method="cask"), importance, keys, 7)
+
+
+# ---- one compressing server ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("compression") / "server.log", "w")
+    plan_ = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
+                         "--max-total-tokens", str(POOL_TOKENS)], compression=CONFIG)
+    running = RuntimeServer(plan_, startup_timeout=STARTUP_TIMEOUT_S, log=log)
+    pids = set()
+    try:
+        running.start()
+        pids = server_pids(running)
+        yield running
+    finally:
+        pids |= server_pids(running) if running.process else set()
+        running.stop()
+        log.close()
+    assert_gone(pids)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return RuntimeClient(server.url)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rksc_sgl.config import default_cache_dir
+    from rksc_sgl.model.loading import resolve_model_dir
+
+    folder = resolve_model_dir("smollm2-135m", default_cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def compressed_run(client, hf):
+    """One greedy 40-token generation on the server and the decisions it made."""
+    ids = hf[1](PROMPT)["input_ids"]
+    client.flush_cache()
+    out = client.generate(input_ids=ids, rid="kvc-greedy",
+                          sampling_params={"max_new_tokens": STEPS, "temperature": 0, "ignore_eos": True})
+    state = client.rksc_state()["compression"]
+    decisions = state["decisions"]["kvc-greedy"]
+    assert decisions["prompt_len"] == decisions["start"] == len(ids)
+    assert len(decisions["events"]) >= 3  # compressed several times
+    return ids, out["output_ids"], decisions["events"]
+
+
+def _candidate_origins(events, k, prompt):
+    """The original positions of event ``k``'s candidates: the kept ones of the event before,
+    then the run from there to ``buffer`` before the newest token."""
+    buffer = CONFIG.buffer
+    before = events[k - 1] if k else {"decoded": buffer, "kept": []}
+    return before["kept"] + list(range(prompt + before["decoded"] - buffer, prompt + events[k]["decoded"] - buffer))
+
+
+def test_runtime_continuation_equals_the_engines_with_the_same_decisions(compressed_run, monkeypatch):
+    import rksc_sgl
+
+    ids, output, events = compressed_run
+    used = []
+
+    def replay(config, importance, keys, keep_count):
+        k = len(used)
+        if k == len(events):  # (after the last forward: no effect on the tokens)
+            return compression_module.Plan(list(range(importance.shape[0] - keep_count, importance.shape[0])))
+        origins = _candidate_origins(events, k, len(ids))
+        assert len(origins) == importance.shape[0] and keep_count == len(events[k]["kept"])
+        used.append(k)
+        kept = set(events[k]["kept"])
+        return compression_module.Plan([i for i, o in enumerate(origins) if o in kept])
+
+    monkeypatch.setattr(compression_module, "plan", replay)
+    engine = rksc_sgl.Engine(model="smollm2-135m", cache="radix", num_threads=1, device="cpu", kv_pool_tokens=1024,
+                             max_running_requests=2, compression=SETTINGS)
+    try:
+        got = engine.generate_request(input_ids=ids, sampling_params={"max_new_tokens": STEPS, "temperature": 0,
+                                                                      "ignore_eos": True})
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+    assert len(used) >= len(events) - 1
+    assert got["output_ids"] == output
+
+
+@torch.no_grad()
+def test_compressed_decode_equals_transformers_with_the_same_entries_deleted(compressed_run, hf):
+    from transformers import DynamicCache
+
+    model = hf[0]
+    ids, output, events = compressed_run
+    prompt, buffer = len(ids), CONFIG.buffer
+    cache = DynamicCache()
+    logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+    positions = list(range(prompt))  # original position of each cache entry
+    tokens, k = [], 0
+    for step in range(STEPS):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if step == STEPS - 1:
+            break
+        length = cache.get_seq_length()
+        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                       position_ids=torch.tensor([[prompt + step]]), cache_position=torch.tensor([length])).logits[0, -1]
+        positions.append(prompt + step)
+        held = len(positions) - prompt
+        if CONFIG.needs_compression(held, step + 1):
+            assert events[k]["decoded"] == step + 1
+            kept = set(events[k]["kept"])
+            candidates = positions[prompt:len(positions) - buffer]
+            assert candidates == _candidate_origins(events, k, prompt)
+            index = list(range(prompt)) + [prompt + i for i, o in enumerate(candidates) if o in kept] + \
+                list(range(len(positions) - buffer, len(positions)))
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+            positions = [positions[i] for i in index]
+            k += 1
+    assert k >= len(events) - 1
+    assert tokens == output
+
+
+def test_after_concurrent_requests_and_aborts_every_slot_is_accounted_for(client, compressed_run, hf):
+    tokenizer = hf[1]
+    ids, output, _ = compressed_run
+    before = client.rksc_state()["compression"]
+    results, errors = {}, []
+
+    def generate(name, prompt_ids, tokens):
+        try:
+            results[name] = client.generate(input_ids=prompt_ids, rid=name, sampling_params={
+                "max_new_tokens": tokens, "temperature": 0.8, "ignore_eos": True})
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    prompts = {f"kvc-{i}": tokenizer(f"Story {i}: once upon a time, a robot named {i}")["input_ids"] for i in range(4)}
+    workers = [threading.Thread(target=generate, args=(name, p, 16 + 4 * i))
+               for i, (name, p) in enumerate(prompts.items())]
+    aborted = tokenizer("A very long list of prime numbers:")["input_ids"]
+    workers.append(threading.Thread(target=generate, args=("kvc-abort", aborted, 400)))
+    for w in workers:
+        w.start()
+    time.sleep(2.0)
+    client.abort(rid="kvc-abort")
+    for w in workers:
+        w.join(timeout=180)
+    assert not any(w.is_alive() for w in workers) and not errors, errors
+    assert results["kvc-abort"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert all(results[name]["meta_info"]["completion_tokens"] == 16 + 4 * i for i, name in enumerate(prompts))
+    report = client.idle_integrity()
+    assert report["ok"], report
+    after = client.rksc_state()["compression"]
+    assert after["compactions"] > before["compactions"] and after["running_compressed"] == 0
+    assert after["compressed_requests"] >= before["compressed_requests"] + 4  # (and the aborted one, if it ran long)
+    # the tree holds no compressed KV: prompt + output matches the prompt only
+    for name, prompt_ids in [("kvc-greedy", ids), *prompts.items()]:
+        produced = output if name == "kvc-greedy" else results[name]["output_ids"]
+        again = client.generate(input_ids=prompt_ids + produced, sampling_params={"max_new_tokens": 1,
+                                                                                  "temperature": 0})
+        assert again["meta_info"]["cached_tokens"] == len(prompt_ids), name
+    report = client.idle_integrity()
+    assert report["ok"], report
+    assert client.healthy()
