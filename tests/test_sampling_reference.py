@@ -229,8 +229,6 @@ def test_each_filter_keeps_the_documented_tokens(seen):
                             _sglang_filtered(logits, params), f"top_k={top_k} top_p={top_p} min_p={min_p}")
 
 
-@pytest.mark.xfail(strict=True, reason="the engine keeps every token tied with the k-th largest (probs < kth "
-                   "are cut), SGLang's sampler keeps exactly k (sampler.py line 825: rank >= top_k is cut)")
 def test_top_k_keeps_exactly_k_tokens_when_the_kth_is_tied(seen):
     logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0] + [0.0] * (VOCAB - 5))
     params = _params(top_k=2)
@@ -303,9 +301,6 @@ def test_no_output_yet_no_penalty(seen, sglang_exec):
     assert torch.equal(_sglang_logits(logits, params, []), logits)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine divides/multiplies by the repetition penalty before it "
-                   "subtracts the frequency/presence penalties; SGLang subtracts first (the forward copy's "
-                   "acc_additive_penalties, then acc_scaling_penalties: sampling_batch_info.py lines 426-433)")
 def test_repetition_with_frequency_and_presence_penalties_is_sglangs_order(seen, sglang_exec):
     logits = _row(1)
     got, params = _penalised_logits(seen, logits, repetition_penalty=1.5, frequency_penalty=0.5,

@@ -120,8 +120,9 @@ def sample_token(
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_k < TOP_K_ALL and params.top_k < probs.numel():
-        kth = torch.topk(probs, params.top_k).values[-1]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+        kept = torch.zeros_like(probs)  # exactly k, as SGLang's sampler: a tie at the k-th is cut
+        top = torch.topk(probs, params.top_k).indices
+        probs = kept.index_copy_(0, top, probs[top])
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -136,11 +137,12 @@ def sample_token(
 def _apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: List[int]) -> torch.Tensor:
     if not output_ids:
         return logits
+    # SGLang's order: the additive (frequency, presence) penalties, then the scaling (repetition) one.
     ids, counts = torch.unique(torch.tensor(output_ids), return_counts=True)
+    logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
     if params.repetition_penalty != 1.0:
         picked = logits[ids]
         logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
     return logits
 
 
