@@ -332,19 +332,24 @@ def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc):
 
 
 # ---- branch stop (rksc_sgl.vote) through SGLang's abort API ------------------------------------
-def _decoded_then_aborted(client, prompt_ids: list, rid: str) -> list:
-    result: dict = {}
+def _decoded_then_aborted(client, prompt_ids: list, rid: str, before_abort: int = 4) -> list:
+    """Stream a long greedy request and abort it once it has decoded ``before_abort`` tokens
+    (streamed, so a loaded machine cannot make it abort before any decoding); its output ids."""
     params = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
-    worker = threading.Thread(target=lambda: result.setdefault(
-        "out", client.generate(input_ids=prompt_ids, rid=rid, sampling_params=params)))
-    worker.start()
-    time.sleep(2.0)
-    client.abort(rid=rid)
-    worker.join(timeout=120)
-    assert not worker.is_alive()
-    assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
-    decoded = result["out"]["output_ids"]
-    assert 0 < len(decoded) < 400
+    body = {"input_ids": prompt_ids, "rid": rid, "sampling_params": params, "stream": True}
+    last, aborted = None, False
+    with requests.post(client.url + "/generate", json=body, stream=True, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            last = json.loads(line[5:])
+            if not aborted and len(last["output_ids"]) >= before_abort:
+                client.abort(rid=rid)
+                aborted = True
+    assert last is not None and last["meta_info"]["finish_reason"]["type"] == "abort", last
+    decoded = last["output_ids"]
+    assert before_abort <= len(decoded) < 400
     return decoded
 
 
