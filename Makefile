@@ -1,6 +1,8 @@
 # The two commands a newcomer runs (see README.md). Both set everything up first.
 VENV ?= .venv
 PYTEST_ARGS ?=
+# Two workers: the SGLang-server tests on one (tests/conftest.py groups them), the rest on the other.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench
 
@@ -11,7 +13,7 @@ demo: setup
 	$(VENV)/bin/rksc-sgl demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_engine.py

@@ -61,6 +61,40 @@ def checked(radix_engine):
     radix_engine.check_integrity()
 
 
+SERVER_GROUP = "sglang-servers"
+"""The test modules whose names start with ``test_runtime`` start SGLang servers (about 3 GB
+each). Under ``pytest -n 2 --dist loadgroup`` (``make test``) they form one unit of work, run
+on one worker one module at a time, first; the other worker takes the in-process modules, a
+whole module at a time (their module fixtures start once)."""
+
+
+def _starts_servers(nodeid: str) -> bool:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].startswith("test_runtime")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """On an xdist worker, the SGLang-server modules first: the longest unit of work starts at
+    once instead of after the others."""
+    if hasattr(config, "workerinput"):
+        first = [item for item in items if _starts_servers(item.nodeid)]
+        ids = {id(item) for item in first}
+        items[:] = first + [item for item in items if id(item) not in ids]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: the units of work are the SGLang-server group and each other module
+    (xdist's own ``xdist_group`` marks do not reach test ids under pytest 9)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServerGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SERVER_GROUP if _starts_servers(nodeid) else nodeid.split("::", 1)[0]
+
+    return ServerGroupScheduling(config, log)
+
+
 def _leaked_sglang_executors() -> list:
     """SGLang StreamExecutors whose worker thread is still running.
 
