@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from sglang.srt.managers.schedule_batch import ReqKvInfo
-from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from rksc_sgl.rksc import compression as compression_module
 from rksc_sgl.rksc.compression import plan, select_keep
@@ -41,6 +40,7 @@ from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 from rksc_sgl.runtime.support import unsupported
 
+from pools import device_pools
 from processes import assert_gone, server_pids
 
 SETTINGS = {"method": "rkv", "budget": 0.25, "buffer": 4, "min_tokens": 8}
@@ -210,22 +210,8 @@ POOL, KV_HEADS, DIM, LAYERS, ROWS, CONTEXT = 256, 2, 8, 4, 6, 128
 
 def _pools(device: str, seed: int = 0):
     """SGLang's CPU pools with random keys, their tensors moved to ``device``."""
-    torch.manual_seed(seed)
-    kv = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=KV_HEADS, head_dim=DIM,
-                          layer_num=LAYERS, device="cpu", enable_memory_saver=False)
-    for buffers in (kv.k_buffer, kv.v_buffer):
-        for layer, buffer in enumerate(buffers):
-            buffers[layer] = torch.randn_like(buffer).to(device)
-    kv.device = device
-    allocator = TokenToKVPoolAllocator(size=POOL, dtype=torch.float32, device="cpu", kvcache=kv, need_sort=False)
-    for name, value in list(vars(allocator).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(allocator, name, value.to(device))
-    allocator.device = device
-    rows = ReqToTokenPool(size=ROWS, max_context_len=CONTEXT, device="cpu", enable_memory_saver=False)
-    rows.req_to_token = rows.req_to_token.to(device)
-    rows.device = device
-    return kv, allocator, rows
+    return device_pools(device, size=POOL, kv_heads=KV_HEADS, head_dim=DIM, layers=LAYERS, rows=ROWS,
+                        context=CONTEXT, seed=seed)
 
 
 class FakeReq(SimpleNamespace):

@@ -29,6 +29,7 @@ from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 from rksc_sgl.rksc.tree_cache import RKSCRadixCache
 from rksc_sgl.runtime import attention_stats
 from rksc_sgl.runtime.asks import RuntimeASKSCache
+from pools import device_pools
 
 POOL, HEADS, KV_HEADS, DIM, LAYERS = 96, 4, 2, 8, 2
 DEVICES = ["cpu", "meta"]
@@ -44,21 +45,8 @@ class Pools:
 
 def _pools(device: str, seed: int = 0) -> Pools:
     """SGLang's CPU pools, random KV, their tensors moved to ``device``."""
-    torch.manual_seed(seed)
-    kv = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=KV_HEADS, head_dim=DIM,
-                          layer_num=LAYERS, device="cpu", enable_memory_saver=False)
-    for buffers in (kv.k_buffer, kv.v_buffer):
-        for layer, buffer in enumerate(buffers):
-            buffers[layer] = torch.randn_like(buffer).to(device)
-    kv.device = device
-    allocator = TokenToKVPoolAllocator(size=POOL, dtype=torch.float32, device="cpu", kvcache=kv, need_sort=False)
-    for name, value in list(vars(allocator).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(allocator, name, value.to(device))
-    allocator.device = device
-    rows = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
-    rows.req_to_token = rows.req_to_token.to(device)
-    rows.device = device
+    kv, allocator, rows = device_pools(device, size=POOL, kv_heads=KV_HEADS, head_dim=DIM, layers=LAYERS, rows=4,
+                                       context=64, seed=seed)
     return Pools(kv, allocator, rows, device)
 
 
