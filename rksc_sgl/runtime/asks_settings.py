@@ -10,6 +10,7 @@ import os
 from typing import List, Mapping, Optional
 
 from rksc_sgl.rksc.asks_config import ASKSConfig
+from rksc_sgl.runtime.env_settings import json_settings
 
 ENV_VAR = "RKSC_ASKS"
 """Environment variable with the runtime's ASKS settings (a JSON object of ``ASKSConfig``
@@ -25,20 +26,10 @@ class ASKSSettingsError(ValueError):
 
 def asks_config_from_env(environ: Mapping[str, str] = os.environ) -> ASKSConfig:
     """The runtime's ASKS configuration from ``RKSC_ASKS`` (off when unset or empty)."""
-    raw = environ.get(ENV_VAR, "").strip()
-    if not raw:
+    data = json_settings(environ, ENV_VAR, known=SETTINGS, what="ASKS", error=ASKSSettingsError,
+                         example='{"tau": 0.95, "recompute_fraction": 0.5}')
+    if data is None:
         return ASKSConfig()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object such as "
-                                f"'{{\"tau\": 0.95, \"recompute_fraction\": 0.5}}', got {raw!r} ({exc})") from None
-    if not isinstance(data, dict):
-        raise ASKSSettingsError(f"{ENV_VAR} must be a JSON object of ASKS settings, got {raw!r}")
-    unknown = sorted(set(data) - set(SETTINGS))
-    if unknown:
-        raise ASKSSettingsError(f"{ENV_VAR}: unknown setting(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(SETTINGS)}")
     data.setdefault("enabled", True)
     try:
         config = ASKSConfig(**data)

@@ -15,6 +15,7 @@ import os
 from typing import Any, List, Mapping, Optional
 
 from rksc_sgl.rksc.compression_config import CompressionConfig
+from rksc_sgl.runtime.env_settings import json_settings
 
 __all__ = ["ENV_VAR", "CompressionSettingsError", "compression_config_from_env", "env_value",
            "compression_unsupported", "RUNTIME_METHODS"]
@@ -37,20 +38,10 @@ class CompressionSettingsError(ValueError):
 
 def compression_config_from_env(environ: Mapping[str, str] = os.environ) -> Optional[CompressionConfig]:
     """The runtime's compression configuration from ``RKSC_COMPRESSION`` (None: off)."""
-    raw = environ.get(ENV_VAR, "").strip()
-    if not raw:
+    data = json_settings(environ, ENV_VAR, known=FIELDS, what="compression", error=CompressionSettingsError,
+                         example='{"method": "rkv", "budget": 0.25}')
+    if data is None:
         return None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CompressionSettingsError(f"{ENV_VAR} must be a JSON object such as "
-                                       f"'{{\"method\": \"rkv\", \"budget\": 0.25}}', got {raw!r} ({exc})") from None
-    if not isinstance(data, dict):
-        raise CompressionSettingsError(f"{ENV_VAR} must be a JSON object of compression settings, got {raw!r}")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise CompressionSettingsError(f"{ENV_VAR}: unknown setting(s) {', '.join(unknown)}; "
-                                       f"known: {', '.join(FIELDS)}")
     try:
         return CompressionConfig(**data)
     except (TypeError, ValueError) as exc:
