@@ -127,5 +127,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    """Last resort against a hang at exit: dump every thread's stack and exit with an error."""
-    faulthandler.dump_traceback_later(120, exit=True)
+    """Last resort against a hang at exit: dump every thread's stack and exit with an error.
+    Not on an xdist worker: it lives on, idle, until the controller ends it after the last
+    worker is done (the controller's own exit is guarded)."""
+    if not hasattr(config, "workerinput"):
+        faulthandler.dump_traceback_later(120, exit=True)
