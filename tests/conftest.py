@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import threading
 import warnings
 
@@ -79,6 +80,16 @@ def pytest_collection_modifyitems(session, config, items):
         first = [item for item in items if _starts_servers(item.nodeid)]
         ids = {id(item) for item in first}
         items[:] = first + [item for item in items if id(item) not in ids]
+
+
+def pytest_runtest_setup(item):
+    """On an xdist worker: the in-process modules at a lower CPU priority than the SGLang-server
+    group, the longest unit of work (its servers inherit the worker's priority when they start)."""
+    if hasattr(item.config, "workerinput"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0 if _starts_servers(item.nodeid) else 10)
+        except OSError:  # lowering a priority back needs privileges: then it stays as it is
+            pass
 
 
 def pytest_xdist_make_scheduler(config, log):
