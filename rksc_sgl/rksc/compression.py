@@ -192,10 +192,6 @@ def compress_decode_kv(kv: "KVCacheManager", req: "ReqKV", prompt_len: int, cfg:
 def _candidate_keys(kv: "KVCacheManager", cfg: CompressionConfig, slots: torch.Tensor) -> torch.Tensor:
     """The candidates' keys the redundancy term compares: ``(n, heads, dim)`` of one
     layer, or of every layer stacked along the head axis."""
-    num_layers = kv.layout.num_layers
-    if cfg.redundancy_layers == "all":
-        layers = range(num_layers)
-    else:
-        layers = [min(cfg.key_layer if cfg.key_layer is not None else num_layers // 2, num_layers - 1)]
     index = slots.to(kv.kv_pool.get_key_buffer(0).device)
-    return torch.cat([kv.kv_pool.get_key_buffer(layer)[index].cpu() for layer in layers], dim=1)
+    return torch.cat([kv.kv_pool.get_key_buffer(layer)[index].cpu() for layer in cfg.key_layers(kv.layout.num_layers)],
+                     dim=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 __all__ = ["CompressionConfig", "compression_config", "METHODS", "IMPORTANCE", "REDUNDANCY_LAYERS",
            "ATTENTION_METHODS"]
@@ -66,6 +66,13 @@ class CompressionConfig:
     def private_cap(self, max_new_tokens: int) -> int:
         """Most decode KV a request can hold at once (for admission)."""
         return min(max_new_tokens, self.target(max_new_tokens) + self.buffer + 1)
+
+    def key_layers(self, num_layers: int) -> List[int]:
+        """The layers (0-based) whose keys the redundancy term compares: every layer, or
+        ``key_layer`` (default the middle one) within the model's ``num_layers``."""
+        if self.redundancy_layers == "all":
+            return list(range(num_layers))
+        return [min(self.key_layer if self.key_layer is not None else num_layers // 2, num_layers - 1)]
 
     @property
     def needs_attention(self) -> bool:

@@ -217,15 +217,11 @@ class RuntimeCompression:
     def _keys(self, slots: torch.Tensor) -> torch.Tensor:
         """The candidates' keys for the redundancy term: ``(n, heads, dim)`` of one layer, or
         of every layer stacked along the head axis (the engine's ``_candidate_keys``)."""
-        cfg, pool = self.config, self.pool
-        first, count = getattr(pool, "start_layer", 0), pool.layer_num
-        if cfg.redundancy_layers == "all":
-            layers = range(first, first + count)
-        else:
-            layer = cfg.key_layer if cfg.key_layer is not None else count // 2
-            layers = [first + min(layer, count - 1)]
+        pool = self.pool
+        first = getattr(pool, "start_layer", 0)
         index = slots.to(pool.get_key_buffer(first).device)
-        return torch.cat([pool.get_key_buffer(layer)[index].float() for layer in layers], dim=1)
+        return torch.cat([pool.get_key_buffer(first + layer)[index].float()
+                          for layer in self.config.key_layers(pool.layer_num)], dim=1)
 
     @staticmethod
     def _rebind_lengths(batch, changed: List[Tuple[int, int]]) -> None:
