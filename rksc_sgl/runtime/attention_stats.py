@@ -40,6 +40,7 @@ On tensor-parallel ranks each rank sees its own heads; evictions combine the ran
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -104,6 +105,19 @@ def hook_spec(layer_stride: int) -> Dict[str, Any]:
     """The ``--forward-hooks`` entry that collects RSBCM's statistics every ``layer_stride`` layers."""
     return {"name": "rksc_attention", "target_modules": [ATTENTION_MODULES], "hook_factory": HOOK_FACTORY,
             "config": {"layer_stride": layer_stride}}
+
+
+def rksc_hook_strides(forward_hooks: Any) -> List[int]:
+    """The ``layer_stride`` of each ``rksc_attention`` entry of ``--forward-hooks`` (a list of
+    entries or its JSON text; empty: no such hook)."""
+    hooks = forward_hooks
+    if isinstance(hooks, str):
+        try:
+            hooks = json.loads(hooks)
+        except json.JSONDecodeError:
+            return []
+    return [int((h.get("config") or {}).get("layer_stride", 4)) for h in hooks or []
+            if isinstance(h, dict) and h.get("hook_factory") == HOOK_FACTORY]
 
 
 def attention_hook(config: Dict[str, Any]) -> Callable:

@@ -16,6 +16,7 @@ from typing import Any, List, Mapping, Optional
 
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.runtime.env_settings import json_settings
+from rksc_sgl.runtime.support import dp_attention, server_arg
 
 __all__ = ["ENV_VAR", "CompressionSettingsError", "compression_config_from_env", "env_value",
            "compression_unsupported", "RUNTIME_METHODS"]
@@ -53,90 +54,72 @@ def env_value(config: CompressionConfig) -> str:
     return json.dumps(dataclasses.asdict(config), separators=(",", ":"))
 
 
-def _get(args, name: str, default=None):
-    value = getattr(args, name, default)
-    return default if value is None else value
-
-
-def _hook_strides(forward_hooks: Any) -> List[int]:
-    """The ``layer_stride`` of each ``rksc_attention`` hook in ``--forward-hooks``."""
-    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY
-
-    hooks = forward_hooks
-    if isinstance(hooks, str):
-        try:
-            hooks = json.loads(hooks)
-        except json.JSONDecodeError:
-            return []
-    return [int((h.get("config") or {}).get("layer_stride", 4)) for h in hooks or []
-            if isinstance(h, dict) and h.get("hook_factory") == HOOK_FACTORY]
-
-
 def compression_unsupported(config: CompressionConfig, args, environ: Mapping[str, str],
                             device: Optional[str] = None) -> List[str]:
     """What of the server's arguments ``args`` compression with ``config`` cannot run with
     (empty: nothing); each line names the flag to change. ``environ``: the environment the
     schedulers inherit (``SGLANG_USE_CPU_ENGINE`` tells a CPU server from a GPU one before
     SGLang resolves ``--device``); ``device``: the KV pool's, where it is known."""
+    from rksc_sgl.runtime.attention_stats import rksc_hook_strides
     from rksc_sgl.runtime.plugin import BACKEND_NAME
 
     what = f"{ENV_VAR} (--kv-compression {config.method})"
     problems: List[str] = []
-    device = device or _get(args, "device") or ("cpu" if environ.get("SGLANG_USE_CPU_ENGINE", "") == "1" else "cuda")
+    device = device or server_arg(args, "device") or ("cpu" if environ.get("SGLANG_USE_CPU_ENGINE", "") == "1" else "cuda")
     on_gpu = str(device).split(":")[0] != "cpu"
     if config.method not in RUNTIME_METHODS:
         problems.append(f"{what}: SGLang's runtime does not run {config.method!r} yet (it merges dropped tokens "
                         f"into kept ones); choose one of {', '.join(RUNTIME_METHODS)} or use the embedded engine")
-    if _get(args, "disable_radix_cache", False):
+    if server_arg(args, "disable_radix_cache", False):
         problems.append(f"{what} runs in --radix-cache-backend {BACKEND_NAME} with the radix cache on; "
                         "drop --disable-radix-cache")
-    elif _get(args, "radix_cache_backend") != BACKEND_NAME:
+    elif server_arg(args, "radix_cache_backend") != BACKEND_NAME:
         problems.append(f"{what} needs --radix-cache-backend {BACKEND_NAME} (got "
-                        f"{_get(args, 'radix_cache_backend') or 'the default cache'})")
-    page = int(_get(args, "page_size", 1) or 1)
+                        f"{server_arg(args, 'radix_cache_backend') or 'the default cache'})")
+    page = int(server_arg(args, "page_size", 1) or 1)
     if page != 1:
         problems.append(f"{what} needs --page-size 1 (a compacted row's slots are no longer page-contiguous), "
                         f"got {page}")
-    speculative = _get(args, "speculative_algorithm")
+    speculative = server_arg(args, "speculative_algorithm")
     if speculative:
         problems.append(f"{what} does not support --speculative-algorithm {speculative} (draft and verify passes "
                         "have their own positions and lengths)")
-    pp_size, tp_size = int(_get(args, "pp_size", 1)), int(_get(args, "tp_size", 1))
+    pp_size, tp_size = int(server_arg(args, "pp_size", 1)), int(server_arg(args, "tp_size", 1))
     if pp_size > 1:
         problems.append(f"{what} needs --pp-size 1 (pipeline stages see different layers), got {pp_size}")
     if tp_size > 1 and config.needs_attention:
         problems.append(f"{what} needs --tp-size 1 (each rank sees only its own heads, so the ranks would keep "
                         f"different tokens), got {tp_size}; method 'recent' runs on any --tp-size")
-    if bool(_get(args, "enable_dp_attention", False)) or int(_get(args, "attn_dp_size", 1) or 1) > 1:
+    if dp_attention(args):
         problems.append(f"{what} does not support DP attention (--enable-dp-attention / --attn-dp-size): "
                         "its decode runs as extend passes, whose positions compression does not shift")
-    if _get(args, "enable_mixed_chunk", False):
+    if server_arg(args, "enable_mixed_chunk", False):
         problems.append(f"{what} does not support --enable-mixed-chunk (decode rows run as extend passes, whose "
                         "positions compression does not shift)")
-    mode = _get(args, "disaggregation_mode", "null")
+    mode = server_arg(args, "disaggregation_mode", "null")
     if mode not in ("null", None):
         problems.append(f"{what} does not support --disaggregation-mode {mode}")
-    if _get(args, "enable_streaming_session", False):
+    if server_arg(args, "enable_streaming_session", False):
         problems.append(f"{what} does not support --enable-streaming-session (a session keeps the row for "
                         "its next turn)")
-    if _get(args, "enable_hisparse", False):
+    if server_arg(args, "enable_hisparse", False):
         problems.append(f"{what} does not support --enable-hisparse")
-    if int(_get(args, "dcp_size", 1) or 1) > 1:
+    if int(server_arg(args, "dcp_size", 1) or 1) > 1:
         problems.append(f"{what} does not support --dcp-size > 1")
-    if _get(args, "enable_multimodal", False):
+    if server_arg(args, "enable_multimodal", False):
         problems.append(f"{what} does not support --enable-multimodal (mrope positions are not shifted)")
-    if on_gpu and not _get(args, "disable_overlap_schedule", False):
+    if on_gpu and not server_arg(args, "disable_overlap_schedule", False):
         problems.append(f"{what} on a GPU needs --disable-overlap-schedule (the scheduler would rewrite a row "
                         "while the previous forward may still read it)")
     if config.needs_attention:
-        graphs = not (_get(args, "disable_cuda_graph", False) or _get(args, "disable_decode_cuda_graph", False))
+        graphs = not (server_arg(args, "disable_cuda_graph", False) or server_arg(args, "disable_decode_cuda_graph", False))
         if on_gpu and graphs:
             problems.append(f"{what} scores tokens by attention, which decode steps replayed from CUDA graphs do "
                             "not report: add --disable-decode-cuda-graph (or use method 'recent')")
-        if _get(args, "enable_torch_compile", False):
+        if server_arg(args, "enable_torch_compile", False):
             problems.append(f"{what} scores tokens by attention, which compiled graphs do not report: "
                             "drop --enable-torch-compile (or use method 'recent')")
-        strides = _hook_strides(_get(args, "forward_hooks"))
+        strides = rksc_hook_strides(server_arg(args, "forward_hooks"))
         if not strides:
             problems.append(f"{what} scores tokens by attention: --forward-hooks needs the rksc_attention hook "
                             f"(rksc-sgl launch-server adds it; see docs/kv-compression.md)")

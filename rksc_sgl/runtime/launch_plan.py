@@ -424,10 +424,10 @@ def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: 
 
 def _add_attention_hook(argv: List[str], added: List[str], user_hooks, stride: int,
                         why: str = "RSBCM's attention statistics") -> None:
-    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, hook_spec
+    from rksc_sgl.runtime.attention_stats import hook_spec, rksc_hook_strides
 
     hooks = list(user_hooks or [])
-    if any(h.get("hook_factory") == HOOK_FACTORY for h in hooks if isinstance(h, dict)):
+    if rksc_hook_strides(hooks):
         return
     value = json.dumps(hooks + [hook_spec(stride)], separators=(",", ":"))
     if user_hooks is None:

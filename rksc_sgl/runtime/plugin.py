@@ -114,7 +114,7 @@ def _set_up_rsbcm(ctx, cache) -> None:
         if cache.eviction_policy == EVICTION_POLICY_NAME:
             logger.info("rsbcm: the radix cache is disabled on this server, so nothing is evicted or ranked")
         return
-    from rksc_sgl.runtime.attention_stats import HOOK_FACTORY, register_alloc_reset, slot_attention_of, watch_usage
+    from rksc_sgl.runtime.attention_stats import register_alloc_reset, rksc_hook_strides, slot_attention_of, watch_usage
     from rksc_sgl.runtime.support import caveats
 
     allocator = ctx.params.token_to_kv_pool_allocator
@@ -131,8 +131,7 @@ def _set_up_rsbcm(ctx, cache) -> None:
         strategy.use_ranks(rank_reducer(group, dist.get_world_size(group=group)))
         logger.info("rsbcm: %d tensor-parallel ranks rank with their combined attention and the tree's "
                     "operation clock", ctx.tp_size)
-    hooks = getattr(ctx.server_args, "forward_hooks", None) or []
-    hooked = any(isinstance(h, dict) and h.get("hook_factory") == HOOK_FACTORY for h in hooks)
+    hooked = bool(rksc_hook_strides(getattr(ctx.server_args, "forward_hooks", None)))
     device = str(getattr(allocator.get_kvcache(), "device", "cpu"))
     for line in caveats(ctx.server_args, device=device.split(":")[0], attention_hook=hooked):
         logger.warning(line)

@@ -27,13 +27,15 @@ class UnsupportedConfiguration(ValueError):
     """A server configuration an RKSC feature cannot run with."""
 
 
-def _get(args, name: str, default=None):
+def server_arg(args, name: str, default=None):
+    """``args.name`` (SGLang's ``ServerArgs`` or the launcher's namespace), ``default`` when absent or None."""
     value = getattr(args, name, default)
     return default if value is None else value
 
 
-def _dp_attention(args) -> bool:
-    return bool(_get(args, "enable_dp_attention", False)) or int(_get(args, "attn_dp_size", 1) or 1) > 1
+def dp_attention(args) -> bool:
+    """Whether ``args`` turn on DP attention."""
+    return bool(server_arg(args, "enable_dp_attention", False)) or int(server_arg(args, "attn_dp_size", 1) or 1) > 1
 
 
 def _setting(read, environ, problems: List[str]):
@@ -57,12 +59,12 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
 
     environ = os.environ if environ is None else environ
     problems: List[str] = []
-    backend = _get(args, "radix_cache_backend")
-    policy = str(_get(args, "radix_eviction_policy", "lru")).lower()
-    disabled = bool(_get(args, "disable_radix_cache", False))
-    pp_size, tp_size = int(_get(args, "pp_size", 1)), int(_get(args, "tp_size", 1))
-    speculative = _get(args, "speculative_algorithm")
-    if backend == BACKEND_NAME and _get(args, "enable_hierarchical_cache", False):
+    backend = server_arg(args, "radix_cache_backend")
+    policy = str(server_arg(args, "radix_eviction_policy", "lru")).lower()
+    disabled = bool(server_arg(args, "disable_radix_cache", False))
+    pp_size, tp_size = int(server_arg(args, "pp_size", 1)), int(server_arg(args, "tp_size", 1))
+    speculative = server_arg(args, "speculative_algorithm")
+    if backend == BACKEND_NAME and server_arg(args, "enable_hierarchical_cache", False):
         problems.append(f"--radix-cache-backend {BACKEND_NAME} does not support --enable-hierarchical-cache "
                         "(it is a RadixCache: one device tier); omit --radix-cache-backend")
     if policy == EVICTION_POLICY_NAME and not disabled:
@@ -79,7 +81,7 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
         from rksc_sgl.rksc.rsbcm import RSBCMStrategy
 
         try:
-            strategy = RSBCMStrategy(**(_get(args, "radix_eviction_policy_config", {}) or {}))
+            strategy = RSBCMStrategy(**(server_arg(args, "radix_eviction_policy_config", {}) or {}))
             if tp_size > 1:
                 strategy.use_ranks(None)
         except (TypeError, ValueError) as exc:
@@ -89,21 +91,21 @@ def unsupported(args, environ: Optional[Mapping[str, str]] = None) -> List[str]:
         if backend != BACKEND_NAME:
             problems.append(f"{ASKS_VAR} (ASKS) needs --radix-cache-backend {BACKEND_NAME} "
                             f"(got {backend or 'the default cache'}); unset {ASKS_VAR}")
-        chunk = _get(args, "chunked_prefill_size")
-        problems += asks_unsupported(tp_size=tp_size, page_size=_get(args, "page_size"),
+        chunk = server_arg(args, "chunked_prefill_size")
+        problems += asks_unsupported(tp_size=tp_size, page_size=server_arg(args, "page_size"),
                                      chunked_prefill_size=chunk, speculative_algorithm=speculative)
         if pp_size > 1:
             problems.append(f"ASKS needs --pp-size 1, got {pp_size}")
-        if _dp_attention(args):
+        if dp_attention(args):
             problems.append("ASKS does not support DP attention (--enable-dp-attention / --attn-dp-size)")
-        mode = _get(args, "disaggregation_mode", "null")
+        mode = server_arg(args, "disaggregation_mode", "null")
         if mode not in ("null", None):
             problems.append(f"ASKS does not support --disaggregation-mode {mode}")
     compression = _setting(compression_config_from_env, environ, problems)
     if compression is not None:
         problems += compression_unsupported(compression, args, environ)
     seeded = _setting(seeded_sampling_from_env, environ, problems)
-    sampler = _get(args, "sampling_backend")
+    sampler = server_arg(args, "sampling_backend")
     if seeded and sampler not in (None, "pytorch"):
         problems.append(f"{SEEDED_VAR}=1 needs --sampling-backend pytorch (SGLang's {sampler} sampler takes no "
                         "per-request seeds and would stop the scheduler at the first seeded top-k/top-p batch)")
@@ -114,8 +116,8 @@ def caveats(args, *, device: str, attention_hook: bool) -> List[str]:
     """What RSBCM's statistics will not see on this server (empty: everything)."""
     if device == "cpu" or not attention_hook:
         return []
-    decode = not (_get(args, "disable_cuda_graph", False) or _get(args, "disable_decode_cuda_graph", False))
-    prefill = not (_get(args, "disable_cuda_graph", False) or _get(args, "disable_prefill_cuda_graph", False))
+    decode = not (server_arg(args, "disable_cuda_graph", False) or server_arg(args, "disable_decode_cuda_graph", False))
+    prefill = not (server_arg(args, "disable_cuda_graph", False) or server_arg(args, "disable_prefill_cuda_graph", False))
     if not (decode or prefill):
         return []
     replayed = " and ".join(name for name, on in (("decode steps", decode), ("captured prefill batches", prefill)) if on)
