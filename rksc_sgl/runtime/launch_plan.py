@@ -326,14 +326,10 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
     """Check the ASKS settings (from ``asks`` or an inherited ``RKSC_ASKS``) against the
     server's flags and put them in the environment the schedulers inherit."""
     from rksc_sgl.runtime.plugin import BACKEND_NAME
-    from rksc_sgl.runtime.asks_settings import (ENV_VAR, ASKSSettingsError, asks_config_from_env, asks_unsupported,
-                                                env_value)
+    from rksc_sgl.runtime.asks_settings import (ENV_VAR, asks_config_from_env, asks_unsupported, env_value)
 
     if asks is None:
-        try:
-            asks = asks_config_from_env(environ)
-        except ASKSSettingsError as exc:
-            raise LaunchError(str(exc)) from None
+        asks = _from_environ(asks_config_from_env, environ)
         inherited = True
     else:
         inherited = False
@@ -358,6 +354,15 @@ def _plan_asks(asks, environ: Dict[str, str], env: Dict[str, str], added: List[s
                  f"shifted reuse {shifted}{'; from the environment' if inherited else ''})")
 
 
+def _from_environ(read, environ: Dict[str, str]):
+    """``read(environ)`` (a feature's settings from the environment the schedulers inherit);
+    a malformed setting is a :class:`LaunchError` with its message."""
+    try:
+        return read(environ)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def _plan_compression(config, environ: Dict[str, str], env: Dict[str, str], added: List[str], backend,
                       cuda: bool, given, add):
     """Check the compression settings (``config`` or an inherited ``RKSC_COMPRESSION``) against the
@@ -369,10 +374,7 @@ def _plan_compression(config, environ: Dict[str, str], env: Dict[str, str], adde
 
     inherited = config is None
     if inherited:
-        try:
-            config = compression_config_from_env(environ)
-        except ValueError as exc:
-            raise LaunchError(str(exc)) from None
+        config = _from_environ(compression_config_from_env, environ)
     if config is None:
         return None
     if backend != BACKEND_NAME:
@@ -403,10 +405,7 @@ def _plan_seeded_sampling(seeded: Optional[bool], environ: Dict[str, str], env: 
 
     inherited = seeded is None
     if inherited:
-        try:
-            seeded = seeded_sampling_from_env(environ)
-        except ValueError as exc:
-            raise LaunchError(str(exc)) from None
+        seeded = _from_environ(seeded_sampling_from_env, environ)
     if not seeded:
         if not inherited and ENV_VAR in environ:
             env[ENV_VAR] = "0"  # off as asked, whatever the launching shell says
