@@ -17,6 +17,8 @@ its processes is left.
 from __future__ import annotations
 
 import dataclasses
+import random
+import subprocess
 import sys
 import threading
 import time
@@ -155,6 +157,58 @@ def test_a_server_whose_port_is_taken_fails_at_once_with_the_bind_error(tmp_path
     assert time.monotonic() - started < 30
     pids = server_pids(server)
     assert_gone(pids)
+
+
+def test_free_port_never_hands_out_a_port_twice_whatever_seeds_random():
+    random.seed(0)
+    first = free_port()
+    random.seed(0)  # as a library or test may: the picker does not draw from this state
+    assert free_port() != first
+    assert len({free_port() for _ in range(200)}) == 200  # none bound yet, all still remembered
+
+
+def test_a_server_whose_port_another_server_answers_fails_naming_that_process(tmp_path):
+    """Another process binds the port after launch (its check passed) and answers /health:
+    start-up fails with that process, instead of passing for ready."""
+
+    @dataclasses.dataclass
+    class Plan:  # a stand-in server that never binds its port
+        port: int
+        host: str = "127.0.0.1"
+        env: dict = dataclasses.field(default_factory=dict)
+
+        @property
+        def url(self):
+            return f"http://127.0.0.1:{self.port}"
+
+        def command(self):
+            return [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    port = free_port()
+    server = RuntimeServer(Plan(port=port), startup_timeout=60, log=open(tmp_path / "log", "w"))
+    server.launch()
+    stranger = subprocess.Popen([sys.executable, "-c", STRANGER.format(port=port)], start_new_session=True)
+    try:
+        with pytest.raises(LaunchError, match=rf"port {port} answers, but from process {stranger.pid} "
+                                              r"\(.*python.*\), not from this server"):
+            server.wait_ready()
+    finally:
+        pids = server_pids(server)
+        server.stop()
+        stranger.kill()
+        stranger.wait(timeout=30)
+    assert_gone(pids)
+
+
+STRANGER = """
+import http.server
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", {port}), Health).serve_forever()
+"""
 
 
 # ---- the servers ---------------------------------------------------------------------------------

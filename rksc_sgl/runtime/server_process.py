@@ -45,23 +45,49 @@ server binds its port a minute after it was chosen; in an ephemeral port, a serv
 starting beside it took it first in a run here, and uvicorn's bind failed."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody uses now, from :data:`QUIET_PORTS` below the ephemeral range (any
-    free port if that range starts lower or the band is taken)."""
-    low, high = QUIET_PORTS
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            high = min(high, int(f.read().split()[0]))
-    for port in random.sample(range(low, high), min(64, max(0, high - low))):
+class _PortPicker:
+    """Free ports from :data:`QUIET_PORTS`, drawn from the OS's entropy (not the ``random``
+    module's shared state, which a library or a test may seed) and never the same port twice while it is among the last :attr:`REMEMBERED`
+    handed out by this process (a server binds its port a minute after it is chosen, so a
+    second pick meanwhile would find it still free)."""
+
+    REMEMBERED = 512
+
+    def __init__(self):
+        self._draw = random.SystemRandom()
+        self._handed_out: Deque[int] = collections.deque(maxlen=self.REMEMBERED)
+        self._lock = threading.Lock()
+
+    def pick(self, host: str) -> int:
+        low, high = QUIET_PORTS
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+                high = min(high, int(f.read().split()[0]))
+        with self._lock:
+            for port in self._draw.sample(range(low, high), min(64, max(0, high - low))):
+                if port in self._handed_out:
+                    continue
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        continue
+                self._handed_out.append(port)
+                return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+
+
+_PORTS = _PortPicker()
+"""This process's one picker: its memory of handed-out ports is what keeps two picks apart."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody uses now and this process has not handed out lately, from
+    :data:`QUIET_PORTS` below the ephemeral range (any free port if that range starts lower
+    or the band is taken)."""
+    return _PORTS.pick(host)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -139,11 +165,36 @@ class RuntimeServer:
             if problem:
                 raise LaunchError(f"SGLang server failed during start-up: {problem}\n{self.last_lines()}")
             if self.healthy(timeout=2.0):
+                stranger = self._stranger_on_port()
+                if stranger:
+                    raise LaunchError(f"SGLang server failed during start-up: port {self.plan.port} answers, but "
+                                      f"from {stranger}, not from this server (pass --port to choose another)\n"
+                                      f"{self.last_lines()}")
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"SGLang server not ready after {self.startup_timeout:.0f} s "
                                   f"(--startup-timeout)\n{self.last_lines()}")
             time.sleep(0.5)
+
+    def _stranger_on_port(self) -> Optional[str]:
+        """The process listening on the server's port when it is not one of this server's
+        (another server that took the port first answers ``/health`` as well), else ``None``;
+        ``None`` too where the system does not say who listens."""
+        import psutil
+
+        ours = {self.process.pid, *(p.pid for p in self._children())}
+        try:
+            listeners = [c for c in psutil.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.plan.port]
+        except (psutil.Error, OSError):
+            return None
+        if not listeners or any(c.pid in ours or c.pid is None for c in listeners):
+            return None
+        pid = listeners[0].pid
+        proc = _process(pid)
+        with contextlib.suppress(psutil.Error):
+            return f"process {pid} ({' '.join(' '.join(proc.cmdline()).split())[:120]})"
+        return f"process {pid}"
 
     def healthy(self, timeout: float = 5.0) -> bool:
         try:
