@@ -160,10 +160,14 @@ def test_a_server_whose_port_is_taken_fails_at_once_with_the_bind_error(tmp_path
 
 
 def test_free_port_never_hands_out_a_port_twice_whatever_seeds_random():
-    random.seed(0)
-    first = free_port()
-    random.seed(0)  # as a library or test may: the picker does not draw from this state
-    assert free_port() != first
+    state = random.getstate()
+    try:
+        random.seed(0)
+        first = free_port()
+        random.seed(0)  # as a library or test may: the picker does not draw from this state
+        assert free_port() != first
+    finally:
+        random.setstate(state)
     assert len({free_port() for _ in range(200)}) == 200  # none bound yet, all still remembered
 
 
