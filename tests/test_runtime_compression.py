@@ -28,7 +28,7 @@ from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from rksc_sgl.rksc import compression as compression_module
-from rksc_sgl.rksc.compression import plan, select_keep
+from rksc_sgl.rksc.compression import cask_select, plan, select_keep
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR, is_compressed
 from rksc_sgl.runtime import compression_hooks, plugin
@@ -95,7 +95,8 @@ RKV = {ENV_VAR: '{"method": "rkv"}', **CPU}
     ([*RKSC], RKV, "--forward-hooks needs the rksc_attention hook"),
     ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"attention_layer_stride": 2}', **CPU},
      "layer_stride 4 differs from the compression's attention_layer_stride 2"),
-    ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"method": "cask"}', **CPU}, "runtime does not run 'cask' yet"),
+    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], {ENV_VAR: '{"method": "cask"}', **CPU}, "needs --tp-size 1"),
+    ([*RKSC], {ENV_VAR: '{"method": "cask"}', **CPU}, "--forward-hooks needs the rksc_attention hook"),
     ([*RKSC], {ENV_VAR: "{bad"}, "RKSC_COMPRESSION must be a JSON object"),
 ])
 def test_each_unsupported_configuration_is_refused_with_its_flag(argv, environ, message):
@@ -105,6 +106,7 @@ def test_each_unsupported_configuration_is_refused_with_its_flag(argv, environ, 
 
 @pytest.mark.parametrize("argv, environ", [
     (RKSC, RECENT), ([*RKSC, "--forward-hooks", HOOK], RKV), ([*RKSC, "--tp-size", "2"], RECENT),
+    ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"method": "cask"}', **CPU}),
     ([*RKSC, "--disable-overlap-schedule"], {ENV_VAR: '{"method": "recent"}'}),
     ([*RKSC, "--forward-hooks", HOOK, "--disable-overlap-schedule", "--disable-cuda-graph"],
      {ENV_VAR: '{"method": "attention"}'}),
@@ -247,7 +249,7 @@ def _setup(device, config):
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("method", ["rkv", "recent", "attention"])
+@pytest.mark.parametrize("method", ["rkv", "cask", "recent", "attention"])
 def test_a_compaction_rewrites_the_row_frees_the_slots_and_rebinds_the_batch(device, method):
     config = CompressionConfig(method=method, budget=0.25, buffer=4, min_tokens=8)
     kv, allocator, rows, state = _setup(device, config)
@@ -257,6 +259,8 @@ def test_a_compaction_rewrites_the_row_frees_the_slots_and_rebinds_the_batch(dev
     done = _request(allocator, rows, 3, prompt, prompt + 30, "done")
     done.done = True
     row_before = rows.req_to_token[1].clone()
+    slots = row_before[prompt:prompt + 9].to(torch.int64)
+    mass, keys = state.mass[slots].clone(), kv.get_key_buffer(LAYERS // 2)[slots].clone()  # (cask merges into them)
     free_before = allocator.available_size()
     batch = _batch([over, under, done], device)
     old_lens, old_cpu = batch.seq_lens, batch.seq_lens_cpu
@@ -284,10 +288,7 @@ def test_a_compaction_rewrites_the_row_frees_the_slots_and_rebinds_the_batch(dev
         return
     assert shifted.positions.tolist() == [prompt + 12, prompt + 11]
     # the row: kept candidates (by the engine's own selection), then the buffer, moved down
-    slots = row_before[prompt:prompt + 9].to(torch.int64)
-    mass = state.mass[slots]
     age = (prompt + 13 - torch.arange(prompt, prompt + 9)).float()
-    keys = kv.get_key_buffer(LAYERS // 2)[slots]
     expected = plan(config, mass / age, keys, keep).keep
     assert rows.req_to_token[1, prompt:prompt + 8].tolist() == \
         slots[expected].tolist() + row_before[prompt + 9:prompt + 13].tolist()
@@ -299,7 +300,11 @@ def test_a_compaction_rewrites_the_row_frees_the_slots_and_rebinds_the_batch(dev
     # release: the offset and the state go with the row; the decisions stay for /server_info
     compression_hooks.release_row(rows, over)
     assert state.offset[1] == 0 and not is_compressed(over) and state.shifted_rows == 0
-    assert state.as_dict()["decisions"]["over"]["events"] == [{"decoded": 13, "kept": [prompt + i for i in expected]}]
+    events = state.as_dict()["decisions"]["over"]["events"]
+    assert [(e["decoded"], e["kept"]) for e in events] == [(13, [prompt + i for i in expected])]
+    merges = plan(config, mass / age, keys, keep).merges
+    assert [e.get("merged") for e in events] == [[[prompt + d, prompt + k] for d, k in merges] if method == "cask"
+                                                 else None]
 
 
 def test_repeated_compactions_track_original_positions_like_the_engine():
@@ -419,6 +424,139 @@ def test_select_keep_is_the_engines_plan():
         assert select_keep(config, importance, keys, 7).tolist() == plan(config, importance, keys, 7).keep
     with pytest.raises(ValueError, match="merges tokens; use plan"):
         select_keep(CompressionConfig(method="cask"), importance, keys, 7)
+
+
+def test_cask_select_is_the_engines_plan():
+    """The runtime's device-side ``cask`` decisions equal the engine's ``plan``: kept indices and
+    (dropped, kept) merge pairs, with ties in importance and in keys, every core share."""
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        count = int(torch.randint(0, n + 1, (1,), generator=g))
+        config = CompressionConfig(method="cask", core=(0.0, 0.5, 1.0, float(torch.rand(1, generator=g)))[seed % 4],
+                                   lam=float(torch.rand(1, generator=g)))
+        importance = torch.randint(0, 3, (n,), generator=g).float() if seed % 3 == 0 else torch.rand(n, generator=g)
+        keys = torch.randn(n, 2, 4, generator=g)
+        if seed % 5 == 0:
+            keys[: n // 2] = keys[0]
+        expected = plan(config, importance, keys, count)
+        keep, scratch, dropped, into = cask_select(config, importance, keys, count)
+        assert keep.tolist() == expected.keep and list(zip(dropped.tolist(), into.tolist())) == expected.merges
+        assert set(scratch.tolist()) == {k for _, k in expected.merges} | set(scratch.tolist()) <= set(keep.tolist())
+
+
+def _engine_side(seed: int = 0):
+    """The engine's compaction over its own copy of the same SGLang pools (same keys, values and
+    slot order): a stand-in ``KVCacheManager`` for ``compress_decode_kv``."""
+    kv, allocator, rows = _pools("cpu", seed)
+    manager = SimpleNamespace(req_to_token_pool=rows, kv_pool=kv, allocator=allocator,
+                              layout=SimpleNamespace(num_layers=LAYERS), slot_attention=None,
+                              row_slots=lambda r, length=None: rows.req_to_token[
+                                  r.row, :(r.kv_len if length is None else length)].to(torch.int64))
+    return manager
+
+
+def _buffers(kv):
+    return [b for layer in range(LAYERS) for b in (kv.get_key_buffer(layer), kv.get_value_buffer(layer))]
+
+
+@pytest.mark.parametrize("settings", [
+    {"importance": "cumulative"}, {"importance": "window"}, {"budget": 0.5, "core": 0.25},
+    {"budget": 0.1, "min_tokens": 4, "core": 0.0}])
+def test_cask_decode_matches_the_engine_step_by_step(settings):
+    """One request decodes 80 tokens on both backends (same new K/V and attention each step):
+    every compaction drops, keeps and merges the same slots, the rows, the free lists, the
+    weights (runtime table vs the engine's ``ReqKV.merged``) and the attention mass are equal,
+    and K/V equal the engine's up to float rounding (the engine averages pair by pair)."""
+    from rksc_sgl.kv.records import ReqKV
+    from rksc_sgl.rksc.compression import compress_decode_kv
+
+    config = CompressionConfig(**{"method": "cask", "budget": 0.25, "buffer": 4, "min_tokens": 8, **settings})
+    kv, allocator, rows, state = _setup("cpu", config)
+    engine = _engine_side()
+    engine.slot_attention = state.mass.clone()
+    prompt = 6
+    req = _request(allocator, rows, 1, prompt, prompt + 1, "r")
+    ereq = ReqKV(row=1, token_ids=list(range(prompt + 1)), kv_len=prompt + 1, protected_len=prompt)
+    engine.req_to_token_pool.req_to_token[1, :prompt + 1] = engine.allocator.alloc(prompt + 1).to(torch.int32)
+    g = torch.Generator().manual_seed(3)
+    compactions = 0
+    for step in range(80):
+        new = allocator.alloc(1)
+        assert torch.equal(new, engine.allocator.alloc(1))
+        for mine, theirs in zip(_buffers(kv), _buffers(engine.kv_pool)):
+            mine[new] = theirs[new] = torch.randn(mine.shape[1:], generator=g)
+        rows.req_to_token[1, req.kv.kv_committed_len] = int(new)
+        engine.req_to_token_pool.req_to_token[1, ereq.kv_len] = int(new)
+        req.kv.kv_committed_len += 1
+        req.kv.kv_allocated_len += 1
+        ereq.kv_len += 1
+        ereq.token_ids.append(step)
+        bump = torch.rand(state.mass.shape[0], generator=g) * 0.1
+        state.mass += bump
+        engine.slot_attention += bump
+        dropped = state.compact_running(_batch([req], "cpu"))
+        assert dropped == compress_decode_kv(engine, ereq, prompt, config)
+        assert torch.equal(rows.req_to_token[1], engine.req_to_token_pool.req_to_token[1])
+        assert torch.equal(allocator.free_pages, engine.allocator.free_pages)
+        assert torch.equal(state.mass, engine.slot_attention)
+        if dropped:
+            compactions += 1
+            assert getattr(req, REQ_COMPRESSION_ATTR).kept.tolist() == ereq.kept_origins
+            merged = torch.nonzero(state.weight != 1).flatten()
+            assert dict(zip(merged.tolist(), state.weight[merged].tolist())) == ereq.merged
+            for mine, theirs in zip(_buffers(kv), _buffers(engine.kv_pool)):
+                assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert compactions >= 8 and state.weight.max() > 2  # kept slots merged into more than once
+
+
+def test_cask_merge_is_the_engines_consolidation():
+    """The KV write alone, on the same pools and pairs: bitwise the engine's when each kept slot
+    takes one token; with several, the same weighted mean up to float rounding."""
+    from rksc_sgl.kv.compaction import _consolidate
+    from rksc_sgl.kv.records import ReqKV
+
+    config = CompressionConfig(method="cask")
+    for pairs in ([(0, 5), (1, 6), (2, 7)], [(0, 5), (1, 5), (2, 6), (3, 5), (4, 6)]):
+        kv, allocator, rows, state = _setup("cpu", config)
+        engine = _engine_side()
+        engine.slot_attention = state.mass.clone()
+        slots = torch.arange(20, 28)
+        prior = {int(slots[5]): 3.0, int(slots[0]): 2.0}  # slots that already stand for several tokens
+        for slot, w in prior.items():
+            state.weight[slot] = w
+        ereq = ReqKV(row=0, token_ids=[], merged=dict(prior))
+        _consolidate(engine, ereq, slots, pairs)
+        scratch = torch.tensor(sorted({k for _, k in pairs}))
+        state._merge(slots[scratch], slots[[d for d, _ in pairs]],
+                     torch.searchsorted(scratch, torch.tensor([k for _, k in pairs])))
+        merged = torch.nonzero(state.weight != 1).flatten()
+        assert dict(zip(merged.tolist(), state.weight[merged].tolist())) == {**prior, **ereq.merged}
+        assert torch.equal(state.mass, engine.slot_attention)
+        single = len({k for _, k in pairs}) == len(pairs)
+        for mine, theirs in zip(_buffers(kv), _buffers(engine.kv_pool)):
+            assert torch.equal(mine, theirs) if single else torch.allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+            if not single:
+                assert torch.equal(mine[:int(slots[5])], theirs[:int(slots[5])])  # nothing else written
+
+
+def test_the_merge_weight_is_reset_when_slots_are_freed_and_handed_out_again():
+    config = CompressionConfig(method="cask", budget=0.25, buffer=4, min_tokens=8)
+    kv, allocator, rows, state = _setup("cpu", config)
+    assert state.weight.device == kv.get_key_buffer(0).device and state.weight.dtype == torch.float32
+    prompt = 4
+    req = _request(allocator, rows, 1, prompt, prompt + 30, "r")
+    before = rows.req_to_token[1, :prompt + 30].to(torch.int64).clone()
+    state.compact_running(_batch([req], "cpu"))
+    held = rows.req_to_token[1, :req.kv.kv_committed_len].to(torch.int64)
+    gone = sorted(set(before.tolist()) - set(held.tolist()))
+    assert state.weight[held].sum() == 30 + prompt  # the kept slots stand for every token
+    assert (state.weight[held] > 1).any() and bool((state.weight[gone] == 1).all())  # freed: back to 1
+    compression_hooks.release_row(rows, req)  # finished: the row's slots go back to the allocator
+    assert bool((state.weight == 1).all()) and not is_compressed(req)
+    allocator.free(held)
+    again = allocator.alloc(allocator.available_size())
+    assert set(held.tolist()) <= set(again.tolist()) and bool((state.weight[again] == 1).all())
 
 
 # ---- one compressing server ----------------------------------------------------------------------------

@@ -123,6 +123,40 @@ def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: torch
     raise ValueError(f"select_keep: method {config.method!r} merges tokens; use plan()")
 
 
+def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor,
+                keep_count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``method="cask"``'s decisions, the same as :func:`plan`'s, as index tensors on
+    ``importance``'s device: ``(keep, scratch, dropped, into)``, ascending kept indices, the
+    kept scratch ones, the dropped ones that merge and, for each, the kept index it merges
+    into (``dropped`` is empty when no scratch is kept). Device operations only: every size
+    is known from ``keep_count`` and ``config.core``, nothing is read back."""
+    n = importance.shape[0]
+    keep_count = max(0, min(keep_count, n))
+    device = importance.device
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    if keep_count >= n:
+        return torch.arange(n, device=device), empty, empty, empty
+    score, imp = _scores(config, importance, keys)
+    core_count = min(keep_count, int(round(config.core * keep_count)))
+    scratch_count = keep_count - core_count
+    kept = torch.zeros(n, dtype=torch.int32, device=device)
+    if core_count:
+        kept[torch.topk(imp, core_count).indices] = 1
+    scratch = empty
+    if scratch_count:  # the R-KV score's best among the others (ascending, as plan's list)
+        rest = torch.sort(kept, stable=True).indices[:n - core_count]
+        chosen = torch.topk(score[rest], scratch_count).indices
+        scratch = torch.sort(rest[chosen]).values
+        kept[scratch] = 1
+    order = torch.sort(1 - kept, stable=True).indices  # kept first, each part ascending
+    keep, dropped = order[:keep_count], order[keep_count:]
+    if not scratch_count:
+        return keep, scratch, empty, empty
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    sim = torch.einsum("ihd,jhd->ij", unit[dropped], unit[scratch]) / keys.shape[1]
+    return keep, scratch, dropped, scratch[sim.argmax(dim=1)]
+
+
 def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor, keep_count: int) -> Plan:
     """Choose ``keep_count`` of the candidates (their attention mass and keys), which come
     oldest first."""

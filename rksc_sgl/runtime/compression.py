@@ -27,9 +27,15 @@ overlap scheduler keeps a copy of the batch that shares them), clears ``batch_is
 freed slots admit waiting requests in the same pass, and sets the row's offset: decode
 positions are ``seq_len - 1 + offset``, the request's true positions.
 
+``cask`` also consolidates before the slots are freed (``cask_select`` decides as the
+engine's ``plan``): each kept scratch slot's K and V, on every layer, become the weighted mean
+of its own and those merged into it, weights from a per-slot table on the pool's device (the
+tokens a slot stands for), set back to 1 when a slot is freed (at the compaction, or with the
+request's row).
+
 Device contract: every tensor made here lives on the pool's device; the selection is
-``select_keep`` (``topk``), counts are host arithmetic on the config and SGLang's host
-lengths, so a compaction reads nothing back from the device.
+``select_keep`` / ``cask_select`` (``topk``, ``sort``), counts are host arithmetic on the
+config and SGLang's host lengths, so a compaction reads nothing back from the device.
 
 The tree: a compressed request caches nothing past its prompt (or the exact prefix it held,
 ``RKSCRadixCache.checkpoint``); its slots are freed exactly once, the dropped ones at the
@@ -45,7 +51,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from rksc_sgl.rksc.compression import importance_of, select_keep
+from rksc_sgl.rksc.compression import cask_select, importance_of, select_keep
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR
 
@@ -77,6 +83,8 @@ class ReqCompression:
     """``importance="window"``: each row position's mass from ``start`` at the last compression."""
     events: List[Tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
     """(decoded tokens, kept original positions) of each compression, for ``/server_info``."""
+    merged: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    """``cask``: each event's (dropped, kept) original positions merged, ``(m, 2)``."""
 
 
 def compression_of(req_to_token_pool) -> Optional["RuntimeCompression"]:
@@ -96,6 +104,12 @@ class RuntimeCompression:
         table = req_to_token_pool.req_to_token
         self.device = table.device
         self.offset = torch.zeros(table.shape[0], dtype=torch.int64, device=self.device)
+        self.weight: Optional[torch.Tensor] = None
+        """``cask``: the tokens each KV slot stands for (1 unless merged into; float32, the
+        pool's device), back to 1 when the slot is freed."""
+        if config.method == "cask":
+            keys = self.pool.get_key_buffer(getattr(self.pool, "start_layer", 0))
+            self.weight = torch.ones(keys.shape[0], dtype=torch.float32, device=keys.device)
         self.shifted_rows = 0
         """Rows with a non-zero offset now (host count: no shift at all while it is 0)."""
         self.compactions = 0
@@ -174,13 +188,23 @@ class RuntimeCompression:
         origins = torch.arange(start + state.kept_count, end, dtype=torch.int64, device=self.device) + dropped
         if state.kept is not None:
             origins = torch.cat([state.kept, origins])
-        keep = select_keep(cfg, self._importance(state, slots, origins, committed + dropped, n),
-                           self._keys(slots) if cfg.method == "rkv" else None, keep_count)
+        importance = self._importance(state, slots, origins, committed + dropped, n)
+        keys = self._keys(slots) if cfg.method in ("rkv", "cask") else None
+        merged = None
+        if cfg.method == "cask":
+            keep, scratch, merge_from, merge_into = cask_select(cfg, importance, keys, keep_count)
+            if merge_from.shape[0]:  # (a host size)
+                self._merge(slots[scratch], slots[merge_from], torch.searchsorted(scratch, merge_into))
+            merged = torch.stack([origins[merge_from], origins[merge_into]], dim=1)
+        else:
+            keep = select_keep(cfg, importance, keys, keep_count)
         gone_mask = torch.ones(n, dtype=torch.int32, device=self.device)
         gone_mask[keep] = 0
         gone = slots[torch.sort(gone_mask, stable=True).indices[keep_count:]]  # no host read: counts known
         moved = torch.cat([slots[keep], row[end:committed].to(torch.int64)])
         row[start:start + moved.shape[0]] = moved.to(row.dtype)
+        if self.weight is not None:
+            self.weight[gone.to(self.weight.device)] = 1.0
         self.allocator.free(gone)
         removed = n - keep_count
         kv.kv_committed_len -= removed
@@ -195,6 +219,8 @@ class RuntimeCompression:
             state.seen = self.mass[row[start:kv.kv_committed_len].to(device=self.mass.device, dtype=torch.int64)]
         if len(state.events) < EVENTS:
             state.events.append((decoded, state.kept))
+            if merged is not None:
+                state.merged.append(merged)
         self.offset[row_index] = state.dropped
         self.compactions += 1
         self.dropped_tokens += removed
@@ -213,6 +239,27 @@ class RuntimeCompression:
                 seen[:k] = state.seen[:k]
             return importance_of(cfg, mass, seen=seen)
         return importance_of(cfg, mass, age=(now - origins).to(device=mass.device, dtype=torch.float32))
+
+    def _merge(self, scratch: torch.Tensor, src: torch.Tensor, into: torch.Tensor) -> None:
+        """``cask``'s consolidation: each kept scratch slot's K and V, on every layer, become the
+        mean of its own and those of the slots merged into it (``src[i]`` into
+        ``scratch[into[i]]``), weighted by the tokens each stands for; its weight becomes their
+        sum and it takes their attention mass."""
+        pool, weight = self.pool, self.weight
+        scratch, src, into = (t.to(weight.device) for t in (scratch, src, into))
+        w_dst, w_src = weight[scratch], weight[src]
+        total = w_dst.index_add(0, into, w_src)
+        touched = (total != w_dst)[:, None, None]
+        first = getattr(pool, "start_layer", 0)
+        for layer in range(first, first + pool.layer_num):
+            for buf in (pool.get_key_buffer(layer), pool.get_value_buffer(layer)):
+                old = buf[scratch]
+                mixed = (old.float() * w_dst[:, None, None]).index_add_(0, into, buf[src].float() * w_src[:, None, None])
+                buf[scratch] = torch.where(touched, (mixed / total[:, None, None]).to(buf.dtype), old)
+        weight[scratch] = total
+        if self.mass is not None:
+            dst = scratch[into].to(self.mass.device)
+            self.mass.index_add_(0, dst, self.mass[src.to(self.mass.device)])
 
     def _keys(self, slots: torch.Tensor) -> torch.Tensor:
         """The candidates' keys for the redundancy term: ``(n, heads, dim)`` of one layer, or
@@ -244,6 +291,10 @@ class RuntimeCompression:
         row = req.kv.req_pool_idx
         if row is not None:
             self.offset[row] = 0
+            if self.weight is not None:  # its slots go back to the allocator now (tree or free)
+                end = max(req.kv.kv_allocated_len, req.kv.kv_committed_len)
+                slots = self.req_to_token_pool.req_to_token[row, state.start:end]
+                self.weight[slots.to(device=self.weight.device, dtype=torch.int64)] = 1.0
         self.shifted_rows = max(0, self.shifted_rows - 1)
         self.history.append((str(req.rid), state))
         setattr(req, REQ_COMPRESSION_ATTR, None)
@@ -257,7 +308,9 @@ class RuntimeCompression:
             "compactions": self.compactions, "dropped_tokens": self.dropped_tokens,
             "compressed_requests": self.compressed_requests, "running_compressed": self.shifted_rows,
             "decisions": {rid: {"prompt_len": s.prompt_len, "start": s.start, "dropped": s.dropped,
-                                "events": [{"decoded": d, "kept": k.tolist()} for d, k in s.events]}
+                                "events": [{"decoded": d, "kept": k.tolist(),
+                                            **({"merged": s.merged[i].tolist()} if i < len(s.merged) else {})}
+                                           for i, (d, k) in enumerate(s.events)]}
                           for rid, s in self.history},
         }
 
@@ -272,6 +325,11 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
     allocator = ctx.params.token_to_kv_pool_allocator
     device = str(getattr(allocator.get_kvcache(), "device", "cpu"))
     problems = compression_unsupported(config, ctx.server_args, {}, device=device)
+    pool = allocator.get_kvcache()
+    if config.method == "cask" and (getattr(pool, "kv_cache_layout", "nhd") != "nhd"
+                                    or getattr(pool, "is_quantized_kv_cache", False)):
+        problems.append("RKSC_COMPRESSION method 'cask' averages K and V slot by slot: it needs SGLang's plain "
+                        "token-major KV pool (layout nhd, not a quantized KV cache)")
     model = ctx.model_config
     for name, what in (("is_multimodal", "multimodal models (mrope positions)"),
                        ("model_is_mrope", "mrope models"), ("is_encoder_decoder", "encoder-decoder models")):

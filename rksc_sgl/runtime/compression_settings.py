@@ -27,10 +27,8 @@ ENV_VAR = "RKSC_COMPRESSION"
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CompressionConfig))
 
-RUNTIME_METHODS = ("rkv", "recent", "attention")
-"""The methods SGLang's runtime runs. ``cask`` consolidates dropped tokens into kept ones
-(keys and values averaged, weighted by how many tokens a slot stands for), which needs a
-per-slot weight table and a KV write per layer in the scheduler: not done yet."""
+RUNTIME_METHODS = ("rkv", "cask", "recent", "attention")
+"""The methods SGLang's runtime runs (all of ``CompressionConfig``'s)."""
 
 
 class CompressionSettingsError(ValueError):
@@ -68,8 +66,8 @@ def compression_unsupported(config: CompressionConfig, args, environ: Mapping[st
     device = device or server_arg(args, "device") or ("cpu" if environ.get("SGLANG_USE_CPU_ENGINE", "") == "1" else "cuda")
     on_gpu = str(device).split(":")[0] != "cpu"
     if config.method not in RUNTIME_METHODS:
-        problems.append(f"{what}: SGLang's runtime does not run {config.method!r} yet (it merges dropped tokens "
-                        f"into kept ones); choose one of {', '.join(RUNTIME_METHODS)} or use the embedded engine")
+        problems.append(f"{what}: SGLang's runtime does not run {config.method!r}; choose one of "
+                        f"{', '.join(RUNTIME_METHODS)} or use the embedded engine")
     if server_arg(args, "disable_radix_cache", False):
         problems.append(f"{what} runs in --radix-cache-backend {BACKEND_NAME} with the radix cache on; "
                         "drop --disable-radix-cache")
