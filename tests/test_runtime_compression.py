@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -31,7 +32,7 @@ from rksc_sgl.rksc import compression as compression_module
 from rksc_sgl.rksc.compression import cask_select, plan, select_keep
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR, is_compressed
-from rksc_sgl.runtime import compression_hooks, plugin
+from rksc_sgl.runtime import compression as runtime_compression, compression_hooks, plugin
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.compression import POOL_ATTR, RuntimeCompression, compression_of
 from rksc_sgl.runtime.compression_settings import (ENV_VAR, CompressionSettingsError, compression_config_from_env,
@@ -339,8 +340,6 @@ def test_repeated_compactions_track_original_positions_like_the_engine():
 def test_the_second_compactions_importance_is_the_engines(importance, monkeypatch):
     """Cumulative: mass per query since each candidate was written, at its original position;
     window: the mass received since the previous compaction (0 before it for newer tokens)."""
-    import rksc_sgl.runtime.compression as runtime_compression
-
     config = CompressionConfig(method="attention", budget=0.25, buffer=4, min_tokens=8, importance=importance)
     kv, allocator, rows, state = _setup("cpu", config)
     seen = []
@@ -723,3 +722,25 @@ def test_after_concurrent_requests_and_aborts_every_slot_is_accounted_for(client
     report = client.idle_integrity()
     assert report["ok"], report
     assert client.healthy()
+
+
+@pytest.mark.parametrize("method, pool, model, message", [
+    ("cask", {"kv_cache_layout": "hnd"}, {}, "method 'cask' averages K and V slot by slot: it needs SGLang's plain "
+                                             r"token-major KV pool \(layout nhd, not a quantized KV cache\)"),
+    ("cask", {"is_quantized_kv_cache": True}, {}, "needs SGLang's plain token-major KV pool"),
+    ("rkv", {}, {"is_multimodal": True}, "does not support multimodal models"),
+    ("recent", {}, {"model_is_mrope": True}, "does not support mrope models"),
+    ("recent", {}, {"is_encoder_decoder": True}, "does not support encoder-decoder models"),
+])
+def test_a_scheduler_refuses_the_pools_and_models_compression_cannot_shift(method, pool, model, message):
+    """What only the scheduler sees (its KV pool and model) is refused when it builds its tree,
+    before anything is attached."""
+    kv = types.SimpleNamespace(device="cpu", **pool)
+    allocator = types.SimpleNamespace(get_kvcache=lambda: kv)
+    ctx = types.SimpleNamespace(params=types.SimpleNamespace(token_to_kv_pool_allocator=allocator),
+                                server_args=_args(*RKSC, "--forward-hooks", HOOK, "--disable-overlap-schedule",
+                                                  "--disable-decode-cuda-graph"),
+                                model_config=types.SimpleNamespace(**model))
+    with pytest.raises(ValueError, match=f"^rksc: .*{message}"):
+        runtime_compression.attach(ctx, None, CompressionConfig(method=method))
+    assert not hasattr(kv, "rksc_compression") and not hasattr(allocator, "rksc_compression")
