@@ -53,6 +53,7 @@ module            holds
 ``gym_workloads`` ``paper``, ``cot``, ``tot``, ``paraphrase``, ``vote``
 ``serve``         ``serve``: closed-loop clients, faults, programs per second
 ``pressure``      ``pressure``: concurrent programs on a pool below their working set
+``longbranch``    ``long-branches``: concurrent long branches on a pressured pool (compression)
 ``stats``         medians, ratios with bootstrap intervals, agreement, per-mode summaries
 ``runner``        :func:`run_bench`: engines or servers per mode, the schedule, the summary
 ``tables``        the text/markdown tables, the plot, :func:`save`, :func:`command_line`
@@ -65,7 +66,7 @@ module            holds
 from __future__ import annotations
 
 
-from rksc_sgl.bench import gym_workloads, load, noreuse, pressure, serve  # noqa: F401  (each registers its workloads)
+from rksc_sgl.bench import gym_workloads, load, longbranch, noreuse, pressure, serve  # noqa: F401  (each registers its workloads)
 from rksc_sgl.bench.cli import add_bench_args, bench_command, bench_description, validate_args
 from rksc_sgl.bench.inputs import PARAPHRASES, build_prompt, extract_final, few_shot_problem, hints_for, program
 from rksc_sgl.bench.modes import MODES, BenchSettings, Mode, mode_table, parse_modes

@@ -79,7 +79,8 @@ def list_text(settings: BenchSettings) -> str:
                                subsequent_indent="        ")
         lines.append("")
     lines += ["MODES (--modes NAME[,NAME...]; an ASKS mode takes its own tau and key layer as NAME@TAU:L<layer>, "
-              "e.g. asks@0.9:L4)", "",
+              "e.g. asks@0.9:L4; NAME+METHOD@BUDGET adds decode-KV compression, e.g. radix+rkv@0.25: on the "
+              "engine Engine(compression=...), on the runtime RKSC_COMPRESSION in the rksc tree)", "",
               "Each mode on the embedded engine (Engine keyword arguments), as the SGLang server --backend runtime "
               "starts (its mode-specific",
               "flags and environment: every server also gets --model-path, --host/--port, --max-total-tokens, "
@@ -102,7 +103,8 @@ def add_bench_args(parser) -> None:
                         help="comma-separated workloads, listed above (default: paper)")
     parser.add_argument("--modes", default="none,radix,rksc", metavar="MODE[,MODE...]",
                         help="comma-separated modes, listed above; an ASKS mode takes its own tau as NAME@TAU and "
-                             "key layer as :L<layer>, e.g. asks@0.8 or asks@0.9:L4 (default: none,radix,rksc)")
+                             "key layer as :L<layer>, e.g. asks@0.8 or asks@0.9:L4; +METHOD@BUDGET adds decode-KV "
+                             "compression to a mode, e.g. radix+rkv@0.25 (default: none,radix,rksc)")
     parser.add_argument("--problems", type=int, default=d.problems, help=f"timed problems (default: {d.problems})")
     parser.add_argument("--seed", type=int, default=d.seed, help="reasoning-gym seed of the problems (default: 0)")
     parser.add_argument("--repeats", type=int, default=d.repeats,

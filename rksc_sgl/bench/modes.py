@@ -31,14 +31,37 @@ class Mode:
     waves: bool = False
     """With ``stop``: launch the seeded branches in waves (``rksc_sgl.vote_waves``; the
     workload's ``waves_first``/``waves_step``) instead of all at once."""
+    kv_method: Optional[str] = None
+    """Decode-KV compression of this mode (``radix+rkv@0.25``): the method
+    (``CompressionConfig.method``); ``None``: every request keeps its full KV."""
+    kv_budget: Optional[float] = None
+    """With ``kv_method``: the share of decoded tokens whose KV is kept."""
 
     @property
-    def label(self) -> str:
+    def base_label(self) -> str:
+        """The label without compression: the mode a compressed one is compared with."""
         label = self.name if self.tau is None else f"{self.name}@{self.tau:g}"
         return label if self.key_layer is None else f"{label}:L{self.key_layer}"
 
+    @property
+    def label(self) -> str:
+        if self.kv_method is None:
+            return self.base_label
+        return f"{self.base_label}+{self.kv_method}@{self.kv_budget:g}"
+
+    def compression_config(self):
+        """The mode's ``CompressionConfig`` (``None``: uncompressed); the other settings are
+        ``CompressionConfig``'s defaults, on both backends."""
+        if self.kv_method is None:
+            return None
+        from rksc_sgl.rksc.compression_config import CompressionConfig
+
+        return CompressionConfig(method=self.kv_method, budget=self.kv_budget)
+
     def engine_kwargs(self, settings: "BenchSettings") -> Dict[str, Any]:
         kwargs: Dict[str, Any] = {"cache": self.cache}
+        if self.kv_method is not None:
+            kwargs["compression"] = {"method": self.kv_method, "budget": self.kv_budget}
         if self.asks:
             kwargs["asks"] = {"enabled": True, "tau": self.tau if self.tau is not None else settings.asks_tau,
                               "recompute_fraction": settings.asks_recompute,
@@ -83,14 +106,38 @@ SGLang's default ``UnifiedRadixCache``, which matches prefixes the same way), ``
 RKSC feature at once, and the tree alone is the cache mode ``rksc-tree``."""
 
 
+def parse_compression(spec: str, text: str):
+    """``"rkv@0.25"`` (what follows ``+`` in mode ``spec``) -> ``(method, budget)``, checked by
+    ``CompressionConfig`` (its methods, budget in (0, 1]); no budget: its default."""
+    from rksc_sgl.rksc.compression_config import CompressionConfig
+
+    method, at, budget_text = text.partition("@")
+    method = method.strip()
+    budget = CompressionConfig.budget
+    if at:
+        try:
+            budget = float(budget_text)
+        except ValueError:
+            raise ValueError(f"mode {spec!r}: budget {budget_text!r} is not a number") from None
+    try:
+        config = CompressionConfig(method=method, budget=budget)
+    except ValueError as exc:
+        raise ValueError(f"mode {spec!r}: {exc} (compression is written MODE+METHOD@BUDGET, "
+                         "e.g. radix+rkv@0.25)") from None
+    return config.method, config.budget
+
+
 def parse_modes(text: str) -> List[Mode]:
-    """``"none,radix,rksc,asks@0.9,asks@0.9:L4"`` -> modes; ``ValueError`` naming what is wrong."""
+    """``"none,radix,rksc,asks@0.9,asks@0.9:L4,radix+rkv@0.25"`` -> modes; ``ValueError`` naming
+    what is wrong. ``+METHOD@BUDGET`` adds decode-KV compression to a mode."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
         raise ValueError(f"no modes given; choose from {', '.join(MODES)}")
     modes: List[Mode] = []
     for spec in names:
-        head, _, layer_text = spec.partition(":")
+        base_spec, plus, kv_text = spec.partition("+")
+        kv = parse_compression(spec, kv_text) if plus else None
+        head, _, layer_text = base_spec.partition(":")
         name, _, tau_text = head.partition("@")
         if name not in MODES:
             raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)} (ASKS modes take "
@@ -112,6 +159,8 @@ def parse_modes(text: str) -> List[Mode]:
             if not math.isfinite(tau) or tau < -1.0:
                 raise ValueError(f"mode {spec!r}: tau must be a finite number >= -1")
             mode = dataclasses.replace(mode, tau=tau)
+        if kv is not None:
+            mode = dataclasses.replace(mode, kv_method=kv[0], kv_budget=kv[1])
         if any(m.label == mode.label for m in modes):
             raise ValueError(f"mode {mode.label!r} is given twice")
         modes.append(mode)

@@ -79,6 +79,10 @@ def _check_engine(engine, mode: Mode, settings: BenchSettings) -> None:
         problems.append(f"its ASKS settings ({cfg.asks}) differ from the mode's ({asks})")
     if cfg.eviction_policy != want.get("eviction_policy", "lru"):
         problems.append(f"eviction_policy={cfg.eviction_policy!r}")
+    kv = getattr(cfg, "compression", None)
+    have = None if kv is None else {"method": kv.method, "budget": kv.budget}
+    if have != want.get("compression"):
+        problems.append(f"its compression ({have}) differs from the mode's ({want.get('compression')})")
     if problems:
         raise ValueError(f"the engine given for mode {mode.label!r} does not match it: {'; '.join(problems)}")
 

@@ -109,6 +109,46 @@ def load_rows(result: Dict[str, Any]) -> List[tuple]:
     return rows
 
 
+def _share(a: Optional[Dict[str, Any]]) -> str:
+    """An agreement ``{k, n, share, ci95}`` as ``k/n share [lo, hi]``."""
+    if not a or not a["n"]:
+        return "-"
+    return f"{a['k']}/{a['n']} {a['share']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]"
+
+
+def compression_rows(result: Dict[str, Any]) -> List[tuple]:
+    """``long-branches``: per mode, throughput, peak running requests, tokens, compression's
+    counters, and against the mode uncompressed: throughput and peak ratios, answers agreeing."""
+    rows = [("mode", "programs/s", "x uncompressed [95% CI]", "peak running (median)", "x peak running",
+             "decode tok", "prompt tok", "computed", "radix-cached", "compactions", "dropped tok",
+             "branch answers agree", "program answers agree", "identical texts")]
+    for label, m in (result.get("compression") or {}).items():
+        vs = m.get("vs_base")
+        if vs is None:
+            ratio = peak_ratio = "reference" if m["base"] is None else "-"
+            agree = ("reference",) * 3 if m["base"] is None else ("-",) * 3
+        else:
+            ci = vs["throughput_ci95"]
+            ratio = f"{vs['throughput_ratio']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+            peak_ratio = _fmt(vs["peak_running_ratio"], ".2f")
+            agree = tuple(_share(vs[k]) for k in ("branch_answers", "program_answers", "identical_texts"))
+        peak = "-" if m["peak_running"] is None else f"{m['peak_running']} ({_fmt(m['peak_running_median'], 'g')})"
+        rows.append((label, _fmt(m["programs_per_s"], ".4f"), ratio, peak, peak_ratio, _fmt(m["decode_tokens"]),
+                     _fmt(m["prompt_tokens"]), _fmt(m["computed_prompt_tokens"]), _fmt(m["cached_prompt_tokens"]),
+                     _fmt(m["compactions"]), _fmt(m["dropped_tokens"]), *agree))
+    return rows
+
+
+COMPRESSION_NOTE = ("long-branches: programs/s = programs / their time, over the timed runs; x uncompressed = "
+                    "the mode without +METHOD@BUDGET's median time per problem over this one's (medians over "
+                    "repeats, 95% paired bootstrap over problems). Peak running: the most requests SGLang ran "
+                    "at once (/v1/loads, sampled every 0.25 s), the highest over the runs (median of the runs' "
+                    "peaks). Token counts are run totals: prompt tokens = computed + served by the radix tree "
+                    "(radix-cached: what a port with the radix cache off, as R-KV's SGLang port, computes "
+                    "again). Agreement with the uncompressed mode on the same problems (first repeats): equal "
+                    "final answers (no answer counts as an answer) and identical texts, k/n [95% Wilson].")
+
+
 def _load_note(result: Dict[str, Any]) -> str:
     load = result["load"]
     return f"SLO {_fmt(load['slo_s'], '.2f')} s ({load['slo_rule']})."
@@ -138,6 +178,8 @@ def text_report(result: Dict[str, Any]) -> str:
     out = format_table(table_rows(result))
     if result.get("load"):
         out += "\n\n" + format_table(load_rows(result)) + "\n" + _load_note(result)
+    if result.get("compression"):
+        out += "\n\n" + format_table(compression_rows(result))
     if result["targets"]:
         out += "\n\n" + format_table(target_rows(result))
     return out
@@ -148,6 +190,8 @@ def markdown_report(result: Dict[str, Any]) -> str:
              markdown_table(table_rows(result))]
     if result.get("load"):
         lines += ["", markdown_table(load_rows(result)), "", _load_note(result)]
+    if result.get("compression"):
+        lines += ["", markdown_table(compression_rows(result)), "", COMPRESSION_NOTE]
     if result["targets"]:
         lines += ["", markdown_table(target_rows(result)), "",
                   "Verdicts: a target with a 95% interval (speedups: paired bootstrap; agreement and error "

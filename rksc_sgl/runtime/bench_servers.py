@@ -29,6 +29,10 @@ mode            SGLang flags
                 and stops them (``rksc_sgl.vote_waves``)
 ``stop-deepconf`` SGLang's default cache; the client reads each branch's top-k
                 log-probabilities as SGLang streams them and stops low-confidence ones
+``M+METHOD@B``  mode M with decode-KV compression (``RKSC_COMPRESSION``, method and
+                budget B, the other settings ``CompressionConfig``'s defaults), in the
+                ``rksc`` tree (:func:`compressed_flags`: ``radix+rkv@0.25`` is
+                ``--radix-cache-backend rksc --radix-eviction-policy lru``)
 ==============  ==================================================================
 
 A workload that seeds its branches (``vote``, ``serve``: ``Workload.votes``) runs every
@@ -51,7 +55,7 @@ import contextlib
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["server_flags", "router_flags", "mode_server", "check_room", "servers_per_mode", "worker_plans", "worker_cores"]
+__all__ = ["server_flags", "compressed_flags", "router_flags", "mode_server", "check_room", "servers_per_mode", "worker_plans", "worker_cores"]
 
 MEMORY_MARGIN = 1.15
 """Head-room over the measured size of a server before more are started beside it."""
@@ -85,6 +89,9 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
         raise ValueError(f"mode {mode.label!r} has no runtime configuration; "
                          f"the runtime runs {', '.join(RUNTIME_FLAGS)}")
     flags, rksc = RUNTIME_FLAGS[mode.name]
+    compression = mode.compression_config() if getattr(mode, "kv_method", None) else None
+    if compression is not None:
+        flags = compressed_flags(mode, flags)
     pool = overrides.get("kv_pool_tokens", settings.kv_pool_tokens)
     running = overrides.get("max_running_requests", settings.max_running_requests)
     argv = ["--model-path", settings.model, "--host", "127.0.0.1", "--port", str(port),
@@ -102,7 +109,36 @@ def server_flags(mode, settings, overrides: Dict[str, Any], port: int,
 
         plan_kwargs["asks"] = ASKSConfig(enabled=True, tau=mode.effective_tau(settings),
                                          recompute_fraction=settings.asks_recompute)
+    if compression is not None:  # plan_launch puts it in RKSC_COMPRESSION (and adds the attention hook)
+        plan_kwargs["compression"] = compression
     return argv + shlex.split(settings.server_args), plan_kwargs
+
+
+def compressed_flags(mode, flags: List[str]) -> List[str]:
+    """The cache flags of ``mode`` (a compressed mode, ``radix+rkv@0.25``) on the runtime: its
+    base mode's, on the ``rksc`` tree, which compression runs in (a base mode on SGLang's default
+    cache gets ``--radix-cache-backend rksc`` with its eviction policy, LRU unless it names one);
+    ``ValueError`` where the runtime cannot compress: a method it does not run (read from
+    ``compression_settings.RUNTIME_METHODS`` now, so a method added there is taken), the radix
+    cache off, or another tree."""
+    from rksc_sgl.runtime import compression_settings
+    from rksc_sgl.runtime.plugin import BACKEND_NAME
+
+    methods = tuple(compression_settings.RUNTIME_METHODS)
+    if mode.kv_method not in methods:
+        raise ValueError(f"mode {mode.label!r}: SGLang's runtime does not run compression method "
+                         f"{mode.kv_method!r}; it runs {', '.join(methods)} (or use --backend engine)")
+    if "--disable-radix-cache" in flags:
+        raise ValueError(f"mode {mode.label!r}: compression runs with the radix cache on, and mode "
+                         f"{mode.base_label!r} turns it off")
+    if "--radix-cache-backend" in flags:
+        backend = flags[flags.index("--radix-cache-backend") + 1]
+        if backend != BACKEND_NAME:
+            raise ValueError(f"mode {mode.label!r}: compression runs in --radix-cache-backend {BACKEND_NAME}, "
+                             f"and mode {mode.base_label!r} uses {backend}")
+        return list(flags)
+    policy = [] if "--radix-eviction-policy" in flags else ["--radix-eviction-policy", "lru"]
+    return ["--radix-cache-backend", BACKEND_NAME, *policy, *flags]
 
 
 def check_room(more: int, server_bytes: int, available_bytes: Optional[int] = None) -> None:
