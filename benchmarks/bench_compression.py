@@ -36,6 +36,10 @@ may carry variants (``rkv+window``: importance from the queries since the last c
 ``+all``: redundancy over every layer).
 
     python benchmarks/bench_compression.py --fidelity --traces 40 --seed 5000
+
+``--backend runtime`` runs the same protocol on SGLang's runtime through ``/generate``
+(``rksc_sgl.bench.runtime_fidelity``): a full-KV server samples the traces and replays the
+control, then one server per mode (its ``RKSC_COMPRESSION``) replays every trace, one server at a time.
 """
 
 from __future__ import annotations
@@ -183,6 +187,9 @@ def main(argv=None) -> int:
                      help="comma-separated methods (variants: rkv+window, rkv+all, rkv+window+all)")
     fid.add_argument("--fidelity-budgets", default="0.1,0.16,0.25,0.5")
     fid.add_argument("--bootstrap", type=int, default=2000)
+    fid.add_argument("--backend", choices=("engine", "runtime"), default="engine",
+                     help="runtime: replay on SGLang's runtime through /generate (a full-KV server, then one "
+                          "server per mode; rksc_sgl.bench.runtime_fidelity)")
     args = ap.parse_args(argv)
     if args.fidelity:
         return fidelity_main(ap, args)
@@ -257,6 +264,57 @@ def fidelity_main(ap, args) -> int:
     torch.set_num_threads(1)
     started = time.time()
     run_commit = source_commit()  # the code this run imports; the record is written at its end
+    if args.backend == "runtime":
+        per_trace, traces = runtime_fidelity_traces(args, modes)
+    else:
+        per_trace, traces = engine_fidelity_traces(args, modes)
+    summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
+    runtime = args.backend == "runtime"
+    result = {
+        **run_record("bench_compression --fidelity" + (" --backend runtime" if runtime else ""), commit=run_commit),
+        "config": vars(args), "modes": modes,
+        "method": ("per trace: a few-shot gsm_symbolic prompt and trace_tokens tokens sampled with full KV (EOS "
+                   "ignored), every step's log-probs kept; then every mode (and a full-KV control) replays the "
+                   "trace teacher-forced" + (" on SGLang's runtime (one server per mode, rksc_sgl.bench."
+                                             "runtime_fidelity)" if runtime else " in one batch")
+                   + ", compared step by step with the full-KV distribution"),
+        "summary": summary, "per_trace": per_trace, "traces": traces, "total_wall_s": time.time() - started,
+    }
+    name = args.name or ("bench_compression_fidelity_runtime" if runtime else "bench_compression_fidelity")
+    save_and_report(result, fidelity_table(summary), Path(args.out_dir), name, plot_fidelity,
+                    f"rksc_sgl decode-KV compression, continuation fidelity (teacher-forced replay"
+                    f"{', SGLang runtime' if runtime else ''}): {args.model}, "
+                    f"{args.traces} traces x {args.trace_tokens} tokens, seeds {args.seed}..{args.seed + args.traces - 1}, "
+                    f"buffer {args.buffer}, min_tokens {args.min_tokens}, 1 thread, {result['cpu']}",
+                    markdown=fidelity_markdown(summary))
+    return 0
+
+
+def runtime_fidelity_traces(args, modes):
+    """The sweep on SGLang's runtime: a full-KV server makes the traces, one server per mode replays."""
+    from rksc_sgl.bench import runtime_fidelity
+
+    probe = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, kv_pool_tokens=1024)
+    seeds = list(range(args.seed, args.seed + args.traces))
+    prompts = [probe.encode(few_shot_problem(probe.tokenizer, args.prompt_tokens, s)[0]) for s in seeds]
+    vocab, tokenizer = probe.vocab_size, probe.tokenizer
+    probe.shutdown()
+    bar = tqdm(total=args.traces * (len(modes) + 1), desc="fidelity on the runtime")
+    pool = max(len(p) for p in prompts) + args.trace_tokens + 256
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "runtime_fidelity_servers.log", "w") as log:
+        per_trace, traces = runtime_fidelity.sweep(
+            args.model, prompts, seeds, modes, args.trace_tokens, args.trace_temperature, vocab, log=log,
+            extra=["--max-total-tokens", str(pool * 2)], progress=lambda *_: bar.update())
+    bar.close()
+    return per_trace, [{"seed": s, "prompt_tokens": len(p), "text": tokenizer.decode(t)}
+                       for s, p, t in zip(seeds, prompts, traces)]
+
+
+def engine_fidelity_traces(args, modes):
+    from rksc_sgl.bench import fidelity
+
     eng = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, seed=args.seed,
                           kv_pool_tokens=(len(modes) + 2) * (args.prompt_tokens + args.trace_tokens + 64),
                           max_running_requests=len(modes) + 1, compression=next(iter(modes.values())))
@@ -273,22 +331,7 @@ def fidelity_main(ap, args) -> int:
         eng.check_integrity()
     finally:
         eng.shutdown()
-    summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
-    result = {
-        **run_record("bench_compression --fidelity", commit=run_commit),
-        "config": vars(args), "modes": modes,
-        "method": "per trace: a few-shot gsm_symbolic prompt and trace_tokens tokens sampled with full KV (EOS "
-                  "ignored), every step's log-probs kept; then every mode (and a full-KV control) replays the "
-                  "trace teacher-forced in one batch, compared step by step with the full-KV distribution",
-        "summary": summary, "per_trace": per_trace, "traces": traces, "total_wall_s": time.time() - started,
-    }
-    name = args.name or "bench_compression_fidelity"
-    save_and_report(result, fidelity_table(summary), Path(args.out_dir), name, plot_fidelity,
-                    f"rksc_sgl decode-KV compression, continuation fidelity (teacher-forced replay): {args.model}, "
-                    f"{args.traces} traces x {args.trace_tokens} tokens, seeds {args.seed}..{args.seed + args.traces - 1}, "
-                    f"buffer {args.buffer}, min_tokens {args.min_tokens}, 1 thread, {result['cpu']}",
-                    markdown=fidelity_markdown(summary))
-    return 0
+    return per_trace, traces
 
 
 def _ci(stat, spec=".3f") -> str:

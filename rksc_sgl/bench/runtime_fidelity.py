@@ -1,0 +1,164 @@
+"""Continuation fidelity on SGLang's runtime: the engine's teacher-forced replay
+(``rksc_sgl.bench.fidelity``) through ``/generate``, scored with the same :class:`ReplayScore`.
+
+A custom logit processor (:class:`TraceForcing`, server flag ``--enable-custom-logit-processor``)
+sees each step's raw logits before anything else touches them. It records their log-softmax
+(full vocabulary, float32) in the request's per-token ``customized_info`` (returned as
+``meta_info["rksc_logprobs"]``) and, given a trace, masks every token but the trace's, so the
+greedy request emits exactly the trace while the server's compressor runs as in decoding.
+Why not SGLang's ``return_logprob``: it reports log-probs after the custom processor.
+Rationale and limits: docs/kv-compression.md ("Continuation fidelity on SGLang's runtime").
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+from rksc_sgl.bench.fidelity import FULL, ReplayScore
+
+KEY = "rksc_logprobs"
+"""The ``meta_info`` key (SGLang's per-token ``customized_info``) with each step's log-probs."""
+
+
+class TraceForcing(CustomLogitProcessor):
+    """Record each step's unprocessed log-probs; with ``trace`` in the params, emit its token."""
+
+    def __call__(self, logits: torch.Tensor, custom_param_list: Optional[List[Dict[str, Any]]] = None):
+        for i, params in enumerate(custom_param_list or ()):
+            req = (params or {}).get("__req__")
+            if req is None:
+                continue
+            row = torch.log_softmax(logits[i].float(), dim=-1)[: int(params.get("vocab") or logits.shape[1])]
+            step = len(req.output_ids)  # (the server runs without overlap: this is the step sampled now)
+            info = req.customized_info if req.customized_info is not None else {}
+            req.customized_info = info
+            values = info.setdefault(KEY, [])
+            del values[step:]  # (a re-run of a step replaces it)
+            values.extend([None] * (step - len(values)))
+            values.append(base64.b64encode(row.cpu().numpy().astype("<f4").tobytes()).decode("ascii"))
+            trace = params.get("trace")
+            if trace is not None and step < len(trace):
+                logits[i].fill_(-math.inf)
+                logits[i, int(trace[step])] = 0.0
+        return logits
+
+
+def request_fields(vocab: int, trace: Optional[Sequence[int]] = None,
+                   sampling_params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The ``/generate`` fields that attach :class:`TraceForcing` (forcing ``trace`` if given)
+    to a request with ``sampling_params`` (``custom_params`` is one of them)."""
+    params: Dict[str, Any] = {"vocab": int(vocab)}
+    if trace is not None:
+        params["trace"] = [int(t) for t in trace]
+    return {"custom_logit_processor": TraceForcing.to_str(),
+            "sampling_params": {**(sampling_params or {}), "custom_params": params}}
+
+
+def step_logprobs(out: Dict[str, Any], vocab: int) -> torch.Tensor:
+    """``(steps, vocab)`` log-probs recorded by :class:`TraceForcing` in one ``/generate`` answer."""
+    values = out["meta_info"].get(KEY)
+    if not values or any(v is None for v in values):
+        raise RuntimeError(f"the server returned no {KEY!r} for some step: is --enable-custom-logit-processor "
+                           "on and overlap scheduling off?")
+    rows = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in values]
+    if any(r.shape[0] != vocab for r in rows):
+        raise RuntimeError(f"{KEY}: expected {vocab} log-probs per step")
+    return torch.from_numpy(np.stack(rows))
+
+
+def runtime_trace(client, prompt_ids: Sequence[int], tokens: int, temperature: float, seed: int,
+                  vocab: int, rid: str = "fidelity-trace") -> Tuple[List[int], torch.Tensor]:
+    """``full_kv_trace`` on a full-KV server: ``tokens`` sampled tokens (EOS ignored) and
+    each step's log-probs, the reference."""
+    out = client.generate(input_ids=list(prompt_ids), rid=rid, **request_fields(vocab, None, {
+        "max_new_tokens": tokens, "temperature": temperature, "ignore_eos": True, "sampling_seed": seed}))
+    return list(out["output_ids"]), step_logprobs(out, vocab)
+
+
+def forced_replay(client, prompt_ids: Sequence[int], trace_ids: Sequence[int], vocab: int,
+                  rid: str) -> Tuple[torch.Tensor, Optional[Dict[str, Any]]]:
+    """Replay ``trace_ids`` teacher-forced: each step's log-probs and the server's compression
+    decisions for ``rid`` (None without compression). Raises unless it emitted exactly the trace."""
+    out = client.generate(input_ids=list(prompt_ids), rid=rid, **request_fields(vocab, trace_ids, {
+        "max_new_tokens": len(trace_ids), "temperature": 0, "ignore_eos": True}))
+    if list(out["output_ids"]) != list(trace_ids):
+        raise RuntimeError(f"replay {rid} did not emit the trace (is --enable-custom-logit-processor on?)")
+    state = (client.rksc_state() or {}).get("compression")
+    decisions = (state or {}).get("decisions", {}).get(rid)
+    return step_logprobs(out, vocab), decisions
+
+
+def score(logprobs: torch.Tensor, reference: torch.Tensor, trace_ids: Sequence[int],
+          decisions: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """:class:`ReplayScore`'s result for one replay (``kv_kept`` from the server's decisions:
+    decode tokens the last step reads over tokens decoded, as the engine counts it)."""
+    result = ReplayScore()
+    for step, token in enumerate(trace_ids):
+        result.add(step, logprobs[step], reference[step], int(token))
+    last = len(trace_ids) - 1
+    if decisions and last > 0:  # (the request ends after its last forward: no compaction after it)
+        result.kv_kept = (last - int(decisions["dropped"])) / last
+    nll_full = -float(reference.gather(1, torch.tensor(list(trace_ids)).view(-1, 1)).mean())
+    return result.result(nll_full)
+
+
+# ---- servers --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fidelity_server(model: str, compression: Optional[Dict[str, Any]], *, startup_timeout: float = 900,
+                    log=None, extra: Sequence[str] = ()) -> Iterator[Any]:
+    """One server for replays (``compression``: ``CompressionConfig`` fields, None: full KV),
+    with the processor allowed, overlap off and seeded sampling; stopped on exit."""
+    from rksc_sgl.rksc.compression_config import CompressionConfig
+    from rksc_sgl.runtime.launch_plan import plan_launch
+    from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+
+    argv = ["--model-path", model, "--host", "127.0.0.1", "--port", str(free_port()),
+            "--enable-custom-logit-processor", "--disable-overlap-schedule", *extra]
+    plan = plan_launch(argv, seeded_sampling=True,
+                       compression=None if compression is None else CompressionConfig(**compression))
+    server = RuntimeServer(plan, startup_timeout=startup_timeout, log=log)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def sweep(model: str, prompts: Sequence[Sequence[int]], seeds: Sequence[int], modes: Dict[str, Dict[str, Any]],
+          tokens: int, temperature: float, vocab: int, *, startup_timeout: float = 900, log=None,
+          extra: Sequence[str] = (), progress=None) -> List[Dict[str, Dict[str, float]]]:
+    """Per trace, every mode's scores (``full``: the teacher-forced control on the full-KV
+    server that made the traces). One server at a time: the full one, then one per mode."""
+    from rksc_sgl.runtime.client import RuntimeClient
+
+    per_trace: List[Dict[str, Dict[str, float]]] = [{} for _ in prompts]
+    traces: List[Tuple[List[int], torch.Tensor]] = []
+    with fidelity_server(model, None, startup_timeout=startup_timeout, log=log, extra=extra) as server:
+        client = RuntimeClient(server.url)
+        for i, (ids, seed) in enumerate(zip(prompts, seeds)):
+            client.flush_cache()
+            trace, reference = runtime_trace(client, ids, tokens, temperature, seed, vocab, rid=f"fid-trace-{i}")
+            traces.append((trace, reference))
+            logprobs, _ = forced_replay(client, ids, trace, vocab, rid=f"fid-{FULL}-{i}")
+            per_trace[i][FULL] = score(logprobs, reference, trace)
+            if progress:
+                progress(FULL, i)
+    for name, config in modes.items():
+        with fidelity_server(model, config, startup_timeout=startup_timeout, log=log, extra=extra) as server:
+            client = RuntimeClient(server.url)
+            for i, ids in enumerate(prompts):
+                trace, reference = traces[i]
+                client.flush_cache()
+                logprobs, decisions = forced_replay(client, ids, trace, vocab, rid=f"fid-{name}-{i}")
+                per_trace[i][name] = score(logprobs, reference, trace, decisions)
+                if progress:
+                    progress(name, i)
+    return per_trace, [t for t, _ in traces]
