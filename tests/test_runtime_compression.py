@@ -10,7 +10,8 @@ compress several times, method ``rkv``): a compressed request's greedy continuat
 embedded engine's given the runtime's own decisions (read from ``/server_info``), and equals
 ``transformers`` with the same cache entries deleted; after concurrent requests and aborts
 every slot is free or in the tree exactly once, no lock is left, and the tree holds nothing
-past a compressed request's prompt.
+past a compressed request's prompt; four long requests that SGLang's full reservation would run
+one at a time run at once.
 """
 
 from __future__ import annotations
@@ -415,6 +416,96 @@ def test_retraction_and_stock_processes_are_left_alone():
         is forward and forward.positions.tolist() == [3]
 
 
+# ---- admission with SGLang's own PrefillAdder (no server) ----------------------------------------------
+ADMIT_POOL, ADMIT_PROMPT, ADMIT_NEW = 250, 10, 100
+ADMIT_CONFIG = CompressionConfig(method="recent", budget=0.25, buffer=4, min_tokens=8)
+
+
+@pytest.fixture()
+def sglang_config():
+    """``PrefillAdder`` reads SGLang's published server config; outside a server, its defaults."""
+    from sglang.srt.runtime_context import get_context
+
+    with get_context().override_server_args():
+        yield
+
+
+def _admitted(config, requests, hooked: bool):
+    """Run SGLang's admission loop (``Scheduler.get_new_batch_prefill``'s: match the prefix, then
+    ``add_one_req`` until it says stop) over ``requests`` on an empty ``ADMIT_POOL``-slot pool,
+    compression attached when ``config`` is set, the new-request hook around
+    ``_select_prefill_admission`` when ``hooked``; returns (admitted rids, tokens left)."""
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
+
+    from pools import cache_params
+    from rksc_sgl.rksc.asks_config import ASKSConfig
+    from rksc_sgl.rksc.tree_cache import RKSCRadixCache
+
+    params = cache_params(policy="lru", pool=ADMIT_POOL)
+    tree = RKSCRadixCache(params, asks=ASKSConfig(enabled=False))
+    if config is not None:
+        setattr(params.req_to_token_pool, POOL_ATTR,
+                RuntimeCompression(config, params.req_to_token_pool, params.token_to_kv_pool_allocator, None))
+    original = PrefillAdder._select_prefill_admission
+    patched = (lambda self, *a, **k: compression_hooks.admit_compressed(original, self, *a, **k)) if hooked else original
+    PrefillAdder._select_prefill_admission = patched
+    try:
+        adder = PrefillAdder(1, tree, params.token_to_kv_pool_allocator, None, 0.7, 10_000, None)
+        for req in requests:
+            req.init_next_round_input(tree)
+            if adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None) != AddReqResult.CONTINUE:
+                break
+    finally:
+        PrefillAdder._select_prefill_admission = original
+    return [r.rid for r in adder.can_run_list], adder.rem_total_tokens
+
+
+def _waiting(n: int, max_new: int = ADMIT_NEW, output: int = 0):
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    reqs = [Req(f"w{i}", "", array("q", [100 + i] * ADMIT_PROMPT), SamplingParams(max_new_tokens=max_new))
+            for i in range(n)]
+    for req in reqs:
+        req.output_ids.extend([7] * output)
+    return reqs
+
+
+def test_new_requests_are_admitted_with_their_compressed_cap(sglang_config):
+    # stock: each request charges prompt 10 + one page + max_new_tokens 100 = 111 tokens and is
+    # admitted while that is < the tokens left: 250 -> 139 -> 28, the third (111 >= 28) waits
+    assert _admitted(None, _waiting(8), hooked=False) == (["w0", "w1"], 28)
+    # compressed: cap = min(100, max(ceil(0.25 * 100), 8) + buffer 4 + 1) = 30, so each charges
+    # 10 + 1 + 30 = 41: 250 -> 209 -> 168 -> 127 -> 86 -> 45 -> 4, the seventh (41 >= 4) waits
+    assert ADMIT_CONFIG.private_cap(ADMIT_NEW) == 30
+    assert _admitted(ADMIT_CONFIG, _waiting(8), hooked=True) == (["w0", "w1", "w2", "w3", "w4", "w5"], 4)
+    # compression off (the hook is there, nothing attached): SGLang's admission, token for token
+    assert _admitted(None, _waiting(8), hooked=True) == (["w0", "w1"], 28)
+    # a short request reserves SGLang's own (max_new_tokens 20 < its cap: min(20, 8 + 4 + 1) = 13, but
+    # 13 of 20 decode slots is what it can hold); never more than SGLang would
+    assert ADMIT_CONFIG.private_cap(20) == 13
+    assert _admitted(ADMIT_CONFIG, _waiting(1, max_new=20), hooked=True)[1] == ADMIT_POOL - (10 + 1 + 13)
+    assert _admitted(ADMIT_CONFIG, _waiting(1, max_new=8), hooked=True)[1] == \
+        _admitted(None, _waiting(1, max_new=8), hooked=False)[1] == ADMIT_POOL - (10 + 1 + 8)
+
+
+def test_requests_that_will_not_be_compressed_reserve_in_full(sglang_config):
+    from rksc_sgl.runtime.asks import PENDING_ATTR
+
+    # an ASKS recipient (plan pending) or a beam charges 111, the others 41: 250 -> 139 -> 98 -> 57 -> 16
+    for mark in ((PENDING_ATTR, object()), ("beam_group", object())):
+        reqs = _waiting(8)
+        setattr(reqs[0], *mark)
+        assert _admitted(ADMIT_CONFIG, reqs, hooked=True) == (["w0", "w1", "w2", "w3"], 16), mark[0]
+    # a request resuming after a retraction with 90 tokens out: its prompt and output (100) are the
+    # extend; SGLang checks 100 + 1 + (100 - 90) = 111 < 250 (left as it is: 10 < the cap) and
+    # charges max_new_tokens 100, the hook the cap 30: 250 - 131 = 119 (stock: 250 - 201 = 49)
+    assert _admitted(None, _waiting(1, output=90), hooked=False) == (["w0"], 49)
+    assert _admitted(ADMIT_CONFIG, _waiting(1, output=90), hooked=True) == (["w0"], 119)
+
+
 def test_select_keep_is_the_engines_plan():
     torch.manual_seed(1)
     importance, keys = torch.rand(30), torch.randn(30, 2, 8)
@@ -722,6 +813,51 @@ def test_after_concurrent_requests_and_aborts_every_slot_is_accounted_for(client
     report = client.idle_integrity()
     assert report["ok"], report
     assert client.healthy()
+
+
+def _running(url: str) -> int:
+    import requests
+
+    loads = requests.get(url + "/v1/loads", params={"include": "core"}, timeout=10).json()["loads"]
+    return sum(int(load.get("num_running_reqs", 0)) for load in loads)
+
+
+def test_long_requests_run_at_once_with_their_compressed_reservation(server, client, compressed_run, hf):
+    """Four requests of ``max_new_tokens`` 1900 on the 2048-token pool: SGLang alone charges each
+    prompt + 1 + 1900, so one runs and the others wait (2048 - 1 running < 2 x 1900); compressed,
+    each charges prompt + 1 + cap 480 (min(1900, max(ceil(0.25 x 1900), 8) + 4 + 1)), so all four
+    run at once. Aborted once seen, then every slot is accounted for."""
+    tokenizer = hf[1]
+    cap = CONFIG.private_cap(1900)
+    assert cap == 480
+    prompts = {f"kvc-long-{i}": tokenizer(f"Count slowly from {i}:")["input_ids"] for i in range(4)}
+    assert sum(len(p) + 1 + cap for p in prompts.values()) < POOL_TOKENS < 2 * (1900 + 1)
+    errors = []
+
+    def generate(name, prompt_ids):
+        try:
+            client.generate(input_ids=prompt_ids, rid=name, sampling_params={
+                "max_new_tokens": 1900, "temperature": 0, "ignore_eos": True})
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=generate, args=item) for item in prompts.items()]
+    for w in workers:
+        w.start()
+    peak, deadline = 0, time.monotonic() + 120
+    try:
+        while peak < len(prompts) and time.monotonic() < deadline:
+            peak = max(peak, _running(server.url))
+            time.sleep(0.1)
+    finally:
+        for name in prompts:
+            client.abort(rid=name)
+        for w in workers:
+            w.join(timeout=120)
+    assert not any(w.is_alive() for w in workers) and not errors, errors
+    assert peak == len(prompts)
+    report = client.idle_integrity()
+    assert report["ok"], report
 
 
 @pytest.mark.parametrize("method, pool, model, message", [

@@ -17,7 +17,8 @@ Who does what, in one scheduler process::
                          count, the original positions of its kept candidates, for
                          ``importance="window"`` the mass each had at the last compression
     the hooks            ``rksc_sgl.runtime.compression_hooks``: positions, compaction,
-                         admission, row release, retraction
+                         admission (running and new requests reserve the compressed
+                         cap, ``reservation``), row release, retraction
 
 A compaction rewrites the request's ``req_to_token`` row (kept candidates, then the rest of
 the row moved down), frees the dropped slots to SGLang's allocator at once, lowers
@@ -135,9 +136,26 @@ class RuntimeCompression:
             return state.start
         return max(len(req.origin_input_ids), req.kv.cache_protected_len)
 
+    @staticmethod
+    def admissible(req) -> bool:
+        """A waiting request that will be compressed once it decodes: not a beam, not an ASKS
+        recipient (its plan is pending from the prefix match until it is admitted)."""
+        from rksc_sgl.runtime.asks import PENDING_ATTR
+
+        return getattr(req, "beam_group", None) is None and getattr(req, PENDING_ATTR, None) is None
+
     def reservation(self, req) -> int:
         """Most slots the request may still take for its decode KV (the engine's
-        ``Request.remaining_reservation``): its compressed cap less what it holds."""
+        ``Request.remaining_reservation``): its compressed cap less what it holds. The one
+        bound of both admission hooks: a running request's, and a waiting one's (it holds
+        nothing yet, ``kv_committed_len`` 0, so it is the whole cap ``private_cap``).
+
+        Exact for the rule as the scheduler runs it: the compaction before every pass leaves
+        at most ``target(decoded) + buffer`` decode tokens, the step then adds one, and
+        ``target`` never decreases, so no request ever holds more than
+        ``target(max_new_tokens) + buffer + 1`` (nor more than it decodes). A retracted
+        request that resumes holds its re-prefilled output in its extend, which it is
+        charged for; compactions only bring it down from there."""
         held = max(req.kv.kv_committed_len - self.start_of(req), 0)
         return max(self.config.private_cap(req.sampling_params.max_new_tokens) - held, 0)
 

@@ -1,4 +1,4 @@
-"""Where decode-KV compression enters SGLang's runtime: five plugin hooks (SGLang's
+"""Where decode-KV compression enters SGLang's runtime: six plugin hooks (SGLang's
 ``HookRegistry``), registered by ``rksc_sgl.runtime.plugin.register`` only in processes that
 have ``RKSC_COMPRESSION`` set, so a server without it runs SGLang untouched.
 
@@ -13,16 +13,29 @@ target                                                  type    what
                                                                 offset (true positions)
 ``PrefillAdder._get_running_request_total_token_offset`` AROUND a running request reserves only its
                                                                 compressed worst case
+``PrefillAdder._select_prefill_admission``              AROUND  a new request is checked and charged
+                                                                for its compressed cap, not its
+                                                                ``max_new_tokens``
 ``ReqToTokenPool.free``                                 BEFORE  the row's offset and the request's
                                                                 state go with the row
 ``Req.reset_for_retract``                               AFTER   (the same, for a retracted request)
 ======================================================  ======  ==================================
+
+Both admission hooks use one bound, ``RuntimeCompression.reservation`` (the compressed cap less
+what the request holds), and never reserve more than SGLang would. The new-request hook sits on
+``add_one_req``'s choice of a prefill (SGLang's own ``total_tokens`` check and the
+``max_new_tokens`` it charges); ASKS's AROUND hook on ``add_one_req`` calls through to it. Two
+paths keep SGLang's full reservation: a chunked prefill's last chunk (``add_chunked_req``, for
+that one pass; from the next pass on it is a running request) and the ignore-EOS path of a
+disabled tree (refused with compression).
 
 Each hook finds the process's :class:`~rksc_sgl.runtime.compression.RuntimeCompression` on
 SGLang's ``ReqToTokenPool`` (the tree cache factory attaches it) and does nothing without it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -33,6 +46,7 @@ __all__ = ["register_hooks", "HOOKS"]
 SCHEDULE_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 POSITIONS_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 ADMISSION_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset"
+NEW_ADMISSION_TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission"
 ROW_FREE_TARGET = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free"
 RETRACT_TARGET = "sglang.srt.managers.schedule_batch.Req.reset_for_retract"
 
@@ -73,6 +87,25 @@ def reserve_compressed(original, adder, req, *args, **kwargs):
     return min(value, state.reservation(req) * ratio)
 
 
+def admit_compressed(original, adder, req, *args, **kwargs):
+    """AROUND ``PrefillAdder._select_prefill_admission(req, *, total_tokens, ...)``: a new request
+    that will be compressed needs room for its compressed cap, not for ``max_new_tokens``.
+
+    ``add_one_req`` put SGLang's remaining decode (``_swa_new_tokens``: ``max_new_tokens`` less
+    the output so far, clipped) into ``total_tokens``; the hook takes off what that exceeds the
+    cap by, then charges the chosen admission at most the cap. Host arithmetic on lengths and
+    the config only: every rank decides the same."""
+    state = compression_of(getattr(adder.tree_cache, "req_to_token_pool", None))
+    if state is None or "total_tokens" not in kwargs or not state.admissible(req):
+        return original(adder, req, *args, **kwargs)
+    cap = state.reservation(req)
+    kwargs["total_tokens"] -= max(adder._swa_new_tokens(req) - cap, 0)
+    admission = original(adder, req, *args, **kwargs)
+    if getattr(admission, "max_new_tokens", 0) > cap:  # (an AddReqResult has none: refused)
+        admission = dataclasses.replace(admission, max_new_tokens=cap)
+    return admission
+
+
 def release_row(pool, req, *args, **kwargs):
     """BEFORE ``ReqToTokenPool.free(req)``: the row's offset and the request's state go."""
     state = compression_of(pool)
@@ -94,6 +127,7 @@ HOOKS = (
     (SCHEDULE_TARGET, compact_before_schedule, "BEFORE"),
     (POSITIONS_TARGET, shift_decode_positions, "AFTER"),
     (ADMISSION_TARGET, reserve_compressed, "AROUND"),
+    (NEW_ADMISSION_TARGET, admit_compressed, "AROUND"),
     (ROW_FREE_TARGET, release_row, "BEFORE"),
     (RETRACT_TARGET, reset_after_retract, "AFTER"),
 )
