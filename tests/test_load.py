@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -10,6 +11,7 @@ from rksc_sgl import bench
 from rksc_sgl.bench import BenchSettings, WORKLOADS
 from rksc_sgl.bench.load import arrival_times, load_summary, parse_rates
 from rksc_sgl.bench.runner import _tokenizer
+from rksc_sgl.bench.tables import load_rows
 
 
 def test_arrivals_are_a_seeded_poisson_process():
@@ -84,3 +86,34 @@ def test_a_short_run_on_the_engine_writes_its_table(radix_engine, tmp_path):
     paths = bench.save(result, tmp_path)
     text = paths["md"].read_text() if "md" in paths else (tmp_path / "bench_load.md").read_text()
     assert "highest rate at SLO" in text and "x radix's p50 at rate 0.5" in text
+
+
+def _sustaining(radix, mine):
+    """A load result whose modes sustain ``(highest rate at the SLO, first rate over it)``."""
+    return {"load": {"modes": {"radix": dict(zip(("max_rate_at_slo", "first_rate_over_slo"), radix)),
+                               "rksc": dict(zip(("max_rate_at_slo", "first_rate_over_slo"), mine))}}}
+
+
+@pytest.mark.parametrize("radix, mine, ratio, bracket, verdict", [
+    ((0.1, 0.5), (0.5, 0.6), 5.0, (1.0, 6.0), "undecided (rate grid too coarse)"),  # seed 400's grid
+    ((0.4, 0.8), (0.4, 0.8), 1.0, (0.5, 2.0), "undecided (rate grid too coarse)"),
+    ((0.2, 0.3), (0.6, 0.7), 3.0, (2.0, 3.5), "ok"),
+    ((0.4, 0.5), (0.4, 0.5), 1.0, (0.8, 1.25), "MISS"),
+    ((0.4, None), (0.8, None), 2.0, (0.0, math.inf), "undecided (rate grid too coarse)"),
+    ((0.4, 0.5), (None, 0.1), 0.0, (0.0, 0.25), "MISS"),
+])
+def test_the_sustained_rate_target_is_judged_on_the_grids_bracket(radix, mine, ratio, bracket, verdict):
+    rate_target = WORKLOADS["load"].targets()[0]
+    checked = rate_target.check(_sustaining(radix, mine))
+    assert checked["value"] == pytest.approx(ratio) and checked["interval"] == pytest.approx(list(bracket))
+    assert checked["verdict"] == verdict
+
+
+def test_a_mode_sustains_only_up_to_its_first_step_over_the_slo():
+    params = {"rates": "0.1,0.5,0.6,0.7", "slo_factor": 1.0}
+    lat = {0.1: [1.0] * 10, 0.5: [0.5] * 10, 0.6: [3.0] * 10, 0.7: [0.9] * 10}  # 0.7 is under again: noise
+    s = load_summary({"radix": [_record(r, v, 10.0) for r, v in lat.items()]}, params)
+    assert s["slo_s"] == 1.0
+    assert (s["modes"]["radix"]["max_rate_at_slo"], s["modes"]["radix"]["first_rate_over_slo"]) == (0.5, 0.6)
+    rows = load_rows({"load": s})
+    assert [r[-1] for r in rows[1:]] == ["0.5 (< 0.6)"] * 4 and rows[1][:3] == ("radix", "0.1", "10")

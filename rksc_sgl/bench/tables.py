@@ -97,7 +97,7 @@ def _stop_columns(result: Dict[str, Any]) -> List[tuple]:
 
 def load_rows(result: Dict[str, Any]) -> List[tuple]:
     """``load``: per mode and arrival rate, latency percentiles, SLO attainment and goodput,
-    and the highest rate whose p90 met the SLO."""
+    and the highest rate up to which every p90 met the SLO (``< r``: the first rate that missed)."""
     load = result.get("load") or {}
     rows = [("mode", "rate /s", "programs", "latency p50/p90/p99 s", "met SLO", "goodput /s", "highest rate at SLO")]
     for label, m in (load.get("modes") or {}).items():
@@ -105,7 +105,8 @@ def load_rows(result: Dict[str, Any]) -> List[tuple]:
             rows.append((label, rate, str(r["programs"]),
                          "/".join(_fmt(r[k], ".2f") for k in ("p50_s", "p90_s", "p99_s")),
                          _fmt(r["slo_attainment"], ".2f"), _fmt(r["goodput_per_s"], ".3f"),
-                         _fmt(m["max_rate_at_slo"], "g", "none")))
+                         _fmt(m["max_rate_at_slo"], "g", "none")
+                         + ("" if m.get("first_rate_over_slo") is None else f" (< {m['first_rate_over_slo']:g})")))
     return rows
 
 

@@ -46,7 +46,8 @@ class Target:
     """A line of the report: ``value(result)`` against ``threshold``.
 
     With ``interval`` (the value's 95% interval from the same result) the verdict is the
-    interval's: ``ok`` when its conservative end meets the threshold (the lower end for ``>=``
+    interval's (or another range the value surely lies in, such as the bracket a grid of
+    rates leaves): ``ok`` when its conservative end meets the threshold (the lower end for ``>=``
     and ``>``, the upper for ``<=``), ``MISS`` when even its other end does not, else
     :data:`UNDECIDED`; an interval target whose result has no interval is undecided too.
     Without ``interval`` (counts that do not vary from run to run) the point decides."""
@@ -56,6 +57,8 @@ class Target:
     op: str  # ">=", ">" or "<="
     threshold: float
     interval: Optional[Callable[[Dict[str, Any]], Optional[Sequence[float]]]] = None
+    undecided: str = UNDECIDED
+    """The verdict's words when the interval straddles the threshold."""
 
     def check(self, result: Dict[str, Any]) -> Dict[str, Any]:
         v = self.value(result)
@@ -67,7 +70,7 @@ class Target:
             ok = compare(v, self.threshold)
             verdict = "ok" if ok else "MISS"
         elif ci is None:
-            ok, verdict = None, UNDECIDED
+            ok, verdict = None, self.undecided
         else:
             lo, hi = ci
             conservative, optimistic = (hi, lo) if self.op == "<=" else (lo, hi)
@@ -76,7 +79,7 @@ class Target:
             elif not compare(optimistic, self.threshold):
                 ok, verdict = False, "MISS"
             else:
-                ok, verdict = None, UNDECIDED
+                ok, verdict = None, self.undecided
         return {"name": self.name, "value": v, "interval": None if ci is None else [ci[0], ci[1]],
                 "target": f"{self.op} {self.threshold:g}", "ok": ok, "verdict": verdict}
 
