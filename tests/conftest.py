@@ -82,6 +82,20 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = first + [item for item in items if id(item) not in ids]
 
 
+def pytest_configure(config):
+    """On an xdist worker, ``free_port`` draws from this worker's own share of its port band, so
+    two workers' servers, each chosen a minute before it binds, cannot pick the same port."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        return
+    from rksc_sgl.runtime import server_process
+
+    low, high = server_process.QUIET_PORTS
+    index, count = int(worker["workerid"].lstrip("gw") or 0), int(worker.get("workercount", 1))
+    share = (high - low) // max(count, 1)
+    server_process.QUIET_PORTS = (low + index * share, low + (index + 1) * share)
+
+
 def pytest_runtest_setup(item):
     """On an xdist worker: the in-process modules at a lower CPU priority than the SGLang-server
     group, the longest unit of work (its servers inherit the worker's priority when they start)."""
