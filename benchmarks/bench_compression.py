@@ -40,6 +40,15 @@ may carry variants (``rkv+window``: importance from the queries since the last c
 ``--backend runtime`` runs the same protocol on SGLang's runtime through ``/generate``
 (``rksc_sgl.bench.runtime_fidelity``): a full-KV server samples the traces and replays the
 control, then one server per mode (its ``RKSC_COMPRESSION``) replays every trace, one server at a time.
+``--traces-from <engine run's JSON>`` replays the engine's own traces instead (their token ids;
+each backend scores against its own full-KV reference on those tokens) and pairs the two
+backends' scores trace by trace: runtime minus engine with 95% paired bootstrap intervals and a
+verdict per metric against ``runtime_fidelity.TOLERANCE``.
+
+    python benchmarks/bench_compression.py --fidelity --traces 5 --seed 7000 --methods rkv \
+        --fidelity-budgets 0.25,0.5 --trace-tokens 128 --out-dir engine-run
+    python benchmarks/bench_compression.py --fidelity --backend runtime --methods rkv \
+        --fidelity-budgets 0.25,0.5 --traces-from engine-run/bench_compression_fidelity.json
 """
 
 from __future__ import annotations
@@ -190,6 +199,9 @@ def main(argv=None) -> int:
     fid.add_argument("--backend", choices=("engine", "runtime"), default="engine",
                      help="runtime: replay on SGLang's runtime through /generate (a full-KV server, then one "
                           "server per mode; rksc_sgl.bench.runtime_fidelity)")
+    fid.add_argument("--traces-from", default=None, metavar="ENGINE_JSON",
+                     help="with --backend runtime: replay the traces of this engine fidelity run (its prompts, "
+                          "trace token ids, seeds and trace length) and pair both backends' scores trace by trace")
     args = ap.parse_args(argv)
     if args.fidelity:
         return fidelity_main(ap, args)
@@ -261,15 +273,22 @@ def fidelity_main(ap, args) -> int:
         modes = fidelity.sweep_modes(specs, budgets, {"buffer": args.buffer, "min_tokens": args.min_tokens})
     except ValueError as exc:
         ap.error(str(exc))
+    engine = None
+    if args.traces_from:
+        if args.backend != "runtime":
+            ap.error("--traces-from needs --backend runtime")
+        engine = load_engine_run(ap, args, modes)
     torch.set_num_threads(1)
     started = time.time()
     run_commit = source_commit()  # the code this run imports; the record is written at its end
     if args.backend == "runtime":
-        per_trace, traces = runtime_fidelity_traces(args, modes)
+        per_trace, traces = runtime_fidelity_traces(args, modes, engine)
     else:
         per_trace, traces = engine_fidelity_traces(args, modes)
     summary = fidelity.summarize(per_trace, specs, budgets, args.bootstrap, args.seed)
     runtime = args.backend == "runtime"
+    if engine is not None:
+        return same_traces_report(args, modes, per_trace, traces, summary, engine, run_commit, started)
     result = {
         **run_record("bench_compression --fidelity" + (" --backend runtime" if runtime else ""), commit=run_commit),
         "config": vars(args), "modes": modes,
@@ -290,13 +309,36 @@ def fidelity_main(ap, args) -> int:
     return 0
 
 
-def runtime_fidelity_traces(args, modes):
-    """The sweep on SGLang's runtime: a full-KV server makes the traces, one server per mode replays."""
+def load_engine_run(ap, args, modes):
+    """The engine run of ``--traces-from``; its trace settings replace this run's, and each
+    mode must be one it ran with the same settings."""
+    from rksc_sgl.bench import runtime_fidelity
+
+    try:
+        engine = runtime_fidelity.engine_traces(args.traces_from)
+    except (OSError, ValueError) as exc:
+        ap.error(f"--traces-from: {exc}")
+    for name, config in modes.items():
+        if engine["modes"].get(name) != config:
+            ap.error(f"--traces-from: the engine run has no mode {name} with {config} (it ran: {engine['modes']})")
+    config = engine["config"]
+    args.traces, args.trace_tokens = len(engine["traces"]), len(engine["traces"][0])
+    args.seed, args.trace_temperature = engine["seeds"][0], config["trace_temperature"]
+    args.prompt_tokens, args.model = config["prompt_tokens"], config["model"]
+    return engine
+
+
+def runtime_fidelity_traces(args, modes, engine=None):
+    """The sweep on SGLang's runtime: a full-KV server makes the traces (or, with ``engine``,
+    takes the engine run's and computes its own full-KV reference on them), one server per mode replays."""
     from rksc_sgl.bench import runtime_fidelity
 
     probe = rksc_sgl.Engine(model=args.model, cache="radix", num_threads=1, kv_pool_tokens=1024)
-    seeds = list(range(args.seed, args.seed + args.traces))
-    prompts = [probe.encode(few_shot_problem(probe.tokenizer, args.prompt_tokens, s)[0]) for s in seeds]
+    if engine is None:
+        seeds = list(range(args.seed, args.seed + args.traces))
+        prompts = [probe.encode(few_shot_problem(probe.tokenizer, args.prompt_tokens, s)[0]) for s in seeds]
+    else:
+        seeds, prompts = engine["seeds"], engine["prompts"]
     vocab, tokenizer = probe.vocab_size, probe.tokenizer
     probe.shutdown()
     bar = tqdm(total=args.traces * (len(modes) + 1), desc="fidelity on the runtime")
@@ -304,12 +346,86 @@ def runtime_fidelity_traces(args, modes):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runtime_fidelity_servers.log", "w") as log:
-        per_trace, traces = runtime_fidelity.sweep(
+        per_trace, traces, top1 = runtime_fidelity.sweep(
             args.model, prompts, seeds, modes, args.trace_tokens, args.trace_temperature, vocab, log=log,
-            extra=["--max-total-tokens", str(pool * 2)], progress=lambda *_: bar.update())
+            extra=["--max-total-tokens", str(pool * 2)], progress=lambda *_: bar.update(),
+            traces=None if engine is None else engine["traces"])
     bar.close()
-    return per_trace, [{"seed": s, "prompt_tokens": len(p), "text": tokenizer.decode(t)}
-                       for s, p, t in zip(seeds, prompts, traces)]
+    return per_trace, [{"seed": s, "prompt_tokens": len(p), "text": tokenizer.decode(t), "prompt_ids": list(p),
+                        "trace_ids": list(t), "reference_top1": r}
+                       for s, p, t, r in zip(seeds, prompts, traces, top1)]
+
+
+def same_traces_report(args, modes, per_trace, traces, summary, engine, run_commit, started) -> int:
+    """``--traces-from``: the runtime's scores on the engine's traces, paired with the engine's."""
+    from rksc_sgl.bench import runtime_fidelity
+
+    engine_per_trace = [{name: t[name] for name in per_trace[0]} for t in engine["per_trace"]]
+    comparison = runtime_fidelity.compare_backends(engine_per_trace, per_trace, args.bootstrap, args.seed)
+    agreement = runtime_fidelity.reference_agreement(engine["reference_top1"], [t["reference_top1"] for t in traces])
+    comparison["reference_top1_agreement"] = agreement
+    result = {
+        **run_record("bench_compression --fidelity --backend runtime --traces-from", commit=run_commit),
+        "config": vars(args), "modes": modes,
+        "method": ("the engine run's traces (prompt and trace token ids, --traces-from) replayed teacher-forced on "
+                   "SGLang's runtime: a full-KV server replays each trace twice (the first replay is the runtime's "
+                   "full-KV reference, the second the control), then one server per mode; each backend is scored "
+                   "against its own full-KV reference on the same tokens; per mode and metric the runtime-minus-"
+                   "engine difference, paired over traces, with a 95% percentile bootstrap interval"),
+        "engine_run": args.traces_from, "summary": summary, "comparison": comparison, "per_trace": per_trace,
+        "engine_per_trace": engine_per_trace, "traces": traces, "total_wall_s": time.time() - started,
+    }
+    name = args.name or "bench_compression_fidelity_same_traces"
+    seeds = [t["seed"] for t in traces]
+    save_and_report(result, same_traces_table(result, format_table), Path(args.out_dir), name, plot_fidelity,
+                    f"rksc_sgl continuation fidelity, the engine's traces replayed on SGLang's runtime: {args.model}, "
+                    f"{args.traces} traces x {args.trace_tokens} tokens, seeds {seeds[0]}..{seeds[-1]}, buffer "
+                    f"{args.buffer}, min_tokens {args.min_tokens}, 1 thread, {result['cpu']}",
+                    markdown=same_traces_table(result, None))
+    return 0
+
+
+METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "kl": "KL", "nll": "NLL", "first_mismatch": "first mismatch",
+                 "kv_kept": "KV kept", "nll_full": "NLL under full KV"}
+
+
+def _same_traces_rows(result: Dict) -> List[List[tuple]]:
+    """Per trace and mode, engine / runtime per metric; then per mode and metric the paired difference."""
+    from rksc_sgl.bench.runtime_fidelity import PAIRED_METRICS
+
+    metrics = [m for m in PAIRED_METRICS if m != "nll_full"]
+    comparison = result["comparison"]
+    per = [("trace (seed)", "mode", *(f"{METRIC_LABELS[m]} engine / runtime" for m in metrics), "reference top-1 same")]
+    for i, (trace, eng, run) in enumerate(zip(result["traces"], result["engine_per_trace"], result["per_trace"])):
+        agree = comparison["reference_top1_agreement"][i]
+        for name in run:
+            per.append((str(trace["seed"]), name, *(_pair(eng[name][m], run[name][m], m) for m in metrics),
+                        "-" if agree is None or name != "full" else f"{agree:.3f}"))
+    paired = [("mode", "metric", "engine", "runtime", "runtime - engine [95% CI]", "tolerance", "verdict")]
+    for name, mode in comparison["modes"].items():
+        for m, row in mode["metrics"].items():
+            spec = ".1f" if m == "first_mismatch" else ".3f"
+            d = row["difference"]
+            paired.append((name, METRIC_LABELS[m], format(row["engine"], spec), format(row["runtime"], spec),
+                           f"{d['mean']:+{spec}} [{d['ci95'][0]:+{spec}}, {d['ci95'][1]:+{spec}}]",
+                           f"{row['tolerance']:g}", row["verdict"]))
+    return [paired, per]
+
+
+def _pair(a: float, b: float, metric: str) -> str:
+    spec = ".0f" if metric == "first_mismatch" else ".3f"
+    return f"{a:{spec}} / {b:{spec}}"
+
+
+def same_traces_table(result: Dict, formatter=None) -> str:
+    from rksc_sgl.bench.report import markdown_table
+
+    fmt = formatter or markdown_table
+    modes = result["comparison"]["modes"]
+    verdict = "same scores on the same traces: " + ", ".join(
+        f"{name} {'yes' if m['same'] else 'no'}" for name, m in modes.items())
+    paired, per = _same_traces_rows(result)
+    return "\n\n".join([fmt(paired), verdict, fmt(per)]) + ("\n" if formatter is None else "")
 
 
 def engine_fidelity_traces(args, modes):
@@ -326,7 +442,9 @@ def engine_fidelity_traces(args, modes):
             ids = eng.encode(prompt)
             trace, reference = fidelity.full_kv_trace(eng, ids, args.trace_tokens, args.trace_temperature, seed)
             per_trace.append(fidelity.trace_fidelity(eng, ids, trace, reference, modes))
-            traces.append({"seed": seed, "prompt_tokens": len(ids), "text": eng.tokenizer.decode(trace)})
+            traces.append({"seed": seed, "prompt_tokens": len(ids), "text": eng.tokenizer.decode(trace),
+                           "prompt_ids": list(ids), "trace_ids": list(trace),
+                           "reference_top1": reference.argmax(-1).tolist()})
             eng.flush_cache()
         eng.check_integrity()
     finally:

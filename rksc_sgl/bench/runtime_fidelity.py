@@ -134,19 +134,33 @@ def fidelity_server(model: str, compression: Optional[Dict[str, Any]], *, startu
 
 def sweep(model: str, prompts: Sequence[Sequence[int]], seeds: Sequence[int], modes: Dict[str, Dict[str, Any]],
           tokens: int, temperature: float, vocab: int, *, startup_timeout: float = 900, log=None,
-          extra: Sequence[str] = (), progress=None) -> List[Dict[str, Dict[str, float]]]:
+          extra: Sequence[str] = (), progress=None, traces: Optional[Sequence[Sequence[int]]] = None
+          ) -> Tuple[List[Dict[str, Dict[str, float]]], List[List[int]], List[List[int]]]:
     """Per trace, every mode's scores (``full``: the teacher-forced control on the full-KV
-    server that made the traces). One server at a time: the full one, then one per mode."""
+    server), the traces, and the full-KV reference's argmax per step. One server at a time:
+    the full one, then one per mode.
+
+    Without ``traces`` the full-KV server samples them (``seeds``) and the reference is that
+    generation's log-probs. With ``traces`` (another backend's, e.g. the engine's) it replays
+    each one teacher-forced and that replay is the reference: the runtime's own full-KV
+    distributions on the same tokens; the control is a second forced replay after a flush."""
     from rksc_sgl.runtime.client import RuntimeClient
 
+    if traces is not None and len(traces) != len(prompts):
+        raise ValueError("one trace per prompt")
     per_trace: List[Dict[str, Dict[str, float]]] = [{} for _ in prompts]
-    traces: List[Tuple[List[int], torch.Tensor]] = []
+    made: List[Tuple[List[int], torch.Tensor]] = []
     with fidelity_server(model, None, startup_timeout=startup_timeout, log=log, extra=extra) as server:
         client = RuntimeClient(server.url)
         for i, (ids, seed) in enumerate(zip(prompts, seeds)):
             client.flush_cache()
-            trace, reference = runtime_trace(client, ids, tokens, temperature, seed, vocab, rid=f"fid-trace-{i}")
-            traces.append((trace, reference))
+            if traces is None:
+                trace, reference = runtime_trace(client, ids, tokens, temperature, seed, vocab, rid=f"fid-trace-{i}")
+            else:
+                trace = [int(t) for t in traces[i]]
+                reference, _ = forced_replay(client, ids, trace, vocab, rid=f"fid-reference-{i}")
+                client.flush_cache()
+            made.append((trace, reference))
             logprobs, _ = forced_replay(client, ids, trace, vocab, rid=f"fid-{FULL}-{i}")
             per_trace[i][FULL] = score(logprobs, reference, trace)
             if progress:
@@ -155,10 +169,88 @@ def sweep(model: str, prompts: Sequence[Sequence[int]], seeds: Sequence[int], mo
         with fidelity_server(model, config, startup_timeout=startup_timeout, log=log, extra=extra) as server:
             client = RuntimeClient(server.url)
             for i, ids in enumerate(prompts):
-                trace, reference = traces[i]
+                trace, reference = made[i]
                 client.flush_cache()
                 logprobs, decisions = forced_replay(client, ids, trace, vocab, rid=f"fid-{name}-{i}")
                 per_trace[i][name] = score(logprobs, reference, trace, decisions)
                 if progress:
                     progress(name, i)
-    return per_trace, [t for t, _ in traces]
+    return per_trace, [t for t, _ in made], [r.argmax(-1).tolist() for _, r in made]
+
+
+# ---- the engine's traces on the runtime: scores paired trace by trace -----------------------------------
+TOLERANCE = {"top1": 0.02, "top5": 0.02, "kl": 0.02, "nll": 0.05, "nll_full": 0.05, "first_mismatch": 8.0,
+             "kv_kept": 0.01}
+"""Per metric, how far apart the two backends' mean scores on the same traces may be and still
+count as the same (top-1/top-5: shares of steps; KL, NLL: nats per step; first mismatch: steps)."""
+PAIRED_METRICS = ("top1", "top5", "kl", "nll", "first_mismatch", "kv_kept", "nll_full")
+
+
+def engine_traces(path) -> Dict[str, Any]:
+    """What the runtime needs from an engine fidelity run's JSON (``bench_compression.py
+    --fidelity``, which records each trace's ``prompt_ids`` and ``trace_ids``): its prompts,
+    traces, seeds, per-trace scores, modes, config, and the engine reference's argmax per step."""
+    import json
+
+    with open(path) as fh:
+        run = json.load(fh)
+    traces = run.get("traces") or []
+    if not traces or any("trace_ids" not in t or "prompt_ids" not in t for t in traces):
+        raise ValueError(f"{path}: its traces carry no token ids (prompt_ids, trace_ids); rerun the engine side "
+                         "with this version of bench_compression.py --fidelity")
+    if run.get("config", {}).get("backend", "engine") != "engine":
+        raise ValueError(f"{path} is not an engine run")
+    return {"prompts": [list(t["prompt_ids"]) for t in traces], "traces": [list(t["trace_ids"]) for t in traces],
+            "seeds": [t["seed"] for t in traces], "per_trace": run["per_trace"], "modes": run["modes"],
+            "config": run["config"], "reference_top1": [t.get("reference_top1") for t in traces]}
+
+
+def verdict(ci: Sequence[float], tolerance: float) -> str:
+    """``same`` when the paired difference's interval holds 0 and lies within +-``tolerance``;
+    ``undecided`` when it holds 0 but reaches past the tolerance (too few traces); ``shifted``
+    when it excludes 0 but stays within the tolerance; ``differs`` otherwise."""
+    lo, hi = ci
+    zero, within = lo <= 0 <= hi, -tolerance <= lo and hi <= tolerance
+    return {(True, True): "same", (True, False): "undecided", (False, True): "shifted",
+            (False, False): "differs"}[(zero, within)]
+
+
+def compare_backends(engine: Sequence[Dict[str, Dict[str, float]]], runtime: Sequence[Dict[str, Dict[str, float]]],
+                     samples: int = 2000, seed: int = 0, tolerance: Optional[Dict[str, float]] = None
+                     ) -> Dict[str, Any]:
+    """Per mode and metric: both backends' means over the same traces (in order), the
+    runtime-minus-engine difference with a 95% paired bootstrap interval over traces, its
+    tolerance and :func:`verdict`; per mode, ``same`` when every metric's verdict is."""
+    from rksc_sgl.bench.fidelity import mean_ci, paired_difference
+
+    tolerance = {**TOLERANCE, **(tolerance or {})}
+    if len(engine) != len(runtime) or not engine:
+        raise ValueError("the two backends need the same, non-empty list of traces")
+    modes: Dict[str, Any] = {}
+    for name in runtime[0]:
+        if any(name not in t for t in engine):
+            raise ValueError(f"the engine run has no {name!r} scores")
+        rows = {}
+        for m in PAIRED_METRICS:
+            e, r = [t[name][m] for t in engine], [t[name][m] for t in runtime]
+            diff = paired_difference(r, e, samples, seed)
+            rows[m] = {"engine": mean_ci(e, samples, seed)["mean"], "runtime": mean_ci(r, samples, seed)["mean"],
+                       "difference": diff, "tolerance": tolerance[m], "verdict": verdict(diff["ci95"], tolerance[m])}
+        modes[name] = {"metrics": rows, "same": all(v["verdict"] == "same" for v in rows.values())}
+    return {"modes": modes, "traces": len(engine), "tolerance": tolerance,
+            "direction": "runtime minus engine, paired over traces (95% percentile bootstrap)"}
+
+
+def reference_agreement(engine_top1: Sequence[Optional[Sequence[int]]], runtime_top1: Sequence[Sequence[int]]
+                        ) -> List[Optional[float]]:
+    """Per trace, the share of steps where the two backends' full-KV references pick the same
+    top-1 token (None where the engine recorded no argmax)."""
+    out: List[Optional[float]] = []
+    for e, r in zip(engine_top1, runtime_top1):
+        if e is None:
+            out.append(None)
+            continue
+        if len(e) != len(r):
+            raise ValueError("the references cover different numbers of steps")
+        out.append(sum(int(a) == int(b) for a, b in zip(e, r)) / max(len(r), 1))
+    return out
