@@ -377,12 +377,33 @@ def same_traces_report(args, modes, per_trace, traces, summary, engine, run_comm
     }
     name = args.name or "bench_compression_fidelity_same_traces"
     seeds = [t["seed"] for t in traces]
-    save_and_report(result, same_traces_table(result, format_table), Path(args.out_dir), name, plot_fidelity,
+    save_and_report(result, same_traces_table(result, format_table), Path(args.out_dir), name, plot_same_traces,
                     f"rksc_sgl continuation fidelity, the engine's traces replayed on SGLang's runtime: {args.model}, "
                     f"{args.traces} traces x {args.trace_tokens} tokens, seeds {seeds[0]}..{seeds[-1]}, buffer "
                     f"{args.buffer}, min_tokens {args.min_tokens}, 1 thread, {result['cpu']}",
                     markdown=same_traces_table(result, None))
     return 0
+
+
+def plot_same_traces(result: Dict, path: Path) -> None:
+    """Per trace and mode, the runtime's score against the engine's (top-1, KL): on the diagonal when equal."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, metric, label in ((axes[0], "top1", "top-1 agreement"), (axes[1], "kl", "KL(full || compressed), nats")):
+        values = []
+        for name in result["per_trace"][0]:
+            xs = [t[name][metric] for t in result["engine_per_trace"]]
+            ys = [t[name][metric] for t in result["per_trace"]]
+            values += xs + ys
+            ax.scatter(xs, ys, label=name, s=18)
+        lo, hi = min(values), max(values)
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(f"engine {label}")
+        ax.set_ylabel(f"runtime {label}")
+    axes[0].legend(fontsize=8)
+    c = result["config"]
+    save_figure(fig, path, f"the engine's traces replayed on the runtime: {c['traces']} traces x {c['trace_tokens']} "
+                           f"tokens, seeds from {c['seed']}, one point per trace and mode")
 
 
 METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "kl": "KL", "nll": "NLL", "first_mismatch": "first mismatch",
