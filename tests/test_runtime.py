@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from aborting import stream_then_abort
 from branch_programs import hinted_branches
 from processes import alive, assert_gone, server_pids
 
@@ -303,7 +303,7 @@ def test_small_pool_keeps_serving_and_keeps_the_attended_node(servers, hf, which
 
 
 # ---- faults: a client that goes away, an aborted request -------------------------------------
-def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc):
+def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc, hf):
     rksc.flush_cache()
     body = {"text": "Tell me a long story about a dragon.",
             "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}, "stream": True}
@@ -312,52 +312,18 @@ def test_disconnected_and_aborted_requests_free_their_kv_and_locks(rksc):
         for _ in range(3):
             next(chunks)
     # Closed mid-stream: SGLang aborts the request when it sees the disconnect.
-    result: dict = {}
-
-    def long_request():
-        result["out"] = rksc.generate("Write a poem about the moon.", rid="to-abort",
-                                      sampling_params={"max_new_tokens": 400, "temperature": 0, "ignore_eos": True})
-
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    time.sleep(2.0)
-    rksc.abort(rid="to-abort")
-    worker.join(timeout=120)
-    assert not worker.is_alive()
-    assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
-    assert len(result["out"]["output_ids"]) < 400
+    stream_then_abort(rksc, hf[1].encode("Write a poem about the moon."), "to-abort")
     report = rksc.idle_integrity()
     assert report["ok"], report
     assert rksc.healthy()  # SGLang's own idle memory check (strict by default) would have killed it
 
 
 # ---- branch stop (rksc_sgl.vote) through SGLang's abort API ------------------------------------
-def _decoded_then_aborted(client, prompt_ids: list, rid: str, before_abort: int = 4) -> list:
-    """Stream a long greedy request and abort it once it has decoded ``before_abort`` tokens
-    (streamed, so a loaded machine cannot make it abort before any decoding); its output ids."""
-    params = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
-    body = {"input_ids": prompt_ids, "rid": rid, "sampling_params": params, "stream": True}
-    last, aborted = None, False
-    with requests.post(client.url + "/generate", json=body, stream=True, timeout=120) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                continue
-            last = json.loads(line[5:])
-            if not aborted and len(last["output_ids"]) >= before_abort:
-                client.abort(rid=rid)
-                aborted = True
-    assert last is not None and last["meta_info"]["finish_reason"]["type"] == "abort", last
-    decoded = last["output_ids"]
-    assert before_abort <= len(decoded) < 400
-    return decoded
-
-
 @pytest.mark.parametrize("rid, caches_output", [("rksc-branch-test-0", False), ("an-ordinary-abort", True)])
 def test_an_aborted_branch_caches_only_its_prompt_and_other_aborts_stay_stock(rksc, hf, rid, caches_output):
     rksc.flush_cache()
     prompt = hf[1].encode(f"Request {rid}: list the planets of the solar system, slowly.")
-    decoded = _decoded_then_aborted(rksc, prompt, rid)
+    decoded = stream_then_abort(rksc, prompt, rid)["output_ids"]
     lookup = rksc.generate(input_ids=prompt + decoded, sampling_params={"max_new_tokens": 1, "temperature": 0})
     cached = lookup["meta_info"]["cached_tokens"]
     assert cached == len(prompt) if not caches_output else cached > len(prompt)

@@ -23,6 +23,8 @@ from rksc_sgl.runtime.asks_settings import ENV_VAR, ASKSSettingsError, asks_conf
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 
+from aborting import stream_then_abort
+
 TAU, RECOMPUTE = 0.8, 0.2
 STARTUP_TIMEOUT_S = 300
 
@@ -326,18 +328,17 @@ def test_a_mixed_run_with_an_abort_leaves_the_tree_intact(client, engine):
     jobs = [(PAIRS[2][1], {"max_new_tokens": 16, "temperature": 0}, {}),
             (PAIRS[0][1], {"max_new_tokens": 16, "temperature": 0}, {}),
             ("The capital of France is", {"max_new_tokens": 16, "temperature": 0}, {}),
-            (PAIRS[0][1] + " First,", {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
-             {"rid": "asks-abort"})]
+            (PAIRS[0][1] + " First,", None, {"rid": "asks-abort"})]
     results = {}
 
     def run(k, text, params, extra):
-        results[k] = _generate(client, engine.encode(text), params, **extra)
+        ids = engine.encode(text)
+        results[k] = (_generate(client, ids, params, **extra) if params is not None
+                      else stream_then_abort(client, ids, extra["rid"], before_abort=8))
 
     workers = [threading.Thread(target=run, args=(k, *job)) for k, job in enumerate(jobs)]
     for w in workers:
         w.start()
-    time.sleep(3.0)
-    client.abort(rid="asks-abort")
     for w in workers:
         w.join(timeout=180)
     assert not any(w.is_alive() for w in workers)
