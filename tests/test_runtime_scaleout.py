@@ -135,22 +135,29 @@ def test_a_router_whose_workers_never_answer_fails_with_its_last_lines():
     assert_gone(pids)
 
 
+@dataclasses.dataclass
+class StandIn:
+    """A launch plan whose server is a Python snippet (``code``) on ``port``."""
+
+    port: int
+    code: str
+    host: str = "127.0.0.1"
+    env: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self):
+        return [sys.executable, "-c", self.code]
+
+
 def test_a_server_whose_port_is_taken_fails_at_once_with_the_bind_error(tmp_path):
-    @dataclasses.dataclass
-    class Plan:  # a stand-in server: uvicorn's message, then up until ended, as SGLang's launcher stays
-        port: int
-        host: str = "127.0.0.1"
-        env: dict = dataclasses.field(default_factory=dict)
-
-        @property
-        def url(self):
-            return f"http://127.0.0.1:{self.port}"
-
-        def command(self):
-            line = f"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {self.port})"
-            return [sys.executable, "-c", f"import time; print({line!r}, flush=True); time.sleep(120)"]
-
-    server = RuntimeServer(Plan(port=free_port()), startup_timeout=60, log=open(tmp_path / "log", "w"))
+    port = free_port()
+    line = f"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {port})"
+    # uvicorn's message, then up until ended, as SGLang's launcher stays
+    plan = StandIn(port, f"import time; print({line!r}, flush=True); time.sleep(120)")
+    server = RuntimeServer(plan, startup_timeout=60, log=open(tmp_path / "log", "w"))
     started = time.monotonic()
     with pytest.raises(LaunchError, match="could not bind port .*Errno 98"):
         server.start()
@@ -175,21 +182,9 @@ def test_a_server_whose_port_another_server_answers_fails_naming_that_process(tm
     """Another process binds the port after launch (its check passed) and answers /health:
     start-up fails with that process, instead of passing for ready."""
 
-    @dataclasses.dataclass
-    class Plan:  # a stand-in server that never binds its port
-        port: int
-        host: str = "127.0.0.1"
-        env: dict = dataclasses.field(default_factory=dict)
-
-        @property
-        def url(self):
-            return f"http://127.0.0.1:{self.port}"
-
-        def command(self):
-            return [sys.executable, "-c", "import time; time.sleep(120)"]
-
     port = free_port()
-    server = RuntimeServer(Plan(port=port), startup_timeout=60, log=open(tmp_path / "log", "w"))
+    server = RuntimeServer(StandIn(port, "import time; time.sleep(120)"),  # never binds its port
+                           startup_timeout=60, log=open(tmp_path / "log", "w"))
     server.launch()
     stranger = subprocess.Popen([sys.executable, "-c", STRANGER.format(port=port)], start_new_session=True)
     try:
