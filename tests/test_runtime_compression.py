@@ -29,7 +29,6 @@ import torch
 from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-from rksc_sgl.rksc import compression as compression_module
 from rksc_sgl.rksc.compression import cask_select, plan, select_keep
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR, is_compressed
@@ -43,6 +42,7 @@ from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 from rksc_sgl.runtime.support import unsupported
 
 from aborting import stream_then_abort
+from compression_replay import candidate_origins, engine_continuation, replay_decisions
 from pools import device_pools
 from processes import assert_gone, server_pids
 
@@ -700,41 +700,11 @@ def compressed_run(client, hf):
     return ids, out["output_ids"], decisions["events"]
 
 
-def _candidate_origins(events, k, prompt):
-    """The original positions of event ``k``'s candidates: the kept ones of the event before,
-    then the run from there to ``buffer`` before the newest token."""
-    buffer = CONFIG.buffer
-    before = events[k - 1] if k else {"decoded": buffer, "kept": []}
-    return before["kept"] + list(range(prompt + before["decoded"] - buffer, prompt + events[k]["decoded"] - buffer))
-
-
 def test_runtime_continuation_equals_the_engines_with_the_same_decisions(compressed_run, monkeypatch):
-    import rksc_sgl
-
     ids, output, events = compressed_run
-    used = []
-
-    def replay(config, importance, keys, keep_count):
-        k = len(used)
-        if k == len(events):  # (after the last forward: no effect on the tokens)
-            return compression_module.Plan(list(range(importance.shape[0] - keep_count, importance.shape[0])))
-        origins = _candidate_origins(events, k, len(ids))
-        assert len(origins) == importance.shape[0] and keep_count == len(events[k]["kept"])
-        used.append(k)
-        kept = set(events[k]["kept"])
-        return compression_module.Plan([i for i, o in enumerate(origins) if o in kept])
-
-    monkeypatch.setattr(compression_module, "plan", replay)
-    engine = rksc_sgl.Engine(model="smollm2-135m", cache="radix", num_threads=1, device="cpu", kv_pool_tokens=1024,
-                             max_running_requests=2, compression=SETTINGS)
-    try:
-        got = engine.generate_request(input_ids=ids, sampling_params={"max_new_tokens": STEPS, "temperature": 0,
-                                                                      "ignore_eos": True})
-        engine.check_integrity()
-    finally:
-        engine.shutdown()
+    used = replay_decisions(monkeypatch, events, len(ids), CONFIG.buffer)
+    assert engine_continuation(ids, SETTINGS, STEPS) == output
     assert len(used) >= len(events) - 1
-    assert got["output_ids"] == output
 
 
 @torch.no_grad()
@@ -762,7 +732,7 @@ def test_compressed_decode_equals_transformers_with_the_same_entries_deleted(com
             assert events[k]["decoded"] == step + 1
             kept = set(events[k]["kept"])
             candidates = positions[prompt:len(positions) - buffer]
-            assert candidates == _candidate_origins(events, k, prompt)
+            assert candidates == candidate_origins(events, k, prompt, buffer)
             index = list(range(prompt)) + [prompt + i for i, o in enumerate(candidates) if o in kept] + \
                 list(range(len(positions) - buffer, len(positions)))
             for layer in cache.layers:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rksc_sgl.rksc import compression as compression_module
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.runtime.client import RuntimeClient
 from rksc_sgl.runtime.launch_plan import plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 
+from compression_replay import engine_continuation, replay_decisions
 from processes import assert_gone, server_pids
 
 SETTINGS = {"method": "cask", "budget": 0.25, "buffer": 4, "min_tokens": 8}
@@ -48,16 +48,7 @@ def client(tmp_path_factory):
     assert_gone(pids)
 
 
-def _candidates(events, k, prompt):
-    """Original positions of event ``k``'s candidates (the kept ones of the event before, then
-    the run up to ``buffer`` before the newest token)."""
-    before = events[k - 1] if k else {"decoded": CONFIG.buffer, "kept": []}
-    return before["kept"] + list(range(prompt + before["decoded"] - CONFIG.buffer,
-                                       prompt + events[k]["decoded"] - CONFIG.buffer))
-
-
 def test_cask_continuation_equals_the_engines_with_the_same_decisions(client, monkeypatch):
-    import rksc_sgl
     from transformers import AutoTokenizer
 
     from rksc_sgl.config import default_cache_dir
@@ -73,31 +64,9 @@ def test_cask_continuation_equals_the_engines_with_the_same_decisions(client, mo
     assert state["settings"]["method"] == "cask"
     events = state["decisions"]["cask-greedy"]["events"]
     assert len(events) >= 3 and sum(len(e["merged"]) for e in events) > 0
-    used = []
-
-    def replay(config, importance, keys, keep_count):
-        k = len(used)
-        if k == len(events):  # (after the last forward: no effect on the tokens)
-            return compression_module.Plan(list(range(importance.shape[0] - keep_count, importance.shape[0])))
-        origins = _candidates(events, k, len(ids))
-        assert len(origins) == importance.shape[0] and keep_count == len(events[k]["kept"])
-        used.append(k)
-        index = {o: i for i, o in enumerate(origins)}
-        kept = set(events[k]["kept"])
-        return compression_module.Plan([i for i, o in enumerate(origins) if o in kept],
-                                       [(index[d], index[t]) for d, t in events[k]["merged"]])
-
-    monkeypatch.setattr(compression_module, "plan", replay)
-    engine = rksc_sgl.Engine(model="smollm2-135m", cache="radix", num_threads=1, device="cpu", kv_pool_tokens=1024,
-                             max_running_requests=2, compression=SETTINGS)
-    try:
-        got = engine.generate_request(input_ids=ids, sampling_params={"max_new_tokens": STEPS, "temperature": 0,
-                                                                      "ignore_eos": True})
-        engine.check_integrity()
-    finally:
-        engine.shutdown()
+    used = replay_decisions(monkeypatch, events, len(ids), CONFIG.buffer)
+    assert engine_continuation(ids, SETTINGS, STEPS) == out["output_ids"]
     assert len(used) >= len(events) - 1
-    assert got["output_ids"] == out["output_ids"]
     # every slot free or in the tree once; the tree holds the prompt only
     report = client.idle_integrity()
     assert report["ok"], report

@@ -23,8 +23,8 @@ import torch
 from rksc_sgl.bench import runtime_fidelity
 from rksc_sgl.bench.runtime_fidelity import (KEY, TraceForcing, compare_backends, forced_replay, reference_agreement,
                                              request_fields, score, step_logprobs, verdict)
-from rksc_sgl.rksc import compression as compression_module
 
+from compression_replay import replay_decisions
 from processes import assert_gone, server_pids
 
 SETTINGS = {"method": "rkv", "budget": 0.25, "buffer": 4, "min_tokens": 8}
@@ -127,32 +127,13 @@ def test_forced_replay_before_its_first_compaction_is_a_full_kv_control(referenc
     assert float(_kl(ref[full:], logprobs[full:]).max()) > 1e-4  # (compaction shows in the distributions)
 
 
-def _candidate_origins(events, k, prompt):
-    """Event ``k``'s candidates by original position: the kept ones of the event before, then
-    the run from there to ``buffer`` before the newest token."""
-    buffer = SETTINGS["buffer"]
-    before = events[k - 1] if k else {"decoded": buffer, "kept": []}
-    return before["kept"] + list(range(prompt + before["decoded"] - buffer, prompt + events[k]["decoded"] - buffer))
-
-
 def _engine_replay(monkeypatch, ids, trace, decisions, vocab):
     """The engine's teacher-forced replay of ``trace`` making the runtime's ``decisions``:
     each step's log-probs and the decode tokens the last step read."""
     import rksc_sgl
 
-    events, used = decisions["events"], []
-
-    def same_plan(config, importance, keys, keep_count):
-        k = len(used)
-        if k == len(events):
-            return compression_module.Plan(list(range(importance.shape[0] - keep_count, importance.shape[0])))
-        origins = _candidate_origins(events, k, len(ids))
-        assert len(origins) == importance.shape[0] and keep_count == len(events[k]["kept"])
-        used.append(k)
-        kept = set(events[k]["kept"])
-        return compression_module.Plan([i for i, o in enumerate(origins) if o in kept])
-
-    monkeypatch.setattr(compression_module, "plan", same_plan)
+    events = decisions["events"]
+    used = replay_decisions(monkeypatch, events, len(ids), SETTINGS["buffer"])
     engine = rksc_sgl.Engine(model=MODEL, cache="radix", num_threads=1, device="cpu", kv_pool_tokens=1024,
                              max_running_requests=2, compression=SETTINGS)
     rows = torch.empty(len(trace), vocab)
