@@ -64,22 +64,36 @@ def checked(radix_engine):
 
 SERVER_GROUP = "sglang-servers"
 """The test modules whose names start with ``test_runtime`` start SGLang servers (about 3 GB
-each). Under ``pytest -n 2 --dist loadgroup`` (``make test``) they form one unit of work, run
+each); all but :data:`BESIDE_THE_GROUP` are this group. Under ``pytest -n 2 --dist loadgroup`` (``make test``) they form one unit of work, run
 on one worker one module at a time, first; the other worker takes the in-process modules, a
 whole module at a time (their module fixtures start once)."""
 
 
+BESIDE_THE_GROUP = ("test_runtime_compression_cask.py", "test_runtime_fidelity.py")
+"""Server modules of one server each that run outside the group, each its own unit of work,
+last: the worker that has finished the in-process modules takes them while the group is still
+running (one more server beside the group's, within this machine's memory)."""
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+
+
 def _starts_servers(nodeid: str) -> bool:
-    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].startswith("test_runtime")
+    return _module(nodeid).startswith("test_runtime")
+
+
+def _in_server_group(nodeid: str) -> bool:
+    return _starts_servers(nodeid) and _module(nodeid) not in BESIDE_THE_GROUP
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """On an xdist worker, the SGLang-server modules first: the longest unit of work starts at
-    once instead of after the others."""
+    """On an xdist worker, the SGLang-server group first (the longest unit of work starts at
+    once instead of after the others) and the modules beside it last."""
     if hasattr(config, "workerinput"):
-        first = [item for item in items if _starts_servers(item.nodeid)]
-        ids = {id(item) for item in first}
-        items[:] = first + [item for item in items if id(item) not in ids]
+        rank = {True: 0, False: 1}
+        items.sort(key=lambda item: 2 if _module(item.nodeid) in BESIDE_THE_GROUP
+                   else rank[_in_server_group(item.nodeid)])
 
 
 def pytest_configure(config):
@@ -115,7 +129,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ServerGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return SERVER_GROUP if _starts_servers(nodeid) else nodeid.split("::", 1)[0]
+            return SERVER_GROUP if _in_server_group(nodeid) else nodeid.split("::", 1)[0]
 
     return ServerGroupScheduling(config, log)
 
