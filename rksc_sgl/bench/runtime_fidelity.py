@@ -13,9 +13,8 @@ Rationale and limits: docs/kv-compression.md ("Continuation fidelity on SGLang's
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -111,25 +110,18 @@ def score(logprobs: torch.Tensor, reference: torch.Tensor, trace_ids: Sequence[i
 
 
 # ---- servers --------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def fidelity_server(model: str, compression: Optional[Dict[str, Any]], *, startup_timeout: float = 900,
-                    log=None, extra: Sequence[str] = ()) -> Iterator[Any]:
-    """One server for replays (``compression``: ``CompressionConfig`` fields, None: full KV),
-    with the processor allowed, overlap off and seeded sampling; stopped on exit."""
+                    log=None, extra: Sequence[str] = ()):
+    """``with fidelity_server(...) as server``: one server for replays (``compression``:
+    ``CompressionConfig`` fields, None: full KV), with the processor allowed, overlap off and
+    seeded sampling; always ended (``running_server``)."""
     from rksc_sgl.rksc.compression_config import CompressionConfig
-    from rksc_sgl.runtime.launch_plan import plan_launch
-    from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+    from rksc_sgl.runtime.server_process import free_port, running_server
 
     argv = ["--model-path", model, "--host", "127.0.0.1", "--port", str(free_port()),
             "--enable-custom-logit-processor", "--disable-overlap-schedule", *extra]
-    plan = plan_launch(argv, seeded_sampling=True,
-                       compression=None if compression is None else CompressionConfig(**compression))
-    server = RuntimeServer(plan, startup_timeout=startup_timeout, log=log)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    return running_server(argv, startup_timeout=startup_timeout, log=log, seeded_sampling=True,
+                          compression=None if compression is None else CompressionConfig(**compression))
 
 
 def sweep(model: str, prompts: Sequence[Sequence[int]], seeds: Sequence[int], modes: Dict[str, Dict[str, Any]],
