@@ -517,9 +517,35 @@ def test_select_keep_is_the_engines_plan():
         select_keep(CompressionConfig(method="cask"), importance, keys, 7)
 
 
+def _cask_by_hand(config, importance, keys, keep_count):
+    """``cask``'s rule written out on lists, the reference: the ``core`` share of the kept
+    count with the highest importance, then the best R-KV scores among the rest (scratch),
+    each other candidate merged into its most similar scratch one; ``(keep, merges)``."""
+    from rksc_sgl.rksc.compression import _scores
+
+    n = importance.shape[0]
+    keep_count = max(0, min(keep_count, n))
+    if keep_count >= n:
+        return list(range(n)), []
+    score, imp = _scores(config, importance, keys)
+    core_count = min(keep_count, int(round(config.core * keep_count)))
+    core = set(int(i) for i in torch.topk(imp, core_count).indices) if core_count else set()
+    rest = [i for i in range(n) if i not in core]
+    scratch_count = keep_count - len(core)
+    scratch = sorted(rest[int(i)] for i in torch.topk(score[rest], scratch_count).indices) if scratch_count else []
+    merges = []
+    dropped = [i for i in rest if i not in set(scratch)]
+    if scratch and dropped:
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+        sim = torch.einsum("ihd,jhd->ij", unit[dropped], unit[scratch]) / keys.shape[1]
+        merges = [(d, scratch[int(j)]) for d, j in zip(dropped, sim.argmax(dim=1))]
+    return sorted(core | set(scratch)), merges
+
+
 def test_cask_select_is_the_engines_plan():
-    """The runtime's device-side ``cask`` decisions equal the engine's ``plan``: kept indices and
-    (dropped, kept) merge pairs, with ties in importance and in keys, every core share."""
+    """The runtime's device-side ``cask`` decisions and the engine's ``plan`` equal the rule
+    written out on lists: kept indices and (dropped, kept) merge pairs, with ties in importance
+    and in keys, every core share."""
     for seed in range(400):
         g = torch.Generator().manual_seed(seed)
         n = int(torch.randint(2, 40, (1,), generator=g))
@@ -530,10 +556,12 @@ def test_cask_select_is_the_engines_plan():
         keys = torch.randn(n, 2, 4, generator=g)
         if seed % 5 == 0:
             keys[: n // 2] = keys[0]
-        expected = plan(config, importance, keys, count)
+        expected_keep, expected_merges = _cask_by_hand(config, importance, keys, count)
         keep, scratch, dropped, into = cask_select(config, importance, keys, count)
-        assert keep.tolist() == expected.keep and list(zip(dropped.tolist(), into.tolist())) == expected.merges
-        assert set(scratch.tolist()) == {k for _, k in expected.merges} | set(scratch.tolist()) <= set(keep.tolist())
+        assert keep.tolist() == expected_keep and list(zip(dropped.tolist(), into.tolist())) == expected_merges
+        assert set(scratch.tolist()) == {k for _, k in expected_merges} | set(scratch.tolist()) <= set(keep.tolist())
+        engine = plan(config, importance, keys, count)
+        assert (engine.keep, engine.merges) == (expected_keep, expected_merges)
 
 
 def _engine_side(seed: int = 0):

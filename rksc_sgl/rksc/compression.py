@@ -125,7 +125,7 @@ def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: torch
 
 def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor,
                 keep_count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``method="cask"``'s decisions, the same as :func:`plan`'s, as index tensors on
+    """``method="cask"``'s decisions (the module doc's rule) as index tensors on
     ``importance``'s device: ``(keep, scratch, dropped, into)``, ascending kept indices, the
     kept scratch ones, the dropped ones that merge and, for each, the kept index it merges
     into (``dropped`` is empty when no scratch is kept). Device operations only: every size
@@ -159,34 +159,11 @@ def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch
 
 def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor, keep_count: int) -> Plan:
     """Choose ``keep_count`` of the candidates (their attention mass and keys), which come
-    oldest first."""
+    oldest first: :func:`select_keep`'s, or for ``cask`` :func:`cask_select`'s decisions, as lists."""
     if config.method != "cask":
         return Plan(select_keep(config, importance, keys, keep_count).tolist())
-    n = importance.shape[0]
-    keep_count = max(0, min(keep_count, n))
-    if keep_count >= n:
-        return Plan(list(range(n)))
-    score, imp = _scores(config, importance, keys)
-    core_count = min(keep_count, int(round(config.core * keep_count)))
-    core = set(int(i) for i in torch.topk(imp, core_count).indices) if core_count else set()
-    rest = [i for i in range(n) if i not in core]
-    scratch_count = keep_count - len(core)
-    if scratch_count and rest:
-        rest_scores = score[rest]
-        chosen = torch.topk(rest_scores, min(scratch_count, len(rest))).indices
-        scratch = sorted(rest[int(i)] for i in chosen)
-    else:
-        scratch = []
-    keep = sorted(core | set(scratch))
-    merges = []
-    if scratch:
-        dropped = [i for i in rest if i not in set(scratch)]
-        if dropped:
-            unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-            sim = torch.einsum("ihd,jhd->ij", unit[dropped], unit[scratch]) / keys.shape[1]
-            nearest = sim.argmax(dim=1)
-            merges = [(d, scratch[int(j)]) for d, j in zip(dropped, nearest)]
-    return Plan(keep, merges)
+    keep, _, dropped, into = cask_select(config, importance, keys, keep_count)
+    return Plan(keep.tolist(), list(zip(dropped.tolist(), into.tolist())))
 
 
 def compress_decode_kv(kv: "KVCacheManager", req: "ReqKV", prompt_len: int, cfg: CompressionConfig) -> int:
