@@ -341,9 +341,8 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
     from rksc_sgl.runtime.compression_settings import compression_unsupported
 
     allocator = ctx.params.token_to_kv_pool_allocator
-    device = str(getattr(allocator.get_kvcache(), "device", "cpu"))
-    problems = compression_unsupported(config, ctx.server_args, {}, device=device)
     pool = allocator.get_kvcache()
+    problems = compression_unsupported(config, ctx.server_args, {}, device=str(getattr(pool, "device", "cpu")))
     if config.method == "cask" and (getattr(pool, "kv_cache_layout", "nhd") != "nhd"
                                     or getattr(pool, "is_quantized_kv_cache", False)):
         problems.append("RKSC_COMPRESSION method 'cask' averages K and V slot by slot: it needs SGLang's plain "

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, List, Mapping, Optional
 
-from rksc_sgl.rksc.compression_config import CompressionConfig
+from rksc_sgl.rksc.compression_config import METHODS, CompressionConfig
 from rksc_sgl.runtime.env_settings import json_settings
 from rksc_sgl.runtime.support import dp_attention, server_arg
 
@@ -27,8 +27,8 @@ ENV_VAR = "RKSC_COMPRESSION"
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CompressionConfig))
 
-RUNTIME_METHODS = ("rkv", "cask", "recent", "attention")
-"""The methods SGLang's runtime runs (all of ``CompressionConfig``'s)."""
+RUNTIME_METHODS = METHODS
+"""The methods SGLang's runtime runs: all of ``CompressionConfig``'s."""
 
 
 class CompressionSettingsError(ValueError):
