@@ -178,8 +178,11 @@ class LongBranchesWorkload(PressureWorkload):
 
 
 def base_label(label: str) -> str:
-    """The uncompressed mode of a compressed mode's label (``radix+rkv@0.25`` -> ``radix``)."""
-    return label.split("+", 1)[0]
+    """The uncompressed mode of a compressed mode's label (``radix+rkv@0.25`` -> ``radix``):
+    ``Mode.base_label`` of the parsed label."""
+    from rksc_sgl.bench.modes import parse_modes
+
+    return parse_modes(label)[0].base_label
 
 
 def _agree(records, reference, field: str) -> Dict[str, Any]:
