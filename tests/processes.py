@@ -1,5 +1,8 @@
 """Which processes are still running: the check behind every "nothing left running" assertion."""
 
+import contextlib
+from typing import Iterator
+
 import psutil
 
 
@@ -29,3 +32,16 @@ def server_pids(server) -> set:
 def assert_gone(pids) -> None:
     left = alive(pids)
     assert not left, f"processes left running: {left}"
+
+
+@contextlib.contextmanager
+def left_nothing(server_context) -> Iterator:
+    """``with left_nothing(running_server(...)) as server``: the server of ``server_context``
+    (a context that starts and always ends one ``RuntimeServer``); on leaving, none of its
+    processes, seen at start and at the end, is still running."""
+    pids = set()
+    with server_context as running:
+        pids = server_pids(running)
+        yield running
+        pids |= server_pids(running)
+    assert_gone(pids)

@@ -38,13 +38,13 @@ from rksc_sgl.runtime.compression import POOL_ATTR, RuntimeCompression, compress
 from rksc_sgl.runtime.compression_settings import (ENV_VAR, CompressionSettingsError, compression_config_from_env,
                                                    env_value)
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
-from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from rksc_sgl.runtime.server_process import free_port, running_server
 from rksc_sgl.runtime.support import unsupported
 
 from aborting import stream_then_abort
 from compression_replay import candidate_origins, engine_continuation, replay_decisions
 from pools import device_pools
-from processes import assert_gone, server_pids
+from processes import left_nothing
 
 SETTINGS = {"method": "rkv", "budget": 0.25, "buffer": 4, "min_tokens": 8}
 CONFIG = CompressionConfig(**SETTINGS)
@@ -681,20 +681,11 @@ def test_the_merge_weight_is_reset_when_slots_are_freed_and_handed_out_again():
 # ---- one compressing server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("compression") / "server.log", "w")
-    plan_ = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
-                         "--max-total-tokens", str(POOL_TOKENS)], compression=CONFIG)
-    running = RuntimeServer(plan_, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-    pids = set()
-    try:
-        running.start()
-        pids = server_pids(running)
+    argv = ["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
+            "--max-total-tokens", str(POOL_TOKENS)]
+    with open(tmp_path_factory.mktemp("compression") / "server.log", "w") as log, \
+            left_nothing(running_server(argv, startup_timeout=STARTUP_TIMEOUT_S, log=log, compression=CONFIG)) as running:
         yield running
-    finally:
-        pids |= server_pids(running) if running.process else set()
-        running.stop()
-        log.close()
-    assert_gone(pids)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import torch
 
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.runtime.client import RuntimeClient
-from rksc_sgl.runtime.launch_plan import plan_launch
-from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from rksc_sgl.runtime.server_process import free_port, running_server
 
 from compression_replay import engine_continuation, replay_decisions
-from processes import assert_gone, server_pids
+from processes import left_nothing
 
 SETTINGS = {"method": "cask", "budget": 0.25, "buffer": 4, "min_tokens": 8}
 CONFIG = CompressionConfig(**SETTINGS)
@@ -32,20 +31,11 @@ STARTUP_TIMEOUT_S = 600  # (a loaded 2-core machine has taken over 300 s)
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("cask") / "server.log", "w")
-    launch = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
-                          "--max-total-tokens", "2048"], compression=CONFIG)
-    running = RuntimeServer(launch, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-    pids = set()
-    try:
-        running.start()
-        pids = server_pids(running)
+    argv = ["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()), "--max-total-tokens",
+            "2048"]
+    with open(tmp_path_factory.mktemp("cask") / "server.log", "w") as log, \
+            left_nothing(running_server(argv, startup_timeout=STARTUP_TIMEOUT_S, log=log, compression=CONFIG)) as running:
         yield RuntimeClient(running.url)
-    finally:
-        pids |= server_pids(running) if running.process else set()
-        running.stop()
-        log.close()
-    assert_gone(pids)
 
 
 def test_cask_continuation_equals_the_engines_with_the_same_decisions(client, monkeypatch):

@@ -25,7 +25,7 @@ from rksc_sgl.bench.runtime_fidelity import (KEY, TraceForcing, compare_backends
                                              request_fields, score, step_logprobs, verdict)
 
 from compression_replay import replay_decisions
-from processes import assert_gone, server_pids
+from processes import left_nothing
 
 SETTINGS = {"method": "rkv", "budget": 0.25, "buffer": 4, "min_tokens": 8}
 PROMPT = "Question: Tom has 3 apples and buys 5 more, then gives 2 away. How many apples are left?\nAnswer:"
@@ -54,18 +54,10 @@ def test_the_processor_records_raw_log_probs_then_forces_the_trace():
 # ---- one compressing server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("fidelity") / "server.log", "w")
-    pids = set()
-    context = runtime_fidelity.fidelity_server(MODEL, SETTINGS, startup_timeout=STARTUP_TIMEOUT_S, log=log,
-                                               extra=["--max-total-tokens", "2048"])
-    try:
-        with context as running:
-            pids = server_pids(running)
-            yield running
-            pids |= server_pids(running)
-    finally:
-        log.close()
-    assert_gone(pids)
+    with open(tmp_path_factory.mktemp("fidelity") / "server.log", "w") as log, \
+            left_nothing(runtime_fidelity.fidelity_server(MODEL, SETTINGS, startup_timeout=STARTUP_TIMEOUT_S, log=log,
+                                                          extra=["--max-total-tokens", "2048"])) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
