@@ -14,10 +14,12 @@ Measures, in one run and one process:
     verify step): a shared prompt of about ``--prompt-tokens`` tokens (few-shot
     reasoning-gym ``gsm_symbolic`` problems with their worked solutions, then a new
     problem), each branch appends a distinct approach hint and greedily generates exactly
-    ``--short-tokens`` tokens (``ignore_eos``). Two engines (cache="none" and
-    cache="radix") in this process get the same inputs; each repeat uses a different
-    problem set and both caches are flushed before every program, so prefix reuse can only
-    come from inside one program.
+    ``--short-tokens`` tokens (``ignore_eos``). By default the program forks first and every
+    branch sends the prompt followed by its hint (``radix`` finds the prompt shared in its
+    tree); ``--fork-commit`` appends the prompt before the fork, which commits it as one
+    prefill-only request. Two engines (cache="none" and cache="radix") in this process get
+    the same inputs; each repeat uses a different problem set and both caches are flushed
+    before every program, so prefix reuse can only come from inside one program.
 (c) the same with ``--long-tokens`` tokens per branch (``--skip-long`` skips it).
 
 Every measurement runs one warm-up (excluded) and then ``--repeats`` timed repeats; the
