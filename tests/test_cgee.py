@@ -172,6 +172,26 @@ def _exit_layer_by_hand(trace, policy):
     return len(trace)
 
 
+def _weighted_vote_by_hand(answers, p_yes):
+    """``(branch, answer)`` of the weighted vote, by hand: the answer whose branches' P(yes)
+    sum is largest, from its branch of highest P(yes); with no answer at all, the branch of
+    highest P(yes). (Exact ties do not occur with these real-valued scores.)"""
+    totals = {}
+    for a, p in zip(answers, p_yes):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + p
+    answer = max(totals, key=totals.get) if totals else None
+    branch = max((i for i, a in enumerate(answers) if a == answer), key=lambda i: p_yes[i])
+    return branch, answer
+
+
+def _mean_prob_before_eos(triples, eos):
+    """Mean probability of the generated tokens up to the first EOS token (not counted)."""
+    ids = [t[1] for t in triples]
+    n = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    return sum(math.exp(t[0]) for t in triples[:n]) / n
+
+
 def test_last_layer_lens_equals_real_logits_under_left_padding(radix_engine):
     prompts = [SHORT, LONG]
     full = radix_engine.verify_yes_no(prompts, trace=True)
@@ -272,22 +292,13 @@ def test_both_gates_off_equals_plain_full_pass(radix_engine, use_backend):
     # The scores are the model's P(yes) after each prompt (HF, by hand) ...
     expected = _p_yes_by_hand(_hf(radix_engine, prompts).logits[:, -1], radix_engine.tokenizer).tolist()
     assert result.scores == pytest.approx(expected, abs=2e-4)
-    # ... and the weighted vote, by hand: the answer whose branches' P(yes) sum is largest,
-    # from its branch of highest P(yes) (no answer at all: the branch of highest P(yes)).
+    # ... and the weighted vote over the branches' answers, by hand.
     assert result.answers == [extract_answer(t) for t in texts]
-    totals = {}
-    for a, p in zip(result.answers, expected):
-        if a is not None:
-            totals[a] = totals.get(a, 0.0) + p
-    answer = max(totals, key=totals.get) if totals else None
-    branch = max((i for i, a in enumerate(result.answers) if a == answer), key=lambda i: expected[i])
-    assert (result.branch, result.answer) == (branch, answer)
+    assert (result.branch, result.answer) == _weighted_vote_by_hand(result.answers, expected)
     # Confidence: mean prob of the generated tokens before EOS; no EOS text in the branch.
-    eos = radix_engine.eos_ids
+    eos = set(radix_engine.eos_ids)
     for conf, meta, text in zip(result.confidences, metas, texts):
-        triples = meta["output_token_logprobs"]
-        n = cut_at_eos([t[1] for t in triples], eos)
-        assert conf == pytest.approx(sum(math.exp(t[0]) for t in triples[:n]) / n)
+        assert conf == pytest.approx(_mean_prob_before_eos(meta["output_token_logprobs"], eos))
         assert "<|im_end|>" not in text
     radix_engine.check_integrity()
 
@@ -335,7 +346,7 @@ def test_select_fallback_scores_yes_against_no(radix_engine, use_backend):
     use_backend(runtime_like)
     cfg = CGEEConfig(skip_gate=False, skip_min_vote_share=0.25)
     state = _branches.run(question="What is 5 + 2?", num=3, cfg=cfg)
-    result, prompts, _, _ = state.ret_value
+    result, prompts, _, texts = state.ret_value
     assert result.gates["layers_run"] is None and not result.gates["skipped"]
     tok = radix_engine.tokenizer
     yes, no = tok.encode("Yes", add_special_tokens=False), tok.encode("No", add_special_tokens=False)
@@ -343,5 +354,6 @@ def test_select_fallback_scores_yes_against_no(radix_engine, use_backend):
     logits = _hf(radix_engine, prompts).logits[:, -1]
     expected = torch.sigmoid(logits[:, yes[0]] - logits[:, no[0]]).tolist()
     assert result.scores == pytest.approx(expected, abs=1e-4)
-    assert (result.branch, result.answer) == choose(result.answers, result.scores, cfg.selection)
+    assert result.answers == [extract_answer(t) for t in texts]
+    assert (result.branch, result.answer) == _weighted_vote_by_hand(result.answers, expected)
     radix_engine.check_integrity()
