@@ -274,7 +274,8 @@ def _row(seed):
 @pytest.mark.parametrize("raw", [{"frequency_penalty": 0.6}, {"frequency_penalty": -0.4},
                                  {"presence_penalty": 0.9}, {"presence_penalty": -1.1},
                                  {"frequency_penalty": 0.6, "presence_penalty": 0.9},
-                                 {"repetition_penalty": 1.7}, {"repetition_penalty": 0.6}])
+                                 {"repetition_penalty": 1.7}, {"repetition_penalty": 0.6},
+                                 {"repetition_penalty": 1.5, "frequency_penalty": 0.5, "presence_penalty": 0.25}])
 def test_penalties_change_the_logits_by_the_documented_amounts(seen, sglang_exec, raw):
     for seed in range(4):
         logits = _row(seed)
@@ -282,12 +283,12 @@ def test_penalties_change_the_logits_by_the_documented_amounts(seen, sglang_exec
         assert torch.allclose(got, _sglang_logits(logits, params, HISTORY), atol=1e-6), (seed, raw)
         # The documented amounts (OpenAI's frequency/presence penalties, CTRL's repetition
         # penalty), over the output tokens only: every other logit is untouched.
+        # SGLang's order: the additive penalties first, then the scaling one.
         expected = logits.clone()
         rep = raw.get("repetition_penalty", 1.0)
         for token, count in COUNTS.items():
-            x = float(logits[token])
-            x = x / rep if x > 0 else x * rep
-            expected[token] = x - raw.get("frequency_penalty", 0.0) * count - raw.get("presence_penalty", 0.0)
+            x = float(logits[token]) - raw.get("frequency_penalty", 0.0) * count - raw.get("presence_penalty", 0.0)
+            expected[token] = x / rep if x > 0 else x * rep
         assert torch.allclose(got, expected, atol=1e-6), (seed, raw)
         untouched = [t for t in range(VOCAB) if t not in COUNTS]
         assert torch.equal(got[untouched], logits[untouched])
@@ -318,9 +319,9 @@ def test_logit_bias_shifts_exactly_the_named_tokens(seen, sglang_exec):
         assert moved == pytest.approx({int(k): v for k, v in bias.items()}, abs=1e-5)
         assert torch.allclose(got, _sglang_logits(logits, params, HISTORY), atol=1e-6)
         # After the penalties, as SGLang (its post-grammar transform, sampling_batch_info.py line 441).
-        got, params = _penalised_logits(seen, logits, logit_bias=bias, frequency_penalty=0.5)
+        got, params = _penalised_logits(seen, logits, logit_bias=bias, frequency_penalty=0.5, repetition_penalty=1.3)
         assert torch.allclose(got, _sglang_logits(logits, params, HISTORY), atol=1e-6)
-        assert float(got[3]) == pytest.approx(float(logits[3]) - 0.5 * COUNTS[3] + 5.0)
+        assert float(got[3]) == pytest.approx((float(logits[3]) - 0.5 * COUNTS[3]) * 1.3 + 5.0)  # logits[3] < 0
 
 
 def test_temperature_divides_the_transformed_logits(seen, sglang_exec):
@@ -329,3 +330,65 @@ def test_temperature_divides_the_transformed_logits(seen, sglang_exec):
         params = _params(temperature=temperature, frequency_penalty=0.3, logit_bias={"5": 1.5})
         _engine_draw(seen, logits, params, HISTORY)
         assert torch.allclose(seen.softmax_in, _sglang_logits(logits, params, HISTORY) / temperature, atol=1e-6)
+
+
+def test_logit_bias_naming_one_token_twice_is_sglangs_last_value(seen, sglang_exec):
+    """``"5"`` and ``"05"`` name the same token: SGLang keeps the later value
+    (``{int(key): value ...}``, sampling_batch_info.py line 183), it does not add both."""
+    logits = _row(3)
+    got, params = _penalised_logits(seen, logits, logit_bias={"5": 2.0, "05": 3.0, "7": -1.0})
+    assert torch.allclose(got, _sglang_logits(logits, params, HISTORY), atol=1e-6)
+    shift = got - logits
+    assert {t: float(shift[t]) for t in range(VOCAB) if shift[t] != 0} == pytest.approx({5: 3.0, 7: -1.0})
+
+
+# ---- a batch whose rows each have their own parameters -----------------------------------------------
+BATCH = [  # (request, its output so far): every step's output feeds every row, as in a decode batch
+    ({"temperature": 0.7, "top_k": 5}, [1, 2, 3, 4, 5, 6]),
+    ({"temperature": 1.3, "top_p": 0.6, "frequency_penalty": 0.8}, [9, 9, 9, 2, 2, 60]),
+    ({"min_p": 0.15, "presence_penalty": -0.5, "logit_bias": {"9": 3.0, "40": -2.0}}, [40, 1, 40, 1, 40, 9]),
+    ({"temperature": 0.5, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.4}, [0, 0, 11, 12, 13, 11]),
+    ({}, [3, 3, 3, 3, 3, 3]),  # stock parameters beside the others
+    ({"temperature": 0.0, "frequency_penalty": 0.3, "logit_bias": {"17": 0.5}}, [17, 17, 4, 4, 4, 8]),  # greedy
+]
+
+
+def _sglang_batch(logits, params, histories):
+    """One SGLang decode step for the whole batch: ``SamplingBatchInfo`` over all the requests,
+    its penalizers fed step by step, its bias applied, its temperatures divided, its torch
+    sampler's filter run with the batch's own per-row tensors (``Sampler._sample_from_probs``).
+    Returns the logits it takes the softmax of and the distributions it samples from."""
+    batch = _Batch([_Req(p) for p in params])
+    info = SamplingBatchInfo.from_schedule_batch(batch, VOCAB)
+    for step in zip(*histories):
+        info.penalizer_orchestrator.cumulate_output_tokens(torch.tensor(step, dtype=torch.int64))
+    out = logits.float().clone()
+    with torch._dynamo.config.patch(disable=True):
+        info.copy_for_forward().apply_logits_bias(out)
+    out.div_(info.temperatures)
+    probs = torch.softmax(out, dim=-1)
+    _, weights, ids, _ = top_k_top_p_min_p_sampling_from_probs_torch(
+        probs.clone(), info.top_ks, info.top_ps, info.min_ps, info.need_min_p_sampling, None,
+        torch.zeros(len(params), dtype=torch.int64), return_filtered_probs=True, max_top_k=info.max_top_k)
+    filtered = torch.zeros_like(probs).scatter_(1, ids.long(), weights.float())
+    return out, filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def test_batch_rows_with_their_own_parameters(seen, sglang_exec):
+    """Each row of a mixed SGLang batch (sampled and greedy, filters, penalties, bias, stock)
+    equals the engine's draw for that request alone."""
+    params = [_params(**raw) for raw, _ in BATCH]
+    histories = [history for _, history in BATCH]
+    for seed in range(4):
+        logits = torch.randn(len(BATCH), VOCAB, generator=torch.Generator().manual_seed(200 + seed)) * 2.5
+        scaled, filtered = _sglang_batch(logits, params, histories)
+        for row, (p, history) in enumerate(zip(params, histories)):
+            where = f"seed {seed} row {row} {BATCH[row][0]}"
+            token = _engine_draw(seen, logits[row], p, history)
+            if p.top_k == 1:  # greedy: SGLang's filter leaves the argmax alone
+                assert seen.multinomial_in is None, where
+                assert torch.allclose(seen.argmax_in, scaled[row], atol=1e-6), where  # temperature 1.0
+                assert torch.nonzero(filtered[row]).flatten().tolist() == [token], where
+                continue
+            assert torch.allclose(seen.softmax_in, scaled[row], atol=1e-5), where
+            _assert_same_filter(logits[row], seen.multinomial_in / seen.multinomial_in.sum(), filtered[row], where)

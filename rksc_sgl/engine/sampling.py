@@ -114,8 +114,9 @@ def sample_token(
         logits = _apply_penalties(logits.clone(), params, output_ids)
     if params.logit_bias:
         logits = logits.clone()
-        for token_id, bias in params.logit_bias.items():
-            logits[int(token_id)] += float(bias)
+        # As SGLang: keys that name one token ("5", "05") keep the last value, not their sum.
+        for token_id, bias in {int(k): float(v) for k, v in params.logit_bias.items()}.items():
+            logits[token_id] += bias
     if is_greedy(params):
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
