@@ -1,11 +1,14 @@
 """The embedded engine made to take the runtime's compression decisions: each compaction of
 the engine keeps (and, for ``cask``, merges) the original positions that the runtime's
 ``/server_info`` recorded for the same request, so the two backends' continuations, KV and
-scores can be compared token for token."""
+scores can be compared token for token; and ``transformers`` made to delete the same cache
+entries, the reference that needs neither backend."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
+
+import torch
 
 from rksc_sgl.rksc import compression as compression_module
 
@@ -53,3 +56,40 @@ def engine_continuation(ids: List[int], settings: dict, steps: int) -> List[int]
     finally:
         engine.shutdown()
     return got["output_ids"]
+
+
+@torch.no_grad()
+def transformers_with_entries_deleted(model, ids: List[int], events: List[dict], steps: int,
+                                      config) -> Tuple[List[int], int]:
+    """``transformers``' greedy ``steps``-token decode of ``ids`` that deletes from its cache,
+    at each compaction of ``events`` (``config``'s rule says when), the entries the runtime
+    dropped, each token at its true position; returns the tokens and the events replayed."""
+    from transformers import DynamicCache
+
+    prompt, buffer = len(ids), config.buffer
+    cache = DynamicCache()
+    logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+    positions = list(range(prompt))  # original position of each cache entry
+    tokens, k = [], 0
+    for step in range(steps):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if step == steps - 1:
+            break
+        length = cache.get_seq_length()
+        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                       position_ids=torch.tensor([[prompt + step]]), cache_position=torch.tensor([length])).logits[0, -1]
+        positions.append(prompt + step)
+        held = len(positions) - prompt
+        if config.needs_compression(held, step + 1):
+            assert events[k]["decoded"] == step + 1
+            kept = set(events[k]["kept"])
+            candidates = positions[prompt:len(positions) - buffer]
+            assert candidates == candidate_origins(events, k, prompt, buffer)
+            index = list(range(prompt)) + [prompt + i for i, o in enumerate(candidates) if o in kept] + \
+                list(range(len(positions) - buffer, len(positions)))
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+            positions = [positions[i] for i in index]
+            k += 1
+    return tokens, k

@@ -42,7 +42,8 @@ from rksc_sgl.runtime.server_process import free_port, running_server
 from rksc_sgl.runtime.support import unsupported
 
 from aborting import stream_then_abort
-from compression_replay import candidate_origins, engine_continuation, replay_decisions
+from compression_replay import (candidate_origins, engine_continuation, replay_decisions,
+                                transformers_with_entries_deleted)
 from pools import device_pools
 from processes import left_nothing
 
@@ -85,7 +86,6 @@ RKV = {ENV_VAR: '{"method": "rkv"}', **CPU}
     ([*RKSC, "--page-size", "16"], RECENT, "needs --page-size 1"),
     ([*RKSC, "--speculative-algorithm", "EAGLE"], RECENT, "does not support --speculative-algorithm EAGLE"),
     ([*RKSC, "--pp-size", "2"], RECENT, "needs --pp-size 1"),
-    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], RKV, "needs --tp-size 1"),
     ([*RKSC, "--attn-dp-size", "2"], RECENT, "does not support DP attention"),
     ([*RKSC, "--enable-mixed-chunk"], RECENT, "does not support --enable-mixed-chunk"),
     ([*RKSC, "--disaggregation-mode", "decode"], RECENT, "does not support --disaggregation-mode decode"),
@@ -98,7 +98,6 @@ RKV = {ENV_VAR: '{"method": "rkv"}', **CPU}
     ([*RKSC], RKV, "--forward-hooks needs the rksc_attention hook"),
     ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"attention_layer_stride": 2}', **CPU},
      "layer_stride 4 differs from the compression's attention_layer_stride 2"),
-    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], {ENV_VAR: '{"method": "cask"}', **CPU}, "needs --tp-size 1"),
     ([*RKSC], {ENV_VAR: '{"method": "cask"}', **CPU}, "--forward-hooks needs the rksc_attention hook"),
     ([*RKSC], {ENV_VAR: "{bad"}, "RKSC_COMPRESSION must be a JSON object"),
 ])
@@ -109,6 +108,8 @@ def test_each_unsupported_configuration_is_refused_with_its_flag(argv, environ, 
 
 @pytest.mark.parametrize("argv, environ", [
     (RKSC, RECENT), ([*RKSC, "--forward-hooks", HOOK], RKV), ([*RKSC, "--tp-size", "2"], RECENT),
+    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], RKV),
+    ([*RKSC, "--forward-hooks", HOOK, "--tp-size", "2"], {ENV_VAR: '{"method": "cask"}', **CPU}),
     ([*RKSC, "--forward-hooks", HOOK], {ENV_VAR: '{"method": "cask"}', **CPU}),
     ([*RKSC, "--disable-overlap-schedule"], {ENV_VAR: '{"method": "recent"}'}),
     ([*RKSC, "--forward-hooks", HOOK, "--disable-overlap-schedule", "--disable-cuda-graph"],
@@ -347,7 +348,7 @@ def test_the_second_compactions_importance_is_the_engines(importance, monkeypatc
     seen = []
     real = runtime_compression.select_keep
     monkeypatch.setattr(runtime_compression, "select_keep",
-                        lambda c, imp, keys, count: seen.append(imp.clone()) or real(c, imp, keys, count))
+                        lambda c, imp, keys, count, **kw: seen.append(imp.clone()) or real(c, imp, keys, count, **kw))
     prompt = 5
     req = _request(allocator, rows, 1, prompt, prompt + 13, "r")
     state.compact_running(_batch([req], "cpu"))  # 13 decoded: 9 candidates, 4 kept
@@ -521,13 +522,13 @@ def _cask_by_hand(config, importance, keys, keep_count):
     """``cask``'s rule written out on lists, the reference: the ``core`` share of the kept
     count with the highest importance, then the best R-KV scores among the rest (scratch),
     each other candidate merged into its most similar scratch one; ``(keep, merges)``."""
-    from rksc_sgl.rksc.compression import _scores
+    from rksc_sgl.rksc.compression import _scores, key_similarity
 
     n = importance.shape[0]
     keep_count = max(0, min(keep_count, n))
     if keep_count >= n:
         return list(range(n)), []
-    score, imp = _scores(config, importance, keys)
+    score, imp = _scores(config, importance, key_similarity(keys))
     core_count = min(keep_count, int(round(config.core * keep_count)))
     core = set(int(i) for i in torch.topk(imp, core_count).indices) if core_count else set()
     rest = [i for i in range(n) if i not in core]
@@ -726,39 +727,10 @@ def test_runtime_continuation_equals_the_engines_with_the_same_decisions(compres
     assert len(used) >= len(events) - 1
 
 
-@torch.no_grad()
 def test_compressed_decode_equals_transformers_with_the_same_entries_deleted(compressed_run, hf):
-    from transformers import DynamicCache
-
-    model = hf[0]
     ids, output, events = compressed_run
-    prompt, buffer = len(ids), CONFIG.buffer
-    cache = DynamicCache()
-    logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
-    positions = list(range(prompt))  # original position of each cache entry
-    tokens, k = [], 0
-    for step in range(STEPS):
-        token = int(logits.argmax())
-        tokens.append(token)
-        if step == STEPS - 1:
-            break
-        length = cache.get_seq_length()
-        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
-                       position_ids=torch.tensor([[prompt + step]]), cache_position=torch.tensor([length])).logits[0, -1]
-        positions.append(prompt + step)
-        held = len(positions) - prompt
-        if CONFIG.needs_compression(held, step + 1):
-            assert events[k]["decoded"] == step + 1
-            kept = set(events[k]["kept"])
-            candidates = positions[prompt:len(positions) - buffer]
-            assert candidates == candidate_origins(events, k, prompt, buffer)
-            index = list(range(prompt)) + [prompt + i for i, o in enumerate(candidates) if o in kept] + \
-                list(range(len(positions) - buffer, len(positions)))
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
-            positions = [positions[i] for i in index]
-            k += 1
-    assert k >= len(events) - 1
+    tokens, replayed = transformers_with_entries_deleted(hf[0], ids, events, STEPS, CONFIG)
+    assert replayed >= len(events) - 1
     assert tokens == output
 
 

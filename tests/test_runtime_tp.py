@@ -1,9 +1,11 @@
 """SGLang's own server with ``--tp-size 2`` on this CPU (patches/0003 and 0004).
 
 One server starts for the module (about 40-60 s on two idle cores), from the launcher's plan
-with RKSC's defaults (``--radix-cache-backend rksc --radix-eviction-policy rsbcm``) and a
-small pool; its greedy token ids must equal a ``transformers`` argmax loop's, the first time
-and again when the prompt comes from the tree. A server that does not start fails the module
+with RKSC's defaults (``--radix-cache-backend rksc --radix-eviction-policy rsbcm``), decode-KV
+compression (``--kv-compression rkv``, default settings: nothing is compressed before 48 decode
+tokens) and a small pool; its greedy token ids must equal a ``transformers`` argmax loop's,
+the first time and again when the prompt comes from the tree; both ranks evict, and compress,
+alike. A server that does not start fails the module
 with its last log lines (no retry). Its process group is ended in ``finally`` and the test
 checks that none of its processes is left.
 """
@@ -18,10 +20,13 @@ import psutil
 import pytest
 import torch
 
+from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.runtime.client import RuntimeClient
+from rksc_sgl.runtime.compression import DECISION_LOG_VAR
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.plugin import EVICTION_LOG_VAR
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from compression_replay import transformers_with_entries_deleted
 from processes import alive
 from test_runtime import argmax_loop
 
@@ -32,6 +37,8 @@ NEW_TOKENS = 16
 PROMPTS = ["The capital of France is", "Question: What is 15 + 27?\nAnswer: Let's think step by step.",
            "def fibonacci(n):\n"]
 BIND = "SGLANG_CPU_OMP_THREADS_BIND"
+COMPRESSION = CompressionConfig(method="rkv")  # --kv-compression rkv's default settings
+COMPRESSED_STEPS = 80
 
 
 def _bind(ranks: int) -> str:
@@ -45,7 +52,7 @@ def _bind(ranks: int) -> str:
 def _plan(argv: list):
     """The launcher's plan, with the thread binding where neither it nor the shell set one."""
     plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
-                        "--tp-size", str(TP), "--max-total-tokens", str(POOL), *argv])
+                        "--tp-size", str(TP), "--max-total-tokens", str(POOL), *argv], compression=COMPRESSION)
     if BIND not in plan.env and BIND not in os.environ:
         plan = dataclasses.replace(plan, env={**plan.env, BIND: _bind(TP)})
     return plan
@@ -62,7 +69,8 @@ def tp_server(tmp_path_factory):
         if "rsbcm" not in str(exc).lower():
             raise
         plan = _plan(["--radix-eviction-policy", "lru"])
-    plan = dataclasses.replace(plan, env={**plan.env, EVICTION_LOG_VAR: str(evictions)})
+    plan = dataclasses.replace(plan, env={**plan.env, EVICTION_LOG_VAR: str(evictions),
+                                          DECISION_LOG_VAR: str(evictions)})
     log = open(tmp_path_factory.mktemp("tp2") / "server.log", "w")
     server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
     pids = set()
@@ -142,3 +150,24 @@ def test_under_pressure_both_ranks_evict_the_same_nodes_in_the_same_order(tp_ser
     assert [p.name.split(".")[1] for p in logs] == ["tp0", "tp1"], logs
     rank0, rank1 = (p.read_text().splitlines() for p in logs)
     assert len(rank0) >= 5 and rank0 == rank1
+
+
+def test_both_ranks_compress_alike_and_decode_as_transformers_with_the_kept_entries(tp_server, hf):
+    """``rkv`` on two ranks, each scoring with its own heads' attention and keys averaged over
+    the ranks: both write the same compactions (``RKSC_COMPACTION_LOG``), and the greedy tokens
+    equal ``transformers``' decode that deletes the cache entries the server dropped."""
+    model, tokenizer = hf
+    client = RuntimeClient(tp_server.url)
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    out = client.generate(input_ids=ids, rid="tp-kvc", sampling_params={
+        "max_new_tokens": COMPRESSED_STEPS, "temperature": 0, "ignore_eos": True})
+    events = client.rksc_state()["compression"]["decisions"]["tp-kvc"]["events"]
+    assert len(events) >= 2
+    logs = sorted(tp_server.evictions.glob("compactions.tp*.log"))
+    assert [p.name.split(".")[1] for p in logs] == ["tp0", "tp1"], logs
+    rank0, rank1 = ([line for line in p.read_text().splitlines() if line.startswith("tp-kvc ")] for p in logs)
+    assert rank0 == rank1 == [f"tp-kvc {e['decoded']} {e['kept']}" for e in events]
+    tokens, replayed = transformers_with_entries_deleted(model, ids, events, COMPRESSED_STEPS, COMPRESSION)
+    assert replayed == len(events) and tokens == out["output_ids"]
+    report = client.idle_integrity()
+    assert report["ok"], report["problems"]

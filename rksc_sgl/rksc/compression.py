@@ -49,7 +49,7 @@ the allocator at once.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
@@ -71,16 +71,28 @@ class Plan:
     merges: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
-def redundancy(keys: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity of each token's key to the others'; ``keys`` (n, heads, dim),
-    heads standing for (layer, head) pairs when several layers are stacked."""
-    n = keys.shape[0]
-    if n < 2:
-        return torch.zeros(n, device=keys.device)
+def key_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """``(n, n)``: the cosine similarity of each pair of candidates' keys, averaged over
+    heads, the diagonal 0; ``keys`` (n, heads, dim), heads standing for (layer, head) pairs
+    when several layers are stacked. The one input of the redundancy term and of ``cask``'s
+    merge targets (tensor-parallel ranks average their heads' matrices)."""
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     sim = torch.einsum("ihd,jhd->ij", unit, unit) / keys.shape[1]
     sim.fill_diagonal_(0.0)
-    return sim.sum(dim=1) / (n - 1)
+    return sim
+
+
+def redundancy_of(similarity: torch.Tensor) -> torch.Tensor:
+    """Each candidate's mean similarity to the others (:func:`key_similarity`'s matrix)."""
+    n = similarity.shape[0]
+    if n < 2:
+        return torch.zeros(n, device=similarity.device)
+    return similarity.sum(dim=1) / (n - 1)
+
+
+def redundancy(keys: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of each token's key to the others'; ``keys`` (n, heads, dim)."""
+    return redundancy_of(key_similarity(keys))
 
 
 def importance_of(config: CompressionConfig, mass: torch.Tensor, *, age: torch.Tensor = None,
@@ -94,18 +106,24 @@ def importance_of(config: CompressionConfig, mass: torch.Tensor, *, age: torch.T
     return mass / age.clamp(min=1.0)
 
 
-def _scores(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _scores(config: CompressionConfig, importance: torch.Tensor,
+            similarity: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """R-KV's score and the normalised importance it is made of (device operations only)."""
     imp = importance.float().clamp(min=0)
     top = imp.max()
     imp = torch.where(top > 0, imp / top, imp)
-    return config.lam * imp - (1.0 - config.lam) * redundancy(keys), imp
+    return config.lam * imp - (1.0 - config.lam) * redundancy_of(similarity), imp
 
 
-def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor,
-                keep_count: int) -> torch.Tensor:
+def _similarity(keys: Optional[torch.Tensor], similarity: Optional[torch.Tensor]) -> torch.Tensor:
+    return similarity if similarity is not None else key_similarity(keys)
+
+
+def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: Optional[torch.Tensor],
+                keep_count: int, *, similarity: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ``keep_count`` candidates to keep (indices, ascending, on ``importance``'s device)
     by the ``rkv``, ``recent`` and ``attention`` rules; the candidates come oldest first.
+    ``rkv`` compares ``keys``, or takes their :func:`key_similarity` as ``similarity``.
     Device operations only (``topk``, no read back), so SGLang's runtime selects with it
     inside its scheduler as the engine does (through :func:`plan`)."""
     n = importance.shape[0]
@@ -118,13 +136,14 @@ def select_keep(config: CompressionConfig, importance: torch.Tensor, keys: torch
     if config.method == "attention":
         return torch.sort(torch.topk(importance.float(), keep_count).indices).values
     if config.method == "rkv":
-        score, _ = _scores(config, importance, keys)
+        score, _ = _scores(config, importance, _similarity(keys, similarity))
         return torch.sort(torch.topk(score, keep_count).indices).values
     raise ValueError(f"select_keep: method {config.method!r} merges tokens; use plan()")
 
 
-def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor,
-                keep_count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: Optional[torch.Tensor],
+                keep_count: int, *, similarity: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``method="cask"``'s decisions (the module doc's rule) as index tensors on
     ``importance``'s device: ``(keep, scratch, dropped, into)``, ascending kept indices, the
     kept scratch ones, the dropped ones that merge and, for each, the kept index it merges
@@ -136,7 +155,8 @@ def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     if keep_count >= n:
         return torch.arange(n, device=device), empty, empty, empty
-    score, imp = _scores(config, importance, keys)
+    sim = _similarity(keys, similarity)
+    score, imp = _scores(config, importance, sim)
     core_count = min(keep_count, int(round(config.core * keep_count)))
     scratch_count = keep_count - core_count
     kept = torch.zeros(n, dtype=torch.int32, device=device)
@@ -152,9 +172,7 @@ def cask_select(config: CompressionConfig, importance: torch.Tensor, keys: torch
     keep, dropped = order[:keep_count], order[keep_count:]
     if not scratch_count:
         return keep, scratch, empty, empty
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    sim = torch.einsum("ihd,jhd->ij", unit[dropped], unit[scratch]) / keys.shape[1]
-    return keep, scratch, dropped, scratch[sim.argmax(dim=1)]
+    return keep, scratch, dropped, scratch[sim.index_select(0, dropped).index_select(1, scratch).argmax(dim=1)]
 
 
 def plan(config: CompressionConfig, importance: torch.Tensor, keys: torch.Tensor, keep_count: int) -> Plan:

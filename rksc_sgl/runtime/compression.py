@@ -48,11 +48,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, TextIO, Tuple
 
 import torch
 
-from rksc_sgl.rksc.compression import cask_select, importance_of, select_keep
+from rksc_sgl.rksc.compression import cask_select, importance_of, key_similarity, select_keep
 from rksc_sgl.rksc.compression_config import CompressionConfig
 from rksc_sgl.rksc.tree_cache import REQ_COMPRESSION_ATTR
 
@@ -96,8 +96,16 @@ def compression_of(req_to_token_pool) -> Optional["RuntimeCompression"]:
 class RuntimeCompression:
     """Compression of one scheduler process (see the module docstring)."""
 
-    def __init__(self, config: CompressionConfig, req_to_token_pool, allocator, mass: Optional[torch.Tensor]):
+    def __init__(self, config: CompressionConfig, req_to_token_pool, allocator, mass: Optional[torch.Tensor],
+                 rank_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 decision_log: Optional[TextIO] = None):
+        """``rank_mean``: on tensor-parallel ranks, a tensor's mean over the ranks (the same
+        bits on each, ``rank_consistency.mean_over_ranks``), applied to the candidates'
+        attention mass and key similarities so every rank keeps the same tokens;
+        ``decision_log``: a text file that gets one line per compaction (a host read: tests)."""
         self.config = config
+        self.rank_mean = rank_mean
+        self.decision_log = decision_log
         self.req_to_token_pool = req_to_token_pool
         self.allocator = allocator
         self.pool = allocator.get_kvcache()
@@ -207,15 +215,18 @@ class RuntimeCompression:
         if state.kept is not None:
             origins = torch.cat([state.kept, origins])
         importance = self._importance(state, slots, origins, committed + dropped, n)
-        keys = self._keys(slots) if cfg.method in ("rkv", "cask") else None
+        similarity = None
+        if cfg.method in ("rkv", "cask"):
+            similarity = self._across_ranks(key_similarity(self._keys(slots)))
         merged = None
         if cfg.method == "cask":
-            keep, scratch, merge_from, merge_into = cask_select(cfg, importance, keys, keep_count)
+            keep, scratch, merge_from, merge_into = cask_select(cfg, importance, None, keep_count,
+                                                                similarity=similarity)
             if merge_from.shape[0]:  # (a host size)
                 self._merge(slots[scratch], slots[merge_from], torch.searchsorted(scratch, merge_into))
             merged = torch.stack([origins[merge_from], origins[merge_into]], dim=1)
         else:
-            keep = select_keep(cfg, importance, keys, keep_count)
+            keep = select_keep(cfg, importance, None, keep_count, similarity=similarity)
         gone_mask = torch.ones(n, dtype=torch.int32, device=self.device)
         gone_mask[keep] = 0
         gone = slots[torch.sort(gone_mask, stable=True).indices[keep_count:]]  # no host read: counts known
@@ -234,7 +245,11 @@ class RuntimeCompression:
         state.dropped += removed
         state.kept, state.kept_count = origins[keep], keep_count
         if cfg.importance == "window":
-            state.seen = self.mass[row[start:kv.kv_committed_len].to(device=self.mass.device, dtype=torch.int64)]
+            now = row[start:kv.kv_committed_len].to(device=self.mass.device, dtype=torch.int64)
+            state.seen = self._across_ranks(self.mass[now].float())
+        if self.decision_log is not None:
+            self.decision_log.write(f"{req.rid} {decoded} {state.kept.tolist()}"
+                                    f"{' ' + str(merged.tolist()) if merged is not None else ''}\n")
         if len(state.events) < EVENTS:
             state.events.append((decoded, state.kept))
             if merged is not None:
@@ -249,7 +264,7 @@ class RuntimeCompression:
         cfg = self.config
         if not cfg.needs_attention:
             return torch.zeros(n, dtype=torch.float32, device=self.device)
-        mass = self.mass[slots.to(self.mass.device)].float()
+        mass = self._across_ranks(self.mass[slots.to(self.mass.device)].float())
         if cfg.importance == "window":
             seen = torch.zeros(n, dtype=torch.float32, device=mass.device)
             if state.seen is not None:
@@ -257,6 +272,10 @@ class RuntimeCompression:
                 seen[:k] = state.seen[:k]
             return importance_of(cfg, mass, seen=seen)
         return importance_of(cfg, mass, age=(now - origins).to(device=mass.device, dtype=torch.float32))
+
+    def _across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over tensor-parallel ranks (each sees only its own heads), or the tensor."""
+        return tensor if self.rank_mean is None else self.rank_mean(tensor)
 
     def _merge(self, scratch: torch.Tensor, src: torch.Tensor, into: torch.Tensor) -> None:
         """``cask``'s consolidation: each kept scratch slot's K and V, on every layer, become the
@@ -363,8 +382,44 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
         watch_usage(table, None, allocator.available_size())  # compression scores every pass
         register_alloc_reset()
         mass = table.mass
-    state = RuntimeCompression(config, params.req_to_token_pool, allocator, mass)
+    rank_mean = _rank_mean(ctx, pool) if ctx.tp_size > 1 and config.needs_attention else None
+    state = RuntimeCompression(config, params.req_to_token_pool, allocator, mass, rank_mean=rank_mean,
+                               decision_log=_decision_log(ctx))
     setattr(params.req_to_token_pool, POOL_ATTR, state)
-    logger.info("rksc: decode-KV compression on (%s, budget %g, buffer %d, min_tokens %d)", config.method,
-                config.budget, config.buffer, config.min_tokens)
+    logger.info("rksc: decode-KV compression on (%s, budget %g, buffer %d, min_tokens %d%s)", config.method,
+                config.budget, config.buffer, config.min_tokens,
+                f"; {ctx.tp_size} tensor-parallel ranks score with their heads' mean" if rank_mean else "")
     return state
+
+
+def _rank_mean(ctx, pool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean over this scheduler's tensor-parallel ranks, on the pool's device: SGLang's
+    CPU group (gloo) for a CPU pool, the tensor-parallel device group (NCCL) otherwise."""
+    import torch.distributed as dist
+
+    from rksc_sgl.runtime.rank_consistency import mean_over_ranks
+
+    if str(getattr(pool, "device", "cpu")).split(":")[0] == "cpu":
+        group = ctx.params.tp_cache_group
+    else:
+        from sglang.srt.distributed import get_tp_group
+
+        group = get_tp_group().device_group
+    return mean_over_ranks(group, dist.get_world_size(group=group))
+
+
+DECISION_LOG_VAR = "RKSC_COMPACTION_LOG"
+"""A folder: each scheduler writes one line per compaction (request id, decoded tokens, kept
+original positions, ``cask``'s merges) to ``compactions.tp<rank>.pid<pid>.log`` there (checking
+that tensor-parallel ranks compress alike). Each line reads the decisions back: for tests."""
+
+
+def _decision_log(ctx) -> Optional[TextIO]:
+    import os
+
+    folder = os.environ.get(DECISION_LOG_VAR, "").strip()
+    if not folder:
+        return None
+    path = os.path.join(folder, f"compactions.tp{ctx.tp_rank}.pid{os.getpid()}.log")
+    logger.info("rksc: compactions logged to %s", path)
+    return open(path, "a", buffering=1)

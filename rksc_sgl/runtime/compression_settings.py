@@ -82,12 +82,9 @@ def compression_unsupported(config: CompressionConfig, args, environ: Mapping[st
     if speculative:
         problems.append(f"{what} does not support --speculative-algorithm {speculative} (draft and verify passes "
                         "have their own positions and lengths)")
-    pp_size, tp_size = int(server_arg(args, "pp_size", 1)), int(server_arg(args, "tp_size", 1))
+    pp_size = int(server_arg(args, "pp_size", 1))
     if pp_size > 1:
         problems.append(f"{what} needs --pp-size 1 (pipeline stages see different layers), got {pp_size}")
-    if tp_size > 1 and config.needs_attention:
-        problems.append(f"{what} needs --tp-size 1 (each rank sees only its own heads, so the ranks would keep "
-                        f"different tokens), got {tp_size}; method 'recent' runs on any --tp-size")
     if dp_attention(args):
         problems.append(f"{what} does not support DP attention (--enable-dp-attention / --attn-dp-size): "
                         "its decode runs as extend passes, whose positions compression does not shift")

@@ -53,7 +53,7 @@ def launcher_parser() -> argparse.ArgumentParser:
                             "(auto: only with a float32 KV pool; default: auto)")
     group.add_argument("--kv-compression", choices=METHODS, default=None, metavar="{" + ",".join(METHODS) + "}",
                        help="compress each running request's own decode KV with this method, the radix cache "
-                            "kept on (RKSC_COMPRESSION; the runtime runs rkv, recent and attention; default: off, "
+                            "kept on (RKSC_COMPRESSION; every method runs on the runtime; default: off, "
                             "or as RKSC_COMPRESSION says)")
     group.add_argument("--kv-budget", type=float, default=None, metavar="B",
                        help="compression: share of the decoded tokens whose KV is kept, in (0, 1] (default: 0.16)")

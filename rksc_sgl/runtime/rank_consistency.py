@@ -23,7 +23,7 @@ from typing import Callable, List
 
 import torch
 
-__all__ = ["RankDivergence", "gather_mean", "rank_reducer"]
+__all__ = ["RankDivergence", "gather_mean", "mean_over_ranks", "rank_reducer"]
 
 
 class RankDivergence(RuntimeError):
@@ -45,6 +45,22 @@ def gather_mean(tensors: List[torch.Tensor]) -> torch.Tensor:
     return total / len(tensors)
 
 
+def mean_over_ranks(group, world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tensor's mean over the ``world_size`` ranks of ``group``, the same bits on every rank
+    (gathered, then added in rank order): one ``all_gather`` on the tensor's device (a gloo
+    group for CPU tensors, NCCL for CUDA ones), nothing read back to the host. Every rank
+    must call it with a tensor of the same shape, in the same order."""
+    import torch.distributed as dist
+
+    def mean(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor, group=group)
+        return gather_mean(gathered)
+
+    return mean
+
+
 def rank_reducer(group, world_size: int) -> Callable[[torch.Tensor, List[int]], torch.Tensor]:
     """``RSBCMStrategy.use_ranks``'s reducer over the CPU process ``group`` (SGLang's
     ``tp_cache_group``, gloo) of ``world_size`` ranks: two small collectives per eviction."""
@@ -59,9 +75,7 @@ def rank_reducer(group, world_size: int) -> Callable[[torch.Tensor, List[int]], 
                 "rsbcm: tensor-parallel ranks hold different radix trees at an eviction "
                 f"(candidate nodes per rank: {[int(p[0]) for p in prints]}); the ranks' schedulers "
                 "have diverged. Report this with the server log; --radix-eviction-policy lru avoids RSBCM")
-        sums = sums.to(torch.float32).contiguous()
-        gathered = [torch.empty_like(sums) for _ in range(world_size)]
-        dist.all_gather(gathered, sums, group=group)
-        return gather_mean(gathered)
+        return mean(sums.to(torch.float32))
 
+    mean = mean_over_ranks(group, world_size)
     return reduce
