@@ -37,8 +37,9 @@ def assert_gone(pids) -> None:
 @contextlib.contextmanager
 def left_nothing(server_context) -> Iterator:
     """``with left_nothing(running_server(...)) as server``: the server of ``server_context``
-    (a context that starts and always ends one ``RuntimeServer``); on leaving, none of its
-    processes, seen at start and at the end, is still running."""
+    (a context that starts and always ends one ``RuntimeServer``, or a ``RuntimeServer``
+    itself, which starts on entering unless already launched and stops on leaving); on
+    leaving, none of its processes, seen on entering and at the end, is still running."""
     pids = set()
     with server_context as running:
         pids = server_pids(running)

@@ -9,6 +9,7 @@ the module and the test checks that none of its processes is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
@@ -26,7 +27,7 @@ from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 from aborting import stream_then_abort
 from branch_programs import hinted_branches
-from processes import alive, assert_gone, server_pids
+from processes import left_nothing
 
 ROOT = Path(__file__).resolve().parents[1]
 RKSC_POOL = 1536
@@ -63,24 +64,19 @@ def servers(tmp_path_factory):
         "no_stats": _server(tmp_path_factory, "no_stats", ["--max-total-tokens", str(RKSC_POOL)],
                             attention_stats=False, seeded_sampling=True),
     }
-    pids = {}
-    try:
+    with contextlib.ExitStack() as stack:
         # Side by side; a start-up that fails fails the tests with the server's last lines (no
         # retry: a flaky start must show). An earlier silent scheduler death here was the
         # server watch taking a scheduler's short-lived fork for the scheduler (fixed).
         for server in started.values():
+            stack.enter_context(server.log)  # closed last, after its server has ended
+            stack.callback(server.stop)  # ended whatever happens while the others start
             server.launch()
         for server in started.values():
             server.wait_ready()
-            pids[server] = server_pids(server)
+            # Ready: its processes are seen now and at the end; on leaving it is ended and checked gone.
+            stack.enter_context(left_nothing(server))
         yield started
-    finally:
-        for server in started.values():
-            pids.setdefault(server, server_pids(server) if server.process else set())
-            server.stop()
-            server.log.close()
-    for server, held in pids.items():
-        assert_gone(held)
 
 
 @pytest.fixture(scope="module")
@@ -474,18 +470,10 @@ def test_a_scheduler_that_dies_ends_the_launch_and_leaves_no_process(tmp_path, t
             (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     plan = plan_launch(["--model-path", str(broken), "--port", str(free_port())])
-    log = open(tmp_path / "server.log", "w")
-    server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-    server.launch()
-    pids = {server.process.pid}
-    try:
+    with open(tmp_path / "server.log", "w") as log, \
+            left_nothing(RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log).launch()) as server:
         with pytest.raises(LaunchError, match="failed during start-up"):
             server.wait_ready()
-        pids |= server_pids(server)
-    finally:
-        server.stop()
-        log.close()
-    assert_gone(pids)
 
 
 def test_port_in_use_is_refused(servers):

@@ -21,9 +21,10 @@ from rksc_sgl.rksc.semantic_match import SemanticMatch
 from rksc_sgl.runtime.asks_plan import ASKSPlan, key_rotation, subtract_positions
 from rksc_sgl.runtime.asks_settings import ENV_VAR, ASKSSettingsError, asks_config_from_env, env_value
 from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
-from rksc_sgl.runtime.server_process import RuntimeServer, free_port
+from rksc_sgl.runtime.server_process import free_port, running_server
 
 from aborting import stream_then_abort
+from processes import left_nothing
 
 TAU, RECOMPUTE = 0.8, 0.2
 STARTUP_TIMEOUT_S = 300
@@ -166,17 +167,13 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def asks_server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("asks") / "server.log", "w")
-    plan = plan_launch(["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
-                        "--max-total-tokens", "2048", "--radix-eviction-policy", "lru"],
-                       asks=ASKSConfig(enabled=True, tau=TAU, recompute_fraction=RECOMPUTE))
-    server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-    try:
-        server.start()  # a start-up that fails fails the tests, with the server's last lines
+    argv = ["--model-path", "smollm2-135m", "--host", "127.0.0.1", "--port", str(free_port()),
+            "--max-total-tokens", "2048", "--radix-eviction-policy", "lru"]
+    # A start-up that fails fails the tests, with the server's last lines (no retry).
+    with open(tmp_path_factory.mktemp("asks") / "server.log", "w") as log, \
+            left_nothing(running_server(argv, startup_timeout=STARTUP_TIMEOUT_S, log=log,
+                                        asks=ASKSConfig(enabled=True, tau=TAU, recompute_fraction=RECOMPUTE))) as server:
         yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 @pytest.fixture(scope="module")

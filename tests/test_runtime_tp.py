@@ -6,8 +6,8 @@ compression (``--kv-compression rkv``, default settings: nothing is compressed b
 tokens) and a small pool; its greedy token ids must equal a ``transformers`` argmax loop's,
 the first time and again when the prompt comes from the tree; both ranks evict, and compress,
 alike. A server that does not start fails the module
-with its last log lines (no retry). Its process group is ended in ``finally`` and the test
-checks that none of its processes is left.
+with its last log lines (no retry). Its process group is ended when the module ends and the
+test checks that none of its processes is left (``processes.left_nothing``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import dataclasses
 import os
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch
 from rksc_sgl.runtime.plugin import EVICTION_LOG_VAR
 from rksc_sgl.runtime.server_process import RuntimeServer, free_port
 from compression_replay import transformers_with_entries_deleted
-from processes import alive
+from processes import left_nothing
 from test_runtime import argmax_loop
 
 TP = 2
@@ -71,26 +70,17 @@ def tp_server(tmp_path_factory):
         plan = _plan(["--radix-eviction-policy", "lru"])
     plan = dataclasses.replace(plan, env={**plan.env, EVICTION_LOG_VAR: str(evictions),
                                           DECISION_LOG_VAR: str(evictions)})
-    log = open(tmp_path_factory.mktemp("tp2") / "server.log", "w")
-    server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
-    pids = set()
-    started = time.monotonic()
-    try:
+    with open(tmp_path_factory.mktemp("tp2") / "server.log", "w") as log:
+        server = RuntimeServer(plan, startup_timeout=STARTUP_TIMEOUT_S, log=log)
+        started = time.monotonic()
         try:
-            server.start()
+            server.start()  # one that fails is ended before this raises
         except LaunchError as exc:  # its message ends with the server's last lines
             pytest.fail(f"--tp-size {TP} server did not start: {exc}", pytrace=False)
         server.startup_s = time.monotonic() - started
         server.evictions = evictions
-        pids = {server.process.pid} | set(server._watched)
-        pids |= {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
-        yield server
-    finally:
-        pids |= {p.pid for p in server._children()} | set(server._watched)
-        server.stop()
-        log.close()
-    left = alive(pids)
-    assert not left, f"server processes left running: {left}"
+        with left_nothing(server) as running:  # started: the context ends it and checks its processes are gone
+            yield running
 
 
 @pytest.fixture(scope="module")
