@@ -48,6 +48,15 @@ def test_bad_rates_are_refused(rates, message):
         WORKLOADS["load"].resolve({"rates": rates})
 
 
+def test_fewer_problems_than_rates_are_refused():
+    settings = BenchSettings(problems=4, params={"rates": "0.1,0.2,0.3,0.4,0.5,0.6"})
+    with pytest.raises(ValueError, match="would run only rates 0.1,0.2,0.3,0.4; give --problems a multiple of 6"):
+        bench.run_bench("load", "radix", settings, engines={})
+    for problems in (6, 8):  # every rate runs (8: the first two twice)
+        WORKLOADS["load"].check_settings(BenchSettings(problems=problems),
+                                         WORKLOADS["load"].resolve({"rates": "0.1,0.2,0.3,0.4,0.5,0.6"}))
+
+
 def _record(rate, latencies, window):
     return {"rate": rate, "program_latency_s": latencies, "window_s": window}
 

@@ -191,7 +191,7 @@ def validate_args(args) -> Tuple[List[Workload], List[Mode], BenchSettings]:
     modes = parse_modes(args.modes)
     settings = settings_from_args(args)
     for w in workloads:
-        w.resolve(settings.params, settings.backend)
+        w.check_settings(settings, w.resolve(settings.params, settings.backend))
         check_modes(w, modes)
         stopping = [m.label for m in modes if m.name.startswith("stop-")]
         if stopping and not w.votes:

@@ -78,6 +78,13 @@ class LoadWorkload(ServeWorkload):
             raise ValueError(f"slo-factor must be > 0, got {params['slo_factor']!r}")
         return params
 
+    def check_settings(self, settings, params):
+        rates = parse_rates(params["rates"])
+        if settings.problems < len(rates):
+            raise ValueError(
+                f"load: problem i runs rate i mod {len(rates)}, so --problems {settings.problems} would run only rates "
+                f"{','.join(f'{r:g}' for r in rates[:settings.problems])}; give --problems a multiple of {len(rates)}")
+
     def items(self, tokenizer, params, seed, count):
         rates = parse_rates(params["rates"])
         out = []

@@ -112,6 +112,7 @@ def run_bench(workload: Any, modes: Any, settings: Optional[BenchSettings] = Non
     modes = parse_modes(modes) if isinstance(modes, str) else list(modes)
     check_modes(workload, modes)
     params = workload.resolve(settings.params, settings.backend)
+    workload.check_settings(settings, params)
     started = time.perf_counter()
     run_commit = source_commit()  # the code this run imports; the record is written at its end
     if settings.backend == "runtime":

@@ -124,6 +124,10 @@ class Workload:
             raise ValueError(f"temperature must be >= 0, got {params['temperature']!r}")
         return params
 
+    def check_settings(self, settings, params: Dict[str, Any]) -> None:
+        """Refuse (``ValueError``) run settings (``BenchSettings``) that do not fit the resolved
+        ``params``, before anything is loaded or started; most workloads take any."""
+
     def items(self, tokenizer, params: Dict[str, Any], seed: int, count: int) -> List[Item]:
         raise NotImplementedError
 
