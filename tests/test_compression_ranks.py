@@ -10,14 +10,13 @@ ranks' mean mass; without it the ranks keep different tokens (the control).
 from __future__ import annotations
 
 import io
-import multiprocessing
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from gloo_ranks import on_ranks
 from pools import device_pools
-from processes import alive
 
 HEADS, RANKS, DIM, LAYERS, POOL, PROMPT, STEPS = 4, 2, 8, 4, 256, 10, 60
 CASES = [("rkv", "cumulative"), ("cask", "cumulative"), ("attention", "window"), ("rkv", "window")]
@@ -63,46 +62,22 @@ def _increments(rank: int):
     return lambda step: torch.rand(POOL + 1, generator=torch.Generator().manual_seed(1000 * rank + step))
 
 
-def _rank_main(rank: int, port: int, out) -> None:
+def _both_ways(rank: int, world: int) -> dict:
+    """This rank's compactions per case, with and without the ranks' mean."""
     import torch.distributed as dist
 
     from rksc_sgl.runtime.rank_consistency import mean_over_ranks
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
-    try:
-        share = HEADS // RANKS
-        heads = slice(rank * share, (rank + 1) * share)
-        mean = mean_over_ranks(dist.group.WORLD, RANKS)
-        out.put((rank, {(case, combined): _compactions(*case, heads, _increments(rank), mean if combined else None)
-                        for case in CASES for combined in (True, False)}))
-    except BaseException as exc:
-        out.put((rank, repr(exc)))
-        raise
-    finally:
-        dist.destroy_process_group()
+    share = HEADS // world
+    heads = slice(rank * share, (rank + 1) * share)
+    mean = mean_over_ranks(dist.group.WORLD, world)
+    return {(case, combined): _compactions(*case, heads, _increments(rank), mean if combined else None)
+            for case in CASES for combined in (True, False)}
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    from rksc_sgl.runtime.server_process import free_port
-
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_rank_main, args=(rank, port, out)) for rank in range(RANKS)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=240) for _ in procs)
-        errors = {rank: r for rank, r in results.items() if isinstance(r, str)}
-        assert not errors, errors
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert not alive({p.pid for p in procs})
-    return results
+    return on_ranks(_both_ways, RANKS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])

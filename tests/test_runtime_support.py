@@ -8,7 +8,6 @@ own clock, and compares what they evict.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import time
@@ -27,6 +26,7 @@ from rksc_sgl.runtime.launch_plan import LaunchError, plan_launch, sglang_parser
 from rksc_sgl.runtime.support import UnsupportedConfiguration, caveats, check_server_args_hook, unsupported
 
 from pools import cache_params
+from gloo_ranks import on_ranks
 from processes import alive
 
 
@@ -122,17 +122,8 @@ def test_rsbcm_on_a_disabled_tree_builds_and_never_evicts():
 OPS = 60
 
 
-def _rank_main(rank: int, world: int, port: int, out) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        out.put((rank, {consistent: _rank_evictions(rank, world, consistent) for consistent in (True, False)}))
-    except BaseException as exc:
-        out.put((rank, repr(exc)))
-        raise
-    finally:
-        dist.destroy_process_group()
+def _both_ways(rank: int, world: int) -> dict:
+    return {consistent: _rank_evictions(rank, world, consistent) for consistent in (True, False)}
 
 
 def _rank_evictions(rank: int, world: int, consistent: bool) -> list:
@@ -173,25 +164,7 @@ def _rank_evictions(rank: int, world: int, consistent: bool) -> list:
 @pytest.fixture(scope="module")
 def rank_evictions():
     """Two gloo ranks in two processes; per rank, the evictions with and without combining."""
-    from rksc_sgl.runtime.server_process import free_port
-
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_rank_main, args=(rank, 2, port, out)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=240) for _ in procs)
-        errors = {rank: r for rank, r in results.items() if isinstance(r, str)}
-        assert not errors, errors
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert not alive({p.pid for p in procs})
-    return results
+    return on_ranks(_both_ways, 2)
 
 
 def test_tensor_parallel_ranks_evict_identically_with_their_own_heads_and_clocks(rank_evictions):
