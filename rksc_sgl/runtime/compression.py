@@ -361,7 +361,8 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
 
     allocator = ctx.params.token_to_kv_pool_allocator
     pool = allocator.get_kvcache()
-    problems = compression_unsupported(config, ctx.server_args, {}, device=str(getattr(pool, "device", "cpu")))
+    device = str(getattr(pool, "device", "cpu"))
+    problems = compression_unsupported(config, ctx.server_args, {}, device=device)
     if config.method == "cask" and (getattr(pool, "kv_cache_layout", "nhd") != "nhd"
                                     or getattr(pool, "is_quantized_kv_cache", False)):
         problems.append("RKSC_COMPRESSION method 'cask' averages K and V slot by slot: it needs SGLang's plain "
@@ -382,9 +383,11 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
         watch_usage(table, None, allocator.available_size())  # compression scores every pass
         register_alloc_reset()
         mass = table.mass
-    rank_mean = _rank_mean(ctx, pool) if ctx.tp_size > 1 and config.needs_attention else None
+    from rksc_sgl.runtime.rank_consistency import rank_log
+
+    rank_mean = _rank_mean(ctx, device) if ctx.tp_size > 1 and config.needs_attention else None
     state = RuntimeCompression(config, params.req_to_token_pool, allocator, mass, rank_mean=rank_mean,
-                               decision_log=_decision_log(ctx))
+                               decision_log=rank_log(DECISION_LOG_VAR, "compactions", ctx.tp_rank))
     setattr(params.req_to_token_pool, POOL_ATTR, state)
     logger.info("rksc: decode-KV compression on (%s, budget %g, buffer %d, min_tokens %d%s)", config.method,
                 config.budget, config.buffer, config.min_tokens,
@@ -392,14 +395,14 @@ def attach(ctx, cache, config: CompressionConfig) -> RuntimeCompression:
     return state
 
 
-def _rank_mean(ctx, pool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The mean over this scheduler's tensor-parallel ranks, on the pool's device: SGLang's
+def _rank_mean(ctx, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean over this scheduler's tensor-parallel ranks, on the pool's ``device``: SGLang's
     CPU group (gloo) for a CPU pool, the tensor-parallel device group (NCCL) otherwise."""
     import torch.distributed as dist
 
     from rksc_sgl.runtime.rank_consistency import mean_over_ranks
 
-    if str(getattr(pool, "device", "cpu")).split(":")[0] == "cpu":
+    if device.split(":")[0] == "cpu":
         group = ctx.params.tp_cache_group
     else:
         from sglang.srt.distributed import get_tp_group
@@ -412,14 +415,3 @@ DECISION_LOG_VAR = "RKSC_COMPACTION_LOG"
 """A folder: each scheduler writes one line per compaction (request id, decoded tokens, kept
 original positions, ``cask``'s merges) to ``compactions.tp<rank>.pid<pid>.log`` there (checking
 that tensor-parallel ranks compress alike). Each line reads the decisions back: for tests."""
-
-
-def _decision_log(ctx) -> Optional[TextIO]:
-    import os
-
-    folder = os.environ.get(DECISION_LOG_VAR, "").strip()
-    if not folder:
-        return None
-    path = os.path.join(folder, f"compactions.tp{ctx.tp_rank}.pid{os.getpid()}.log")
-    logger.info("rksc: compactions logged to %s", path)
-    return open(path, "a", buffering=1)

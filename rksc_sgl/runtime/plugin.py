@@ -158,13 +158,9 @@ EVICTION_LOG_VAR = "RKSC_EVICTION_LOG"
 
 
 def _open_eviction_log(ctx, cache) -> None:
-    import os
+    from rksc_sgl.runtime.rank_consistency import rank_log
 
-    folder = os.environ.get(EVICTION_LOG_VAR, "").strip()
-    if folder:
-        path = os.path.join(folder, f"evictions.tp{ctx.tp_rank}.pid{os.getpid()}.log")
-        cache.eviction_log = open(path, "a", buffering=1)
-        logger.info("rksc: evictions logged to %s", path)
+    cache.eviction_log = rank_log(EVICTION_LOG_VAR, "evictions", ctx.tp_rank)
 
 
 def stock_radix_cache_factory(ctx):

@@ -15,15 +15,19 @@ and how they are made equal:
 Before the sums, the ranks compare the candidates' ids: ranks that hold different trees
 have already diverged, and the scheduler stops with that message instead of evicting
 different KV on each rank.
+
+Decode-KV compression averages its candidates' mass and key similarities the same way
+(:func:`mean_over_ranks`). :func:`rank_log` opens the per-rank decision logs that tests
+compare across ranks.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional, TextIO
 
 import torch
 
-__all__ = ["RankDivergence", "gather_mean", "mean_over_ranks", "rank_reducer"]
+__all__ = ["RankDivergence", "gather_mean", "mean_over_ranks", "rank_log", "rank_reducer"]
 
 
 class RankDivergence(RuntimeError):
@@ -66,6 +70,8 @@ def rank_reducer(group, world_size: int) -> Callable[[torch.Tensor, List[int]], 
     ``tp_cache_group``, gloo) of ``world_size`` ranks: two small collectives per eviction."""
     import torch.distributed as dist
 
+    mean = mean_over_ranks(group, world_size)
+
     def reduce(sums: torch.Tensor, ids: List[int]) -> torch.Tensor:
         mine = _fingerprint(ids)
         prints = [torch.empty_like(mine) for _ in range(world_size)]
@@ -77,5 +83,19 @@ def rank_reducer(group, world_size: int) -> Callable[[torch.Tensor, List[int]], 
                 "have diverged. Report this with the server log; --radix-eviction-policy lru avoids RSBCM")
         return mean(sums.to(torch.float32))
 
-    mean = mean_over_ranks(group, world_size)
     return reduce
+
+
+def rank_log(variable: str, stem: str, tp_rank: int) -> Optional[TextIO]:
+    """``<folder>/<stem>.tp<rank>.pid<pid>.log``, opened to append line by line, where the
+    environment ``variable`` names a folder (None when it is unset): one scheduler's decisions,
+    for tests that compare tensor-parallel ranks."""
+    import logging
+    import os
+
+    folder = os.environ.get(variable, "").strip()
+    if not folder:
+        return None
+    path = os.path.join(folder, f"{stem}.tp{tp_rank}.pid{os.getpid()}.log")
+    logging.getLogger(__name__).info("rksc: %s logged to %s", stem, path)
+    return open(path, "a", buffering=1)
